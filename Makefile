@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# torch goes in first, from this spec: on our machines torch==2.13.0 is a local CPU wheel,
+# while an unpinned torch would pull several GB of CUDA wheels. Override it elsewhere.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) samples/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lora_export tests samples benchmarks
+	$(VENV)/bin/ruff format --check lora_export tests samples benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/merge.py
+	$(PY) benchmarks/adapters.py
+
+clean:
+	rm -rf $(VENV) samples/out

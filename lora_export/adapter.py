@@ -1,0 +1,153 @@
+"""The canonical, torch-free adapter: the seam between training and ONNX deployment.
+
+Every LoRA variant compiles to this: per target module, A and B in PEFT's tensor layout, a resolved
+scale (α/r, α/√r, ...), and an optional DoRA magnitude. The ONNX stages consume nothing else.
+
+Tensor layouts (PEFT's, so files round-trip unchanged):
+  linear    A (r, in)           B (out, r)            ΔW (out, in)
+  conv      A (r, in, *k)       B (out, r/groups, *1) ΔW (out, in, *k)   (groups == 1 only)
+  embedding A (r, num)          B (dim, r)            ΔW (num, dim)
+ΔW is in the torch module's own weight layout; ``fan_in_fan_out`` says the torch weight is stored
+transposed (HF Conv1D). DoRA magnitude is 1-D: one entry per output channel (per embedding dim).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import LoraConfig
+from .errors import ShapeError
+
+KINDS = ("linear", "conv", "embedding")
+
+
+@dataclass(frozen=True, eq=False)
+class LoraTarget:
+    """One adapted module: ΔW = scale · B·A in the module's weight layout."""
+
+    name: str
+    kind: str
+    A: np.ndarray
+    B: np.ndarray
+    scale: float
+    magnitude: np.ndarray | None = None
+    fan_in_fan_out: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ShapeError(f"{self.name}: unknown target kind {self.kind!r}")
+        a, b = self.A, self.B
+        want_ndim = 2 if self.kind != "conv" else None
+        if want_ndim and (a.ndim != 2 or b.ndim != 2):
+            raise ShapeError(f"{self.name}: {self.kind} LoRA needs 2-D A and B, got {a.shape} and {b.shape}")
+        if self.kind == "conv":
+            if a.ndim < 3 or b.ndim != a.ndim or any(s != 1 for s in b.shape[2:]):
+                raise ShapeError(
+                    f"{self.name}: conv LoRA needs A (r, in, *k) and B (out, r, 1...), "
+                    f"got {a.shape} and {b.shape}"
+                )
+        r = a.shape[0]
+        if r == 0 or b.shape[1] == 0 or r % b.shape[1] != 0 or (self.kind != "conv" and b.shape[1] != r):
+            raise ShapeError(f"{self.name}: A and B ranks disagree (A {a.shape}, B {b.shape})")
+        if self.magnitude is not None and self.magnitude.shape != (b.shape[0],):
+            raise ShapeError(
+                f"{self.name}: DoRA magnitude has shape {self.magnitude.shape}, expected ({b.shape[0]},)"
+            )
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def groups(self) -> int:
+        """Convolution groups of the B branch (PEFT's grouped-conv LoRA); 1 otherwise."""
+        return self.rank // int(self.B.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        """Output channels (linear, conv) or the embedding dimension."""
+        return int(self.B.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        """Input features (linear), input channels (conv) or the vocabulary size (embedding)."""
+        return int(self.A.shape[1])
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of ΔW, the torch weight's layout (before fan_in_fan_out)."""
+        if self.kind == "embedding":
+            return (self.in_features, self.out_features)
+        return (self.out_features, self.in_features, *self.A.shape[2:])
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
+
+    def delta(self, dtype: np.dtype | type = np.float32) -> np.ndarray:
+        """ΔW = scale·B·A in the module's weight layout, computed in ``dtype``."""
+        from .delta import lora_delta
+
+        return lora_delta(self, dtype)
+
+    def scaled(self, factor: float) -> LoraTarget:
+        return dataclasses.replace(self, scale=self.scale * float(factor))
+
+
+@dataclass(eq=False)
+class Adapter:
+    """A whole adapter: its targets by module path, its config, and full replacement tensors.
+
+    ``extra`` holds tensors that replace base parameters outright (trained biases with
+    ``bias="all"|"lora_only"``, ``modules_to_save``), keyed by parameter path (``classifier.weight``).
+    """
+
+    targets: dict[str, LoraTarget]
+    config: LoraConfig
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    name: str = "adapter"
+
+    def __iter__(self):
+        return iter(self.targets.values())
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def is_dora(self) -> bool:
+        return any(t.is_dora for t in self.targets.values())
+
+    def scaled(self, factor: float) -> Adapter:
+        """The same adapter with every scale multiplied by ``factor`` (``--scale``)."""
+        if factor == 1.0:
+            return self
+        return dataclasses.replace(self, targets={k: t.scaled(factor) for k, t in self.targets.items()})
+
+    def check_finite(self) -> None:
+        """Refuse NaN or Inf anywhere in the adapter."""
+        from .errors import AdapterError
+
+        for t in self.targets.values():
+            for what, arr in (("lora_A", t.A), ("lora_B", t.B), ("magnitude", t.magnitude)):
+                if arr is not None and not np.isfinite(arr).all():
+                    raise AdapterError(f"adapter {self.name!r}: {t.name}.{what} contains NaN or Inf")
+            if not np.isfinite(t.scale):
+                raise AdapterError(f"adapter {self.name!r}: {t.name} has a non-finite scale")
+        for k, arr in self.extra.items():
+            if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr.astype(np.float32)).all():
+                raise AdapterError(f"adapter {self.name!r}: {k} contains NaN or Inf")
+
+    def summary(self) -> dict:
+        ranks = sorted({t.rank for t in self.targets.values()})
+        return {
+            "name": self.name,
+            "targets": len(self.targets),
+            "ranks": ranks,
+            "dora": self.is_dora,
+            "rslora": self.config.use_rslora,
+            "kinds": sorted({t.kind for t in self.targets.values()}),
+            "extra_tensors": sorted(self.extra),
+        }

@@ -1,0 +1,36 @@
+"""Error types. Every failure a user can cause is a LoraExportError with a one-line message;
+the CLI prints it without a traceback and exits non-zero."""
+
+from __future__ import annotations
+
+
+class LoraExportError(Exception):
+    """Base class: a bad input or a request that cannot be met. Message is one line."""
+
+    exit_code = 2
+
+
+class ConfigError(LoraExportError):
+    """An invalid LoRA configuration or adapter_config.json."""
+
+
+class AdapterError(LoraExportError):
+    """An adapter file or directory that is missing, unreadable, unsafe or inconsistent."""
+
+
+class ShapeError(LoraExportError):
+    """Adapter tensors that do not fit the model they are applied to."""
+
+
+class TargetError(LoraExportError):
+    """Target modules or weights that cannot be found or matched."""
+
+
+class ModelError(LoraExportError):
+    """An ONNX model that is missing, corrupt or unsupported."""
+
+
+class VerificationError(LoraExportError):
+    """Two models disagree beyond the tolerance (exit code 1: a finding, not a usage error)."""
+
+    exit_code = 1

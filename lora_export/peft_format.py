@@ -1,0 +1,182 @@
+"""PEFT's on-disk adapter format, both ways: adapter_config.json + adapter_model.safetensors.
+
+Keys are PEFT's: ``base_model.model.<path>.lora_A.weight``, ``.lora_B.weight``,
+``.lora_embedding_A``, ``.lora_embedding_B``, ``.lora_magnitude_vector``; anything else under the
+prefix is a full tensor (trained biases, modules_to_save).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .adapter import Adapter, LoraTarget
+from .atomic import atomic_write_text
+from .config import LoraConfig
+from .errors import AdapterError, ConfigError
+from .safetensors_io import read_safetensors, write_safetensors
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+_LORA_KEY = re.compile(
+    r"^(?P<path>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?:\.(?P<adapter>[A-Za-z0-9_\-]+))?(?:\.weight)?$"
+)
+
+
+def load_adapter(path: str | os.PathLike, name: str | None = None) -> Adapter:
+    """Read an adapter saved by PEFT or by lora-export into the canonical, torch-free form.
+
+    ``path`` is an adapter directory, or its ``adapter_model.safetensors`` with the config beside it.
+    A pickle-based ``adapter_model.bin`` is read only through ``torch.load(weights_only=True)``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AdapterError(f"adapter not found: {path}")
+    directory = path if path.is_dir() else path.parent
+    cfg_path = directory / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise AdapterError(f"{directory}: no {CONFIG_NAME} (not a PEFT adapter directory)")
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise AdapterError(f"cannot read {cfg_path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    config = LoraConfig.from_peft_dict(raw)
+
+    if path.is_file():
+        weights = path
+    elif (directory / WEIGHTS_NAME).is_file():
+        weights = directory / WEIGHTS_NAME
+    elif (directory / PICKLE_NAME).is_file():
+        weights = directory / PICKLE_NAME
+    else:
+        raise AdapterError(f"{directory}: no {WEIGHTS_NAME} (or {PICKLE_NAME})")
+    tensors = _read_pickle_safely(weights) if weights.suffix == ".bin" else read_safetensors(weights)[0]
+    return adapter_from_state_dict(tensors, config, name=name or directory.name)
+
+
+def adapter_from_state_dict(
+    tensors: dict[str, np.ndarray], config: LoraConfig, name: str = "adapter"
+) -> Adapter:
+    """Group PEFT state-dict keys into LoraTargets; resolve each target's scale from the config."""
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    extra: dict[str, np.ndarray] = {}
+    for key in sorted(tensors):
+        arr = tensors[key]
+        bare = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        m = _LORA_KEY.match(bare)
+        if m is None:
+            if ".lora_" in bare:
+                raise AdapterError(f"adapter {name!r}: unsupported LoRA tensor {key!r}")
+            extra[bare.replace(".modules_to_save.default", "").replace(".original_module", "")] = _upcast(arr)
+            continue
+        parts.setdefault(m["path"], {})[m["part"]] = arr
+    if not parts:
+        raise AdapterError(f"adapter {name!r}: no LoRA tensors found")
+    targets: dict[str, LoraTarget] = {}
+    for path, p in parts.items():
+        targets[path] = _target(name, path, p, config)
+    return Adapter(targets=targets, config=config, extra=extra, name=name)
+
+
+def _target(adapter: str, path: str, p: dict[str, np.ndarray], config: LoraConfig) -> LoraTarget:
+    if "lora_embedding_A" in p or "lora_embedding_B" in p:
+        kind, a_key, b_key = "embedding", "lora_embedding_A", "lora_embedding_B"
+    else:
+        kind, a_key, b_key = "linear", "lora_A", "lora_B"
+    missing = [k for k in (a_key, b_key) if k not in p]
+    if missing:
+        raise AdapterError(f"adapter {adapter!r}: {path} has no {' or '.join(missing)}")
+    a, b = _upcast(p[a_key]), _upcast(p[b_key])
+    if kind == "linear" and a.ndim > 2:
+        kind = "conv"
+    rank = int(a.shape[0])
+    expected = config.rank_for(path)
+    if rank != expected:
+        raise AdapterError(
+            f"adapter {adapter!r}: {path} has rank {rank} but adapter_config.json says r={expected}"
+        )
+    mag = p.get("lora_magnitude_vector")
+    if mag is not None:
+        mag = _upcast(mag).reshape(-1)
+    elif config.use_dora:
+        raise AdapterError(f"adapter {adapter!r}: use_dora is set but {path} has no lora_magnitude_vector")
+    fan_in_fan_out = config.fan_in_fan_out and kind == "linear"
+    return LoraTarget(
+        name=path,
+        kind=kind,
+        A=a,
+        B=b,
+        scale=config.scale_for(path),
+        magnitude=mag,
+        fan_in_fan_out=fan_in_fan_out,
+    )
+
+
+def _upcast(arr: np.ndarray) -> np.ndarray:
+    # fp16/bf16 → fp32 is exact; all later math runs in fp32 (or fp64) and rounds once at the end.
+    arr = np.asarray(arr)
+    if arr.dtype == np.float64:
+        return np.array(arr)
+    if arr.dtype.kind in "fV" or str(arr.dtype) == "bfloat16":
+        return arr.astype(np.float32)
+    return np.array(arr)
+
+
+def _read_pickle_safely(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise AdapterError(
+            f"{path}: refusing a pickle-based adapter without torch's weights_only loader; "
+            "convert it to safetensors"
+        ) from None
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means we will not unpickle it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdapterError(
+            f"{path}: refused to load pickle file (only plain tensors are allowed): {first}"
+        ) from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise AdapterError(f"{path}: not a state dict of tensors")
+    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
+
+
+def save_adapter_files(
+    adapter: Adapter, directory: str | os.PathLike, base_model_name_or_path: str | None = None
+) -> Path:
+    """Write ``adapter`` in PEFT's format (config + safetensors), each file atomically."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise AdapterError(f"{directory} exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, np.ndarray] = {}
+    for t in adapter.targets.values():
+        key = PREFIX + t.name
+        if t.kind == "embedding":
+            tensors[f"{key}.lora_embedding_A"] = t.A
+            tensors[f"{key}.lora_embedding_B"] = t.B
+        else:
+            tensors[f"{key}.lora_A.weight"] = t.A
+            tensors[f"{key}.lora_B.weight"] = t.B
+        if t.magnitude is not None:
+            mag = t.magnitude
+            if t.kind == "conv":
+                # PEFT keeps the conv magnitude as (1, out, 1, ...): its norm is taken with keepdim.
+                mag = mag.reshape(1, -1, *([1] * (t.A.ndim - 2)))
+            tensors[f"{key}.lora_magnitude_vector"] = mag
+    for k, v in adapter.extra.items():
+        tensors[PREFIX + k] = v
+    write_safetensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    cfg = adapter.config.to_peft_dict(base_model_name_or_path)
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return directory
