@@ -15,6 +15,34 @@ from .peft_format import load_adapter, save_adapter_files
 
 __version__ = "0.1.0"
 
+# The training API needs torch; import it on first use so torch-free users (ONNX stages) stay light.
+_TORCH_API = {
+    "adapter_from_model": "attach",
+    "attach_lora": "attach",
+    "lora_layers": "attach",
+    "lora_summary": "attach",
+    "merge_lora": "attach",
+    "remove_lora": "attach",
+    "save_adapter": "attach",
+    "unmerge_lora": "attach",
+    "unwrap": "attach",
+    "LoraConv": "layers",
+    "LoraEmbedding": "layers",
+    "LoraLayer": "layers",
+    "LoraLinear": "layers",
+    "loraplus_param_groups": "loraplus",
+}
+
+
+def __getattr__(name: str):
+    module = _TORCH_API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lora_export' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
 __all__ = [
     "Adapter",
     "AdapterError",
@@ -26,6 +54,20 @@ __all__ = [
     "ShapeError",
     "TargetError",
     "VerificationError",
+    "LoraConv",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "adapter_from_model",
+    "attach_lora",
     "load_adapter",
+    "lora_layers",
+    "lora_summary",
+    "loraplus_param_groups",
+    "merge_lora",
+    "remove_lora",
+    "save_adapter",
     "save_adapter_files",
+    "unmerge_lora",
+    "unwrap",
 ]

@@ -63,9 +63,7 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> Adapter:
     return adapter_from_state_dict(tensors, config, name=name or directory.name)
 
 
-def adapter_from_state_dict(
-    tensors: dict[str, np.ndarray], config: LoraConfig, name: str = "adapter"
-) -> Adapter:
+def adapter_from_state_dict(tensors: dict[str, np.ndarray], config: LoraConfig, name: str = "adapter") -> Adapter:
     """Group PEFT state-dict keys into LoraTargets; resolve each target's scale from the config."""
     parts: dict[str, dict[str, np.ndarray]] = {}
     extra: dict[str, np.ndarray] = {}
@@ -76,7 +74,9 @@ def adapter_from_state_dict(
         if m is None:
             if ".lora_" in bare:
                 raise AdapterError(f"adapter {name!r}: unsupported LoRA tensor {key!r}")
-            extra[bare.replace(".modules_to_save.default", "").replace(".original_module", "")] = _upcast(arr)
+            plain = _plain_extra_key(bare, adapter_name=name)
+            if plain is not None and (plain not in extra or bare == plain):
+                extra[plain] = _upcast(arr)
             continue
         parts.setdefault(m["path"], {})[m["part"]] = arr
     if not parts:
@@ -85,6 +85,28 @@ def adapter_from_state_dict(
     for path, p in parts.items():
         targets[path] = _target(name, path, p, config)
     return Adapter(targets=targets, config=config, extra=extra, name=name)
+
+
+def _plain_extra_key(key: str, adapter_name: str) -> str | None:
+    """A saved full tensor's path in the unwrapped model, or None for PEFT's copies of the original.
+
+    PEFT saves the bias of a wrapped module as ``<path>.base_layer.bias`` and, with bias="all", may also
+    write ``<mod>.modules_to_save.bias`` and ``<mod>.original_module.bias`` beside the trained ``<mod>.bias``.
+    """
+    parts = key.split(".")
+    if "original_module" in parts:
+        return None
+    out = []
+    i = 0
+    while i < len(parts):
+        if parts[i] == "modules_to_save":
+            # "modules_to_save.<adapter>." in a model state dict; bare "modules_to_save." in PEFT's files.
+            i += 2 if i + 2 < len(parts) and parts[i + 1] in ("default", adapter_name) else 1
+            continue
+        if parts[i] != "base_layer":
+            out.append(parts[i])
+        i += 1
+    return ".".join(out)
 
 
 def _target(adapter: str, path: str, p: dict[str, np.ndarray], config: LoraConfig) -> LoraTarget:
@@ -101,9 +123,7 @@ def _target(adapter: str, path: str, p: dict[str, np.ndarray], config: LoraConfi
     rank = int(a.shape[0])
     expected = config.rank_for(path)
     if rank != expected:
-        raise AdapterError(
-            f"adapter {adapter!r}: {path} has rank {rank} but adapter_config.json says r={expected}"
-        )
+        raise AdapterError(f"adapter {adapter!r}: {path} has rank {rank} but adapter_config.json says r={expected}")
     mag = p.get("lora_magnitude_vector")
     if mag is not None:
         mag = _upcast(mag).reshape(-1)
@@ -136,16 +156,13 @@ def _read_pickle_safely(path: Path) -> dict[str, np.ndarray]:
         import torch
     except ImportError:
         raise AdapterError(
-            f"{path}: refusing a pickle-based adapter without torch's weights_only loader; "
-            "convert it to safetensors"
+            f"{path}: refusing a pickle-based adapter without torch's weights_only loader; convert it to safetensors"
         ) from None
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means we will not unpickle it
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdapterError(
-            f"{path}: refused to load pickle file (only plain tensors are allowed): {first}"
-        ) from None
+        raise AdapterError(f"{path}: refused to load pickle file (only plain tensors are allowed): {first}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise AdapterError(f"{path}: not a state dict of tensors")
     return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
@@ -175,7 +192,9 @@ def save_adapter_files(
                 mag = mag.reshape(1, -1, *([1] * (t.A.ndim - 2)))
             tensors[f"{key}.lora_magnitude_vector"] = mag
     for k, v in adapter.extra.items():
-        tensors[PREFIX + k] = v
+        owner, _, leaf = k.rpartition(".")
+        # PEFT keeps a wrapped module's own parameters under its base_layer.
+        tensors[PREFIX + (f"{owner}.base_layer.{leaf}" if owner in adapter.targets else k)] = v
     write_safetensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     cfg = adapter.config.to_peft_dict(base_model_name_or_path)
     atomic_write_text(directory / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
