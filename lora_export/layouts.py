@@ -48,6 +48,17 @@ class OpLayout(ABC):
         """A short human description of how the weight is stored (for ``inspect``)."""
         return self.op_type
 
+    def add_branch(
+        self, graph: ir.Graph, node: ir.Node, a_value: ir.Value, b_value: ir.Value, dora_scale_value: ir.Value | None
+    ) -> None:
+        """Add a LoRA side branch to ``node`` for ``inject``: y = op(x) + (x·A′)·B′ (scale folded into B′),
+        or with ``dora_scale_value`` g: y = g ⊙ (op(x) without bias + (x·A′)·B′) + bias.
+
+        A′/B′ layouts by kind: linear (in, r)/(r, out); embedding (num, r)/(r, dim); conv A (r, in, *k) and
+        B (out, r/groups, 1...). Ops without a branch builder cannot be injected (merge still works).
+        """
+        raise NotImplementedError(f"{self.op_type}: no LoRA branch builder; this op supports merge only")
+
 
 def register_layout(layout: OpLayout, *, replace: bool = False) -> OpLayout:
     """Register an op layout; plugins call this (directly or via the entry point)."""
@@ -160,6 +171,11 @@ class MatMulLayout(OpLayout):
     def describe(self, node: ir.Node) -> str:
         return "MatMul W(out,in) via Transpose" if self._source(node)[1] else "MatMul Wᵀ(in,out)"
 
+    def add_branch(self, graph, node, a_value, b_value, dora_scale_value=None) -> None:
+        from .branches import matmul_branch
+
+        matmul_branch(graph, node, a_value, b_value, dora_scale_value)
+
 
 class GemmLayout(OpLayout):
     """Gemm(x, W, C): W stored (out, in) when transB=1, (in, out) when transB=0."""
@@ -194,6 +210,11 @@ class GemmLayout(OpLayout):
     def describe(self, node: ir.Node) -> str:
         return "Gemm W(out,in) transB=1" if self._trans_b(node) else "Gemm Wᵀ(in,out) transB=0"
 
+    def add_branch(self, graph, node, a_value, b_value, dora_scale_value=None) -> None:
+        from .branches import gemm_branch
+
+        gemm_branch(graph, node, a_value, b_value, dora_scale_value)
+
 
 class ConvLayout(OpLayout):
     """Conv(x, W, b): W stored (out, in/groups, *k), the canonical layout itself."""
@@ -218,6 +239,11 @@ class ConvLayout(OpLayout):
         group = node.attributes.get("group")
         g = group.as_int() if group is not None else 1
         return f"Conv W(out,in/g,k) group={g}"
+
+    def add_branch(self, graph, node, a_value, b_value, dora_scale_value=None) -> None:
+        from .branches import conv_branch
+
+        conv_branch(graph, node, a_value, b_value, dora_scale_value)
 
 
 class GatherLayout(OpLayout):
@@ -246,6 +272,11 @@ class GatherLayout(OpLayout):
 
     def describe(self, node: ir.Node) -> str:
         return "Gather table(num,dim)"
+
+    def add_branch(self, graph, node, a_value, b_value, dora_scale_value=None) -> None:
+        from .branches import gather_branch
+
+        gather_branch(graph, node, a_value, b_value, dora_scale_value)
 
 
 for _layout in (MatMulLayout(), GemmLayout(), ConvLayout(), GatherLayout()):
