@@ -119,7 +119,8 @@ def attach_lora(model: nn.Module, config_or_adapter: LoraConfig | Adapter, *, ve
         cls = _wrapper_for(module)
         if cls is None:
             raise TargetError(
-                f"module {name!r} is a {type(module).__name__}; LoRA supports Linear, Conv1D, Conv1d/2d/3d and Embedding"
+                f"module {name!r} is a {type(module).__name__}; "
+                "LoRA supports Linear, Conv1D, Conv1d/2d/3d and Embedding"
             )
         t = adapter.targets[name] if adapter is not None else None
         r = t.rank if t is not None else config.rank_for(name)
@@ -259,8 +260,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA layer into its base weight (float32 math, one rounding); outputs stay the same."""
-    for layer in _require_lora(model).values():
-        layer.merge()
+    for name, layer in _require_lora(model).items():
+        layer.merge(name)
     return model
 
 
@@ -275,7 +276,7 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     """Replace each LoRA wrapper by its base module, merging the adapter first unless ``merge=False``."""
     for name, layer in _require_lora(model).items():
         if merge:
-            layer.merge()
+            layer.merge(name)
         elif layer.merged:
             layer.unmerge()
         if name:

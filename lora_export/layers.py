@@ -137,11 +137,16 @@ class LoraLayer(nn.Module):
         with torch.no_grad():
             weight.copy_(new.to(weight.dtype))
 
-    def merge(self) -> None:
+    def merge(self, name: str = "layer") -> None:
         """Fold s·BA (DoRA: PEFT's m·(W0+ΔW)/‖W0+ΔW‖) into the base weight."""
         if self.merged:
             return
-        t = self.to_target("layer")
+        if getattr(self.base_layer, "groups", 1) != 1:
+            # A dense A conv followed by a grouped B conv mixes channels across groups: no grouped kernel holds it.
+            raise ShapeError(
+                f"{name}: LoRA on a grouped convolution (groups={self.base_layer.groups}) cannot be merged"
+            )
+        t = self.to_target(name)
         w0 = self._w0_numpy()
         if t.magnitude is not None:
             self._dora_merge_scale = dora_scale(w0, lora_delta(t), t.magnitude, t.kind)
