@@ -1,0 +1,413 @@
+"""Export a torch model to ONNX with a manifest mapping each targetable module to its initializer.
+
+The caller's model is never touched: we export a deep copy, with any LoRA wrappers removed (the base
+model is what gets deployed; adapters are merged or injected into the ONNX graph later). Exporters
+rename and re-layout weights (``fc.weight`` becomes a transposed ``val_3``), so the manifest is built
+while the torch model is still in hand: by initializer name first, then by exact value fingerprint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from .errors import LoraExportError
+from .layouts import OpLayout, get_layout
+from .onnx_model import INLINE_LIMIT_BYTES, initializer_bytes, load_model, save_model
+
+MANIFEST_KEY = "lora_export.manifest"
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class ExportResult:
+    """What ``export_with_manifest`` wrote: the model path, its manifest, and modules left unmapped."""
+
+    path: Path
+    exporter: str
+    manifest: dict
+    unmapped: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path),
+            "exporter": self.exporter,
+            "mapped": len(self.manifest["modules"]),
+            "unmapped": list(self.unmapped),
+            "modules": self.manifest["modules"],
+        }
+
+
+def export(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    *,
+    dynamo: bool = True,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping | None = None,
+    dynamic_shapes: Any = None,
+    opset: int | None = None,
+    external_data: bool | None = None,
+) -> Path:
+    """Export the base of ``model`` to ONNX at ``path`` and embed the LoRA target manifest.
+
+    ``example_inputs``: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
+    ``dynamo=False`` uses the TorchScript exporter. ``external_data`` None writes external data only
+    when the weights would not fit in one protobuf. The caller's model is not modified (not even its
+    training flag); LoRA wrappers are removed from the exported copy, unmerged. Returns the path.
+    """
+    return export_with_manifest(
+        model,
+        example_inputs,
+        path,
+        dynamo=dynamo,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes=dynamic_axes,
+        dynamic_shapes=dynamic_shapes,
+        opset=opset,
+        external_data=external_data,
+    ).path
+
+
+def export_with_manifest(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    *,
+    dynamo: bool = True,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping | None = None,
+    dynamic_shapes: Any = None,
+    opset: int | None = None,
+    external_data: bool | None = None,
+) -> ExportResult:
+    """``export``, returning the manifest and the targetable modules no initializer was found for."""
+    if not isinstance(model, nn.Module):
+        raise LoraExportError(f"export needs a torch.nn.Module, got {type(model).__name__}")
+    out = Path(path)
+    base = base_copy(model)
+    args, kwargs = _split_inputs(example_inputs)
+    options: dict[str, Any] = {"input_names": list(input_names) if input_names else None}
+    if output_names:
+        options["output_names"] = list(output_names)
+    if opset is not None:
+        options["opset_version"] = int(opset)
+    if dynamic_axes is not None:
+        options["dynamic_axes"] = dict(dynamic_axes)
+    if dynamic_shapes is not None:
+        options["dynamic_shapes"] = dynamic_shapes
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Export into a private folder beside the output so that nothing appears at ``out`` unless
+    # the whole export, manifest and save succeed; external data written by torch stays there.
+    with _temp_dir(out.parent) as tmp:
+        tmp_model = tmp / "exported.onnx"
+        _run_exporter(base, args, kwargs, tmp_model, dynamo=dynamo, options=options)
+        onnx_model = load_model(tmp_model)
+        manifest, unmapped = build_manifest(onnx_model, base)
+        onnx_model.metadata_props[MANIFEST_KEY] = json.dumps(manifest, sort_keys=True)
+        if external_data is None:
+            external_data = initializer_bytes(onnx_model) > INLINE_LIMIT_BYTES
+        save_model(onnx_model, out, external=external_data)
+    return ExportResult(out, "dynamo" if dynamo else "torchscript", manifest, unmapped)
+
+
+def base_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in eval mode with every LoRA wrapper replaced by its (unmerged) base."""
+    try:
+        base = copy.deepcopy(model)
+    except Exception as e:  # noqa: BLE001 - deepcopy surfaces whatever the model's members raise
+        raise LoraExportError(f"cannot copy the model for export ({type(e).__name__}: {_first_line(e)})") from None
+    base = _unwrap_lora(base)
+    base.eval()
+    config = getattr(base, "config", None)
+    if getattr(config, "use_cache", False):
+        # transformers' KV-cache objects are not exportable outputs; a deployment graph without
+        # past key/values is what the ONNX stages expect.
+        config.use_cache = False
+    return base
+
+
+def _unwrap_lora(model: nn.Module) -> nn.Module:
+    try:
+        from .layers import LoraLayer
+    except ImportError:  # the training layers are optional for export
+        return model
+    wrapped = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    if not wrapped:
+        return model
+    for layer in wrapped.values():
+        if getattr(layer, "merged", False):
+            layer.unmerge()
+    root = wrapped.pop("", None)
+    for name, layer in wrapped.items():
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, layer.base_layer)
+    for attr in ("_lora_export_config",):  # attach_lora's bookkeeping; meaningless on the base
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return root.base_layer if root is not None else model
+
+
+def _split_inputs(example_inputs: Any) -> tuple[tuple, dict | None]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), None
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), None
+    raise LoraExportError(
+        f"example inputs must be a tensor, a tuple of tensors or a dict, got {type(example_inputs).__name__}"
+    )
+
+
+def _run_exporter(
+    model: nn.Module, args: tuple, kwargs: dict | None, path: Path, *, dynamo: bool, options: dict
+) -> None:
+    # torch prints progress to stdout; keep stdout clean for --json output.
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink), torch.no_grad():
+            if dynamo:
+                program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, verbose=False, **options)
+                program.save(str(path))
+            else:
+                options = {k: v for k, v in options.items() if k != "dynamic_shapes"}
+                torch.onnx.export(model, args, str(path), kwargs=kwargs, dynamo=False, verbose=False, **options)
+    except LoraExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - exporters raise anything from anywhere
+        which = "dynamo" if dynamo else "TorchScript"
+        raise LoraExportError(f"{which} export failed: {_cause(e)}") from None
+    if not path.is_file():
+        raise LoraExportError("export failed: the exporter wrote no model")
+
+
+# -- the manifest ------------------------------------------------------------------------------
+
+
+def targetable_modules(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Modules LoRA can target, by path: (module, kind) for Linear, HF Conv1D, Conv1d/2d/3d, Embedding."""
+    conv1d = _hf_conv1d_type()
+    out: dict[str, tuple[nn.Module, str]] = {}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d)):
+            kind = "linear"
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            kind = "conv"
+        elif isinstance(module, nn.Embedding):
+            kind = "embedding"
+        else:
+            continue
+        if isinstance(getattr(module, "weight", None), torch.Tensor):
+            out[name] = (module, kind)
+    return out
+
+
+def canonical_weight(module: nn.Module) -> np.ndarray:
+    """The module's weight in ``LoraTarget.weight_shape`` layout, as float32 (HF Conv1D transposed)."""
+    w = module.weight.detach().to("cpu")
+    w = w.to(torch.float64) if w.dtype == torch.float64 else w.to(torch.float32)
+    arr = w.numpy()
+    conv1d = _hf_conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        arr = arr.T
+    return np.ascontiguousarray(arr)
+
+
+@dataclass
+class _Candidate:
+    node: ir.Node
+    layout: OpLayout
+    value: ir.Value
+    shape: tuple[int, ...]
+    order: int
+    digest: bytes | None = None
+
+
+def weight_candidates(model: ir.Model) -> list[tuple[ir.Node, OpLayout, ir.Value]]:
+    """(first consuming node, layout, initializer) for every weight a registered layout can read."""
+    return [(c.node, c.layout, c.value) for c in _candidates(model)]
+
+
+def _candidates(model: ir.Model) -> list[_Candidate]:
+    seen: dict[int, _Candidate] = {}
+    order = 0
+    for graph in model.graphs():
+        for node in graph:
+            layout = get_layout(node)
+            if layout is None:
+                continue
+            value = layout.weight_value(node)
+            shape = layout.weight_shape(node) if value is not None else None
+            # One entry per initializer: its first consumer in graph order names it in the manifest.
+            if value is None or shape is None or id(value) in seen:
+                continue
+            seen[id(value)] = _Candidate(node, layout, value, tuple(shape), order)
+            order += 1
+    return list(seen.values())
+
+
+def build_manifest(onnx_model: ir.Model, torch_model: nn.Module) -> tuple[dict, list[str]]:
+    """Map each targetable module of ``torch_model`` to the initializer holding its exact weight.
+
+    Tries the initializer named ``<module>.weight`` first, then the candidate whose canonical values
+    equal the module's weight bit for bit. When several candidates carry identical values, the one
+    whose node scope names the module wins, else the first unclaimed in graph order. Tied modules
+    (one Parameter) may share an initializer. Returns (manifest, unmapped module paths).
+    """
+    candidates = _candidates(onnx_model)
+    by_kind_shape: dict[tuple[str, tuple[int, ...]], list[_Candidate]] = {}
+    for c in candidates:
+        by_kind_shape.setdefault((c.layout.kind, c.shape), []).append(c)
+    claimed: dict[int, int] = {}  # id(value) -> id(parameter) that claimed it
+    modules: dict[str, dict] = {}
+    unmapped: list[str] = []
+    for name, (module, kind) in targetable_modules(torch_model).items():
+        weight = canonical_weight(module)
+        pool = by_kind_shape.get((kind, tuple(weight.shape)), [])
+        match = _match(name, module.weight, weight, pool, claimed)
+        if match is None:
+            unmapped.append(name)
+            continue
+        claimed.setdefault(id(match.value), id(module.weight))
+        modules[name] = {
+            "initializer": match.value.name,
+            "node": match.node.name,
+            "op_type": match.node.op_type,
+            "layout": match.layout.describe(match.node),
+        }
+    return {"version": MANIFEST_VERSION, "modules": modules}, unmapped
+
+
+def _match(
+    name: str, param: torch.Tensor, weight: np.ndarray, pool: list[_Candidate], claimed: dict[int, int]
+) -> _Candidate | None:
+    free = [c for c in pool if claimed.get(id(c.value), id(param)) == id(param)]
+    for c in free:
+        if c.value.name == f"{name}.weight" and _equal(c, weight):
+            return c
+    digest = _digest(weight)
+    equal = [c for c in free if _candidate_digest(c) == digest and _equal(c, weight)]
+    if len(equal) > 1:
+        scoped = [c for c in equal if _node_module(c.node) == name]
+        equal = scoped or equal
+    return equal[0] if equal else None
+
+
+def _candidate_digest(c: _Candidate) -> bytes:
+    if c.digest is None:
+        c.digest = _digest(c.layout.read(c.node))
+    return c.digest
+
+
+def _digest(arr: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(arr).tobytes(), digest_size=16).digest()
+
+
+def _equal(c: _Candidate, weight: np.ndarray) -> bool:
+    return bool(np.array_equal(c.layout.read(c.node), weight))
+
+
+def _node_module(node: ir.Node) -> str | None:
+    """The torch module path a node came from, when the exporter recorded it (scope or node name)."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        try:
+            parts = [p for p in json.loads(scopes.replace("'", '"')) if p]
+        except ValueError:
+            parts = []
+        if len(parts) >= 2:
+            return ".".join(parts[:-1])
+    name = node.name or ""
+    if name.startswith("/") and name.count("/") >= 2:  # TorchScript: /encoder/layer.0/fc/MatMul
+        return ".".join(p for p in name.split("/")[1:-1] if p)
+    return None
+
+
+def _hf_conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional
+        return None
+    return Conv1D
+
+
+@contextlib.contextmanager
+def _temp_dir(parent: Path) -> Iterator[Path]:
+    import shutil
+
+    tmp = Path(tempfile.mkdtemp(prefix=".lora-export-", dir=parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _first_line(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _cause(e: BaseException) -> str:
+    # The dynamo exporter wraps the real reason ("step 1/3 failed ..."); name the innermost cause too.
+    root = e
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    text = f"{type(e).__name__}: {_first_line(e)}"
+    if root is not e:
+        text += f" (caused by {type(root).__name__}: {_first_line(root)})"
+    return text
+
+
+def load_factory(spec: str) -> tuple[nn.Module, Any, dict]:
+    """Call ``module:function`` (importable from the current directory) → (model, inputs, export kwargs)."""
+    module_name, sep, func_name = spec.partition(":")
+    if not sep or not module_name or not func_name:
+        raise LoraExportError(f"expected MODULE:FUNCTION, got {spec!r}")
+    import importlib
+
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        mod = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - user code raises anything while importing
+        raise LoraExportError(f"cannot import {module_name!r}: {type(e).__name__}: {_first_line(e)}") from None
+    func = mod
+    for part in func_name.split("."):
+        func = getattr(func, part, None)
+        if func is None:
+            raise LoraExportError(f"{module_name!r} has no attribute {func_name!r}")
+    if not callable(func):
+        raise LoraExportError(f"{spec} is not callable")
+    try:
+        result = func()
+    except Exception as e:  # noqa: BLE001
+        raise LoraExportError(f"{spec}() failed: {type(e).__name__}: {_first_line(e)}") from None
+    if not isinstance(result, tuple) or len(result) not in (2, 3):
+        raise LoraExportError(f"{spec}() must return (model, example_inputs) or (model, example_inputs, kwargs)")
+    model, inputs = result[0], result[1]
+    kwargs = dict(result[2]) if len(result) == 3 and result[2] else {}
+    return model, inputs, kwargs
