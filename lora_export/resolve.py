@@ -16,9 +16,7 @@ mentions it) is "absent": it cannot change any output. One that occurs but canno
 
 from __future__ import annotations
 
-import ast
 import json
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -27,13 +25,18 @@ import onnx_ir as ir
 
 from .adapter import Adapter, LoraTarget
 from .layouts import OpLayout, get_layout
+from .module_paths import (
+    best_unique,
+    mentions,
+    name_module_paths,
+    node_module_paths,
+    scope_module_paths,
+    suffix_score,
+    weight_module,
+)
 
 MANIFEST_KEY = "lora_export.manifest"
 STRATEGIES = ("manifest", "initializer-name", "node-name", "scope", "fingerprint")
-# Prefixes that wrappers add to every parameter path (PEFT, torch.compile, DataParallel).
-WRAPPER_PREFIXES = ("base_model.model.", "_orig_mod.", "module.")
-_WEIGHT_SUFFIXES = (".weight", ".base_layer.weight")
-_CALL_INDEX = re.compile(r"@\d+$")
 
 
 @dataclass
@@ -73,10 +76,41 @@ class ResolvedTarget:
 
 
 @dataclass
+class ResolvedExtra:
+    """Where one full replacement tensor (trained bias, ``modules_to_save``) goes in the graph."""
+
+    key: str
+    shape: tuple[int, ...]
+    status: str  # "matched" | "absent" | "unmatched"
+    strategy: str | None = None
+    value: ir.Value | None = None
+    # Set when the tensor is written through an op layout (an anonymous, transposed weight).
+    node: ir.Node | None = None
+    layout: OpLayout | None = None
+    detail: str = ""
+    found_shape: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict:
+        out = {
+            "tensor": self.key,
+            "shape": list(self.shape),
+            "status": self.status,
+            "strategy": self.strategy,
+            "initializer": self.value.name if self.value is not None else None,
+            "layout": self.layout.describe(self.node) if self.layout is not None else None,
+            "detail": self.detail,
+        }
+        if self.found_shape is not None:
+            out["found_shape"] = list(self.found_shape)
+        return out
+
+
+@dataclass
 class Resolution:
-    """The resolution of every target of an adapter, in adapter order."""
+    """The resolution of every target of an adapter, in adapter order, and of its extra tensors."""
 
     targets: list[ResolvedTarget]
+    extras: list[ResolvedExtra] = field(default_factory=list)
 
     def _with(self, status: str) -> list[ResolvedTarget]:
         return [r for r in self.targets if r.status == status]
@@ -121,117 +155,6 @@ def candidate_weights(model: ir.Model) -> list[Candidate]:
     return out
 
 
-# -- path matching -------------------------------------------------------------------------------
-
-
-def strip_wrappers(path: str) -> str:
-    """Drop wrapper prefixes (``base_model.model.``, ``_orig_mod.``, ``module.``), repeatedly."""
-    changed = True
-    while changed:
-        changed = False
-        for p in WRAPPER_PREFIXES:
-            if path.startswith(p):
-                path, changed = path[len(p) :], True
-    return path
-
-
-def suffix_score(a: str, b: str) -> int:
-    """Common trailing dotted segments when one path is a dotted suffix of the other, else 0.
-
-    ``model.layers.0.q_proj`` vs ``layers.0.q_proj`` → 3; ``layers.0.q_proj`` vs ``layers.1.q_proj`` → 0.
-    """
-    sa, sb = strip_wrappers(a).split("."), strip_wrappers(b).split(".")
-    if not a or not b:
-        return 0
-    n = min(len(sa), len(sb))
-    if sa[-n:] != sb[-n:]:
-        return 0
-    return n
-
-
-def best_unique(path: str, keyed: Mapping[str, list]) -> tuple[str | None, list, str]:
-    """The key whose path best suffix-matches ``path``; (key, items, why) or (None, [], why)."""
-    best, best_keys = 0, []
-    for key in keyed:
-        s = suffix_score(path, key)
-        if s > best:
-            best, best_keys = s, [key]
-        elif s and s == best:
-            best_keys.append(key)
-    if not best_keys:
-        return None, [], "no name matches"
-    if len(best_keys) > 1:
-        shown = ", ".join(sorted(best_keys)[:3])
-        return None, [], f"ambiguous: {len(best_keys)} equally good names ({shown})"
-    return best_keys[0], keyed[best_keys[0]], ""
-
-
-def mentions(target_path: str, module_path: str) -> bool:
-    """Whether a node's module path shows the target's module (or a sub-module of it) in the graph."""
-    t = strip_wrappers(target_path).split(".")
-    m = strip_wrappers(module_path).split(".")
-    if not module_path:
-        return False
-    for i in range(len(m) - len(t) + 1):
-        if m[i : i + len(t)] == t:
-            return True
-    # The adapter's path may carry an extra prefix the graph lacks.
-    return len(m) <= len(t) and t[-len(m) :] == m and len(m) >= 2
-
-
-def weight_module(name: str) -> str | None:
-    """``a.b.weight`` → ``a.b``; None for names that are not a module's weight."""
-    for suffix in _WEIGHT_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
-def node_module_paths(node: ir.Node) -> list[str]:
-    """Module paths a node's name and exporter metadata attribute it to."""
-    return list(dict.fromkeys(scope_module_paths(node) + name_module_paths(node)))
-
-
-def name_module_paths(node: ir.Node) -> list[str]:
-    """The module path in a TorchScript node name: ``/model/layers.0/q_proj/MatMul`` → ``model.layers.0.q_proj``."""
-    name = node.name or ""
-    if not name.startswith("/"):
-        return []
-    # Dots inside segments ("layers.0") are kept: they are ModuleList indices.
-    segs = [s for s in name.split("/") if s]
-    return [".".join(segs[:-1])] if len(segs) > 1 else []
-
-
-def scope_module_paths(node: ir.Node) -> list[str]:
-    """Module paths from the dynamo exporter's node metadata (``name_scopes``, ``namespace``)."""
-    paths = []
-    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-    if scopes:
-        try:
-            names = ast.literal_eval(scopes)
-        except (ValueError, SyntaxError):
-            names = []
-        # The last entry is the FX node (``linear``); the one before it is the innermost module.
-        mods = [_CALL_INDEX.sub("", str(n)) for n in names[:-1] if n]
-        if mods:
-            paths.append(_join_scopes(mods))
-    namespace = node.metadata_props.get("namespace")
-    if namespace:
-        segs = [s.split(":", 1)[0].strip() for s in namespace.split("/")]
-        mods = [_CALL_INDEX.sub("", s) for s in segs[:-1] if s]
-        if mods:
-            paths.append(_join_scopes(mods))
-    return list(dict.fromkeys(p for p in paths if p))
-
-
-def _join_scopes(names: list[str]) -> str:
-    # Dynamo writes full paths per level ("model", "model.layers.0"); tolerate relative ones too.
-    path = ""
-    for n in names:
-        path = n if not path or n.startswith(path + ".") else f"{path}.{n}"
-    return path
-
-
 # -- resolution ----------------------------------------------------------------------------------
 
 
@@ -252,7 +175,7 @@ class _Graph:
             self.initializers.update(g.initializers)
         # initializer module path → candidate values, for strategy (b)
         self.by_weight_name: dict[str, list[ir.Value]] = {}
-        for vid, value in self.values.items():
+        for value in self.values.values():
             mod = weight_module(value.name or "")
             if mod:
                 self.by_weight_name.setdefault(mod, []).append(value)
@@ -339,7 +262,7 @@ def _by_fingerprint(g: _Graph, t: LoraTarget, base_weights: Mapping[str, np.ndar
     if w.ndim < 2:
         return None
     hits = []
-    for vid, value in g.values.items():
+    for value in g.values.values():
         node, layout, _ = _fit(g, t, value)
         if node is not None and _same_tensor(value, w):
             hits.append((value, node, layout))
@@ -390,7 +313,8 @@ def resolve_targets(
     results = []
     for t in adapter:
         results.append(_resolve_one(g, t, manifest, base_weights))
-    return Resolution(results)
+    extras = [_resolve_extra(g, key, tuple(np.shape(arr))) for key, arr in sorted(adapter.extra.items())]
+    return Resolution(results, extras)
 
 
 def _resolve_one(g: _Graph, t: LoraTarget, manifest, base_weights) -> ResolvedTarget:
@@ -447,3 +371,31 @@ def _provably_absent(g: _Graph, t: LoraTarget, base_weights) -> bool:
     return all(
         any(node_module_paths(n) for n, _ in g.uses(v)) or weight_module(v.name or "") for v in g.values.values()
     )
+
+
+def _resolve_extra(g: _Graph, key: str, shape: tuple[int, ...]) -> ResolvedExtra:
+    """Find the initializer a full tensor replaces: by name, else (weights) by its module's node scope."""
+    name, values, _ = best_unique(key, {n: [v] for n, v in g.initializers.items()})
+    found = None
+    if name is not None:
+        value = values[0]
+        stored = tuple(int(d) for d in value.const_value.shape)
+        if stored == shape:
+            return ResolvedExtra(key, shape, "matched", "initializer-name", value, detail=f"initializer {name!r}")
+        found = stored
+    module = weight_module(key)
+    if module is not None:
+        for strategy, index in (("node-name", g.by_node_name), ("scope", g.by_scope)):
+            mod, cands, _ = best_unique(module, index)
+            for value in cands if mod is not None else []:
+                for node, layout in g.uses(value):
+                    if layout.weight_shape(node) == shape:
+                        why = f"node {node.name!r} ({layout.describe(node)})"
+                        return ResolvedExtra(key, shape, "matched", strategy, value, node, layout, why)
+    if found is not None:
+        why = f"initializer {name!r} has shape {found}, adapter tensor has {shape}"
+        return ResolvedExtra(key, shape, "unmatched", detail=why, found_shape=found)
+    owner = module or key.rpartition(".")[0]
+    if owner and g.all_module_paths and not any(mentions(owner, p) for p in g.all_module_paths):
+        return ResolvedExtra(key, shape, "absent", detail="module does not occur in the graph")
+    return ResolvedExtra(key, shape, "unmatched", detail="no initializer or node names it")

@@ -1,0 +1,232 @@
+"""Fold a LoRA adapter into an ONNX model's weights: W' = W₀ + ΔW (DoRA: PEFT's merge formula).
+
+``merge_adapter`` is a pure IR transform: the graph (nodes, op types, inputs, outputs) is unchanged and
+only the resolved target initializers get new values, each rounded once into its stored dtype.
+``merge_file`` is the I/O edge: validated load, merge, atomic save with the base's external-data layout.
+Only touched tensors are ever read; onnx-ir keeps the rest memory-mapped and streams them to the output.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from .adapter import Adapter
+from .delta import merged_weight
+from .errors import AdapterError, ModelError, ShapeError, TargetError
+from .layouts import store
+from .onnx_model import external_data_files, load_model, save_model
+from .resolve import Resolution, ResolvedTarget, resolve_targets
+
+Progress = Callable[[int, int, str], None]  # (done, total, current target name)
+_LIST_MAX = 5
+
+
+@dataclass
+class MergeReport:
+    """What a merge did: how each target resolved, what changed, timings, files written."""
+
+    adapter: str
+    resolution: Resolution
+    merged: list[dict] = field(default_factory=list)
+    replaced: list[dict] = field(default_factory=list)
+    scale: float = 1.0
+    timings: dict[str, float] = field(default_factory=dict)
+    base: str | None = None
+    output: str | None = None
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        res = self.resolution
+        return {
+            "adapter": self.adapter,
+            "base": self.base,
+            "output": self.output,
+            "files": self.files,
+            "scale": self.scale,
+            "counts": {
+                "targets": len(res.targets),
+                "matched": len(res.matched),
+                "absent": len(res.absent),
+                "unmatched": len(res.unmatched),
+                "merged_weights": len(self.merged),
+                "replaced_tensors": len(self.replaced),
+            },
+            "targets": res.to_report(),
+            "extras": [e.to_dict() for e in res.extras],
+            "merged": self.merged,
+            "replaced": self.replaced,
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+        }
+
+
+def merge_adapter(
+    model: ir.Model,
+    adapter: Adapter,
+    *,
+    base_weights: Mapping[str, np.ndarray] | None = None,
+    scale: float = 1.0,
+    allow_partial: bool = False,
+    compute_dtype: np.dtype | type = np.float32,
+    progress: Progress | None = None,
+) -> MergeReport:
+    """Fold ``adapter`` (times ``scale``) into ``model`` in place and report what was done.
+
+    Every check that can fail before a weight changes runs first; an error while folding (NaN/Inf
+    in a merged weight, grouped-conv LoRA) leaves ``model`` partly changed, so discard it then.
+    Raises TargetError for unmatched targets unless ``allow_partial``, and always when nothing matches.
+    """
+    if not np.isfinite(scale):
+        raise AdapterError(f"scale must be finite, got {scale}")
+    adapter = adapter.scaled(scale)
+    adapter.check_finite()
+    t0 = time.perf_counter()
+    resolution = resolve_targets(model, adapter, base_weights=base_weights)
+    report = MergeReport(adapter=adapter.name, resolution=resolution, scale=float(scale))
+    report.timings["resolve"] = time.perf_counter() - t0
+    _check_resolution(resolution, adapter, allow_partial)
+
+    t0 = time.perf_counter()
+    matched = resolution.matched
+    for i, r in enumerate(matched):
+        if progress is not None:
+            progress(i, len(matched), r.target.name)
+        report.merged.append(_fold(r, compute_dtype))
+    for e in resolution.extras:
+        if e.status != "matched":
+            continue
+        arr = np.asarray(adapter.extra[e.key])
+        if e.layout is not None:
+            e.layout.write(e.node, arr)
+        else:
+            store(e.value, arr)
+        report.replaced.append({"tensor": e.key, "initializer": e.value.name, "shape": list(e.shape)})
+    if progress is not None:
+        progress(len(matched), len(matched), "")
+    report.timings["merge"] = time.perf_counter() - t0
+    return report
+
+
+def _check_resolution(res: Resolution, adapter: Adapter, allow_partial: bool) -> None:
+    mismatched = [r for r in res.unmatched if r.found_shape is not None]
+    if mismatched:
+        r = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise ShapeError(
+            f"{r.target.name}: adapter expects a weight of shape {r.target.weight_shape}, "
+            f"the model's is {r.found_shape}{more}"
+        )
+    bad_extra = [e for e in res.extras if e.found_shape is not None]
+    if bad_extra:
+        e = bad_extra[0]
+        raise ShapeError(f"{e.key}: adapter tensor has shape {e.shape}, the model's is {e.found_shape}")
+    if not res.matched:
+        names = _names(r.target.name for r in res.targets)
+        raise TargetError(
+            f"none of the adapter's {len(res.targets)} targets ({names}) match a weight in this model; "
+            "is the adapter for a different model?"
+        )
+    unmatched = [r.target.name for r in res.unmatched] + [e.key for e in res.extras if e.status == "unmatched"]
+    if unmatched and not allow_partial:
+        detail = next((r.detail for r in res.unmatched), "")
+        raise TargetError(
+            f"{len(unmatched)} target(s) not found in the model: {_names(unmatched)}"
+            + (f" ({detail})" if detail else "")
+            + "; use --allow-partial to merge the rest"
+        )
+    seen: dict[int, str] = {}
+    for r in res.matched:
+        other = seen.setdefault(id(r.value), r.target.name)
+        if other != r.target.name:
+            raise TargetError(f"targets {other} and {r.target.name} resolve to the same weight {r.value.name!r}")
+
+
+def _fold(r: ResolvedTarget, compute_dtype) -> dict:
+    """Merge one target into its weight (read once, write once, even when several nodes share it)."""
+    t = r.target
+    w0 = r.layout.read(r.node)
+    merged = merged_weight(w0, t, compute_dtype)
+    if not np.isfinite(merged).all():
+        raise AdapterError(f"{t.name}: the merged weight contains NaN or Inf")
+    r.layout.write(r.node, merged)
+    stored = r.value.const_value
+    if stored.dtype.is_floating_point() and not np.isfinite(stored.numpy().astype(np.float32)).all():
+        raise AdapterError(f"{t.name}: the merged weight overflows {stored.dtype.name} (Inf after rounding)")
+    return {
+        "target": t.name,
+        "initializer": r.value.name,
+        "dtype": stored.dtype.name,
+        "shape": [int(d) for d in stored.shape],
+        "nodes": [n.name for n in r.nodes],
+    }
+
+
+def _names(names, limit: int = _LIST_MAX) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def merge_file(
+    base_path: str | os.PathLike,
+    adapter_or_path: Adapter | str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    base_weights: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+    scale: float = 1.0,
+    allow_partial: bool = False,
+    compute_dtype: np.dtype | type = np.float32,
+    progress: Progress | None = None,
+    external: bool | None = None,
+) -> MergeReport:
+    """Merge an adapter (object, or PEFT adapter directory) into the ONNX model at ``base_path``.
+
+    Writes ``out_path`` (and ``<out>.data`` when the base used external data) atomically: on any
+    error nothing appears there. The inputs are only read. ``base_weights`` (a mapping or a
+    .safetensors path) enables matching weights by value.
+    """
+    from .peft_format import load_adapter
+    from .safetensors_io import read_safetensors
+
+    t_start = time.perf_counter()
+    base_path, out_path = Path(base_path), Path(out_path)
+    adapter = adapter_or_path if isinstance(adapter_or_path, Adapter) else load_adapter(adapter_or_path)
+    if base_weights is not None and not isinstance(base_weights, Mapping):
+        base_weights = read_safetensors(base_weights)[0]
+    _refuse_overwrite(base_path, out_path)
+    t0 = time.perf_counter()
+    model = load_model(base_path)
+    _refuse_overwrite(base_path, out_path, external_data_files(model, base_path))
+    t_load = time.perf_counter() - t0
+    report = merge_adapter(
+        model,
+        adapter,
+        base_weights=base_weights,
+        scale=scale,
+        allow_partial=allow_partial,
+        compute_dtype=compute_dtype,
+        progress=progress,
+    )
+    t0 = time.perf_counter()
+    written = save_model(model, out_path, external=external)
+    report.timings = {"load": t_load, **report.timings, "save": time.perf_counter() - t0}
+    report.timings["total"] = time.perf_counter() - t_start
+    report.base, report.output = str(base_path), str(out_path)
+    report.files = [str(p) for p in written]
+    return report
+
+
+def _refuse_overwrite(base: Path, out: Path, data_files: set[Path] = frozenset()) -> None:
+    """Refuse an output that would overwrite the base model or any file it reads."""
+    out_r = out.resolve()
+    out_data = out_r.parent / f"{out_r.name}.data"
+    inputs = {base.resolve(), *data_files}
+    for p in (out_r, out_data):
+        if p in inputs or (p.exists() and any(p.samefile(i) for i in inputs if i.exists())):
+            raise ModelError(f"refusing to write {out}: it would overwrite the input {p.name}")
