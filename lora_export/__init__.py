@@ -11,7 +11,9 @@ from .errors import (
     TargetError,
     VerificationError,
 )
+from .merge import MergeReport, merge_adapter, merge_file
 from .peft_format import load_adapter, save_adapter_files
+from .resolve import Resolution, ResolvedTarget, resolve_targets
 
 __version__ = "0.1.0"
 
@@ -50,7 +52,10 @@ __all__ = [
     "LoraConfig",
     "LoraExportError",
     "LoraTarget",
+    "MergeReport",
     "ModelError",
+    "Resolution",
+    "ResolvedTarget",
     "ShapeError",
     "TargetError",
     "VerificationError",
@@ -61,6 +66,9 @@ __all__ = [
     "adapter_from_model",
     "attach_lora",
     "load_adapter",
+    "merge_adapter",
+    "merge_file",
+    "resolve_targets",
     "lora_layers",
     "lora_summary",
     "loraplus_param_groups",

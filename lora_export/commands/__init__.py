@@ -5,3 +5,11 @@ from __future__ import annotations
 import click
 
 COMMANDS: list[click.Command] = []
+
+from .export import export_command  # noqa: E402
+from .inspect import inspect_command  # noqa: E402
+from .verify import verify_command  # noqa: E402
+
+COMMANDS += [export_command, inspect_command, verify_command]
+
+from . import merge  # noqa: E402, F401  (registers `merge`)

@@ -1,0 +1,98 @@
+"""``lora-export merge``: fold an adapter into an ONNX model's weights."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ..merge import MergeReport, merge_file
+from . import COMMANDS
+
+
+@click.command("merge")
+@click.argument("base", type=click.Path(dir_okay=False))
+@click.argument("adapter", type=click.Path())
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Merged model path.")
+@click.option(
+    "--base-weights",
+    type=click.Path(dir_okay=False),
+    help="The base model's .safetensors, to match anonymous ONNX weights by value.",
+)
+@click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply every LoRA delta by this.")
+@click.option("--allow-partial", is_flag=True, help="Merge what matches; skip targets not found in the model.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
+def merge_command(
+    base: str, adapter: str, output: str, base_weights: str | None, scale: float, allow_partial: bool, as_json: bool
+) -> None:
+    """Merge ADAPTER (a PEFT adapter directory) into BASE.onnx, writing -o OUT.onnx.
+
+    The graph is unchanged; only the adapted weights get new values. Targets are found through
+    the exporter's manifest, initializer names, node names/scopes, or (with --base-weights) by value.
+    """
+    bar = _ProgressBar() if not as_json and sys.stderr.isatty() else None
+    try:
+        report = merge_file(
+            base,
+            adapter,
+            output,
+            base_weights=base_weights,
+            scale=scale,
+            allow_partial=allow_partial,
+            progress=bar,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(summary(report))
+
+
+def summary(report: MergeReport) -> str:
+    """A concise human summary: one line per target, then counts, files and time."""
+    rows = [("target", "status", "how", "initializer", "layout")]
+    for r in report.resolution.targets:
+        d = r.to_dict()
+        rows.append(
+            (d["target"], d["status"], d["strategy"] or "-", d["initializer"] or "-", d["layout"] or d["detail"])
+        )
+    for e in report.resolution.extras:
+        d = e.to_dict()
+        rows.append((d["tensor"], d["status"], "replace", d["initializer"] or "-", d["detail"]))
+    widths = [min(48, max(len(str(row[i])) for row in rows)) for i in range(4)]
+    lines = ["  ".join(str(c)[:w].ljust(w) for c, w in zip(row[:4], widths)) + "  " + str(row[4]) for row in rows]
+    c = report.to_dict()["counts"]
+    lines.append(
+        f"merged {c['merged_weights']} weight(s) from {c['targets']} target(s)"
+        + (f", {c['absent']} absent" if c["absent"] else "")
+        + (f", {c['unmatched']} unmatched (skipped)" if c["unmatched"] else "")
+        + (f", replaced {c['replaced_tensors']} tensor(s)" if c["replaced_tensors"] else "")
+        + f" in {report.timings.get('total', 0.0):.2f}s"
+    )
+    lines.append("wrote " + ", ".join(report.files))
+    return "\n".join(lines)
+
+
+class _ProgressBar:
+    """A click progress bar on stderr, created on the first callback (when the target count is known)."""
+
+    def __init__(self) -> None:
+        self._bar = None
+        self._done = 0
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if self._bar is None:
+            self._bar = click.progressbar(length=total, label="merging", file=sys.stderr, item_show_func=lambda _: name)
+            self._bar.__enter__()
+        self._bar.update(done - self._done)
+        self._done = done
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+
+
+COMMANDS.append(merge_command)
