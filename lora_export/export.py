@@ -29,6 +29,7 @@ from torch import nn
 
 from .errors import LoraExportError
 from .layouts import OpLayout, get_layout
+from .module_paths import node_module_paths
 from .onnx_model import INLINE_LIMIT_BYTES, initializer_bytes, load_model, save_model
 
 MANIFEST_KEY = "lora_export.manifest"
@@ -311,7 +312,7 @@ def _match(
     digest = _digest(weight)
     equal = [c for c in free if _candidate_digest(c) == digest and _equal(c, weight)]
     if len(equal) > 1:
-        scoped = [c for c in equal if _node_module(c.node) == name]
+        scoped = [c for c in equal if name in node_module_paths(c.node)]
         equal = scoped or equal
     return equal[0] if equal else None
 
@@ -328,22 +329,6 @@ def _digest(arr: np.ndarray) -> bytes:
 
 def _equal(c: _Candidate, weight: np.ndarray) -> bool:
     return bool(np.array_equal(c.layout.read(c.node), weight))
-
-
-def _node_module(node: ir.Node) -> str | None:
-    """The torch module path a node came from, when the exporter recorded it (scope or node name)."""
-    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-    if scopes:
-        try:
-            parts = [p for p in json.loads(scopes.replace("'", '"')) if p]
-        except ValueError:
-            parts = []
-        if len(parts) >= 2:
-            return ".".join(parts[:-1])
-    name = node.name or ""
-    if name.startswith("/") and name.count("/") >= 2:  # TorchScript: /encoder/layer.0/fc/MatMul
-        return ".".join(p for p in name.split("/")[1:-1] if p)
-    return None
 
 
 def _hf_conv1d_type() -> type | None:

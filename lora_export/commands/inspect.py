@@ -1,0 +1,20 @@
+"""``lora-export inspect MODEL.onnx [ADAPTER]``: targetable weights and how an adapter resolves."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("adapter", required=False, type=click.Path())
+@click.option("--base-weights", type=click.Path(dir_okay=False), help="The base's .safetensors, for fingerprinting.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect_command(model: str, adapter: str | None, base_weights: str | None, as_json: bool) -> None:
+    """List the weights LoRA can target in MODEL; with ADAPTER, where each of its targets lands."""
+    from ..inspect_model import format_report, inspect_model
+
+    report = inspect_model(model, adapter, base_weights=base_weights)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))

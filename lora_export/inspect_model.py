@@ -1,0 +1,172 @@
+"""What LoRA can target in an ONNX model, and (with an adapter) where each target resolves.
+
+Metadata only: shapes and dtypes come from the initializers' headers, so inspecting a model with
+gigabytes of external data reads none of it (unless ``base_weights`` asks for fingerprinting).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx_ir as ir
+
+from .errors import LoraExportError
+from .module_paths import node_module_paths, weight_module
+from .onnx_model import load_model
+
+
+@dataclass
+class TargetableWeight:
+    """One initializer a registered op layout can adapt."""
+
+    node: str | None
+    op: str
+    initializer: str | None
+    kind: str
+    shape: list[int]
+    dtype: str
+    layout: str
+    module: str | None
+    module_source: str | None  # "manifest" | "initializer-name" | "node-name/scope" | None
+    shared_by: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def targetable_weights(model: ir.Model) -> list[TargetableWeight]:
+    """Every weight LoRA can target, one row per initializer (first consumer), in graph order."""
+    from .resolve import candidate_weights, read_manifest
+
+    manifest = read_manifest(model)
+    by_init = {e.get("initializer"): path for path, e in manifest.items() if isinstance(e, dict)}
+    consumers: dict[int, int] = {}
+    first: dict[int, tuple] = {}
+    for node, layout, value in candidate_weights(model):
+        consumers[id(value)] = consumers.get(id(value), 0) + 1
+        first.setdefault(id(value), (node, layout, value))
+    rows = []
+    for key, (node, layout, value) in first.items():
+        shape = layout.weight_shape(node)
+        tensor = value.const_value
+        module, source = _module_of(node, value, by_init)
+        rows.append(
+            TargetableWeight(
+                node=node.name,
+                op=node.op_type if not node.domain else f"{node.domain}::{node.op_type}",
+                initializer=value.name,
+                kind=layout.kind,
+                shape=[int(d) for d in shape] if shape is not None else [],
+                dtype=str(tensor.dtype.name).lower() if tensor is not None else "?",
+                layout=layout.describe(node),
+                module=module,
+                module_source=source,
+                shared_by=consumers[key],
+            )
+        )
+    return rows
+
+
+def _module_of(node: ir.Node, value: ir.Value, manifest: dict) -> tuple[str | None, str | None]:
+    if value.name in manifest:
+        return manifest[value.name], "manifest"
+    from_name = weight_module(value.name or "")
+    if from_name:
+        return from_name, "initializer-name"
+    paths = node_module_paths(node)
+    return (paths[0], "node-name/scope") if paths else (None, None)
+
+
+def inspect_model(
+    path: str | os.PathLike,
+    adapter: str | os.PathLike | None = None,
+    *,
+    base_weights: str | os.PathLike | None = None,
+) -> dict:
+    """A JSON-able description of ``path``'s targetable weights and, given an adapter, its resolution."""
+    model = load_model(path)
+    rows = targetable_weights(model)
+    from .resolve import read_manifest
+
+    report: dict = {
+        "model": str(path),
+        "manifest": bool(read_manifest(model)),
+        "targetable": [r.to_dict() for r in rows],
+    }
+    if adapter is None:
+        if base_weights is not None:
+            raise LoraExportError("--base-weights only matters with an adapter")
+        return report
+    from .peft_format import load_adapter
+    from .resolve import resolve_targets
+
+    loaded = load_adapter(adapter)
+    weights = None
+    if base_weights is not None:
+        from .safetensors_io import read_safetensors
+
+        if not Path(base_weights).is_file():
+            raise LoraExportError(f"base weights not found: {base_weights}")
+        weights = read_safetensors(base_weights)[0]
+    resolution = resolve_targets(model, loaded, base_weights=weights)
+    report["adapter"] = str(adapter)
+    report["resolution"] = resolution.to_report()
+    report["extras"] = [e.to_dict() for e in getattr(resolution, "extras", [])]
+    report["counts"] = {
+        "matched": len(resolution.matched),
+        "absent": len(resolution.absent),
+        "unmatched": len(resolution.unmatched),
+    }
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The human-readable tables for ``lora-export inspect``."""
+    lines = [f"{report['model']}: {len(report['targetable'])} targetable weight(s)"]
+    if not report.get("manifest"):
+        lines[0] += " (no lora-export manifest; module paths inferred from names)"
+    header = ("module", "op", "initializer", "shape", "dtype", "layout", "node")
+    rows = [
+        (
+            r["module"] or "-",
+            r["op"] + (f" x{r['shared_by']}" if r["shared_by"] > 1 else ""),
+            r["initializer"] or "-",
+            "x".join(map(str, r["shape"])),
+            r["dtype"],
+            r["layout"],
+            r["node"] or "-",
+        )
+        for r in report["targetable"]
+    ]
+    lines += _table(header, rows)
+    if "resolution" in report:
+        c = report["counts"]
+        lines += [
+            "",
+            f"adapter {report['adapter']}: {c['matched']} matched, {c['absent']} absent, {c['unmatched']} unmatched",
+        ]
+        header = ("target", "kind", "rank", "status", "strategy", "initializer", "detail")
+        rows = [
+            (
+                r["target"],
+                r["kind"],
+                str(r["rank"]),
+                r["status"],
+                r["strategy"] or "-",
+                r["initializer"] or "-",
+                r["detail"] or "",
+            )
+            for r in report["resolution"]
+        ]
+        lines += _table(header, rows)
+    return "\n".join(lines)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
+    out += [fmt.format(*row).rstrip() for row in rows]
+    return out
