@@ -25,7 +25,8 @@ def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 def _rewire(graph: ir.Graph, node: ir.Node, old: ir.Value, new: ir.Value, new_nodes: list[ir.Node]) -> None:
     """Point every consumer of ``old`` (but the branch itself) at ``new``; insert the branch after ``node``."""
-    uses = [(u.node, u.idx) for u in old.uses()]
+    own = {id(n) for n in new_nodes}
+    uses = [(u.node, u.idx) for u in old.uses() if id(u.node) not in own]
     graph.insert_after(node, new_nodes)
     for consumer, idx in uses:
         consumer.replace_input_with(idx, new)

@@ -1,0 +1,219 @@
+"""Adapter mode: give every targeted weight a swappable LoRA side branch fed by graph inputs.
+
+``inject_adapters`` rewrites an ONNX model in memory: each module targeted by any of the given
+adapters gets y = op(x) + (x·A′)·B′ (DoRA: y = g ⊙ (op(x) + (x·A′)·B′) + bias), with A′, B′ and g as
+optional graph inputs whose defaults (rank 0, g = 1) reproduce the base model. ``inject_files`` writes
+the model and, per adapter, the tensors that fill its slots as ``.onnx_adapter`` and ``.safetensors``.
+See ``slots`` for input names and layouts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from .adapter import Adapter
+from .adapter_files import write_adapter_tensors
+from .errors import AdapterError, ShapeError, TargetError
+from .layouts import get_layout
+from .onnx_model import load_model, save_model
+from .peft_format import load_adapter
+from .resolve import ResolvedTarget, resolve_targets
+from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
+
+MODEL_NAME = "model.onnx"
+
+
+@dataclass
+class InjectResult:
+    """The slots added, the tensors for each adapter (by adapter name), and per-adapter resolution reports."""
+
+    manifest: SlotManifest
+    tensors: dict[str, dict[str, np.ndarray]]
+    reports: dict[str, list[dict]] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "slots": [
+                {"module": s.module, "op": s.op, "kind": s.kind, "inputs": s.inputs, "dtype": s.dtype}
+                for _, s in sorted(self.manifest.slots.items())
+            ],
+            "absent": self.manifest.absent,
+            "adapters": {
+                name: {"tensors": len(t), "resolution": self.reports.get(name, [])} for name, t in self.tensors.items()
+            },
+            "files": [str(p) for p in self.files],
+        }
+
+
+def _resolve_all(
+    model: ir.Model, adapters: Sequence[Adapter], base_weights
+) -> tuple[dict[str, ResolvedTarget], dict[str, list[dict]], set[str]]:
+    """Resolve every adapter; refuse, listing every misfit, if any target cannot be placed."""
+    chosen: dict[str, ResolvedTarget] = {}
+    reports: dict[str, list[dict]] = {}
+    absent: set[str] = set()
+    shape_errors, target_errors = [], []
+    for adapter in adapters:
+        res = resolve_targets(model, adapter, base_weights=base_weights)
+        reports[adapter.name] = res.to_report()
+        for rt in res.targets:
+            name = rt.target.name
+            if rt.status == "absent":
+                absent.add(name)
+            elif rt.status == "unmatched":
+                (shape_errors if rt.found_shape is not None else target_errors).append(
+                    f"{adapter.name}:{name} ({rt.detail})"
+                )
+            elif name in chosen and chosen[name].value is not rt.value:
+                target_errors.append(f"{adapter.name}:{name} (resolves to another weight than in another adapter)")
+            else:
+                chosen.setdefault(name, rt)
+    if shape_errors:
+        raise ShapeError(f"adapter targets do not fit the model: {'; '.join(shape_errors)}")
+    if target_errors:
+        raise TargetError(f"adapter targets not found in the model: {'; '.join(target_errors)}")
+    return chosen, reports, absent - set(chosen)
+
+
+def _slot_input(graph: ir.Graph, name: str, dtype: ir.DataType, shape: list, default: np.ndarray) -> ir.Value:
+    # The declared shape keeps the rank symbolic; the default tensor is the rank-0 instance of it.
+    value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
+    value.const_value = ir.tensor(default, dtype=dtype, name=name)
+    graph.inputs.append(value)
+    graph.register_initializer(value)
+    return value
+
+
+def _branch_nodes(rt: ResolvedTarget) -> list[ir.Node]:
+    """Every consumer that applies the module: same kind and weight shape (a tied lm_head is not an embedding)."""
+    nodes = []
+    for node in rt.nodes or [rt.node]:
+        layout = get_layout(node)
+        if layout is None or layout.kind != rt.layout.kind or layout.weight_value(node) is not rt.value:
+            continue
+        if layout.weight_shape(node) == tuple(rt.target.weight_shape):
+            nodes.append(node)
+    return nodes
+
+
+def inject_adapters(
+    model: ir.Model,
+    adapters: Sequence[Adapter],
+    *,
+    base_weights: Mapping[str, np.ndarray] | None = None,
+) -> InjectResult:
+    """Add LoRA slots for the union of the adapters' targets to ``model`` (in place).
+
+    Returns the slot manifest (also stored in ``model.metadata_props``) and each adapter's slot tensors.
+    """
+    if not adapters:
+        raise AdapterError("inject needs at least one adapter")
+    names = [a.name for a in adapters]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise AdapterError(f"two adapters share the name {dupes[0]!r}; adapter files are named after them")
+    if SLOTS_KEY in model.metadata_props:
+        raise AdapterError("model already has LoRA slots; inject into the base model (or use convert)")
+    for adapter in adapters:
+        adapter.check_finite()
+        if adapter.extra:
+            raise AdapterError(
+                f"adapter {adapter.name!r} replaces full tensors ({', '.join(sorted(adapter.extra)[:3])}), "
+                "which adapter mode cannot swap; use merge"
+            )
+    chosen, reports, absent = _resolve_all(model, adapters, base_weights)
+    dora_modules = {t.name for a in adapters for t in a if t.is_dora}
+    slots: dict[str, Slot] = {}
+    for module in sorted(chosen):
+        rt = chosen[module]
+        t = rt.target
+        groups = 1
+        if t.kind == "conv":
+            attr = rt.node.attributes.get("group")
+            groups = attr.as_int() if attr is not None else 1
+        slots[module] = Slot(
+            module=module,
+            kind=t.kind,
+            op=rt.node.op_type,
+            node=rt.node.name,
+            weight=rt.value.name,
+            weight_shape=list(t.weight_shape),
+            dtype=str(rt.value.const_value.dtype.numpy()),
+            a=f"{module}.lora_A",
+            b=f"{module}.lora_B",
+            dora=f"{module}.dora_scale" if module in dora_modules else None,
+            groups=groups,
+        )
+    manifest = SlotManifest(slots, sorted(absent))
+
+    # Tensors first: DoRA's g reads the base weights, which the graph edits below leave untouched anyway.
+    def read_weight(slot: Slot) -> np.ndarray:
+        rt = chosen[slot.module]
+        return rt.layout.read(rt.node)
+
+    tensors = {a.name: adapter_tensors(a, manifest, read_weight) for a in adapters}
+
+    graph = model.graph
+    for module, slot in sorted(slots.items()):
+        rt = chosen[module]
+        dtype = rt.value.const_value.dtype
+        np_dtype = slot.np_dtype
+        a = _slot_input(graph, slot.a, dtype, slot.a_shape(slot.rank_dim), np.zeros(slot.a_shape(0), np_dtype))
+        b = _slot_input(graph, slot.b, dtype, slot.b_shape(slot.rank_dim), np.zeros(slot.b_shape(0), np_dtype))
+        g = None
+        if slot.dora:
+            g = _slot_input(graph, slot.dora, dtype, [slot.out_features], np.ones(slot.out_features, np_dtype))
+        nodes = _branch_nodes(rt)
+        if not nodes:
+            raise TargetError(f"{module}: no node applies its weight")
+        for node in nodes:
+            get_layout(node).add_branch(graph, node, a, b, g)
+    model.metadata_props[SLOTS_KEY] = manifest.to_json()
+    return InjectResult(manifest, tensors, reports)
+
+
+def inject_files(
+    base_path: str | os.PathLike,
+    adapter_paths: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    base_weights: Mapping[str, np.ndarray] | None = None,
+) -> InjectResult:
+    """``lora-export inject``: OUTDIR/model.onnx (+ external data when the base had it) and, per adapter,
+    OUTDIR/<name>.onnx_adapter and OUTDIR/<name>.safetensors (<name>: the adapter directory's name).
+
+    Written into a temporary folder beside OUTDIR first; nothing appears unless everything succeeded.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AdapterError(f"{out_dir} exists and is not a directory")
+    adapters = [load_adapter(p) for p in adapter_paths]
+    model = load_model(base_path)
+    result = inject_adapters(model, adapters, base_weights=base_weights)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_model(model, tmp / MODEL_NAME)
+        for name, tensors in sorted(result.tensors.items()):
+            write_adapter_tensors(tmp / f"{name}.onnx_adapter", tensors, model_version=result.manifest.fingerprint)
+            write_adapter_tensors(tmp / f"{name}.safetensors", tensors, model_version=result.manifest.fingerprint)
+        produced = sorted(p.name for p in tmp.iterdir())
+        if not out_dir.exists():
+            os.replace(tmp, out_dir)
+        else:
+            # An existing folder: swap files in one by one, each rename atomic.
+            for fname in produced:
+                os.replace(tmp / fname, out_dir / fname)
+        result.files = [out_dir / f for f in produced]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
