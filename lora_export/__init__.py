@@ -14,6 +14,7 @@ from .errors import (
 from .merge import MergeReport, merge_adapter, merge_file
 from .peft_format import load_adapter, save_adapter_files
 from .resolve import Resolution, ResolvedTarget, resolve_targets
+from .verify import VerifyReport, verify_models
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,8 @@ _TORCH_API = {
     "save_adapter": "attach",
     "unmerge_lora": "attach",
     "unwrap": "attach",
+    "export": "torch_export",
+    "export_with_manifest": "torch_export",
     "LoraConv": "layers",
     "LoraEmbedding": "layers",
     "LoraLayer": "layers",
@@ -78,4 +81,8 @@ __all__ = [
     "save_adapter_files",
     "unmerge_lora",
     "unwrap",
+    "export",
+    "export_with_manifest",
+    "VerifyReport",
+    "verify_models",
 ]

@@ -21,7 +21,7 @@ def export_command(factory: str, out: str, torchscript: bool, opset: int | None,
     (model, example_inputs, export_kwargs). LoRA wrappers are removed: the base model is exported,
     with a manifest mapping each Linear/Conv/Embedding module to its ONNX initializer.
     """
-    from ..export import export_with_manifest, load_factory
+    from ..torch_export import export_with_manifest, load_factory
 
     model, inputs, kwargs = load_factory(factory)
     kwargs = {k: v for k, v in kwargs.items() if k not in ("path", "dynamo")}
