@@ -26,6 +26,7 @@ from .layouts import get_layout
 from .onnx_model import load_model, save_model
 from .peft_format import load_adapter
 from .resolve import ResolvedTarget, resolve_targets
+from .safetensors_io import read_safetensors
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
 
 MODEL_NAME = "model.onnx"
@@ -186,7 +187,7 @@ def inject_files(
     adapter_paths: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
-    base_weights: Mapping[str, np.ndarray] | None = None,
+    base_weights: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
 ) -> InjectResult:
     """``lora-export inject``: OUTDIR/model.onnx (+ external data when the base had it) and, per adapter,
     OUTDIR/<name>.onnx_adapter and OUTDIR/<name>.safetensors (<name>: the adapter directory's name).
@@ -197,6 +198,10 @@ def inject_files(
     if out_dir.exists() and not out_dir.is_dir():
         raise AdapterError(f"{out_dir} exists and is not a directory")
     adapters = [load_adapter(p) for p in adapter_paths]
+    if base_weights is not None and not isinstance(base_weights, Mapping):
+        if not Path(base_weights).is_file():
+            raise AdapterError(f"base weights not found: {base_weights}")
+        base_weights = read_safetensors(base_weights)[0]
     model = load_model(base_path)
     result = inject_adapters(model, adapters, base_weights=base_weights)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

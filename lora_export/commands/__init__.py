@@ -12,4 +12,4 @@ from .verify import verify_command  # noqa: E402
 
 COMMANDS += [export_command, inspect_command, verify_command]
 
-from . import merge  # noqa: E402, F401  (registers `merge`)
+from . import convert, inject, merge  # noqa: E402, F401  (each registers its command)

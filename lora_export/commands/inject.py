@@ -1,0 +1,46 @@
+"""``lora-export inject``: add swappable LoRA slots to an ONNX model and write each adapter's tensors."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..inject import InjectResult, inject_files
+from . import COMMANDS
+
+
+@click.command("inject")
+@click.argument("base", type=click.Path(dir_okay=False))
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option(
+    "--base-weights",
+    type=click.Path(dir_okay=False),
+    help="The base model's .safetensors, to match anonymous ONNX weights by value.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
+def inject_command(base: str, adapters: tuple[str, ...], out_dir: str, base_weights: str | None, as_json: bool) -> None:
+    """Inject LoRA slots for ADAPTERS (PEFT adapter directories) into BASE.onnx.
+
+    Writes OUTDIR/model.onnx, whose inputs <module>.lora_A / .lora_B (/ .dora_scale) default to the base
+    model, and per adapter OUTDIR/<name>.onnx_adapter and OUTDIR/<name>.safetensors to fill them.
+    """
+    result = inject_files(base, list(adapters), out_dir, base_weights=base_weights)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(summary(result))
+
+
+def summary(result: InjectResult) -> str:
+    lines = [f"{len(result.manifest.slots)} LoRA slots:"]
+    for module, slot in sorted(result.manifest.slots.items()):
+        lines.append(f"  {module}  {slot.op}  {slot.kind}{'  +DoRA' if slot.dora else ''}")
+    if result.manifest.absent:
+        lines.append(f"absent from the graph (no effect): {', '.join(result.manifest.absent)}")
+    lines += [f"wrote {p}" for p in result.files]
+    return "\n".join(lines)
+
+
+COMMANDS.append(inject_command)

@@ -1,0 +1,194 @@
+"""Serving an injected model: one ONNX Runtime session, many adapters, switched per call.
+
+Adapters are validated once and placed on the session's device once, as OrtValues; each ``run`` binds
+them with IOBinding, so switching adapters costs no copy and no session rebuild. ``adapter=None``
+binds nothing for the LoRA inputs: their rank-0 defaults give the base model.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .adapter import Adapter
+from .adapter_files import read_adapter_tensors
+from .errors import AdapterError, LoraExportError
+from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, check_tensors
+
+_ORT_TYPES = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(double)": np.dtype(np.float64),
+}
+
+
+@functools.cache
+def cuda_works() -> bool:
+    """True when a session actually runs on the CUDA EP (listed is not enough: its libraries may be missing)."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        _tiny_session(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - any failure means CUDA is unusable here
+        return False
+    return _tiny_session.last_providers[:1] == ["CUDAExecutionProvider"]
+
+
+def _tiny_session(providers: list[str]) -> None:
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+    _tiny_session.last_providers = sess.get_providers()
+
+
+_tiny_session.last_providers = []
+
+
+class LoraSession:
+    """An ONNX Runtime session over an injected model, with named adapters switched per call.
+
+    ``providers`` defaults to CUDA when it actually works, else CPU. Thread-safe: concurrent ``run``
+    calls each get their own IOBinding; the adapter registry is guarded by a lock.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        providers: Sequence[str | tuple[str, dict]] | None = None,
+        sess_options: ort.SessionOptions | None = None,
+    ) -> None:
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise LoraExportError(f"model not found: {self.model_path}")
+        if sess_options is None:
+            sess_options = ort.SessionOptions()
+            # LoRA inputs carry default initializers by design; ORT's warning about that is noise.
+            sess_options.log_severity_level = 3
+        if providers is None:
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_works() else ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(self.model_path), sess_options, providers=list(providers))
+        except Exception as e:  # noqa: BLE001
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise LoraExportError(f"{self.model_path}: cannot create a session ({first})") from None
+        self.providers = self.session.get_providers()
+        on_cuda = self.providers[0] == "CUDAExecutionProvider"
+        self.device_type, self.device_id = ("cuda", 0) if on_cuda else ("cpu", 0)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.manifest = SlotManifest.from_json(meta.get(SLOTS_KEY))
+        self._inputs = {i.name: i for i in self.session.get_inputs()}
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        self._adapters: dict[str, dict[str, ort.OrtValue]] = {}
+        self._lock = threading.Lock()
+
+    # -- adapters ------------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded adapters."""
+        with self._lock:
+            return sorted(self._adapters)
+
+    @property
+    def slots(self) -> dict[str, Slot]:
+        return self.manifest.slots
+
+    def load_adapter(self, name: str, source: str | os.PathLike | Adapter | Mapping[str, np.ndarray]) -> None:
+        """Validate and place an adapter on the device under ``name``.
+
+        ``source``: a ``.onnx_adapter`` or ``.safetensors`` file of slot tensors, a PEFT adapter directory
+        or ``Adapter`` (converted in memory), or a dict of slot tensors.
+        """
+        if not name or not isinstance(name, str):
+            raise AdapterError("an adapter needs a non-empty name")
+        with self._lock:
+            if name in self._adapters:
+                raise AdapterError(f"an adapter named {name!r} is already loaded (unload it first)")
+        tensors, what = self._tensors_of(source)
+        check_tensors(tensors, self.manifest, what)
+        self._check_dtypes(tensors, what)
+        values = {
+            k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), self.device_type, self.device_id)
+            for k, v in sorted(tensors.items())
+        }
+        with self._lock:
+            if name in self._adapters:
+                raise AdapterError(f"an adapter named {name!r} is already loaded (unload it first)")
+            self._adapters[name] = values
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget an adapter; runs already in flight keep their references and finish normally."""
+        with self._lock:
+            if self._adapters.pop(name, None) is None:
+                raise AdapterError(f"no adapter named {name!r} is loaded")
+
+    def _tensors_of(self, source) -> tuple[dict[str, np.ndarray], str]:
+        if isinstance(source, Mapping):
+            return {k: np.asarray(v) for k, v in source.items()}, "adapter tensors"
+        if isinstance(source, Adapter):
+            return adapter_tensors(source, self.manifest, self._read_weight()), f"adapter {source.name!r}"
+        path = Path(source)
+        if path.is_dir():
+            from .peft_format import load_adapter
+
+            adapter = load_adapter(path)
+            return adapter_tensors(adapter, self.manifest, self._read_weight()), f"adapter {adapter.name!r}"
+        return read_adapter_tensors(path), str(path)
+
+    def _read_weight(self) -> Callable[[Slot], np.ndarray]:
+        from .convert import weight_reader
+
+        return weight_reader(self.model_path)
+
+    def _check_dtypes(self, tensors: Mapping[str, np.ndarray], what: str) -> None:
+        # The manifest has the dtype too; the session's own input types are the final word.
+        for k, v in tensors.items():
+            want = _ORT_TYPES.get(self._inputs[k].type) if k in self._inputs else None
+            if want is not None and v.dtype != want:
+                raise AdapterError(f"{what}: {k} has dtype {v.dtype}, the model expects {want}")
+
+    # -- inference -----------------------------------------------------------------------------
+
+    def run(
+        self,
+        output_names: Sequence[str] | None,
+        feeds: Mapping[str, np.ndarray],
+        adapter: str | None = None,
+        run_options: ort.RunOptions | None = None,
+    ) -> list[np.ndarray]:
+        """Run with the named adapter active (None: the base model); returns numpy outputs."""
+        values: dict[str, ort.OrtValue] = {}
+        if adapter is not None:
+            with self._lock:
+                found = self._adapters.get(adapter)
+            if found is None:
+                raise AdapterError(f"no adapter named {adapter!r} is loaded")
+            values = found
+        binding = self.session.io_binding()
+        for k, v in feeds.items():
+            if k not in self._inputs:
+                raise LoraExportError(f"unknown model input {k!r}")
+            binding.bind_cpu_input(k, np.ascontiguousarray(v))
+        for k, v in values.items():
+            binding.bind_ortvalue_input(k, v)
+        for name in output_names or self._outputs:
+            binding.bind_output(name)
+        try:
+            self.session.run_with_iobinding(binding, run_options)
+        except Exception as e:  # noqa: BLE001
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise LoraExportError(f"inference failed: {first}") from None
+        return binding.copy_outputs_to_cpu()
