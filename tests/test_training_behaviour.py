@@ -190,3 +190,19 @@ def test_adapter_shape_mismatch_names_module():
         attach_lora(wrong, adapter, verbose=False)
     with pytest.raises(TargetError, match="not found"):
         attach_lora(other, adapter, verbose=False)
+
+
+def test_merge_rounds_once_in_low_precision():
+    model, make_inputs = conv_embed_net()
+    model = model.to(torch.bfloat16)
+    attach_lora(model, LoraConfig(r=4, target_modules=["head"]), verbose=False)
+    randomize_lora(model)
+    head = model.head
+    w0 = head.base_layer.weight.detach().double()
+    exact = w0 + (head.lora_B.double() @ head.lora_A.double()) * head.scale
+    merge_lora(model)
+    merged = head.base_layer.weight.detach()
+    assert merged.dtype == torch.bfloat16
+    # one rounding of the float32 sum: (almost) every element is the nearest bf16 to the exact value
+    assert (merged == exact.to(torch.bfloat16)).float().mean() > 0.99
+    assert output_of(model, make_inputs(1)).dtype == torch.bfloat16

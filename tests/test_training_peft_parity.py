@@ -117,3 +117,43 @@ def test_dora_gradients_match_peft():
     assert_rel_close(layer.lora_A.grad, peft_layer.lora_A["default"].weight.grad, 1e-4)
     assert_rel_close(layer.lora_B.grad, peft_layer.lora_B["default"].weight.grad, 1e-4)
     assert_rel_close(layer.lora_magnitude.grad, peft_layer.lora_magnitude_vector["default"].weight.grad, 1e-4)
+
+
+class _Conv13Net(torch.nn.Module):
+    """Conv1d and Conv3d targets (stride, padding, a 1x1 kernel) beside the Conv2d ones in ConvEmbedNet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv1d(4, 6, kernel_size=3, stride=2, padding=1)
+        self.c1x1 = torch.nn.Conv1d(6, 6, kernel_size=1)
+        self.c3 = torch.nn.Conv3d(2, 4, kernel_size=(1, 3, 3), padding=(0, 1, 1), bias=False)
+
+    def forward(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.c1x1(self.c1(x)).flatten(1), self.c3(v).flatten(1)], dim=1)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_conv1d_conv3d_match_peft(dora):
+    torch.manual_seed(0)
+    base = _Conv13Net().eval()
+    cfg = dict(r=2, lora_alpha=4, target_modules=["c1", "c1x1", "c3"], use_dora=dora)
+
+    def make_inputs(seed):
+        g = torch.Generator().manual_seed(seed)
+        return {"x": torch.randn(2, 4, 9, generator=g), "v": torch.randn(2, 2, 3, 5, 5, generator=g)}
+
+    ref = peft_reference(base, **cfg)
+    ours = attach_lora(copy.deepcopy(base), LoraConfig(**cfg), verbose=False).eval()
+    copy_from_peft(ours, ref)
+    x = make_inputs(1)
+    assert (output_of(base, x) - output_of(ref, x)).abs().max() > 1e-3
+    assert_rel_close(output_of(ours, x), output_of(ref, x))
+
+
+def test_exclude_modules_match_peft():
+    build, _ = MODELS["llama"]
+    cfg = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], exclude_modules=["layers.0.self_attn.q_proj"])
+    _, ours, ref, make_inputs = _pair(build, **cfg)
+    assert not hasattr(ours.model.layers[0].self_attn.q_proj, "lora_A")
+    assert hasattr(ours.model.layers[1].self_attn.q_proj, "lora_A")
+    assert_rel_close(output_of(ours, make_inputs(1)), output_of(ref, make_inputs(1)))
