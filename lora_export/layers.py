@@ -73,30 +73,22 @@ class LoraLayer(nn.Module):
         """B·A in the layout of ``_weight_torch_layout`` (unscaled), as PEFT's DoRA computes it."""
         raise NotImplementedError
 
-    def _norm_axes(self) -> tuple[int, ...]:
-        return tuple(range(1, self.base_layer.weight.dim()))
-
-    def dora_gain(self) -> torch.Tensor:
-        """m / ‖W0 + s·BA‖ per output channel; the norm is detached (DoRA paper §4.3, as PEFT)."""
+    def _weight_norm(self) -> torch.Tensor:
+        """‖W0 + s·BA‖ per output channel (embedding: per dim column), with BA detached as in PEFT."""
         w = self._weight_torch_layout()
         total = w + self.scale * self._lora_weight().detach().to(w.dtype)
         if self.kind == "embedding":
-            norm = torch.linalg.norm(total, dim=0)
-        else:
-            norm = torch.linalg.norm(total.flatten(1), dim=1)
-        return self.lora_magnitude / norm.to(w.dtype).detach()
+            return torch.linalg.norm(total, dim=0)
+        return torch.linalg.norm(total.flatten(1), dim=1)
+
+    def dora_gain(self) -> torch.Tensor:
+        """m / ‖W0 + s·BA‖; no gradient flows through the norm (DoRA paper §4.3, as PEFT)."""
+        return self.lora_magnitude / self._weight_norm().detach()
 
     def init_dora(self) -> None:
         """Add the DoRA magnitude, initialised to ‖W0 + s·BA‖ so the layer starts unchanged."""
         with torch.no_grad():
-            w = self._weight_torch_layout()
-            total = w + self.scale * self._lora_weight().to(w.dtype)
-            norm = (
-                torch.linalg.norm(total, dim=0)
-                if self.kind == "embedding"
-                else torch.linalg.norm(total.flatten(1), dim=1)
-            )
-        self.lora_magnitude = nn.Parameter(norm.detach().clone())
+            self.lora_magnitude = nn.Parameter(self._weight_norm().clone())
 
     # -- canonical form and merging ------------------------------------------------------------
     def to_target(self, name: str) -> LoraTarget:
