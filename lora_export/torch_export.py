@@ -108,6 +108,9 @@ def export_with_manifest(
     out = Path(path)
     base = base_copy(model)
     args, kwargs = _split_inputs(example_inputs)
+    if input_names is None and kwargs:
+        # TorchScript would name keyword inputs input.1, input.2 ...; keep the caller's names.
+        input_names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
     options: dict[str, Any] = {"input_names": list(input_names) if input_names else None}
     if output_names:
         options["output_names"] = list(output_names)
@@ -193,7 +196,9 @@ def _run_exporter(
                 program.save(str(path))
             else:
                 options = {k: v for k, v in options.items() if k != "dynamic_shapes"}
-                torch.onnx.export(model, args, str(path), kwargs=kwargs, dynamo=False, verbose=False, **options)
+                # The TorchScript exporter takes keyword inputs as a trailing dict in ``args``.
+                ts_args = (*args, kwargs) if kwargs else args
+                torch.onnx.export(model, ts_args, str(path), dynamo=False, verbose=False, **options)
     except LoraExportError:
         raise
     except Exception as e:  # noqa: BLE001 - exporters raise anything from anywhere
