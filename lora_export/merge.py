@@ -86,6 +86,13 @@ def merge_adapter(
         raise AdapterError(f"scale must be finite, got {scale}")
     adapter = adapter.scaled(scale)
     adapter.check_finite()
+    for t in adapter:
+        if t.kind == "conv" and t.groups != 1:
+            # PEFT's grouped-conv LoRA mixes channels across groups: no grouped kernel can hold it.
+            raise ShapeError(
+                f"{t.name}: LoRA on a grouped convolution (groups={t.groups}) cannot be folded into the "
+                "base kernel; use inject instead of merge"
+            )
     t0 = time.perf_counter()
     resolution = resolve_targets(model, adapter, base_weights=base_weights)
     report = MergeReport(adapter=adapter.name, resolution=resolution, scale=float(scale))
@@ -134,7 +141,8 @@ def _check_resolution(res: Resolution, adapter: Adapter, allow_partial: bool) ->
         )
     unmatched = [r.target.name for r in res.unmatched] + [e.key for e in res.extras if e.status == "unmatched"]
     if unmatched and not allow_partial:
-        detail = next((r.detail for r in res.unmatched), "")
+        details = [r.detail for r in res.unmatched] + [e.detail for e in res.extras if e.status == "unmatched"]
+        detail = details[0] if details else ""
         raise TargetError(
             f"{len(unmatched)} target(s) not found in the model: {_names(unmatched)}"
             + (f" ({detail})" if detail else "")

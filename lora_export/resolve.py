@@ -395,7 +395,23 @@ def _resolve_extra(g: _Graph, key: str, shape: tuple[int, ...]) -> ResolvedExtra
     if found is not None:
         why = f"initializer {name!r} has shape {found}, adapter tensor has {shape}"
         return ResolvedExtra(key, shape, "unmatched", detail=why, found_shape=found)
+    shared = _deduplicated(g, key)
+    if shared:
+        return ResolvedExtra(key, shape, "unmatched", detail=shared)
     owner = module or key.rpartition(".")[0]
     if owner and g.all_module_paths and not any(mentions(owner, p) for p in g.all_module_paths):
         return ResolvedExtra(key, shape, "absent", detail="module does not occur in the graph")
     return ResolvedExtra(key, shape, "unmatched", detail="no initializer or node names it")
+
+
+def _deduplicated(g: _Graph, key: str) -> str:
+    """Why a tensor named ``key`` cannot be replaced alone: TorchScript folds equal initializers into one
+    and feeds the copies through Identity nodes, so replacing the source would change them all."""
+    for node in _all_nodes(g.model):
+        if node.op_type != "Identity" or not node.outputs or suffix_score(key, node.outputs[0].name or "") == 0:
+            continue
+        src = node.inputs[0]
+        if src is not None and src.const_value is not None:
+            n = len(src.uses())
+            return f"the exporter merged it with {n} equal tensor(s) into {src.name!r}; cannot replace it alone"
+    return ""

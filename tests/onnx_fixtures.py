@@ -19,8 +19,9 @@ class Wrapped(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, **kwargs):
-        return self.inner(**kwargs)
+    def forward(self, input_ids, attention_mask=None):
+        # Explicit arguments: torch.export does not accept a **kwargs forward.
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
 
 
 class _FirstOutput(nn.Module):
@@ -38,9 +39,10 @@ class _FirstOutput(nn.Module):
 def export_onnx(model: nn.Module, inputs: dict, path: Path, *, dynamo: bool, external: bool = False) -> Path:
     """Export a deepcopy of ``model`` (the tracer may change module state) to ``path``."""
     m = copy.deepcopy(model).eval()
-    cfg = getattr(m, "config", None)
-    if cfg is not None and hasattr(cfg, "use_cache"):
-        cfg.use_cache = False
+    for sub in m.modules():
+        cfg = getattr(sub, "config", None)
+        if cfg is not None and hasattr(cfg, "use_cache"):
+            cfg.use_cache = False
     names = list(inputs)
     args = tuple(inputs[n] for n in names)
     path = Path(path)
