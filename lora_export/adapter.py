@@ -46,16 +46,13 @@ class LoraTarget:
         if self.kind == "conv":
             if a.ndim < 3 or b.ndim != a.ndim or any(s != 1 for s in b.shape[2:]):
                 raise ShapeError(
-                    f"{self.name}: conv LoRA needs A (r, in, *k) and B (out, r, 1...), "
-                    f"got {a.shape} and {b.shape}"
+                    f"{self.name}: conv LoRA needs A (r, in, *k) and B (out, r, 1...), got {a.shape} and {b.shape}"
                 )
         r = a.shape[0]
         if r == 0 or b.shape[1] == 0 or r % b.shape[1] != 0 or (self.kind != "conv" and b.shape[1] != r):
             raise ShapeError(f"{self.name}: A and B ranks disagree (A {a.shape}, B {b.shape})")
         if self.magnitude is not None and self.magnitude.shape != (b.shape[0],):
-            raise ShapeError(
-                f"{self.name}: DoRA magnitude has shape {self.magnitude.shape}, expected ({b.shape[0]},)"
-            )
+            raise ShapeError(f"{self.name}: DoRA magnitude has shape {self.magnitude.shape}, expected ({b.shape[0]},)")
 
     @property
     def rank(self) -> int:
@@ -81,7 +78,8 @@ class LoraTarget:
         """Shape of ΔW, the torch weight's layout (before fan_in_fan_out)."""
         if self.kind == "embedding":
             return (self.in_features, self.out_features)
-        return (self.out_features, self.in_features, *self.A.shape[2:])
+        # A grouped conv's kernel holds in/groups channels (PEFT's lora_B carries the base's groups).
+        return (self.out_features, self.in_features // self.groups, *self.A.shape[2:])
 
     @property
     def is_dora(self) -> bool:

@@ -27,7 +27,9 @@ def write_adapter_tensors(
     path = Path(path)
     ordered = {k: np.ascontiguousarray(tensors[k]) for k in sorted(tensors)}
     if path.suffix == ".safetensors":
-        write_safetensors(path, ordered, metadata={MODEL_VERSION_KEY: str(model_version), "format": "lora_export"})
+        write_safetensors(
+            path, ordered, metadata={MODEL_VERSION_KEY: str(model_version)}
+        )  # one key: the writer orders a map nondeterministically
         return path
     if path.suffix != ".onnx_adapter":
         raise AdapterError(f"{path}: adapter output must end in .onnx_adapter or .safetensors")

@@ -66,6 +66,11 @@ def _resolve_all(
     for adapter in adapters:
         res = resolve_targets(model, adapter, base_weights=base_weights)
         reports[adapter.name] = res.to_report()
+        if not res.matched and not res.unmatched:
+            target_errors.append(
+                f"{adapter.name}: none of its targets occur in the model (adapter for another model?): "
+                + ", ".join(rt.target.name for rt in res.targets[:4])
+            )
         for rt in res.targets:
             name = rt.target.name
             if rt.status == "absent":
