@@ -2,6 +2,7 @@
 
 from .adapter import Adapter, LoraTarget
 from .config import LoraConfig
+from .convert import convert_adapter
 from .errors import (
     AdapterError,
     ConfigError,
@@ -11,9 +12,11 @@ from .errors import (
     TargetError,
     VerificationError,
 )
+from .inject import InjectResult, inject_adapters, inject_files
 from .merge import MergeReport, merge_adapter, merge_file
 from .peft_format import load_adapter, save_adapter_files
 from .resolve import Resolution, ResolvedTarget, resolve_targets
+from .session import LoraSession
 from .verify import VerifyReport, verify_models
 
 __version__ = "0.1.0"
@@ -85,4 +88,9 @@ __all__ = [
     "export_with_manifest",
     "VerifyReport",
     "verify_models",
+    "InjectResult",
+    "LoraSession",
+    "convert_adapter",
+    "inject_adapters",
+    "inject_files",
 ]
