@@ -93,7 +93,14 @@ def name_module_paths(node: ir.Node) -> list[str]:
         return []
     # Dots inside segments ("layers.0") are kept: they are ModuleList indices.
     segs = [s for s in name.split("/") if s]
-    return [".".join(segs[:-1])] if len(segs) > 1 else []
+    parts: list[str] = []
+    for seg in segs[:-1]:
+        # A called container repeats its name in its children's segments ("/a/a.0/MatMul" is a.0).
+        if parts and seg.startswith(parts[-1] + "."):
+            parts[-1] = seg
+        else:
+            parts.append(seg)
+    return [".".join(parts)] if parts else []
 
 
 def scope_module_paths(node: ir.Node) -> list[str]:
