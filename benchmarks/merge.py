@@ -39,6 +39,13 @@ TARGETS = ["q_proj", "v_proj"]
 
 
 def _peak_mb() -> float:
+    # VmHWM belongs to this exec'd image; ru_maxrss would carry over the (large) parent's RSS at fork.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 

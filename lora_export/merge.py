@@ -8,6 +8,7 @@ Only touched tensors are ever read; onnx-ir keeps the rest memory-mapped and str
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -22,6 +23,7 @@ from .delta import merged_weight
 from .errors import AdapterError, ModelError, ShapeError, TargetError
 from .layouts import store
 from .onnx_model import external_data_files, load_model, save_model
+from .patch_save import save_patched, snapshot
 from .resolve import Resolution, ResolvedTarget, resolve_targets
 
 Progress = Callable[[int, int, str], None]  # (done, total, current target name)
@@ -159,7 +161,13 @@ def _fold(r: ResolvedTarget, compute_dtype) -> dict:
     """Merge one target into its weight (read once, write once, even when several nodes share it)."""
     t = r.target
     w0 = r.layout.read(r.node)
-    merged = merged_weight(w0, t, compute_dtype)
+    if t.kind == "linear" and not t.is_dora and w0.flags.f_contiguous and not w0.flags.c_contiguous:
+        # Stored transposed (MatMul's Wᵀ): merge the transposed problem, Wᵀ + AᵀBᵀ, so every array
+        # stays in storage order; strided adds and transposing copies would dominate the merge time.
+        flipped = dataclasses.replace(t, A=t.B.T, B=t.A.T, fan_in_fan_out=False)
+        merged = merged_weight(w0.T, flipped, compute_dtype).T
+    else:
+        merged = merged_weight(w0, t, compute_dtype)
     if not np.isfinite(merged).all():
         raise AdapterError(f"{t.name}: the merged weight contains NaN or Inf")
     r.layout.write(r.node, merged)
@@ -211,6 +219,7 @@ def merge_file(
     t0 = time.perf_counter()
     model = load_model(base_path)
     _refuse_overwrite(base_path, out_path, external_data_files(model, base_path))
+    before = snapshot(model)
     t_load = time.perf_counter() - t0
     report = merge_adapter(
         model,
@@ -222,7 +231,11 @@ def merge_file(
         progress=progress,
     )
     t0 = time.perf_counter()
-    written = save_model(model, out_path, external=external)
+    written = None
+    if external is not False and before:
+        written = save_patched(model, base_path, out_path, before)
+    if written is None:
+        written = save_model(model, out_path, external=external)
     report.timings = {"load": t_load, **report.timings, "save": time.perf_counter() - t0}
     report.timings["total"] = time.perf_counter() - t_start
     report.base, report.output = str(base_path), str(out_path)
