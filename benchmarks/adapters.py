@@ -147,7 +147,7 @@ def timed(fn) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a tiny model, for a smoke run")
-    ap.add_argument("--reps", type=int, default=7, help="repetitions at batch 1 (batch 8 uses about half)")
+    ap.add_argument("--reps", type=int, default=15, help="repetitions at batch 1 (batch 8 uses about half)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "adapters.json")
     args = ap.parse_args()
     cfg = QUICK if args.quick else FULL
@@ -190,7 +190,7 @@ def main() -> None:
         rng = np.random.default_rng(0)
         latency: dict[str, dict[str, float]] = {}
         check: dict[str, float] = {}
-        for batch, reps in ((1, args.reps), (8, max(3, args.reps // 2))):
+        for batch, reps in ((1, args.reps), (8, max(3, args.reps // 3))):
             ids = rng.integers(0, cfg["vocab"], (batch, SEQ), dtype=np.int64)
             feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
             variants = {
@@ -212,9 +212,11 @@ def main() -> None:
             for fn in variants.values():  # warm-up
                 fn()
             samples: dict[str, list[float]] = {k: [] for k in variants}
-            for _ in range(reps):
-                for k, fn in variants.items():
-                    samples[k].append(timed(fn))
+            order = list(variants)
+            for rep in range(reps):
+                # Rotate the order each rep: no variant always runs first (cold caches) or last.
+                for k in order[rep % len(order) :] + order[: rep % len(order)]:
+                    samples[k].append(timed(variants[k]))
             latency[f"batch{batch}"] = {k: median_ms(v) for k, v in samples.items()}
             latency[f"batch{batch}"]["reps"] = reps
 

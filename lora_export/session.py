@@ -191,4 +191,7 @@ class LoraSession:
         except Exception as e:  # noqa: BLE001
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise LoraExportError(f"inference failed: {first}") from None
+        if self.device_type == "cpu":
+            # Zero-copy views of ORT's output buffers; copy_outputs_to_cpu would copy every output once more.
+            return [v.numpy() for v in binding.get_outputs()]
         return binding.copy_outputs_to_cpu()
