@@ -209,6 +209,12 @@ def test_deterministic_and_external_data(tmp_path):
     np.testing.assert_array_equal(
         run_onnx(tmp_path / "a" / "m.onnx", inputs), run_onnx(tmp_path / "b" / "m.onnx", inputs)
     )
+    # The fast path (patched copy of the base's data file) == a full re-serialization.
+    inline = merge_file(onnx_path, adapter_dir, tmp_path / "c" / "m.onnx", external=False).files
+    assert [p.rsplit("/", 1)[1] for p in inline] == ["m.onnx"]
+    np.testing.assert_array_equal(
+        run_onnx(tmp_path / "c" / "m.onnx", inputs), run_onnx(tmp_path / "a" / "m.onnx", inputs)
+    )
 
 
 def test_extra_tensors_replace_initializers(tmp_path):
