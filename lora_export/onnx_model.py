@@ -94,6 +94,8 @@ def save_model(model: ir.Model, out: str | os.PathLike, *, external: bool | None
             if external:
                 ir.save(model, tmp_model, external_data=data_name, callback=callback)
             else:
+                # Without this, external tensors would be saved as references to the base's data file.
+                ir.external_data.load_to_model(model)
                 ir.save(model, tmp_model)
         except Exception as e:  # noqa: BLE001
             raise ModelError(f"cannot write {out}: {type(e).__name__}: {_first_line(e)}") from None
