@@ -5,6 +5,11 @@ adapters gets y = op(x) + (x·A′)·B′ (DoRA: y = g ⊙ (op(x) + (x·A′)·B
 optional graph inputs whose defaults (rank 0, g = 1) reproduce the base model. ``inject_files`` writes
 the model and, per adapter, the tensors that fill its slots as ``.onnx_adapter`` and ``.safetensors``.
 See ``slots`` for input names and layouts.
+
+ONNX Runtime runs the rank-0 defaults as they are: MatMul, Gather and Conv (grouped too) all accept a
+zero-sized rank dimension (tested: the injected model without an adapter equals the base model). The
+files also work with plain ONNX Runtime: ``ort.LoraAdapter().Load(path)`` and
+``RunOptions.add_active_adapter``, since the adapter parameter names are the model's input names.
 """
 
 from __future__ import annotations
