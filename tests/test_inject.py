@@ -123,3 +123,14 @@ def test_external_data_is_kept(llama_case, tmp_path):
     sess = _session(out / "model.onnx")
     y = _native(sess, llama_case.feeds, out / "a_r4.onnx_adapter")
     assert rel_err(y, llama_case.refs["a_r4"]) <= TOL
+
+
+def test_injected_equals_merged_model(llama_case, tmp_path):
+    from lora_export import merge_file
+
+    sess = _session(llama_case.model)
+    for name in ("a_r4", "c_dora"):
+        merged = tmp_path / f"{name}.onnx"
+        merge_file(llama_case.base_onnx, llama_case.adapters[name], merged)
+        expected = _session(merged).run(None, llama_case.feeds)[0]
+        assert rel_err(_native(sess, llama_case.feeds, llama_case.out_dir / f"{name}.onnx_adapter"), expected) <= TOL

@@ -99,3 +99,8 @@ def test_concurrent_runs_with_different_adapters(served, llama_case):
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_plain_model_is_refused(llama_case):
+    with pytest.raises(LoraExportError, match="not an injected model"):
+        LoraSession(llama_case.base_onnx, providers=["CPUExecutionProvider"])
