@@ -134,3 +134,37 @@ def test_injected_equals_merged_model(llama_case, tmp_path):
         merge_file(llama_case.base_onnx, llama_case.adapters[name], merged)
         expected = _session(merged).run(None, llama_case.feeds)[0]
         assert rel_err(_native(sess, llama_case.feeds, llama_case.out_dir / f"{name}.onnx_adapter"), expected) <= TOL
+
+
+def test_float16_model_gets_float16_slots(tmp_path):
+    # A′, B′ and g are folded in float32 and cast once to the model's dtype.
+    import torch
+    from conftest import peft_reference
+    from inject_fixtures import export_base
+
+    from lora_export.inject import inject_files
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 16)
+            self.fc = torch.nn.Linear(16, 16)
+            self.out = torch.nn.Linear(16, 8)
+
+        def forward(self, ids):
+            return self.out(torch.relu(self.fc(self.emb(ids))))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    ids = torch.randint(0, 50, (2, 5))
+    peft_model = peft_reference(net, seed=3, r=4, lora_alpha=8, target_modules=["fc", "emb"], use_dora=True)
+    with torch.no_grad():
+        ref = peft_model(ids).numpy()
+    peft_model.save_pretrained(str(tmp_path / "ad"))
+    export_base(net.half(), {"ids": ids}, tmp_path / "base.onnx")
+    result = inject_files(tmp_path / "base.onnx", [tmp_path / "ad"], tmp_path / "out")
+    assert {s.dtype for s in result.manifest.slots.values()} == {"float16"}
+    tensors = read_adapter_tensors(tmp_path / "out" / "ad.onnx_adapter")
+    assert {v.dtype for v in tensors.values()} == {np.dtype(np.float16)}
+    y = _native(_session(tmp_path / "out" / "model.onnx"), {"ids": ids.numpy()}, tmp_path / "out" / "ad.onnx_adapter")
+    assert y.dtype == np.float16 and rel_err(y.astype(np.float32), ref) <= 2e-3
