@@ -33,3 +33,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def temp_dir(parent: str | os.PathLike) -> Iterator[Path]:
+    """A hidden temporary folder inside ``parent`` (same filesystem, so renames out of it are atomic)."""
+    import shutil
+
+    tmp = Path(tempfile.mkdtemp(prefix=".lora-export-", dir=parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

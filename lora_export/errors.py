@@ -34,3 +34,11 @@ class VerificationError(LoraExportError):
     """Two models disagree beyond the tolerance (exit code 1: a finding, not a usage error)."""
 
     exit_code = 1
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (ANSI colours stripped), for one-line errors."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__

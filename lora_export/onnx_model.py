@@ -6,16 +6,14 @@ memory-mapped views and streams them to the output when saving.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import onnx_ir as ir
 
-from .errors import ModelError
+from .atomic import temp_dir
+from .errors import ModelError, first_line
 
 # Protobuf cannot serialize a message over 2 GiB; stay well under it.
 INLINE_LIMIT_BYTES = 1_800_000_000
@@ -29,7 +27,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     try:
         model = ir.load(path)
     except Exception as e:  # noqa: BLE001 - protobuf raises many types for a corrupt file
-        raise ModelError(f"{path}: not a readable ONNX model ({type(e).__name__}: {_first_line(e)})") from None
+        raise ModelError(f"{path}: not a readable ONNX model ({type(e).__name__}: {first_line(e)})") from None
     check_external_data(model, path)
     return model
 
@@ -88,7 +86,7 @@ def save_model(model: ir.Model, out: str | os.PathLike, *, external: bool | None
         external = any(True for _ in external_tensors(model)) or initializer_bytes(model) > INLINE_LIMIT_BYTES
     out.parent.mkdir(parents=True, exist_ok=True)
     data_name = f"{out.name}.data"
-    with _temp_dir(out.parent) as tmp:
+    with temp_dir(out.parent) as tmp:
         tmp_model = tmp / out.name
         try:
             if external:
@@ -98,7 +96,7 @@ def save_model(model: ir.Model, out: str | os.PathLike, *, external: bool | None
                 ir.external_data.load_to_model(model)
                 ir.save(model, tmp_model)
         except Exception as e:  # noqa: BLE001
-            raise ModelError(f"cannot write {out}: {type(e).__name__}: {_first_line(e)}") from None
+            raise ModelError(f"cannot write {out}: {type(e).__name__}: {first_line(e)}") from None
         written = []
         if external and (tmp / data_name).exists():
             os.replace(tmp / data_name, out.parent / data_name)
@@ -108,15 +106,3 @@ def save_model(model: ir.Model, out: str | os.PathLike, *, external: bool | None
     return written
 
 
-@contextlib.contextmanager
-def _temp_dir(parent: Path) -> Iterator[Path]:
-    tmp = Path(tempfile.mkdtemp(prefix=".lora-export-", dir=parent))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from .atomic import temp_dir
 from .errors import ModelError
-from .onnx_model import _temp_dir, external_tensors
+from .onnx_model import external_tensors
 
 Snapshot = dict[int, tuple[ir.Value, ir.ExternalTensor]]
 
@@ -47,7 +48,7 @@ def save_patched(model: ir.Model, base_path: str | os.PathLike, out: str | os.Pa
     out = Path(out)
     data_name = f"{out.name}.data"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _temp_dir(out.parent) as tmp:
+    with temp_dir(out.parent) as tmp:
         try:
             shutil.copyfile(src, tmp / data_name)
             with open(tmp / data_name, "r+b") as f:

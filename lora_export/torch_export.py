@@ -14,10 +14,8 @@ import hashlib
 import io
 import json
 import os
-import re
 import sys
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,8 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from .errors import LoraExportError
+from .atomic import temp_dir
+from .errors import LoraExportError, first_line
 from .layouts import OpLayout, get_layout
 from .module_paths import node_module_paths
 from .onnx_model import INLINE_LIMIT_BYTES, initializer_bytes, load_model, save_model
@@ -123,7 +122,7 @@ def export_with_manifest(
     out.parent.mkdir(parents=True, exist_ok=True)
     # Export into a private folder beside the output so that nothing appears at ``out`` unless
     # the whole export, manifest and save succeed; external data written by torch stays there.
-    with _temp_dir(out.parent) as tmp:
+    with temp_dir(out.parent) as tmp:
         tmp_model = tmp / "exported.onnx"
         _run_exporter(base, args, kwargs, tmp_model, dynamo=dynamo, options=options)
         onnx_model = load_model(tmp_model)
@@ -140,7 +139,7 @@ def base_copy(model: nn.Module) -> nn.Module:
     try:
         base = copy.deepcopy(model)
     except Exception as e:  # noqa: BLE001 - deepcopy surfaces whatever the model's members raise
-        raise LoraExportError(f"cannot copy the model for export ({type(e).__name__}: {_first_line(e)})") from None
+        raise LoraExportError(f"cannot copy the model for export ({type(e).__name__}: {first_line(e)})") from None
     base = _unwrap_lora(base)
     base.eval()
     config = getattr(base, "config", None)
@@ -344,20 +343,6 @@ def _hf_conv1d_type() -> type | None:
     return Conv1D
 
 
-@contextlib.contextmanager
-def _temp_dir(parent: Path) -> Iterator[Path]:
-    import shutil
-
-    tmp = Path(tempfile.mkdtemp(prefix=".lora-export-", dir=parent))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _first_line(e: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def _cause(e: BaseException) -> str:
@@ -365,9 +350,9 @@ def _cause(e: BaseException) -> str:
     root = e
     while root.__cause__ is not None and root.__cause__ is not root:
         root = root.__cause__
-    text = f"{type(e).__name__}: {_first_line(e)}"
+    text = f"{type(e).__name__}: {first_line(e)}"
     if root is not e:
-        text += f" (caused by {type(root).__name__}: {_first_line(root)})"
+        text += f" (caused by {type(root).__name__}: {first_line(root)})"
     return text
 
 
@@ -384,7 +369,7 @@ def load_factory(spec: str) -> tuple[nn.Module, Any, dict]:
     try:
         mod = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 - user code raises anything while importing
-        raise LoraExportError(f"cannot import {module_name!r}: {type(e).__name__}: {_first_line(e)}") from None
+        raise LoraExportError(f"cannot import {module_name!r}: {type(e).__name__}: {first_line(e)}") from None
     func = mod
     for part in func_name.split("."):
         func = getattr(func, part, None)
@@ -395,7 +380,7 @@ def load_factory(spec: str) -> tuple[nn.Module, Any, dict]:
     try:
         result = func()
     except Exception as e:  # noqa: BLE001
-        raise LoraExportError(f"{spec}() failed: {type(e).__name__}: {_first_line(e)}") from None
+        raise LoraExportError(f"{spec}() failed: {type(e).__name__}: {first_line(e)}") from None
     if not isinstance(result, tuple) or len(result) not in (2, 3):
         raise LoraExportError(f"{spec}() must return (model, example_inputs) or (model, example_inputs, kwargs)")
     model, inputs = result[0], result[1]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import LoraExportError, ModelError
+from .errors import LoraExportError, ModelError, first_line
 
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-5
@@ -240,7 +240,7 @@ def _load_inputs(inputs) -> dict[str, np.ndarray]:
                 raise ValueError("not an .npz archive")
             return {k: data[k] for k in data.files}
     except Exception as e:  # noqa: BLE001 - numpy raises several types for a bad archive
-        raise LoraExportError(f"{path}: not a readable .npz of inputs ({type(e).__name__}: {_first_line(e)})") from None
+        raise LoraExportError(f"{path}: not a readable .npz of inputs ({type(e).__name__}: {first_line(e)})") from None
 
 
 def random_inputs(specs, *, seed: int = 0, dims: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
@@ -297,14 +297,14 @@ def _session(path, providers):
     try:
         return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as e:  # noqa: BLE001 - ORT raises its own types for a corrupt or invalid model
-        raise ModelError(f"{path}: ONNX Runtime cannot load the model ({type(e).__name__}: {_first_line(e)})") from None
+        raise ModelError(f"{path}: ONNX Runtime cannot load the model ({type(e).__name__}: {first_line(e)})") from None
 
 
 def _run(session, feeds, path) -> list[np.ndarray]:
     try:
         return [np.asarray(x) for x in session.run(None, dict(feeds))]
     except Exception as e:  # noqa: BLE001
-        raise ModelError(f"{path}: inference failed ({type(e).__name__}: {_first_line(e)})") from None
+        raise ModelError(f"{path}: inference failed ({type(e).__name__}: {first_line(e)})") from None
 
 
 def _check_same_io(sa, sb, a, b) -> None:
@@ -342,9 +342,5 @@ def _load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except Exception as e:  # noqa: BLE001
-        raise LoraExportError(f"{path}: not a readable .npy ({type(e).__name__}: {_first_line(e)})") from None
+        raise LoraExportError(f"{path}: not a readable .npy ({type(e).__name__}: {first_line(e)})") from None
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
