@@ -65,9 +65,7 @@ def merged_weight(w0: np.ndarray, t: LoraTarget, compute_dtype: np.dtype | type 
     The caller rounds the result once into the stored dtype.
     """
     if tuple(w0.shape) != t.weight_shape:
-        raise ShapeError(
-            f"{t.name}: adapter expects a weight of shape {t.weight_shape}, found {tuple(w0.shape)}"
-        )
+        raise ShapeError(f"{t.name}: adapter expects a weight of shape {t.weight_shape}, found {tuple(w0.shape)}")
     delta = lora_delta(t, compute_dtype)
     w = np.asarray(w0, dtype=compute_dtype) + delta
     if t.magnitude is None:

@@ -104,5 +104,3 @@ def save_model(model: ir.Model, out: str | os.PathLike, *, external: bool | None
         os.replace(tmp_model, out)
         written.append(out)
     return written
-
-

@@ -343,8 +343,6 @@ def _hf_conv1d_type() -> type | None:
     return Conv1D
 
 
-
-
 def _cause(e: BaseException) -> str:
     # The dynamo exporter wraps the real reason ("step 1/3 failed ..."); name the innermost cause too.
     root = e

@@ -343,4 +343,3 @@ def _load_npy(path: Path) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except Exception as e:  # noqa: BLE001
         raise LoraExportError(f"{path}: not a readable .npy ({type(e).__name__}: {first_line(e)})") from None
-
