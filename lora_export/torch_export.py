@@ -13,6 +13,7 @@ import copy
 import hashlib
 import io
 import json
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -186,10 +187,16 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple, dict | None]:
 def _run_exporter(
     model: nn.Module, args: tuple, kwargs: dict | None, path: Path, *, dynamo: bool, options: dict
 ) -> None:
-    # torch prints progress to stdout; keep stdout clean for --json output.
+    # torch prints progress to stdout; keep stdout clean for --json output. Its registry also logs a
+    # warning per torchvision op it cannot find, which says nothing about the user's model.
     sink = io.StringIO()
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(sink), torch.no_grad():
+        with contextlib.redirect_stdout(sink), torch.no_grad(), warnings.catch_warnings():
+            # torch.export's own deprecation notices are not actionable for our users.
+            warnings.simplefilter("ignore", FutureWarning)
             if dynamo:
                 program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, verbose=False, **options)
                 program.save(str(path))
@@ -203,6 +210,8 @@ def _run_exporter(
     except Exception as e:  # noqa: BLE001 - exporters raise anything from anywhere
         which = "dynamo" if dynamo else "TorchScript"
         raise LoraExportError(f"{which} export failed: {_cause(e)}") from None
+    finally:
+        registry_log.setLevel(level)
     if not path.is_file():
         raise LoraExportError("export failed: the exporter wrote no model")
 
