@@ -121,9 +121,12 @@ def inject_adapters(
     adapters: Sequence[Adapter],
     *,
     base_weights: Mapping[str, np.ndarray] | None = None,
+    dora: bool = False,
 ) -> InjectResult:
     """Add LoRA slots for the union of the adapters' targets to ``model`` (in place).
 
+    A slot gets a DoRA scale input when one of the adapters is DoRA there, or for every slot with
+    ``dora=True`` (so DoRA adapters converted later fit; it defaults to ones, a no-op otherwise).
     Returns the slot manifest (also stored in ``model.metadata_props``) and each adapter's slot tensors.
     """
     if not adapters:
@@ -142,7 +145,7 @@ def inject_adapters(
                 "which adapter mode cannot swap; use merge"
             )
     chosen, reports, absent = _resolve_all(model, adapters, base_weights)
-    dora_modules = {t.name for a in adapters for t in a if t.is_dora}
+    dora_modules = set(chosen) if dora else {t.name for a in adapters for t in a if t.is_dora}
     slots: dict[str, Slot] = {}
     for module in sorted(chosen):
         rt = chosen[module]
@@ -198,6 +201,7 @@ def inject_files(
     out_dir: str | os.PathLike,
     *,
     base_weights: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+    dora: bool = False,
 ) -> InjectResult:
     """``lora-export inject``: OUTDIR/model.onnx (+ external data when the base had it) and, per adapter,
     OUTDIR/<name>.onnx_adapter and OUTDIR/<name>.safetensors (<name>: the adapter directory's name).
@@ -213,7 +217,7 @@ def inject_files(
             raise AdapterError(f"base weights not found: {base_weights}")
         base_weights = read_safetensors(base_weights)[0]
     model = load_model(base_path)
-    result = inject_adapters(model, adapters, base_weights=base_weights)
+    result = inject_adapters(model, adapters, base_weights=base_weights, dora=dora)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -154,7 +154,7 @@ def slot_misfit(slot: Slot, t: LoraTarget) -> str | None:
     if t.kind == "conv" and t.groups != slot.groups:
         return f"adapter's lora_B has groups={t.groups}, slot has groups={slot.groups}"
     if t.is_dora and not slot.dora:
-        return "DoRA adapter but the slot has no dora_scale input (inject a DoRA adapter for this module)"
+        return "DoRA adapter but the slot has no dora_scale input (inject with --dora to reserve one)"
     return None
 
 

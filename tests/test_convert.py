@@ -82,3 +82,20 @@ def test_convert_refuses_misfits(llama_case, tmp_path):
         cli, ["convert", str(llama_case.adapters["e_noslot"]), "--model", str(llama_case.model), "-o", str(out)]
     )
     assert res.exit_code == 2 and res.output.startswith("error:") and len(res.output.strip().splitlines()) == 1
+
+
+def test_inject_dora_reserves_scale_inputs_for_later_dora_adapters(llama_case, tmp_path):
+    # Injected from plain-LoRA adapters only, but with --dora: a DoRA adapter converted later fits,
+    # and the plain adapters still run unchanged through the (default ones) scale inputs.
+    plain = [llama_case.adapters[n] for n in ("a_r4", "b_r8")]
+    out_dir = tmp_path / "served"
+    res = CliRunner().invoke(cli, ["inject", str(llama_case.base_onnx), *map(str, plain), "-o", str(out_dir), "--dora"])
+    assert res.exit_code == 0, res.output
+    later = tmp_path / "dora.onnx_adapter"
+    res = CliRunner().invoke(
+        cli, ["convert", str(llama_case.adapters["c_dora"]), "--model", str(out_dir / "model.onnx"), "-o", str(later)]
+    )
+    assert res.exit_code == 0, res.output
+    model = out_dir / "model.onnx"
+    assert rel_err(_native(model, llama_case.feeds, later), llama_case.refs["c_dora"]) <= TOL
+    assert rel_err(_native(model, llama_case.feeds, out_dir / "a_r4.onnx_adapter"), llama_case.refs["a_r4"]) <= TOL
