@@ -4,10 +4,19 @@ Adapters are validated once and placed on the session's device once, as OrtValue
 them with IOBinding, so switching adapters costs no copy and no session rebuild. ``adapter=None``
 binds nothing for the LoRA inputs: their rank-0 defaults give the base model.
 
-Cost of the rank-0 branches (benchmarks/adapters.py, 220M LLaMA, r=16 q/v, 2-core CPU): about +2% at
-batch 1 and none measurable at batch 8. A second, branch-free session for ``adapter=None`` was
-considered and left out: ONNX Runtime's Python API cannot share prepacked MatMul weights between
-sessions, so it would hold a second copy of the packed weights to save those ~2%.
+Cost of the rank-0 branches: none measurable. benchmarks/noadapter_probe.py (220M LLaMA, r=16 q/v, 2-core
+CPU, seq 128, batch 1, 40 interleaved rounds): injected-with-no-adapter / base = 0.986 (quartiles 0.969 to
+1.014); the +2.5% once reported by benchmarks/adapters.py at batch 1 was run-to-run noise.
+
+``base_session=True`` adds a branch-free twin session (``base_path.strip_branches``) that serves
+``adapter=None``. Its large initializers come from the same host memory as the main session's
+(``SessionOptions.add_initializer`` / ``add_external_initializers`` over one set of numpy arrays), but on
+CPU ONNX Runtime prepacks constant MatMul weights per session and its Python API cannot share prepacked
+weights (no PrepackedWeightsContainer), so measured on the 220M model (RSS growth; weights 838 MiB):
+main session alone 1161 MiB; with the twin 2341 MiB (raw weights kept for sharing + two packed copies);
+twin without prepacking ~1650 MiB but 17% slower. The twin is no faster than the rank-0 branches
+(1.002 × base), so it is off by default: it buys nothing on CPU for one more copy of the weights. On CUDA
+it is untested, and the shared arrays stay in host memory (each session copies them to the device).
 """
 
 from __future__ import annotations
@@ -66,6 +75,12 @@ class LoraSession:
 
     ``providers`` defaults to CUDA when it actually works, else CPU. Thread-safe: concurrent ``run``
     calls each get their own IOBinding; the adapter registry is guarded by a lock.
+
+    ``base_session=True``: ``adapter=None`` runs a branch-free twin session whose initializers share the
+    main session's host memory (see the module docstring for the memory it still costs; off by default).
+    ``base_prepacking=False`` disables ONNX Runtime's weight prepacking in the twin (less memory, slower).
+    With ``base_session=True`` the given ``sess_options`` get the shared initializers (and, with
+    ``base_prepacking=False``, the disable-prepacking entry) added: do not reuse them for other models.
     """
 
     def __init__(
@@ -74,6 +89,8 @@ class LoraSession:
         *,
         providers: Sequence[str | tuple[str, dict]] | None = None,
         sess_options: ort.SessionOptions | None = None,
+        base_session: bool = False,
+        base_prepacking: bool = True,
     ) -> None:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
@@ -84,20 +101,64 @@ class LoraSession:
             sess_options.log_severity_level = 3
         if providers is None:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_works() else ["CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(self.model_path), sess_options, providers=list(providers))
-        except Exception as e:  # noqa: BLE001
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise LoraExportError(f"{self.model_path}: cannot create a session ({first})") from None
+        providers = list(providers)
+        self._shared: dict[str, ort.OrtValue] = {}
+        base_model = None
+        if base_session:
+            base_model, self._shared = self._prepare_base(sess_options)
+        self.session = self._create(self.model_path, sess_options, providers)
         self.providers = self.session.get_providers()
         on_cuda = self.providers[0] == "CUDAExecutionProvider"
         self.device_type, self.device_id = ("cuda", 0) if on_cuda else ("cpu", 0)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.manifest = SlotManifest.from_json(meta.get(SLOTS_KEY))
+        #: The branch-free twin that serves ``adapter=None`` (None: the rank-0 branches serve it).
+        self.base_session: ort.InferenceSession | None = None
+        if base_model is not None:
+            from .base_path import twin_proto
+
+            if not base_prepacking:
+                sess_options.add_session_config_entry("session.disable_prepacking", "1")
+            # The twin's copies are placeholders, filled in place from the same OrtValues.
+            sess_options.add_external_initializers(list(self._shared), list(self._shared.values()))
+            self.base_session = self._create(twin_proto(base_model, self._shared), sess_options, providers)
+            del base_model
         self._inputs = {i.name: i for i in self.session.get_inputs()}
         self._outputs = [o.name for o in self.session.get_outputs()]
+        self._slot_inputs = {n for slot in self.manifest.slots.values() for n in slot.inputs}
         self._adapters: dict[str, dict[str, ort.OrtValue]] = {}
         self._lock = threading.Lock()
+
+    def _create(self, model, sess_options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(
+                model if isinstance(model, bytes) else str(model), sess_options, providers=providers
+            )
+        except Exception as e:  # noqa: BLE001
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise LoraExportError(f"{self.model_path}: cannot create a session ({first})") from None
+
+    def _prepare_base(self, sess_options: ort.SessionOptions):
+        """The stripped base model and its large initializers as OrtValues, added to ``sess_options``.
+
+        Both sessions are created from ``sess_options``, so both take those initializers from the same
+        OrtValues instead of loading their own copies.
+        """
+        import onnx_ir as ir
+
+        from .base_path import shared_initializers, strip_branches
+
+        try:
+            model = ir.load(self.model_path)
+        except Exception as e:  # noqa: BLE001
+            raise LoraExportError(f"{self.model_path}: cannot read the model ({type(e).__name__}: {e})") from None
+        strip_branches(model, SlotManifest.from_json(model.metadata_props.get(SLOTS_KEY)))
+        # CPU memory on every provider: add_external_initializers reads host memory (device OrtValues are
+        # not verified there), so on CUDA each session still copies the weights to the device.
+        shared = shared_initializers(model)
+        for name, value in shared.items():
+            sess_options.add_initializer(name, value)
+        return model, shared
 
     # -- adapters ------------------------------------------------------------------------------
 
@@ -182,7 +243,10 @@ class LoraSession:
             if found is None:
                 raise AdapterError(f"no adapter named {adapter!r} is loaded")
             values = found
-        binding = self.session.io_binding()
+        session = self.session
+        if adapter is None and self.base_session is not None and self._slot_inputs.isdisjoint(feeds):
+            session = self.base_session
+        binding = session.io_binding()
         for k, v in feeds.items():
             if k not in self._inputs:
                 raise LoraExportError(f"unknown model input {k!r}")
@@ -192,7 +256,7 @@ class LoraSession:
         for name in output_names or self._outputs:
             binding.bind_output(name)
         try:
-            self.session.run_with_iobinding(binding, run_options)
+            session.run_with_iobinding(binding, run_options)
         except Exception as e:  # noqa: BLE001
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise LoraExportError(f"inference failed: {first}") from None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import numpy as np
+import onnxruntime as ort
 import pytest
-from inject_fixtures import gpt2_case_fixture, llama_case_fixture, rel_err  # noqa: F401
+from inject_fixtures import conv_case_fixture, feeds_of, gpt2_case_fixture, llama_case_fixture, rel_err  # noqa: F401
 
 from lora_export import LoraExportError, LoraSession
 from lora_export.adapter_files import read_adapter_tensors, write_adapter_tensors
@@ -104,3 +106,52 @@ def test_concurrent_runs_with_different_adapters(served, llama_case):
 def test_plain_model_is_refused(llama_case):
     with pytest.raises(LoraExportError, match="not an injected model"):
         LoraSession(llama_case.base_onnx, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("case_name", ["llama_case", "gpt2_case", "conv_case"])
+def test_base_session_equals_plain_base_model(case_name, request):
+    """The branch-free twin (LoRA/DoRA on MatMul, Gemm+bias, Conv, Gather) computes the base model exactly."""
+    case = request.getfixturevalue(case_name)
+    sess = LoraSession(case.model, providers=["CPUExecutionProvider"], base_session=True)
+    assert sess.base_session is not None
+    twin_inputs = {i.name for i in sess.base_session.get_inputs()}
+    assert twin_inputs.isdisjoint(sess._slot_inputs) and twin_inputs <= set(sess._inputs)
+    plain = ort.InferenceSession(str(case.base_onnx), providers=["CPUExecutionProvider"])
+    for seed in (101, 202):
+        feeds = feeds_of(case.make_inputs(seed))
+        want = plain.run(None, feeds)[0]
+        got = sess.run(None, feeds)[0]
+        assert got.shape == want.shape and rel_err(got, want) <= 1e-6
+        rank0 = LoraSession(case.model, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        assert rel_err(rank0, want) <= 1e-6
+    # Adapters still run on the main session.
+    name = next(iter(case.refs))
+    if (case.out_dir / f"{name}.onnx_adapter").is_file():
+        sess.load_adapter(name, case.out_dir / f"{name}.onnx_adapter")
+        assert rel_err(sess.run(None, case.feeds, adapter=name)[0], case.refs[name]) <= TOL
+
+
+def test_base_session_shares_initializer_memory(llama_case):
+    """Both sessions read the very same buffer: writing into it changes both sessions' outputs alike.
+
+    The embedding table is read by Gather (never prepacked), so the write shows in the outputs.
+    """
+    sess = LoraSession(llama_case.model, providers=["CPUExecutionProvider"], base_session=True)
+    sess.load_adapter("zero", {})  # no tensors: the main session with its rank-0 branches
+    embed = next(k for k, v in sess._shared.items() if "embed" in k)
+    value = sess._shared[embed]
+    before_twin = sess.run(None, llama_case.feeds)[0]
+    before_main = sess.run(None, llama_case.feeds, adapter="zero")[0]
+    assert rel_err(before_twin, before_main) <= 1e-6
+    shape = value.shape()
+    buffer = (ctypes.c_float * int(np.prod(shape))).from_address(value.data_ptr())
+    table = np.ctypeslib.as_array(buffer).reshape(shape)
+    saved = table.copy()
+    try:
+        table *= 2.0
+        after_twin = sess.run(None, llama_case.feeds)[0]
+        after_main = sess.run(None, llama_case.feeds, adapter="zero")[0]
+    finally:
+        table[...] = saved
+    assert rel_err(after_twin, before_twin) > 1e-3  # the twin reads the shared buffer
+    assert rel_err(after_main, after_twin) <= 1e-6  # and so does the main session
