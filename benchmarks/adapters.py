@@ -8,7 +8,7 @@ Measures, at sequence 128, batch 1 and 8, r=16 on q_proj/v_proj:
       branch-free twin session (base_session=True, shared initializers; see lora_export/session.py)
   (d) ONNX Runtime's native path (LoraAdapter + RunOptions.add_active_adapter), for comparison
 Latencies are medians over interleaved repetitions (each rep runs every variant once, so drift hits all
-alike). Results: a table on stdout and JSON with machine details in benchmarks/results/adapters.json.
+alike). Results: a table on stdout and JSON with machine details in benchmarks/results/adapters-<host>-<date>.json.
 
 Run: .venv/bin/python benchmarks/adapters.py [--quick]
 """
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,6 +29,9 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT))
+
+from _common import machine_details, write_results  # noqa: E402
 
 from lora_export import LoraSession, inject_files, merge_file  # noqa: E402
 from lora_export.adapter import Adapter, LoraTarget  # noqa: E402
@@ -48,34 +49,6 @@ PAIRS = {
     "native_vs_merged": ("native_add_active_adapter", "merged"),
     "adapter_vs_native": ("adapter_mode", "native_add_active_adapter"),
 }
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": mem,
-        "onnxruntime": ort.__version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-    }
 
 
 def build_base(cfg: dict, out: Path) -> tuple[Path, int]:
@@ -164,7 +137,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a tiny model, for a smoke run")
     ap.add_argument("--reps", type=int, default=15, help="repetitions at batch 1 (batch 8 uses about half)")
-    ap.add_argument("--out", type=Path, default=ROOT / "results" / "adapters.json")
+    ap.add_argument("--out", type=Path, help="JSON path (default: results/adapters-<host>-<date>.json)")
     args = ap.parse_args()
     cfg = QUICK if args.quick else FULL
     started = time.perf_counter()
@@ -251,7 +224,7 @@ def main() -> None:
     create_ms = median_ms(create_s)
     results = {
         "benchmark": "adapters",
-        "machine": machine(),
+        "machine": machine_details(),
         "model": {
             **cfg,
             "parameters": params,
@@ -278,10 +251,14 @@ def main() -> None:
         "total_s": round(time.perf_counter() - started, 1),
     }
     results["ratios"] = paired
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    if args.out is None:
+        out = write_results("adapters", results)
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        out = args.out
     print(table(results))
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {out}")
 
 
 def table(r: dict) -> str:
