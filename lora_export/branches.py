@@ -65,27 +65,29 @@ def _finish(
     nodes.append(add)
     out = add.outputs[0]
     if dora is not None:
-        g = dora
-        if channel_shape is not None:
-            reshape = ir.node("Reshape", [dora, _const(graph, f"{prefix}.channel_shape", channel_shape)])
-            reshape.name = f"{prefix}/dora_shape"
-            nodes.append(reshape)
-            g = reshape.outputs[0]
+        g = _per_channel(graph, dora, channel_shape, prefix, "dora_shape", nodes)
         mul = ir.node("Mul", [out, g], name=f"{prefix}/dora_mul")
         nodes.append(mul)
         out = mul.outputs[0]
         if bias is not None:
-            b = bias
-            if channel_shape is not None:
-                reshape = ir.node("Reshape", [bias, _const(graph, f"{prefix}.channel_shape", channel_shape)])
-                reshape.name = f"{prefix}/bias_shape"
-                nodes.append(reshape)
-                b = reshape.outputs[0]
+            b = _per_channel(graph, bias, channel_shape, prefix, "bias_shape", nodes)
             bias_add = ir.node("Add", [out, b], name=f"{prefix}/bias_add")
             nodes.append(bias_add)
             out = bias_add.outputs[0]
     out.name = f"{prefix}/output"
     _rewire(graph, node, base, out, nodes)
+
+
+def _per_channel(
+    graph: ir.Graph, vec: ir.Value, channel_shape: np.ndarray | None, prefix: str, what: str, nodes: list[ir.Node]
+) -> ir.Value:
+    """``vec`` (out,) reshaped to broadcast over the op's output channels (conv: (out, 1, ...))."""
+    if channel_shape is None:
+        return vec
+    shape = _const(graph, f"{prefix}.channel_shape", channel_shape)
+    reshape = ir.node("Reshape", [vec, shape], name=f"{prefix}/{what}")
+    nodes.append(reshape)
+    return reshape.outputs[0]
 
 
 def _prefix(node: ir.Node, a: ir.Value) -> str:
