@@ -22,6 +22,8 @@ def test_cuda_session_matches_peft(llama_case):
     assert sess.providers[0] == "CUDAExecutionProvider" and sess.device_type == "cuda"
     sess.load_adapter("a", llama_case.out_dir / "a_r4.onnx_adapter")
     sess.load_adapter("dora", llama_case.out_dir / "c_dora.onnx_adapter")
+    # Resident on the device: binding them per call copies nothing from the host.
+    assert {v.device_name().lower() for v in sess._adapters["a"].values()} == {"cuda"}
     # TF32/fused kernels on GPU: a looser tolerance than the CPU tests.
     for name, ref in (("a", "a_r4"), ("dora", "c_dora")):
         assert rel_err(sess.run(None, llama_case.feeds, adapter=name)[0], llama_case.refs[ref]) <= 1e-3
