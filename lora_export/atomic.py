@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from .errors import AdapterError, LoraExportError
 
 
 @contextlib.contextmanager
@@ -45,3 +47,20 @@ def temp_dir(parent: str | os.PathLike) -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def refuse_overwrite(
+    outputs: Iterable[str | os.PathLike],
+    inputs: Iterable[str | os.PathLike],
+    error: type[LoraExportError] = AdapterError,
+) -> None:
+    """Refuse outputs that are one of the inputs (same path, or the same file through a link).
+
+    A rename over an input would replace the very file being read: inputs must stay byte-identical.
+    """
+    ins = [Path(i).resolve() for i in inputs]
+    for out in outputs:
+        o = Path(out).resolve()
+        for i in ins:
+            if o == i or (o.exists() and i.exists() and o.samefile(i)):
+                raise error(f"refusing to write {out}: it would overwrite the input {i}")

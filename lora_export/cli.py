@@ -13,11 +13,30 @@ import click
 from . import __version__
 from .errors import LoraExportError
 
+# Bare ``lora-export`` shows the help (click >= 8.2 signals it with this UsageError); older clicks lack it.
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _usage_error(ctx: click.Context, e: click.UsageError) -> None:
+    # click would print the usage and a hint too: bad input gets one line here, like every other error.
+    if isinstance(e, _NO_ARGS_IS_HELP):
+        raise e
+    click.echo(f"error: {e.format_message()}", err=True)
+    ctx.exit(e.exit_code)
+
 
 class _Group(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            _usage_error(ctx, e)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:
+            _usage_error(ctx, e)
         except LoraExportError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)

@@ -48,6 +48,18 @@ class LoraConfig:
             self.modules_to_save = list(self.modules_to_save)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        for what in ("target_modules", "exclude_modules"):
+            spec = getattr(self, what)
+            if not (
+                spec is None
+                or isinstance(spec, str)
+                or (isinstance(spec, list) and all(isinstance(t, str) for t in spec))
+            ):
+                raise ConfigError(f"{what} must be a list of module names, a regex string or null, got {spec!r}")
+        # Pattern keys are regexes (PEFT's get_pattern_key): a bad one must fail here, not mid-merge.
+        for what in ("rank_pattern", "alpha_pattern"):
+            for pat in getattr(self, what):
+                _compile(str(pat), f"{what} key")
         for pat, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:
                 raise ConfigError(f"rank_pattern[{pat!r}] must be a positive integer, got {rank!r}")
@@ -136,6 +148,9 @@ class LoraConfig:
             raise ConfigError("layers_to_transform is not supported; list the target modules instead")
         if d.get("target_parameters"):
             raise ConfigError("target_parameters (LoRA on raw parameters) is not supported")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(d.get(key) or {}, dict):
+                raise ConfigError(f"invalid adapter_config.json: {key} must be an object, got {type(d[key]).__name__}")
         init = d.get("init_lora_weights", True)
         init = "gaussian" if init == "gaussian" else "default"
         try:

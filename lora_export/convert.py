@@ -16,10 +16,11 @@ import onnx_ir as ir
 
 from .adapter import Adapter
 from .adapter_files import ADAPTER_SUFFIXES, write_adapter_tensors
+from .atomic import refuse_overwrite
 from .errors import AdapterError, ModelError
 from .layouts import get_layout
 from .onnx_model import load_model
-from .peft_format import load_adapter
+from .peft_format import adapter_files, load_adapter
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
 
 
@@ -63,7 +64,11 @@ def convert_adapter(
     if out_path.suffix not in ADAPTER_SUFFIXES:
         raise AdapterError(f"{out_path}: output must end in .onnx_adapter or .safetensors")
     if not isinstance(adapter, Adapter):
+        # The output is renamed into place: it must not replace the adapter or model it is made from.
+        refuse_overwrite([out_path], [*adapter_files(adapter), Path(model_path)])
         adapter = load_adapter(adapter)
+    else:
+        refuse_overwrite([out_path], [Path(model_path)])
     adapter.check_finite()
     manifest = read_manifest(model_path)
     tensors = adapter_tensors(adapter, manifest, weight_reader(model_path))

@@ -26,10 +26,11 @@ import onnx_ir as ir
 
 from .adapter import Adapter
 from .adapter_files import write_adapter_tensors
-from .errors import AdapterError, ShapeError, TargetError
+from .atomic import refuse_overwrite
+from .errors import AdapterError, ModelError, ShapeError, TargetError
 from .layouts import get_layout
-from .onnx_model import load_model, save_model
-from .peft_format import load_adapter
+from .onnx_model import external_data_files, load_model, save_model
+from .peft_format import adapter_files, load_adapter
 from .resolve import ResolvedTarget, resolve_targets
 from .safetensors_io import read_safetensors
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
@@ -212,11 +213,17 @@ def inject_files(
     if out_dir.exists() and not out_dir.is_dir():
         raise AdapterError(f"{out_dir} exists and is not a directory")
     adapters = [load_adapter(p) for p in adapter_paths]
+    inputs = [Path(base_path), *(f for p in adapter_paths for f in adapter_files(p))]
     if base_weights is not None and not isinstance(base_weights, Mapping):
         if not Path(base_weights).is_file():
             raise AdapterError(f"base weights not found: {base_weights}")
+        inputs.append(Path(base_weights))
         base_weights = read_safetensors(base_weights)[0]
     model = load_model(base_path)
+    # OUTDIR may be the base model's own folder: the new model.onnx (or its data) must not replace an input.
+    outputs = [out_dir / MODEL_NAME, out_dir / f"{MODEL_NAME}.data"]
+    outputs += [out_dir / f"{a.name}{suffix}" for a in adapters for suffix in (".onnx_adapter", ".safetensors")]
+    refuse_overwrite(outputs, [*inputs, *external_data_files(model, base_path)], ModelError)
     result = inject_adapters(model, adapters, base_weights=base_weights, dora=dora)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .adapter import Adapter
+from .atomic import refuse_overwrite
 from .delta import merged_weight
 from .errors import AdapterError, ModelError, ShapeError, TargetError
 from .layouts import store
@@ -207,15 +208,21 @@ def merge_file(
     error nothing appears there. The inputs are only read. ``base_weights`` (a mapping or a
     .safetensors path) enables matching weights by value.
     """
-    from .peft_format import load_adapter
+    from .peft_format import adapter_files, load_adapter
     from .safetensors_io import read_safetensors
 
     t_start = time.perf_counter()
     base_path, out_path = Path(base_path), Path(out_path)
     adapter = adapter_or_path if isinstance(adapter_or_path, Adapter) else load_adapter(adapter_or_path)
+    base_weights_path = None
     if base_weights is not None and not isinstance(base_weights, Mapping):
+        base_weights_path = base_weights
         base_weights = read_safetensors(base_weights)[0]
-    _refuse_overwrite(base_path, out_path)
+    # The adapter's and base weights' files are inputs too: the output must not replace them.
+    other_inputs = [] if isinstance(adapter_or_path, Adapter) else adapter_files(adapter_or_path)
+    if base_weights_path is not None:
+        other_inputs.append(Path(base_weights_path))
+    _refuse_overwrite(base_path, out_path, other_inputs=other_inputs)
     t0 = time.perf_counter()
     model = load_model(base_path)
     _refuse_overwrite(base_path, out_path, external_data_files(model, base_path))
@@ -243,11 +250,14 @@ def merge_file(
     return report
 
 
-def _refuse_overwrite(base: Path, out: Path, data_files: set[Path] = frozenset()) -> None:
-    """Refuse an output that would overwrite the base model or any file it reads."""
+def _refuse_overwrite(
+    base: Path, out: Path, data_files: set[Path] = frozenset(), other_inputs: Sequence[Path] = ()
+) -> None:
+    """Refuse an output that would overwrite the base model, any file it reads, or another input file."""
     out_r = out.resolve()
     out_data = out_r.parent / f"{out_r.name}.data"
     inputs = {base.resolve(), *data_files}
     for p in (out_r, out_data):
         if p in inputs or (p.exists() and any(p.samefile(i) for i in inputs if i.exists())):
             raise ModelError(f"refusing to write {out}: it would overwrite the input {p.name}")
+    refuse_overwrite([out_r, out_data], other_inputs)

@@ -28,6 +28,9 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         model = ir.load(path)
     except Exception as e:  # noqa: BLE001 - protobuf raises many types for a corrupt file
         raise ModelError(f"{path}: not a readable ONNX model ({type(e).__name__}: {first_line(e)})") from None
+    # An empty (or all-default) protobuf parses as a model with no graph: not an ONNX model at all.
+    if not model.ir_version:
+        raise ModelError(f"{path}: not an ONNX model (no ir_version; empty or not a model file)")
     check_external_data(model, path)
     return model
 
@@ -82,6 +85,9 @@ def save_model(model: ir.Model, out: str | os.PathLike, *, external: bool | None
     Returns the files written.
     """
     out = Path(out)
+    if out.is_dir():
+        # os.replace would fail late with a bare IsADirectoryError, after all the work.
+        raise ModelError(f"cannot write {out}: it is a directory")
     if external is None:
         external = any(True for _ in external_tensors(model)) or initializer_bytes(model) > INLINE_LIMIT_BYTES
     out.parent.mkdir(parents=True, exist_ok=True)

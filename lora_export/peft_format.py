@@ -63,6 +63,14 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> Adapter:
     return adapter_from_state_dict(tensors, config, name=name or directory.name)
 
 
+def adapter_files(path: str | os.PathLike) -> list[Path]:
+    """The files ``load_adapter(path)`` reads (those that exist), so writers can refuse to overwrite them."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    files = [path] if path.is_file() else [directory / WEIGHTS_NAME, directory / PICKLE_NAME]
+    return [f for f in (directory / CONFIG_NAME, *files) if f.is_file()]
+
+
 def adapter_from_state_dict(tensors: dict[str, np.ndarray], config: LoraConfig, name: str = "adapter") -> Adapter:
     """Group PEFT state-dict keys into LoraTargets; resolve each target's scale from the config."""
     parts: dict[str, dict[str, np.ndarray]] = {}
@@ -117,6 +125,13 @@ def _target(adapter: str, path: str, p: dict[str, np.ndarray], config: LoraConfi
     missing = [k for k in (a_key, b_key) if k not in p]
     if missing:
         raise AdapterError(f"adapter {adapter!r}: {path} has no {' or '.join(missing)}")
+    for part in (a_key, b_key):
+        # Integer/bool tensors would silently merge as garbage; a 0-d or 1-d one has no rank axis.
+        arr = np.asarray(p[part])
+        if not (arr.dtype.kind == "f" or str(arr.dtype) == "bfloat16"):
+            raise AdapterError(f"adapter {adapter!r}: {path}.{part} has dtype {arr.dtype}; expected floating point")
+        if arr.ndim < 2:
+            raise AdapterError(f"adapter {adapter!r}: {path}.{part} has shape {arr.shape}; expected at least 2-D")
     a, b = _upcast(p[a_key]), _upcast(p[b_key])
     if kind == "linear" and a.ndim > 2:
         kind = "conv"

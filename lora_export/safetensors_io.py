@@ -7,6 +7,7 @@ header ourselves and memory-map the payload.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -55,6 +56,8 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     if not isinstance(header, dict):
         raise AdapterError(f"{path}: corrupt safetensors file (header is not an object)")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{path}: corrupt safetensors file (__metadata__ is not an object)")
     start = 8 + n
     tensors: dict[str, np.ndarray] = {}
     for name, info in header.items():
@@ -64,8 +67,9 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
             lo, hi = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise AdapterError(f"{path}: corrupt safetensors entry {name!r}") from None
-        count = int(np.prod(shape, dtype=np.int64))
-        if hi - lo != count * dtype.itemsize or lo < 0 or start + hi > size:
+        # Python ints: numpy's int64 product wraps around for absurd shapes and would pass the size check.
+        count = math.prod(shape)
+        if min(shape, default=0) < 0 or hi - lo != count * dtype.itemsize or lo < 0 or start + hi > size:
             raise AdapterError(f"{path}: corrupt or truncated safetensors file (tensor {name!r})")
         tensors[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=start + lo).reshape(shape)
     return tensors, meta

@@ -185,6 +185,9 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple, dict | None]:
     )
 
 
+_FAILURE_LOGGERS = ("torch._subclasses.fake_tensor", "torch.export._trace", "torch._export", "torch.fx.experimental")
+
+
 def _run_exporter(
     model: nn.Module, args: tuple, kwargs: dict | None, path: Path, *, dynamo: bool, options: dict
 ) -> None:
@@ -192,8 +195,13 @@ def _run_exporter(
     # warning per torchvision op it cannot find, which says nothing about the user's model.
     sink = io.StringIO()
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registry_log.level
-    registry_log.setLevel(logging.ERROR)
+    # A failing torch.export logs the failure's traceback (fake tensors, the tracer) on stderr before
+    # raising; the exception is reported in one line below, so those logs are only noise.
+    quiet = {name: logging.CRITICAL for name in _FAILURE_LOGGERS}
+    quiet[registry_log.name] = logging.ERROR
+    levels = {name: logging.getLogger(name).level for name in quiet}
+    for name, lvl in quiet.items():
+        logging.getLogger(name).setLevel(lvl)
     try:
         with contextlib.redirect_stdout(sink), torch.no_grad(), warnings.catch_warnings():
             # torch.export's own deprecation notices are not actionable for our users.
@@ -212,7 +220,8 @@ def _run_exporter(
         which = "dynamo" if dynamo else "TorchScript"
         raise LoraExportError(f"{which} export failed: {_cause(e)}") from None
     finally:
-        registry_log.setLevel(level)
+        for name, lvl in levels.items():
+            logging.getLogger(name).setLevel(lvl)
     if not path.is_file():
         raise LoraExportError("export failed: the exporter wrote no model")
 

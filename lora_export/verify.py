@@ -8,6 +8,7 @@ ones, token type ids zeros, floats standard normal; symbolic dimensions batch 2,
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -104,8 +105,9 @@ def verify_models(
     ``save_outputs``: a folder to write ``a``'s outputs (``<output>.npy``) and ``inputs.npz`` into,
     to verify against later. Raises LoraExportError for bad input; never raises on disagreement.
     """
-    if rtol < 0 or atol < 0:
-        raise LoraExportError("rtol and atol must be non-negative")
+    # NaN passes a "< 0" check and makes every comparison pass: refuse it as well.
+    if not (math.isfinite(rtol) and math.isfinite(atol)) or rtol < 0 or atol < 0:
+        raise LoraExportError(f"rtol and atol must be finite and non-negative, got rtol={rtol}, atol={atol}")
     session_a = _session(a, providers)
     feeds = _feeds(session_a, inputs, seed, dims or {})
     outputs_a = _run(session_a, feeds, a)
@@ -293,7 +295,9 @@ def _session(path, providers):
     if not path.is_file():
         raise ModelError(f"model not found: {path}")
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # warnings about unused initializers are noise here
+    # Fatal only: warnings (unused initializers) are noise, and errors (e.g. a Gather index out of range)
+    # come back as exceptions that we report in one line; ORT's own log would add more lines on stderr.
+    options.log_severity_level = 4
     try:
         return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as e:  # noqa: BLE001 - ORT raises its own types for a corrupt or invalid model
