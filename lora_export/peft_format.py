@@ -60,7 +60,9 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> Adapter:
     else:
         raise AdapterError(f"{directory}: no {WEIGHTS_NAME} (or {PICKLE_NAME})")
     tensors = _read_pickle_safely(weights) if weights.suffix == ".bin" else read_safetensors(weights)[0]
-    return adapter_from_state_dict(tensors, config, name=name or directory.name)
+    # abspath, not resolve: "." or "x/.." need a real name (output files are named after it), but a
+    # symlinked adapter folder keeps the name the user gave it.
+    return adapter_from_state_dict(tensors, config, name=name or Path(os.path.abspath(directory)).name)
 
 
 def adapter_files(path: str | os.PathLike) -> list[Path]:

@@ -253,3 +253,15 @@ def test_merge_twice_is_byte_identical_and_json_parses(setup, tmp_path):
         assert json.loads(result.stdout)["counts"]["merged_weights"] == 1
         outs.append((tmp_path / name).read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_inject_names_an_adapter_given_as_dot_after_its_folder(setup, tmp_path, monkeypatch):
+    _, onnx_path, adapter = setup
+    monkeypatch.chdir(adapter)
+    result = _invoke("inject", onnx_path, ".", "-o", tmp_path / "served")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "served").iterdir()) == [
+        "ad.onnx_adapter",
+        "ad.safetensors",
+        "model.onnx",
+    ]
