@@ -107,9 +107,11 @@ class SlotManifest:
         try:
             raw = json.loads(text)
             slots = {d["module"]: Slot(**d) for d in raw["slots"]}
-        except (ValueError, KeyError, TypeError) as e:
+            # Inside the try: a malformed "absent" is as corrupt as a malformed slot.
+            absent = [str(m) for m in raw.get("absent", [])]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ModelError(f"corrupt lora_export.slots metadata ({type(e).__name__})") from None
-        return cls(slots, list(raw.get("absent", [])))
+        return cls(slots, absent)
 
     @property
     def fingerprint(self) -> int:

@@ -265,3 +265,19 @@ def test_inject_names_an_adapter_given_as_dot_after_its_folder(setup, tmp_path, 
         "ad.safetensors",
         "model.onnx",
     ]
+
+
+@pytest.mark.parametrize("manifest", ['{"slots": [], "absent": 5}', '{"slots": 5}', "[1]", "{"])
+def test_convert_refuses_a_corrupt_slot_manifest(setup, tmp_path, manifest):
+    import onnx
+
+    _, onnx_path, adapter = setup
+    assert _invoke("inject", onnx_path, adapter, "-o", tmp_path / "served").exit_code == 0
+    model = onnx.load(tmp_path / "served" / "model.onnx")
+    for prop in model.metadata_props:
+        if prop.key == "lora_export.slots":
+            prop.value = manifest
+    onnx.save(model, tmp_path / "corrupt.onnx")
+    result = _invoke("convert", adapter, "--model", tmp_path / "corrupt.onnx", "-o", tmp_path / "x.safetensors")
+    _refused(result, "corrupt lora_export.slots metadata")
+    assert not (tmp_path / "x.safetensors").exists()
