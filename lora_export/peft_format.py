@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -176,7 +177,10 @@ def _read_pickle_safely(path: Path) -> dict[str, np.ndarray]:
             f"{path}: refusing a pickle-based adapter without torch's weights_only loader; convert it to safetensors"
         ) from None
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns about the pickle protocol of files it is about to refuse: our one line says it all.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means we will not unpickle it
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AdapterError(f"{path}: refused to load pickle file (only plain tensors are allowed): {first}") from None

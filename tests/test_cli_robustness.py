@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -281,3 +282,25 @@ def test_convert_refuses_a_corrupt_slot_manifest(setup, tmp_path, manifest):
     result = _invoke("convert", adapter, "--model", tmp_path / "corrupt.onnx", "-o", tmp_path / "x.safetensors")
     _refused(result, "corrupt lora_export.slots metadata")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (Path.touch, (Path(__file__).with_name("PWNED-never-created"),))
+
+
+def test_malicious_pickle_adapter_is_refused_in_one_line(setup, tmp_path):
+    import pickle
+
+    _, onnx_path, adapter = setup
+    bad = tmp_path / "pkl"
+    bad.mkdir()
+    shutil.copy(adapter / "adapter_config.json", bad)
+    (bad / "adapter_model.bin").write_bytes(pickle.dumps({"x": _Evil()}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        # torch warned about the pickle protocol on stderr, a second line beside ours.
+        warnings.simplefilter("always")
+        _refused(_invoke("merge", onnx_path, bad, "-o", tmp_path / "m.onnx"), "refused to load pickle file")
+    assert [str(w.message)[:60] for w in caught] == []
+    assert not Path(__file__).with_name("PWNED-never-created").exists()
+    assert not (tmp_path / "m.onnx").exists()
