@@ -21,7 +21,8 @@ def _usage_error(ctx: click.Context, e: click.UsageError) -> None:
     # click would print the usage and a hint too: bad input gets one line here, like every other error.
     if isinstance(e, _NO_ARGS_IS_HELP):
         raise e
-    click.echo(f"error: {e.format_message()}", err=True)
+    where = (e.ctx or ctx).command_path
+    click.echo(f"error: {e.format_message()} (see '{where} --help')", err=True)
     ctx.exit(e.exit_code)
 
 
