@@ -216,15 +216,8 @@ class GemmLayout(OpLayout):
         gemm_branch(graph, node, a_value, b_value, dora_scale_value)
 
 
-class ConvLayout(OpLayout):
-    """Conv(x, W, b): W stored (out, in/groups, *k), the canonical layout itself."""
-
-    op_type = "Conv"
-    kind = "conv"
-
-    def weight_value(self, node: ir.Node) -> ir.Value | None:
-        value = node.inputs[1] if len(node.inputs) > 1 else None
-        return value if value is not None and value.const_value is not None else None
+class CanonicalLayout(OpLayout):
+    """Base for ops that store the weight in the canonical layout itself (no transpose)."""
 
     def weight_shape(self, node: ir.Node) -> tuple[int, ...] | None:
         return _shape(self.weight_value(node))
@@ -234,6 +227,17 @@ class ConvLayout(OpLayout):
 
     def write(self, node: ir.Node, canonical: np.ndarray) -> None:
         store(self.weight_value(node), canonical)
+
+
+class ConvLayout(CanonicalLayout):
+    """Conv(x, W, b): W stored (out, in/groups, *k), the canonical layout itself."""
+
+    op_type = "Conv"
+    kind = "conv"
+
+    def weight_value(self, node: ir.Node) -> ir.Value | None:
+        value = node.inputs[1] if len(node.inputs) > 1 else None
+        return value if value is not None and value.const_value is not None else None
 
     def describe(self, node: ir.Node) -> str:
         group = node.attributes.get("group")
@@ -246,7 +250,7 @@ class ConvLayout(OpLayout):
         conv_branch(graph, node, a_value, b_value, dora_scale_value)
 
 
-class GatherLayout(OpLayout):
+class GatherLayout(CanonicalLayout):
     """Gather(W, ids) on axis 0: an embedding table stored (num, dim), the canonical layout."""
 
     op_type = "Gather"
@@ -260,15 +264,6 @@ class GatherLayout(OpLayout):
         if value is None or value.const_value is None or len(value.const_value.shape) != 2:
             return None
         return value
-
-    def weight_shape(self, node: ir.Node) -> tuple[int, ...] | None:
-        return _shape(self.weight_value(node))
-
-    def read(self, node: ir.Node) -> np.ndarray:
-        return to_float(self.weight_value(node).const_value)
-
-    def write(self, node: ir.Node, canonical: np.ndarray) -> None:
-        store(self.weight_value(node), canonical)
 
     def describe(self, node: ir.Node) -> str:
         return "Gather table(num,dim)"
