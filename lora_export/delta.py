@@ -21,17 +21,22 @@ def lora_delta(t: LoraTarget, dtype: np.dtype | type = np.float32) -> np.ndarray
         return (b @ a) * s
     if t.kind == "embedding":
         return (b @ a).T * s
-    if t.groups != 1:
+    check_mergeable(t)
+    # B is 1x1, so the composed kernel is a matmul over the flattened A kernel.
+    r = a.shape[0]
+    out = (b.reshape(b.shape[0], r) @ a.reshape(r, -1)) * s
+    return out.reshape(b.shape[0], *a.shape[1:])
+
+
+def check_mergeable(t: LoraTarget) -> None:
+    """Refuse targets whose ΔW has no form in the base weight's layout."""
+    if t.kind == "conv" and t.groups != 1:
         # PEFT's grouped-conv LoRA: a dense A conv then a grouped 1x1 B conv. Its sum mixes channels
         # across groups, which no grouped base kernel can hold, so it has no merged form.
         raise ShapeError(
             f"{t.name}: LoRA on a grouped convolution (groups={t.groups}) cannot be folded into the "
             "base kernel; use inject instead of merge"
         )
-    # B is 1x1, so the composed kernel is a matmul over the flattened A kernel.
-    r = a.shape[0]
-    out = (b.reshape(b.shape[0], r) @ a.reshape(r, -1)) * s
-    return out.reshape(b.shape[0], *a.shape[1:])
 
 
 def dora_norm_axes(kind: str, ndim: int) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import LoraTarget
-from .delta import dora_scale, expand_channel, lora_delta, merged_weight
+from .delta import check_mergeable, dora_scale, expand_channel, lora_delta, merged_weight
 from .errors import ShapeError
 
 
@@ -133,12 +133,8 @@ class LoraLayer(nn.Module):
         """Fold s·BA (DoRA: PEFT's m·(W0+ΔW)/‖W0+ΔW‖) into the base weight."""
         if self.merged:
             return
-        if getattr(self.base_layer, "groups", 1) != 1:
-            # A dense A conv followed by a grouped B conv mixes channels across groups: no grouped kernel holds it.
-            raise ShapeError(
-                f"{name}: LoRA on a grouped convolution (groups={self.base_layer.groups}) cannot be merged"
-            )
         t = self.to_target(name)
+        check_mergeable(t)
         w0 = self._w0_numpy()
         if t.magnitude is not None:
             self._dora_merge_scale = dora_scale(w0, lora_delta(t), t.magnitude, t.kind)

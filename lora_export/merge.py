@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from .adapter import Adapter
 from .atomic import refuse_overwrite
-from .delta import merged_weight
+from .delta import check_mergeable, merged_weight
 from .errors import AdapterError, ModelError, ShapeError, TargetError
 from .layouts import store
 from .onnx_model import external_data_files, load_model, save_model
@@ -90,12 +90,7 @@ def merge_adapter(
     adapter = adapter.scaled(scale)
     adapter.check_finite()
     for t in adapter:
-        if t.kind == "conv" and t.groups != 1:
-            # PEFT's grouped-conv LoRA mixes channels across groups: no grouped kernel can hold it.
-            raise ShapeError(
-                f"{t.name}: LoRA on a grouped convolution (groups={t.groups}) cannot be folded into the "
-                "base kernel; use inject instead of merge"
-            )
+        check_mergeable(t)  # before any weight changes
     t0 = time.perf_counter()
     resolution = resolve_targets(model, adapter, base_weights=base_weights)
     report = MergeReport(adapter=adapter.name, resolution=resolution, scale=float(scale))
