@@ -101,12 +101,15 @@ class Adapter:
 
     ``extra`` holds tensors that replace base parameters outright (trained biases with
     ``bias="all"|"lora_only"``, ``modules_to_save``), keyed by parameter path (``classifier.weight``).
+    ``stored_base`` holds base weights saved beside the LoRA tensors (PEFT's ``save_embedding_layers``),
+    keyed by target path in the torch layout: a record of the base, never a replacement.
     """
 
     targets: dict[str, LoraTarget]
     config: LoraConfig
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     name: str = "adapter"
+    stored_base: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __iter__(self):
         return iter(self.targets.values())
@@ -123,6 +126,27 @@ class Adapter:
         if factor == 1.0:
             return self
         return dataclasses.replace(self, targets={k: t.scaled(factor) for k, t in self.targets.items()})
+
+    def select(self, pattern: str | None) -> Adapter:
+        """Only the targets (and full tensors) whose path matches ``pattern`` (searched anywhere in it).
+
+        For applying part of an adapter, e.g. its encoder targets to an encoder exported alone.
+        """
+        if not pattern:
+            return self
+        from .config import compile_pattern
+        from .errors import TargetError
+
+        rx = compile_pattern(pattern, "--only-targets")
+        targets = {k: t for k, t in self.targets.items() if rx.search(k)}
+        if not targets:
+            raise TargetError(f"--only-targets {pattern!r} matches none of adapter {self.name!r}'s targets")
+        return dataclasses.replace(
+            self,
+            targets=targets,
+            extra={k: v for k, v in self.extra.items() if rx.search(k)},
+            stored_base={k: v for k, v in self.stored_base.items() if k in targets},
+        )
 
     def check_finite(self) -> None:
         """Refuse NaN or Inf anywhere in the adapter."""

@@ -23,8 +23,13 @@ def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def _rewire(graph: ir.Graph, node: ir.Node, old: ir.Value, new: ir.Value, new_nodes: list[ir.Node]) -> None:
-    """Point every consumer of ``old`` (but the branch itself) at ``new``; insert the branch after ``node``."""
+def _rewire(node: ir.Node, old: ir.Value, new: ir.Value, new_nodes: list[ir.Node]) -> None:
+    """Point every consumer of ``old`` (but the branch itself) at ``new``; insert the branch after ``node``.
+
+    The branch goes into the node's own graph, which may be an ``If``/``Loop``/``Scan`` body: the slot
+    inputs and constants live in the main graph and are visible there as outer-scope values.
+    """
+    graph = node.graph
     own = {id(n) for n in new_nodes}
     uses = [(u.node, u.idx) for u in old.uses() if id(u.node) not in own]
     graph.insert_after(node, new_nodes)
@@ -75,7 +80,7 @@ def _finish(
             nodes.append(bias_add)
             out = bias_add.outputs[0]
     out.name = f"{prefix}/output"
-    _rewire(graph, node, base, out, nodes)
+    _rewire(node, base, out, nodes)
 
 
 def _per_channel(
@@ -90,15 +95,34 @@ def _per_channel(
     return reshape.outputs[0]
 
 
-def _prefix(node: ir.Node, a: ir.Value) -> str:
-    # Names derive from the slot's input names, so the same model always gets the same graph.
+def _prefix(graph: ir.Graph, node: ir.Node, a: ir.Value) -> str:
+    # Names derive from the slot's input names, so the same model always gets the same graph; a node in
+    # a subgraph adds the path of the attributes holding it, since both If branches may use one node name.
     stem = a.name[: -len(".lora_A")] if a.name and a.name.endswith(".lora_A") else (a.name or "lora")
-    return f"{stem}/{node.name or node.op_type}"
+    scope = _scope(graph, node.graph) if node.graph is not graph else ""
+    return f"{stem}/{scope}{node.name or node.op_type}"
+
+
+def _scope(top: ir.Graph, sub: ir.Graph | None) -> str:
+    """``If_0.then_branch/`` for a node in that subgraph ("" in the top graph)."""
+    for n in top:
+        for attr in n.attributes.values():
+            graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else []
+            if attr.type == ir.AttributeType.GRAPHS:
+                graphs = list(attr.value)
+            for i, g in enumerate(graphs):
+                where = f"{n.name or n.op_type}.{attr.name}{'' if len(graphs) == 1 else i}/"
+                if g is sub:
+                    return where
+                inner = _scope(g, sub)
+                if inner:
+                    return where + inner
+    return ""
 
 
 def matmul_branch(graph: ir.Graph, node: ir.Node, a: ir.Value, b: ir.Value, dora: ir.Value | None) -> None:
     """MatMul(x, W) → + MatMul(MatMul(x, A′), B′). A bias Add after the MatMul stays after DoRA's Mul."""
-    prefix = _prefix(node, a)
+    prefix = _prefix(graph, node, a)
     x = node.inputs[0]
     h = ir.node("MatMul", [x, a], name=f"{prefix}/lora_A")
     d = ir.node("MatMul", [h.outputs[0], b], name=f"{prefix}/lora_B")
@@ -107,7 +131,7 @@ def matmul_branch(graph: ir.Graph, node: ir.Node, a: ir.Value, b: ir.Value, dora
 
 def gemm_branch(graph: ir.Graph, node: ir.Node, a: ir.Value, b: ir.Value, dora: ir.Value | None) -> None:
     """Gemm(x, W, C) = α·xW + βC → + α·(xA′)B′; for DoRA, C moves out of the Gemm to after g's Mul."""
-    prefix = _prefix(node, a)
+    prefix = _prefix(graph, node, a)
     x = node.inputs[0]
     h = ir.node("MatMul", [x, a], name=f"{prefix}/lora_A")
     d = ir.node("MatMul", [h.outputs[0], b], name=f"{prefix}/lora_B")
@@ -139,7 +163,7 @@ def conv_branch(graph: ir.Graph, node: ir.Node, a: ir.Value, b: ir.Value, dora: 
     PEFT's lora_A conv takes the base kernel's size, stride and padding but neither its dilation nor its
     groups; lora_B is a 1×1 conv with the base's groups.
     """
-    prefix = _prefix(node, a)
+    prefix = _prefix(graph, node, a)
     if any(d != 1 for d in (node.attributes["dilations"].as_ints() if "dilations" in node.attributes else ())):
         raise ModelError(f"{node.name}: LoRA on a dilated Conv is not supported (PEFT's lora_A has no dilation)")
     attrs: dict = {}
@@ -162,7 +186,7 @@ def conv_branch(graph: ir.Graph, node: ir.Node, a: ir.Value, b: ir.Value, dora: 
 
 def gather_branch(graph: ir.Graph, node: ir.Node, a: ir.Value, b: ir.Value, dora: ir.Value | None) -> None:
     """Gather(W, ids) → + MatMul(Gather(A′ (num, r), ids), B′ (r, dim))."""
-    prefix = _prefix(node, a)
+    prefix = _prefix(graph, node, a)
     ids = node.inputs[1]
     h = ir.node("Gather", [a, ids], attributes={"axis": 0}, name=f"{prefix}/lora_A")
     d = ir.node("MatMul", [h.outputs[0], b], name=f"{prefix}/lora_B")

@@ -219,3 +219,8 @@ def _pattern_key(patterns: dict[str, Any], name: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", name):
             return key
     return None
+
+
+def compile_pattern(pattern: str, what: str):
+    """A compiled regular expression for a user-given pattern, or a one-line ConfigError naming ``what``."""
+    return _compile(pattern, what)

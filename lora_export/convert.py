@@ -56,7 +56,11 @@ def weight_reader(model_path: str | os.PathLike) -> Callable[[Slot], np.ndarray]
 
 
 def convert_adapter(
-    adapter: str | os.PathLike | Adapter, model_path: str | os.PathLike, out_path: str | os.PathLike
+    adapter: str | os.PathLike | Adapter,
+    model_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    only_targets: str | None = None,
 ) -> dict:
     """Write ``adapter``'s slot tensors for the injected model at ``model_path`` to ``out_path``
     (.onnx_adapter or .safetensors, by suffix). Returns a summary."""
@@ -69,6 +73,7 @@ def convert_adapter(
         adapter = load_adapter(adapter)
     else:
         refuse_overwrite([out_path], [Path(model_path)])
+    adapter = adapter.select(only_targets)
     adapter.check_finite()
     manifest = read_manifest(model_path)
     tensors = adapter_tensors(adapter, manifest, weight_reader(model_path))

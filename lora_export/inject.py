@@ -34,6 +34,7 @@ from .peft_format import adapter_files, load_adapter
 from .resolve import ResolvedTarget, resolve_targets
 from .safetensors_io import read_safetensors
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
+from .value_match import check_stored_base
 
 MODEL_NAME = "model.onnx"
 
@@ -88,7 +89,17 @@ def _resolve_all(
             elif name in chosen and chosen[name].value is not rt.value:
                 target_errors.append(f"{adapter.name}:{name} (resolves to another weight than in another adapter)")
             else:
+                check_stored_base(adapter, rt)
                 chosen.setdefault(name, rt)
+    # Across adapters too, a node applies one module: two module paths landing on it are ambiguous.
+    owner: dict[int, str] = {}
+    for name, rt in sorted(chosen.items()):
+        for node in rt.nodes:
+            other = owner.setdefault(id(node), name)
+            if other != name:
+                target_errors.append(
+                    f"{name} (ambiguous: node {node.name!r} is also {other}; choose with --only-targets REGEX)"
+                )
     if shape_errors:
         raise ShapeError(f"adapter targets do not fit the model: {'; '.join(shape_errors)}")
     if target_errors:
@@ -103,18 +114,6 @@ def _slot_input(graph: ir.Graph, name: str, dtype: ir.DataType, shape: list, def
     graph.inputs.append(value)
     graph.register_initializer(value)
     return value
-
-
-def _branch_nodes(rt: ResolvedTarget) -> list[ir.Node]:
-    """Every consumer that applies the module: same kind and weight shape (a tied lm_head is not an embedding)."""
-    nodes = []
-    for node in rt.nodes or [rt.node]:
-        layout = get_layout(node)
-        if layout is None or layout.kind != rt.layout.kind or layout.weight_value(node) is not rt.value:
-            continue
-        if layout.weight_shape(node) == tuple(rt.target.weight_shape):
-            nodes.append(node)
-    return nodes
 
 
 def inject_adapters(
@@ -187,10 +186,9 @@ def inject_adapters(
         g = None
         if slot.dora:
             g = _slot_input(graph, slot.dora, dtype, [slot.out_features], np.ones(slot.out_features, np_dtype))
-        nodes = _branch_nodes(rt)
-        if not nodes:
+        if not rt.nodes:
             raise TargetError(f"{module}: no node applies its weight")
-        for node in nodes:
+        for node in rt.nodes:
             get_layout(node).add_branch(graph, node, a, b, g)
     model.metadata_props[SLOTS_KEY] = manifest.to_json()
     return InjectResult(manifest, tensors, reports)
@@ -203,6 +201,7 @@ def inject_files(
     *,
     base_weights: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
     dora: bool = False,
+    only_targets: str | None = None,
 ) -> InjectResult:
     """``lora-export inject``: OUTDIR/model.onnx (+ external data when the base had it) and, per adapter,
     OUTDIR/<name>.onnx_adapter and OUTDIR/<name>.safetensors (<name>: the adapter directory's name).
@@ -212,7 +211,7 @@ def inject_files(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise AdapterError(f"{out_dir} exists and is not a directory")
-    adapters = [load_adapter(p) for p in adapter_paths]
+    adapters = [load_adapter(p).select(only_targets) for p in adapter_paths]
     inputs = [Path(base_path), *(f for p in adapter_paths for f in adapter_files(p))]
     if base_weights is not None and not isinstance(base_weights, Mapping):
         if not Path(base_weights).is_file():

@@ -84,6 +84,7 @@ def inspect_model(
     adapter: str | os.PathLike | None = None,
     *,
     base_weights: str | os.PathLike | None = None,
+    only_targets: str | None = None,
 ) -> dict:
     """A JSON-able description of ``path``'s targetable weights and, given an adapter, its resolution."""
     model = load_model(path)
@@ -102,7 +103,7 @@ def inspect_model(
     from .peft_format import load_adapter
     from .resolve import resolve_targets
 
-    loaded = load_adapter(adapter)
+    loaded = load_adapter(adapter).select(only_targets)
     weights = None
     if base_weights is not None:
         from .safetensors_io import read_safetensors

@@ -104,7 +104,7 @@ def through_transpose(value: ir.Value | None) -> tuple[ir.Value | None, bool]:
     if node is not None and node.op_type == "Transpose" and node.domain in ("", "ai.onnx"):
         perm = node.attributes.get("perm")
         src = node.inputs[0]
-        if src is not None and src.const_value is not None and len(src.shape or ()) == 2:
+        if src is not None and src.const_value is not None and len(src.const_value.shape) == 2:
             if perm is None or list(perm.as_ints()) == [1, 0]:
                 return src, True
     return None, False

@@ -20,12 +20,14 @@ import onnx_ir as ir
 
 from .adapter import Adapter
 from .atomic import refuse_overwrite
+from .consumers import consumers, private_copy
 from .delta import check_mergeable, merged_weight
 from .errors import AdapterError, ModelError, ShapeError, TargetError
 from .layouts import store
 from .onnx_model import external_data_files, load_model, save_model
 from .patch_save import save_patched, snapshot
 from .resolve import Resolution, ResolvedTarget, resolve_targets
+from .value_match import check_stored_base
 
 Progress = Callable[[int, int, str], None]  # (done, total, current target name)
 _LIST_MAX = 5
@@ -97,12 +99,15 @@ def merge_adapter(
     report.timings["resolve"] = time.perf_counter() - t0
     _check_resolution(resolution, adapter, allow_partial)
 
+    for r in resolution.matched:
+        check_stored_base(adapter, r)  # before any weight changes
+
     t0 = time.perf_counter()
     matched = resolution.matched
     for i, r in enumerate(matched):
         if progress is not None:
             progress(i, len(matched), r.target.name)
-        report.merged.append(_fold(r, compute_dtype))
+        report.merged.append(_fold(model, r, compute_dtype))
     for e in resolution.extras:
         if e.status != "matched":
             continue
@@ -141,22 +146,22 @@ def _check_resolution(res: Resolution, adapter: Adapter, allow_partial: bool) ->
     if unmatched and not allow_partial:
         details = [r.detail for r in res.unmatched] + [e.detail for e in res.extras if e.status == "unmatched"]
         detail = details[0] if details else ""
-        raise TargetError(
-            f"{len(unmatched)} target(s) not found in the model: {_names(unmatched)}"
-            + (f" ({detail})" if detail else "")
-            + "; use --allow-partial to merge the rest"
-        )
-    seen: dict[int, str] = {}
-    for r in res.matched:
-        other = seen.setdefault(id(r.value), r.target.name)
-        if other != r.target.name:
-            raise TargetError(f"targets {other} and {r.target.name} resolve to the same weight {r.value.name!r}")
+        tail = "" if "--allow-partial" in detail else "; use --allow-partial to merge the rest"
+        raise TargetError(f"{len(unmatched)} target(s) not resolved: {_names(unmatched)}: {detail}{tail}")
 
 
-def _fold(r: ResolvedTarget, compute_dtype) -> dict:
-    """Merge one target into its weight (read once, write once, even when several nodes share it)."""
+def _fold(model: ir.Model, r: ResolvedTarget, compute_dtype) -> dict:
+    """Merge one target into its weight (read once, write once, even when its module is called twice).
+
+    A weight other nodes also read (tied weights; equal tensors an exporter deduplicated) must keep its
+    value for them: the target's own nodes get a private merged copy instead.
+    """
     t = r.target
     w0 = r.layout.read(r.node)
+    shared = consumers(r.value, t.name, t.kind, t.weight_shape).others
+    original = r.value.name
+    if shared:
+        r.value = private_copy(model, r.value, r.nodes, f"{t.name}.weight")
     if t.kind == "linear" and not t.is_dora and w0.flags.f_contiguous and not w0.flags.c_contiguous:
         # Stored transposed (MatMul's Wᵀ): merge the transposed problem, Wᵀ + AᵀBᵀ, so every array
         # stays in storage order; strided adds and transposing copies would dominate the merge time.
@@ -170,13 +175,17 @@ def _fold(r: ResolvedTarget, compute_dtype) -> dict:
     stored = r.value.const_value
     if stored.dtype.is_floating_point() and not np.isfinite(stored.numpy().astype(np.float32)).all():
         raise AdapterError(f"{t.name}: the merged weight overflows {stored.dtype.name} (Inf after rounding)")
-    return {
+    out = {
         "target": t.name,
         "initializer": r.value.name,
         "dtype": stored.dtype.name,
         "shape": [int(d) for d in stored.shape],
         "nodes": [n.name for n in r.nodes],
     }
+    if shared:
+        out["private_copy_of"] = original
+        out["shared_with"] = shared
+    return out
 
 
 def _names(names, limit: int = _LIST_MAX) -> str:
@@ -196,12 +205,14 @@ def merge_file(
     compute_dtype: np.dtype | type = np.float32,
     progress: Progress | None = None,
     external: bool | None = None,
+    only_targets: str | None = None,
 ) -> MergeReport:
     """Merge an adapter (object, or PEFT adapter directory) into the ONNX model at ``base_path``.
 
     Writes ``out_path`` (and ``<out>.data`` when the base used external data) atomically: on any
     error nothing appears there. The inputs are only read. ``base_weights`` (a mapping or a
-    .safetensors path) enables matching weights by value.
+    .safetensors path) enables matching weights by value. ``only_targets`` (a regex searched in each
+    target's path) merges part of the adapter, e.g. its encoder targets into an encoder exported alone.
     """
     from .peft_format import adapter_files, load_adapter
     from .safetensors_io import read_safetensors
@@ -209,6 +220,7 @@ def merge_file(
     t_start = time.perf_counter()
     base_path, out_path = Path(base_path), Path(out_path)
     adapter = adapter_or_path if isinstance(adapter_or_path, Adapter) else load_adapter(adapter_or_path)
+    adapter = adapter.select(only_targets)
     base_weights_path = None
     if base_weights is not None and not isinstance(base_weights, Mapping):
         base_weights_path = base_weights

@@ -25,6 +25,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+_BASE_WEIGHT = ".base_layer.weight"
 _LORA_KEY = re.compile(
     r"^(?P<path>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
     r"(?:\.(?P<adapter>[A-Za-z0-9_\-]+))?(?:\.weight)?$"
@@ -78,6 +79,7 @@ def adapter_from_state_dict(tensors: dict[str, np.ndarray], config: LoraConfig, 
     """Group PEFT state-dict keys into LoraTargets; resolve each target's scale from the config."""
     parts: dict[str, dict[str, np.ndarray]] = {}
     extra: dict[str, np.ndarray] = {}
+    base_layers: dict[str, tuple[str, np.ndarray]] = {}
     for key in sorted(tensors):
         arr = tensors[key]
         bare = key[len(PREFIX) :] if key.startswith(PREFIX) else key
@@ -85,6 +87,9 @@ def adapter_from_state_dict(tensors: dict[str, np.ndarray], config: LoraConfig, 
         if m is None:
             if ".lora_" in bare:
                 raise AdapterError(f"adapter {name!r}: unsupported LoRA tensor {key!r}")
+            if bare.endswith(_BASE_WEIGHT):
+                base_layers[bare[: -len(_BASE_WEIGHT)]] = (bare, arr)
+                continue
             plain = _plain_extra_key(bare, adapter_name=name)
             if plain is not None and (plain not in extra or bare == plain):
                 extra[plain] = _upcast(arr)
@@ -95,7 +100,13 @@ def adapter_from_state_dict(tensors: dict[str, np.ndarray], config: LoraConfig, 
     targets: dict[str, LoraTarget] = {}
     for path, p in parts.items():
         targets[path] = _target(name, path, p, config)
-    return Adapter(targets=targets, config=config, extra=extra, name=name)
+    # PEFT's default save (save_embedding_layers="auto") stores a targeted embedding's or lm_head's base
+    # weight as <path>.base_layer.weight: a record of the base the delta was trained on, not a new weight.
+    stored_base = {path: _upcast(arr) for path, (_, arr) in base_layers.items() if path in targets}
+    for path, (bare, arr) in base_layers.items():
+        if path not in targets:
+            extra[_plain_extra_key(bare, adapter_name=name)] = _upcast(arr)
+    return Adapter(targets=targets, config=config, extra=extra, name=name, stored_base=stored_base)
 
 
 def _plain_extra_key(key: str, adapter_name: str) -> str | None:
@@ -212,6 +223,8 @@ def save_adapter_files(
                 # PEFT keeps the conv magnitude as (1, out, 1, ...): its norm is taken with keepdim.
                 mag = mag.reshape(1, -1, *([1] * (t.A.ndim - 2)))
             tensors[f"{key}.lora_magnitude_vector"] = mag
+    for path, w in adapter.stored_base.items():
+        tensors[f"{PREFIX}{path}{_BASE_WEIGHT}"] = w
     for k, v in adapter.extra.items():
         owner, _, leaf = k.rpartition(".")
         # PEFT keeps a wrapped module's own parameters under its base_layer.

@@ -5,17 +5,23 @@ MatMul/Gemm, conv ↔ Conv, embedding ↔ Gather) and its canonical weight shape
 
   manifest          ``metadata_props["lora_export.manifest"]`` written by our exporter
   initializer-name  ``<path>.weight`` initializers, tolerating wrapper prefixes on either side
-  node-name         TorchScript node names (``/model/layers.0/q_proj/MatMul``) and the dynamo
-                    exporter's ``pkg.torch.onnx.name_scopes`` / ``namespace`` node metadata
+  node-name         TorchScript node names (``/model/layers.0/q_proj/MatMul``)
+  scope             the dynamo exporter's ``pkg.torch.onnx.name_scopes`` / ``namespace`` node metadata
   fingerprint       an initializer equal to the user's base weight W (or Wᵀ)
 
-A target whose module provably does not occur in the graph (no node scope or initializer name
-mentions it) is "absent": it cannot change any output. One that occurs but cannot be matched is
-"unmatched". Resolution reads metadata only, except fingerprinting, which samples tensor values.
+With base weights, a match found by name must also hold the target's base weight by value. A graph
+name that two targets could both claim (an encoder exported alone names ``layers.0.q_proj``, which
+fits the adapter's encoder and decoder paths) is ambiguous: refused, never guessed.
+
+A target is "absent" only with proof that no weight of the graph can be its module: its base weight
+is not in the graph by value and every graph tensor that could hold it is accounted for by another
+base weight (checked here with ``base_weights``, or by our exporter, which records it in the
+manifest). Anything else not found is "unmatched": an error unless the caller allows partial merges.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,19 +30,19 @@ import numpy as np
 import onnx_ir as ir
 
 from .adapter import Adapter, LoraTarget
+from .consumers import consumers
+from .errors import TargetError
 from .layouts import OpLayout, get_layout
-from .module_paths import (
-    best_unique,
-    mentions,
-    name_module_paths,
-    node_module_paths,
-    scope_module_paths,
-    suffix_score,
-    weight_module,
-)
+from .module_paths import best_unique, name_module_paths, scope_module_paths, strip_wrappers, weight_module
+from .resolve_extras import ResolvedExtra, resolve_extra
+from .value_match import ValueIndex, base_key, tensor_equals
 
 MANIFEST_KEY = "lora_export.manifest"
 STRATEGIES = ("manifest", "initializer-name", "node-name", "scope", "fingerprint")
+# Ops that hold projections we cannot address one module at a time (packed, fused or quantized).
+_FUSED_OPS = {"Attention", "MultiHeadAttention", "PackedAttention", "PackedMultiHeadAttention", "QAttention"}
+_QUANTIZED_OPS = {"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "DequantizeLinear"}
+_WAY_FORWARD = "pass --base-weights to match it by value (or prove it absent), or --allow-partial to skip it"
 
 
 @dataclass
@@ -49,10 +55,13 @@ class ResolvedTarget:
     value: ir.Value | None = None
     node: ir.Node | None = None
     layout: OpLayout | None = None
+    # The nodes that apply this module (a module called twice has two); other readers of the weight.
     nodes: list[ir.Node] = field(default_factory=list)
     detail: str = ""
     # A weight found by name whose shape does not fit the adapter (canonical layout), if any.
     found_shape: tuple[int, ...] | None = None
+    shared_with: list[str] = field(default_factory=list)
+    key: str | None = None  # the graph name the match came from
 
     def to_dict(self) -> dict:
         t = self.target
@@ -70,36 +79,8 @@ class ResolvedTarget:
             "shared_by": len(self.nodes),
             "detail": self.detail,
         }
-        if self.found_shape is not None:
-            out["found_shape"] = list(self.found_shape)
-        return out
-
-
-@dataclass
-class ResolvedExtra:
-    """Where one full replacement tensor (trained bias, ``modules_to_save``) goes in the graph."""
-
-    key: str
-    shape: tuple[int, ...]
-    status: str  # "matched" | "absent" | "unmatched"
-    strategy: str | None = None
-    value: ir.Value | None = None
-    # Set when the tensor is written through an op layout (an anonymous, transposed weight).
-    node: ir.Node | None = None
-    layout: OpLayout | None = None
-    detail: str = ""
-    found_shape: tuple[int, ...] | None = None
-
-    def to_dict(self) -> dict:
-        out = {
-            "tensor": self.key,
-            "shape": list(self.shape),
-            "status": self.status,
-            "strategy": self.strategy,
-            "initializer": self.value.name if self.value is not None else None,
-            "layout": self.layout.describe(self.node) if self.layout is not None else None,
-            "detail": self.detail,
-        }
+        if self.shared_with:
+            out["shared_with"] = list(self.shared_with)
         if self.found_shape is not None:
             out["found_shape"] = list(self.found_shape)
         return out
@@ -155,9 +136,6 @@ def candidate_weights(model: ir.Model) -> list[Candidate]:
     return out
 
 
-# -- resolution ----------------------------------------------------------------------------------
-
-
 class _Graph:
     """Indexes over a model, built once per resolution."""
 
@@ -169,21 +147,18 @@ class _Graph:
         for node, layout, value in self.candidates:
             self.by_value.setdefault(id(value), []).append((node, layout))
             self.values[id(value)] = value
-        self.nodes_by_name = {n.name: n for n in _all_nodes(model) if n.name}
         self.initializers: dict[str, ir.Value] = {}
         for g in model.graphs():
             self.initializers.update(g.initializers)
-        # initializer module path → candidate values, for strategy (b)
         self.by_weight_name: dict[str, list[ir.Value]] = {}
         for value in self.values.values():
             mod = weight_module(value.name or "")
             if mod:
                 self.by_weight_name.setdefault(mod, []).append(value)
-        # node module path → candidate values, for strategy (c): TorchScript names, dynamo scopes
         self.by_node_name = self._index(name_module_paths)
         self.by_scope = self._index(scope_module_paths)
-        self.all_module_paths = {p for n in _all_nodes(model) for p in node_module_paths(n)}
-        self.all_weight_modules = {m for name in self.initializers if (m := weight_module(name))}
+        self.all_module_paths = set(self.by_node_name) | set(self.by_scope) | set(self.by_weight_name)
+        self.ops = {n.op_type for n in _all_nodes(model)}
 
     def _index(self, paths_of: Callable[[ir.Node], list[str]]) -> dict[str, list[ir.Value]]:
         index: dict[str, list[ir.Value]] = {}
@@ -196,6 +171,9 @@ class _Graph:
 
     def uses(self, value: ir.Value) -> list[tuple[ir.Node, OpLayout]]:
         return self.by_value.get(id(value), [])
+
+
+# -- strategies ----------------------------------------------------------------------------------
 
 
 def _fit(g: _Graph, t: LoraTarget, value: ir.Value) -> tuple[ir.Node | None, OpLayout | None, tuple | None]:
@@ -211,9 +189,8 @@ def _fit(g: _Graph, t: LoraTarget, value: ir.Value) -> tuple[ir.Node | None, OpL
     return None, None, found
 
 
-def _matched(g: _Graph, t: LoraTarget, strategy: str, value: ir.Value, node: ir.Node, layout: OpLayout, why: str):
-    nodes = [n for n, _ in g.uses(value)]
-    return ResolvedTarget(t, "matched", strategy, value, node, layout, nodes, why)
+def _matched(t: LoraTarget, strategy: str, value: ir.Value, node: ir.Node, layout: OpLayout, why: str, key=None):
+    return ResolvedTarget(t, "matched", strategy, value, node, layout, [node], why, key=key)
 
 
 def _by_manifest(g: _Graph, t: LoraTarget, manifest: Mapping[str, dict]):
@@ -223,16 +200,16 @@ def _by_manifest(g: _Graph, t: LoraTarget, manifest: Mapping[str, dict]):
     entry = entries[0] if isinstance(entries[0], dict) else {}
     value = g.initializers.get(entry.get("initializer", ""))
     node_name = entry.get("node")
-    if node_name and node_name in g.nodes_by_name and value is None:
-        node = g.nodes_by_name[node_name]
-        layout = get_layout(node)
+    if value is None and node_name:
+        node = next((n for n, _, _ in g.candidates if n.name == node_name), None)
+        layout = get_layout(node) if node is not None else None
         value = layout.weight_value(node) if layout else None
     if value is None:
         return None, None
     node, layout, found = _fit(g, t, value)
     if node is None:
         return None, found
-    return _matched(g, t, "manifest", value, node, layout, f"manifest entry {key!r} → {value.name}"), None
+    return _matched(t, "manifest", value, node, layout, f"manifest entry {key!r} → {value.name}", key), None
 
 
 def _by_paths(g: _Graph, t: LoraTarget, index: Mapping[str, list[ir.Value]], strategy: str, what: str):
@@ -247,58 +224,42 @@ def _by_paths(g: _Graph, t: LoraTarget, index: Mapping[str, list[ir.Value]], str
         found = found or shape
     if len(fits) == 1:
         value, node, layout = fits[0]
-        return _matched(g, t, strategy, value, node, layout, f"{what} {key!r} → {value.name}"), None, ""
+        return _matched(t, strategy, value, node, layout, f"{what} {key!r} → {value.name}", key), None, ""
     if len(fits) > 1:
         return None, None, f"{what} {key!r} holds {len(fits)} fitting weights"
     return None, found, f"{what} {key!r} has no weight of shape {t.weight_shape}"
 
 
-def _by_fingerprint(g: _Graph, t: LoraTarget, base_weights: Mapping[str, np.ndarray]):
-    keyed = {m: [k] for k in base_weights if (m := weight_module(k))}
-    key, keys, _ = best_unique(t.name, keyed)
-    if key is None:
-        return None
-    w = np.asarray(base_weights[keys[0]])
-    if w.ndim < 2:
-        return None
+def _by_fingerprint(g: _Graph, t: LoraTarget, w: np.ndarray, key: str):
     hits = []
     for value in g.values.values():
         node, layout, _ = _fit(g, t, value)
-        if node is not None and _same_tensor(value, w):
+        if node is not None and tensor_equals(value.const_value, w):
             hits.append((value, node, layout))
     if len(hits) != 1:
         return None
     value, node, layout = hits[0]
-    return _matched(g, t, "fingerprint", value, node, layout, f"values equal base weight {keys[0]!r} → {value.name}")
-
-
-def _same_tensor(value: ir.Value, w: np.ndarray) -> bool:
-    """Whether the initializer holds W or Wᵀ: compare shapes, a few sampled entries, then everything."""
-    shape = tuple(int(d) for d in value.const_value.shape)
-    views = [v for v in (w, w.T if w.ndim == 2 else None) if v is not None and v.shape == shape]
-    if not views:
-        return False
-    stored = value.const_value.numpy()
-    rng = np.random.default_rng(0)
-    idx = tuple(rng.integers(0, s, size=16) for s in shape)
-    for v in views:
-        cast = lambda a: np.asarray(a).astype(stored.dtype, copy=False)  # noqa: E731
-        if np.array_equal(stored[idx], cast(v[idx])) and np.array_equal(stored, cast(v)):
-            return True
-    return False
+    return _matched(t, "fingerprint", value, node, layout, f"values equal base weight {key!r} → {value.name}")
 
 
 def read_manifest(model: ir.Model) -> dict[str, dict]:
     """The ``modules`` map of our exporter's manifest, or {} when absent or unreadable."""
+    mods = _manifest(model).get("modules")
+    return mods if isinstance(mods, dict) else {}
+
+
+def _manifest(model: ir.Model) -> dict:
     raw = model.metadata_props.get(MANIFEST_KEY)
     if not raw:
         return {}
     try:
         data = json.loads(raw)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return {}
-    mods = data.get("modules") if isinstance(data, dict) else None
-    return mods if isinstance(mods, dict) else {}
+    return data if isinstance(data, dict) else {}
+
+
+# -- resolution ----------------------------------------------------------------------------------
 
 
 def resolve_targets(
@@ -309,37 +270,51 @@ def resolve_targets(
 ) -> Resolution:
     """Find the weight each target of ``adapter`` adapts in ``model`` (see the module docstring)."""
     g = _Graph(model)
-    manifest = read_manifest(model)
-    results = []
-    for t in adapter:
-        results.append(_resolve_one(g, t, manifest, base_weights))
-    extras = [_resolve_extra(g, key, tuple(np.shape(arr))) for key, arr in sorted(adapter.extra.items())]
+    manifest = _manifest(model)
+    modules = manifest.get("modules") if isinstance(manifest.get("modules"), dict) else {}
+    proven_absent = [str(m) for m in manifest.get("absent", []) if isinstance(m, str)]
+    index = ValueIndex(model, base_weights) if base_weights else None
+    results = [_resolve_one(g, t, modules, base_weights) for t in adapter]
+    not_found = [r for r in results if r.status == "unmatched" and r.found_shape is None]
+    for r in results:
+        if r.status == "matched":
+            _attach_consumers(r)
+    _refuse_shared_claims(results, base_weights is not None)
+    for r in not_found:
+        _absent_or_why(g, r, proven_absent, base_weights, index)
+    extras = [resolve_extra(g, key, tuple(np.shape(arr))) for key, arr in sorted(adapter.extra.items())]
+    for e in extras:
+        if e.unnamed and index is not None:
+            _extra_absent(e, base_weights, index)
     return Resolution(results, extras)
 
 
-def _resolve_one(g: _Graph, t: LoraTarget, manifest, base_weights) -> ResolvedTarget:
+def _resolve_one(g: _Graph, t: LoraTarget, modules, base_weights) -> ResolvedTarget:
     found_shape = None
     reasons = []
-    if manifest:
-        hit, found = _by_manifest(g, t, manifest)
-        if hit:
-            return hit
-        found_shape = found_shape or found
+    key = base_key(t.name, base_weights) if base_weights else None
+    w = np.asarray(base_weights[key]) if key is not None else None
     steps: list[tuple[str, Callable]] = [
         ("initializer-name", lambda: _by_paths(g, t, g.by_weight_name, "initializer-name", "initializer")),
         ("node-name", lambda: _by_paths(g, t, g.by_node_name, "node-name", "node name")),
         ("scope", lambda: _by_paths(g, t, g.by_scope, "scope", "node scope")),
     ]
-    for _name, step in steps:
+    if modules:
+        steps.insert(0, ("manifest", lambda: (*_by_manifest(g, t, modules), "")))
+    for name, step in steps:
         hit, found, why = step()
-        if hit:
+        if hit is not None and w is not None and not tensor_equals(hit.value.const_value, w):
+            # The name fits but the values are another module's: never trust the name over the values.
+            reasons.append(f"{name} match {hit.value.name!r} does not hold base weight {key!r}")
+            continue
+        if hit is not None:
             return hit
         found_shape = found_shape or found
         if why:
             reasons.append(why)
-    if base_weights:
-        hit = _by_fingerprint(g, t, base_weights)
-        if hit:
+    if w is not None:
+        hit = _by_fingerprint(g, t, w, key)
+        if hit is not None:
             return hit
     if found_shape is not None:
         return ResolvedTarget(
@@ -348,70 +323,86 @@ def _resolve_one(g: _Graph, t: LoraTarget, manifest, base_weights) -> ResolvedTa
             detail=f"found by name but its weight has shape {found_shape}, adapter expects {t.weight_shape}",
             found_shape=tuple(found_shape),
         )
-    if _provably_absent(g, t, base_weights):
-        return ResolvedTarget(
-            t, "absent", detail="module does not occur in the graph (no node or initializer names it)"
-        )
-    detail = "; ".join(dict.fromkeys(reasons)) or "no strategy matched"
-    if not base_weights:
-        detail += " (pass --base-weights to match by value)"
-    return ResolvedTarget(t, "unmatched", detail=detail)
+    return ResolvedTarget(t, "unmatched", detail="; ".join(dict.fromkeys(reasons)) or "no strategy matched")
 
 
-def _provably_absent(g: _Graph, t: LoraTarget, base_weights) -> bool:
-    # Without module names in the graph we cannot prove anything.
-    if not g.all_module_paths and not g.all_weight_modules:
-        return False
-    if any(mentions(t.name, p) for p in g.all_module_paths):
-        return False
-    if any(suffix_score(t.name, m) for m in g.all_weight_modules):
-        return False
-    # Anonymous weights ("onnx::MatMul_12") may still be this module's: only absent if the graph names
-    # every candidate's module some other way.
-    return all(
-        any(node_module_paths(n) for n, _ in g.uses(v)) or weight_module(v.name or "") for v in g.values.values()
-    )
+def _attach_consumers(r: ResolvedTarget) -> None:
+    """The nodes that apply the module, and the weight's other readers (or unmatched if ambiguous)."""
+    try:
+        c = consumers(r.value, r.target.name, r.target.kind, r.target.weight_shape)
+    except TargetError as e:
+        r.status, r.detail = "unmatched", str(e)
+        return
+    if not c.own:
+        r.status, r.detail = "unmatched", f"{r.value.name!r} is read only by other modules' nodes"
+        return
+    r.nodes, r.shared_with = c.own, c.others
+    if r.node not in c.own:
+        r.node, r.layout = c.own[0], get_layout(c.own[0])
 
 
-def _resolve_extra(g: _Graph, key: str, shape: tuple[int, ...]) -> ResolvedExtra:
-    """Find the initializer a full tensor replaces: by name, else (weights) by its module's node scope."""
-    name, values, _ = best_unique(key, {n: [v] for n, v in g.initializers.items()})
-    found = None
-    if name is not None:
-        value = values[0]
-        stored = tuple(int(d) for d in value.const_value.shape)
-        if stored == shape:
-            return ResolvedExtra(key, shape, "matched", "initializer-name", value, detail=f"initializer {name!r}")
-        found = stored
-    module = weight_module(key)
-    if module is not None:
-        for strategy, index in (("node-name", g.by_node_name), ("scope", g.by_scope)):
-            mod, cands, _ = best_unique(module, index)
-            for value in cands if mod is not None else []:
-                for node, layout in g.uses(value):
-                    if layout.weight_shape(node) == shape:
-                        why = f"node {node.name!r} ({layout.describe(node)})"
-                        return ResolvedExtra(key, shape, "matched", strategy, value, node, layout, why)
-    if found is not None:
-        why = f"initializer {name!r} has shape {found}, adapter tensor has {shape}"
-        return ResolvedExtra(key, shape, "unmatched", detail=why, found_shape=found)
-    shared = _deduplicated(g, key)
-    if shared:
-        return ResolvedExtra(key, shape, "unmatched", detail=shared)
-    owner = module or key.rpartition(".")[0]
-    if owner and g.all_module_paths and not any(mentions(owner, p) for p in g.all_module_paths):
-        return ResolvedExtra(key, shape, "absent", detail="module does not occur in the graph")
-    return ResolvedExtra(key, shape, "unmatched", detail="no initializer or node names it")
-
-
-def _deduplicated(g: _Graph, key: str) -> str:
-    """Why a tensor named ``key`` cannot be replaced alone: TorchScript folds equal initializers into one
-    and feeds the copies through Identity nodes, so replacing the source would change them all."""
-    for node in _all_nodes(g.model):
-        if node.op_type != "Identity" or not node.outputs or suffix_score(key, node.outputs[0].name or "") == 0:
+def _refuse_shared_claims(results: list[ResolvedTarget], by_value: bool) -> None:
+    """Targets claiming the same node are ambiguous: a node applies one module, never two."""
+    claims: dict[int, list[ResolvedTarget]] = {}
+    for r in results:
+        if r.status == "matched":
+            for n in r.nodes:
+                claims.setdefault(id(n), []).append(r)
+    for rs in claims.values():
+        if len(rs) < 2:
             continue
-        src = node.inputs[0]
-        if src is not None and src.const_value is not None:
-            n = len(src.uses())
-            return f"the exporter merged it with {n} equal tensor(s) into {src.name!r}; cannot replace it alone"
-    return ""
+        names = sorted({r.target.name for r in rs})
+        node = rs[0].node
+        hint = "" if by_value else "pass --base-weights to resolve by value, or "
+        detail = (
+            f"ambiguous: {node.op_type} {node.name or rs[0].value.name!r} ({rs[0].key or rs[0].value.name}) could be "
+            f"any of {', '.join(names[:3])}; {hint}choose with --only-targets REGEX"
+        )
+        for r in rs:
+            r.status, r.detail, r.nodes = "unmatched", detail, []
+
+
+def _absent_or_why(g: _Graph, r: ResolvedTarget, proven_absent, base_weights, index: ValueIndex | None) -> None:
+    """Mark ``r`` absent when proven (see the module docstring); else explain why it is unmatched."""
+    t = r.target
+    if best_unique(t.name, {m: [m] for m in proven_absent})[0] is not None:
+        r.status, r.detail = "absent", "not in the graph (proven by value at export)"
+        return
+    if index is not None:
+        key = base_key(t.name, base_weights)
+        if key is None:
+            r.detail = f"no base weight for it in --base-weights; {r.detail}"
+            return
+        held_by = index.occurs(np.asarray(base_weights[key]))
+        if held_by is not None:
+            r.detail = f"its base weight is in the graph as {held_by!r}, but no supported op reads it as {t.kind}"
+            return
+        loose = index.unaccounted_for(t.weight_shape)
+        if not loose:
+            r.status, r.detail = "absent", "its base weight is not in the graph; every graph tensor is accounted for"
+            return
+        r.detail = (
+            f"its base weight is not in the graph as such, and graph tensors match no base weight "
+            f"({', '.join(loose[:3])}): maybe {_likely_cause(g, t)}"
+        )
+        return
+    r.detail = f"not found ({r.detail}); maybe {_likely_cause(g, t)}; {_WAY_FORWARD}"
+
+
+def _likely_cause(g: _Graph, t: LoraTarget) -> str:
+    causes = []
+    if g.ops & _FUSED_OPS or any("qkv" in p for p in g.all_module_paths):
+        causes.append("packed/fused projections (one weight holds Q/K/V: needs a packed layout plugin)")
+    if g.ops & _QUANTIZED_OPS:
+        causes.append("quantized weights (needs a quantized layout plugin)")
+    near = difflib.get_close_matches(strip_wrappers(t.name), sorted(g.all_module_paths), n=2, cutoff=0.6)
+    causes.append("renamed in the graph" + (f" (closest: {', '.join(near)})" if near else "") + " or not in it")
+    return "; or ".join(causes)
+
+
+def _extra_absent(e: ResolvedExtra, base_weights, index: ValueIndex) -> None:
+    key = best_unique(e.key, {k: [k] for k in base_weights})[0]
+    if key is None:
+        return
+    if index.occurs(np.asarray(base_weights[key])) is None and not index.unaccounted_for(e.shape):
+        e.status, e.detail = "absent", "its base tensor is not in the graph, and every graph tensor is accounted for"

@@ -126,15 +126,20 @@ def test_scale(exported, tmp_path):
     assert _rel_err(run_onnx(tmp_path / "half.onnx", inputs), output_of(peft_model, inputs)) <= 1e-5
 
 
-def test_absent_target_is_skipped(exported, tmp_path):
-    """BERT's pooler is not in a last_hidden_state-only export: absent, reported, and not an error."""
+def test_absent_target_needs_proof(exported, tmp_path):
+    """BERT's pooler is not in a last_hidden_state-only export. Names alone cannot prove that (a renamed
+    module looks the same), so without base weights it is refused; with them it is proven absent by value."""
     base, make_inputs, onnx_path = exported("bert", False)
     peft_model, adapter_dir = _peft_adapter(
         base, tmp_path, r=4, lora_alpha=8, target_modules=["query", "value", "pooler.dense"]
     )
+    with pytest.raises(TargetError, match=r"pooler\.dense.*--base-weights"):
+        merge_file(onnx_path, adapter_dir, tmp_path / "refused.onnx")
+    assert not (tmp_path / "refused.onnx").exists()
+    weights = {k: v.detach().numpy() for k, v in base.state_dict().items()}
     inputs = make_inputs(4)
     ref = output_of(peft_model, inputs)
-    report = merge_file(onnx_path, adapter_dir, tmp_path / "merged.onnx")
+    report = merge_file(onnx_path, adapter_dir, tmp_path / "merged.onnx", base_weights=weights)
     assert [r.target.name for r in report.resolution.absent] == ["pooler.dense"]
     assert not report.resolution.unmatched
     assert _rel_err(run_onnx(tmp_path / "merged.onnx", inputs), ref) <= 1e-5

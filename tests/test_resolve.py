@@ -70,7 +70,7 @@ def _by_name(res):
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_strategies(models, dynamo):
-    paths, _ = models
+    paths, weights = models
     model = ir.load(paths[dynamo])
     adapter = _adapter(
         _target("model.layers.0"),
@@ -87,7 +87,11 @@ def test_strategies(models, dynamo):
     assert res["base_model.model.model.a.0"].status == "matched"
     assert res["model.emb"].strategy == "initializer-name"
     assert res["model.emb"].node.op_type == "Gather"
-    assert res["model.pooler"].status == "absent"
+    # Never called, so not in the graph; names cannot prove that, values can.
+    assert res["model.pooler"].status == "unmatched" and "--base-weights" in res["model.pooler"].detail
+    with_values = _by_name(resolve_targets(model, adapter, base_weights=weights))
+    assert with_values["model.pooler"].status == "absent"
+    assert all(r.status == "matched" for k, r in with_values.items() if k != "model.pooler")
     report = resolve_targets(model, adapter).to_report()
     assert json.loads(json.dumps(report))[0]["initializer"] == res["model.layers.0"].value.name
 
@@ -148,8 +152,10 @@ def test_shape_mismatch_and_foreign_adapter(models):
     assert len(report.merged) == 1 and len(report.resolution.unmatched) == 1
 
 
-def test_tied_weight_folded_once():
-    """One initializer read by Gather and Gemm (tied embeddings): merged once, both nodes see it."""
+def test_tied_weight_gets_private_copy():
+    """One initializer read by Gather (emb) and Gemm (head, tied): a LoRA on emb must not change head.
+
+    The embedding gets its own merged copy; the head keeps the original tensor."""
     w = np.arange(80, dtype=np.float32).reshape(10, 8) / 80
     weight = ir.Value(name="emb.weight", const_value=ir.tensor(w, name="emb.weight"))
     ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([3]))
@@ -160,9 +166,44 @@ def test_tied_weight_folded_once():
     t = _target("emb", "embedding", out=8, inp=10)
     report = merge_adapter(model, _adapter(t))
     r = report.resolution.targets[0]
-    assert len(r.nodes) == 2 and len(report.merged) == 1
-    np.testing.assert_allclose(weight.const_value.numpy(), w + t.delta(), rtol=1e-6)
-    assert len(candidate_weights(model)) == 2
+    assert r.nodes == [gather] and r.shared_with == ["Gemm '/head/Gemm'"]
+    assert report.merged[0]["private_copy_of"] == "emb.weight"
+    np.testing.assert_array_equal(weight.const_value.numpy(), w)
+    assert gemm.inputs[1] is weight and gather.inputs[0] is not weight
+    np.testing.assert_allclose(gather.inputs[0].const_value.numpy(), w + t.delta(), rtol=1e-6)
+    assert len(graph) == 2  # no node added
+
+
+def test_tied_lm_head_via_transpose_gets_private_copy():
+    """lm_head reads the tied table through Transpose: LoRA on lm_head leaves the embedding alone."""
+    w = np.arange(80, dtype=np.float32).reshape(10, 8) / 80
+    weight = ir.Value(name="wte", const_value=ir.tensor(w, name="wte"))
+    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([3]))
+    gather = ir.node("Gather", [weight, ids], name="/transformer/wte/Gather")
+    tr = ir.node("Transpose", [weight], attributes={"perm": [1, 0]}, name="/lm_head/Transpose")
+    mm = ir.node("MatMul", [gather.outputs[0], tr.outputs[0]], name="/lm_head/MatMul")
+    graph = ir.Graph([ids], mm.outputs, nodes=[gather, tr, mm], initializers=[weight], opset_imports={"": 18})
+    model = ir.Model(graph, ir_version=10)
+    t = _target("lm_head", out=10, inp=8)
+    report = merge_adapter(model, _adapter(t))
+    assert report.resolution.targets[0].strategy == "node-name"
+    np.testing.assert_array_equal(weight.const_value.numpy(), w)
+    assert gather.inputs[0] is weight and tr.inputs[0] is not weight
+    np.testing.assert_allclose(tr.inputs[0].const_value.numpy(), w + t.delta(), rtol=1e-6)
+
+
+def test_shared_weight_unnamed_and_named_is_refused():
+    """A weight read by a node of another module and by an unnamed node: which is the target? Refused."""
+    w = np.ones((8, 8), dtype=np.float32)
+    weight = ir.Value(name="w", const_value=ir.tensor(w, name="w"))
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 8]))
+    a = ir.node("MatMul", [x, weight], name="/other/MatMul")
+    b = ir.node("MatMul", [a.outputs[0], weight], name="n1")
+    graph = ir.Graph([x], b.outputs, nodes=[a, b], initializers=[weight], opset_imports={"": 18})
+    model = ir.Model(graph, ir_version=10)
+    weights = {"lin.weight": w, "other.weight": w}
+    res = resolve_targets(model, _adapter(_target("lin")), base_weights=weights)
+    assert res.targets[0].status == "unmatched" and "cannot tell" in res.targets[0].detail
 
 
 def test_module_path_helpers():

@@ -19,17 +19,26 @@ from . import COMMANDS
     type=click.Path(dir_okay=False),
     help="The base model's .safetensors, to match anonymous ONNX weights by value.",
 )
+@click.option("--only-targets", metavar="REGEX", help="Inject only the targets whose module path matches REGEX.")
 @click.option("--dora", is_flag=True, help="Give every slot a DoRA scale input, so DoRA adapters converted later fit.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 def inject_command(
-    base: str, adapters: tuple[str, ...], out_dir: str, base_weights: str | None, dora: bool, as_json: bool
+    base: str,
+    adapters: tuple[str, ...],
+    out_dir: str,
+    base_weights: str | None,
+    only_targets: str | None,
+    dora: bool,
+    as_json: bool,
 ) -> None:
     """Inject LoRA slots for ADAPTERS (PEFT adapter directories) into BASE.onnx.
 
     Writes OUTDIR/model.onnx, whose inputs <module>.lora_A / .lora_B (/ .dora_scale) default to the base
     model, and per adapter OUTDIR/<name>.onnx_adapter and OUTDIR/<name>.safetensors to fill them.
     """
-    result = inject_files(base, list(adapters), out_dir, base_weights=base_weights, dora=dora)
+    result = inject_files(
+        base, list(adapters), out_dir, base_weights=base_weights, dora=dora, only_targets=only_targets
+    )
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:

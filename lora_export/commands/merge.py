@@ -22,9 +22,17 @@ from . import COMMANDS
 )
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply every LoRA delta by this.")
 @click.option("--allow-partial", is_flag=True, help="Merge what matches; skip targets not found in the model.")
+@click.option("--only-targets", metavar="REGEX", help="Merge only the targets whose module path matches REGEX.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 def merge_command(
-    base: str, adapter: str, output: str, base_weights: str | None, scale: float, allow_partial: bool, as_json: bool
+    base: str,
+    adapter: str,
+    output: str,
+    base_weights: str | None,
+    scale: float,
+    allow_partial: bool,
+    only_targets: str | None,
+    as_json: bool,
 ) -> None:
     """Merge ADAPTER (a PEFT adapter directory) into BASE.onnx, writing -o OUT.onnx.
 
@@ -41,6 +49,7 @@ def merge_command(
             scale=scale,
             allow_partial=allow_partial,
             progress=bar,
+            only_targets=only_targets,
         )
     finally:
         if bar is not None:
