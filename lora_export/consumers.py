@@ -63,13 +63,21 @@ def layout_users(value: ir.Value) -> list[tuple[ir.Node, OpLayout]]:
     return out
 
 
-def consumers(value: ir.Value, module: str, kind: str, shape: tuple[int, ...]) -> Consumers:
-    """Split the uses of ``value`` into the target's own nodes and the rest (see the module docstring)."""
+def consumers(
+    value: ir.Value, module: str, kind: str, shape: tuple[int, ...], known_modules: set[str] | None = None
+) -> Consumers:
+    """Split the uses of ``value`` into the target's own nodes and the rest (see the module docstring).
+
+    ``known_modules`` (the base model's module paths, when its weights are given): a node named for a
+    module the model does not have is a renamed one, as good as unnamed.
+    """
     fitting, named_other, unnamed = [], [], []
     for node, layout in layout_users(value):
         if not _fits(node, layout, kind, shape):
             continue
         who = belongs(node, module)
+        if who is False and known_modules is not None and not _names_known(node, known_modules):
+            who = None
         if who is None:
             unnamed.append(node)
         elif who:
@@ -83,6 +91,15 @@ def consumers(value: ir.Value, module: str, kind: str, shape: tuple[int, ...]) -
             "the exporter deduplicated weights)"
         )
     own = fitting + unnamed
+    return Consumers(own, other_readers(value, own))
+
+
+def _names_known(node: ir.Node, known_modules: set[str]) -> bool:
+    return any(suffix_score(p, m) for p in node_module_paths(node) for m in known_modules)
+
+
+def other_readers(value: ir.Value, own: list[ir.Node]) -> list[str]:
+    """Every use of ``value`` but by ``own`` (or a Transpose feeding only them), described for reports."""
     own_ids = {id(n) for n in own}
     others = []
     for use in value.uses():
@@ -94,7 +111,7 @@ def consumers(value: ir.Value, module: str, kind: str, shape: tuple[int, ...]) -
         others.append(_describe(node))
     if value.is_graph_output():
         others.append("a graph output")
-    return Consumers(own, others)
+    return others
 
 
 def _describe(node: ir.Node) -> str:

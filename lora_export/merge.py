@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from .adapter import Adapter
 from .atomic import refuse_overwrite
-from .consumers import consumers, private_copy
+from .consumers import other_readers, private_copy
 from .delta import check_mergeable, merged_weight
 from .errors import AdapterError, ModelError, ShapeError, TargetError
 from .layouts import store
@@ -136,11 +136,17 @@ def _check_resolution(res: Resolution, adapter: Adapter, allow_partial: bool) ->
     if bad_extra:
         e = bad_extra[0]
         raise ShapeError(f"{e.key}: adapter tensor has shape {e.shape}, the model's is {e.found_shape}")
+    ambiguous = [r for r in res.unmatched if r.detail.startswith("ambiguous")]
+    if ambiguous:
+        # Refused whatever --allow-partial says: these targets do occur, we cannot tell where.
+        names = _names(sorted({r.target.name for r in ambiguous}))
+        raise TargetError(f"{len(ambiguous)} target(s) ambiguous: {names}: {ambiguous[0].detail}")
     if not res.matched:
         names = _names(r.target.name for r in res.targets)
+        detail = res.targets[0].detail if res.targets else ""
         raise TargetError(
-            f"none of the adapter's {len(res.targets)} targets ({names}) match a weight in this model; "
-            "is the adapter for a different model?"
+            f"none of the adapter's {len(res.targets)} targets ({names}) match a weight in this model "
+            f"(adapter for another model?): {res.targets[0].target.name}: {detail}"
         )
     unmatched = [r.target.name for r in res.unmatched] + [e.key for e in res.extras if e.status == "unmatched"]
     if unmatched and not allow_partial:
@@ -158,7 +164,7 @@ def _fold(model: ir.Model, r: ResolvedTarget, compute_dtype) -> dict:
     """
     t = r.target
     w0 = r.layout.read(r.node)
-    shared = consumers(r.value, t.name, t.kind, t.weight_shape).others
+    shared = other_readers(r.value, r.nodes)
     original = r.value.name
     if shared:
         r.value = private_copy(model, r.value, r.nodes, f"{t.name}.weight")

@@ -7,6 +7,7 @@ Matching is by dotted suffix, so wrapper prefixes on either side (``model.``, ``
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from collections.abc import Mapping
 
@@ -16,6 +17,7 @@ import onnx_ir as ir
 WRAPPER_PREFIXES = ("base_model.model.", "_orig_mod.", "module.")
 _WEIGHT_SUFFIXES = (".weight", ".base_layer.weight")
 _CALL_INDEX = re.compile(r"@\d+$")
+_OP_SUFFIX = re.compile(r"_\d+$")
 
 
 def strip_wrappers(path: str) -> str:
@@ -92,15 +94,30 @@ def name_module_paths(node: ir.Node) -> list[str]:
     if not name.startswith("/"):
         return []
     # Dots inside segments ("layers.0") are kept: they are ModuleList indices.
-    segs = [s for s in name.split("/") if s]
+    segs = [s for s in name.split("/") if s][:-1]
+    # Optimizers name a fused node after the node it replaced ("/a/dense/MatMul/MatMulAddFusion").
+    while segs and _is_op_name(segs[-1]):
+        segs.pop()
     parts: list[str] = []
-    for seg in segs[:-1]:
+    for seg in segs:
         # A called container repeats its name in its children's segments ("/a/a.0/MatMul" is a.0).
         if parts and seg.startswith(parts[-1] + "."):
             parts[-1] = seg
         else:
             parts.append(seg)
     return [".".join(parts)] if parts else []
+
+
+@functools.cache
+def _op_names() -> frozenset[str]:
+    import onnx
+
+    return frozenset(schema.name for schema in onnx.defs.get_all_schemas_with_history())
+
+
+def _is_op_name(segment: str) -> bool:
+    """``MatMul``, ``MatMul_1``: an exporter's name for an op, not a module."""
+    return _OP_SUFFIX.sub("", segment) in _op_names()
 
 
 def scope_module_paths(node: ir.Node) -> list[str]:

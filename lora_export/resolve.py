@@ -276,9 +276,10 @@ def resolve_targets(
     index = ValueIndex(model, base_weights) if base_weights else None
     results = [_resolve_one(g, t, modules, base_weights) for t in adapter]
     not_found = [r for r in results if r.status == "unmatched" and r.found_shape is None]
+    known = {m for k in base_weights if (m := weight_module(k))} if base_weights else None
     for r in results:
         if r.status == "matched":
-            _attach_consumers(r)
+            _attach_consumers(r, known)
     _refuse_shared_claims(results, base_weights is not None)
     for r in not_found:
         _absent_or_why(g, r, proven_absent, base_weights, index)
@@ -326,10 +327,10 @@ def _resolve_one(g: _Graph, t: LoraTarget, modules, base_weights) -> ResolvedTar
     return ResolvedTarget(t, "unmatched", detail="; ".join(dict.fromkeys(reasons)) or "no strategy matched")
 
 
-def _attach_consumers(r: ResolvedTarget) -> None:
+def _attach_consumers(r: ResolvedTarget, known_modules: set[str] | None) -> None:
     """The nodes that apply the module, and the weight's other readers (or unmatched if ambiguous)."""
     try:
-        c = consumers(r.value, r.target.name, r.target.kind, r.target.weight_shape)
+        c = consumers(r.value, r.target.name, r.target.kind, r.target.weight_shape, known_modules)
     except TargetError as e:
         r.status, r.detail = "unmatched", str(e)
         return

@@ -308,7 +308,8 @@ def build_manifest(onnx_model: ir.Model, torch_model: nn.Module) -> tuple[dict, 
     claimed: dict[int, int] = {}  # id(value) -> id(parameter) that claimed it
     modules: dict[str, dict] = {}
     unmapped: list[str] = []
-    for name, (module, kind) in targetable_modules(torch_model).items():
+    targetable = targetable_modules(torch_model)
+    for name, (module, kind) in targetable.items():
         weight = canonical_weight(module)
         pool = by_kind_shape.get((kind, tuple(weight.shape)), [])
         match = _match(name, module.weight, weight, pool, claimed)
@@ -322,7 +323,31 @@ def build_manifest(onnx_model: ir.Model, torch_model: nn.Module) -> tuple[dict, 
             "op_type": match.node.op_type,
             "layout": match.layout.describe(match.node),
         }
-    return {"version": MANIFEST_VERSION, "modules": modules}, unmapped
+    manifest = {"version": MANIFEST_VERSION, "modules": modules}
+    absent = _proven_absent(onnx_model, torch_model, {n: targetable[n][0] for n in unmapped})
+    if absent:
+        manifest["absent"] = absent
+    return manifest, unmapped
+
+
+def _proven_absent(onnx_model: ir.Model, torch_model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+    """Unmapped modules whose weight is provably not in the graph (``resolve``'s rule, with the model's
+    own state dict as the base weights): not in it by value, and every graph tensor accounted for."""
+    if not modules:
+        return []
+    from .value_match import ValueIndex
+
+    state = {}
+    for k, v in torch_model.state_dict().items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            state[k] = v.detach().to("cpu", torch.float32).numpy()
+    index = ValueIndex(onnx_model, state)
+    out = []
+    for name, module in modules.items():
+        w = canonical_weight(module)
+        if index.occurs(w) is None and not index.unaccounted_for(tuple(w.shape)):
+            out.append(name)
+    return sorted(out)
 
 
 def _match(
