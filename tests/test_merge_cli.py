@@ -72,7 +72,7 @@ def _broken(kind: str, setup, tmp: Path) -> tuple[list, str]:
     if kind == "out-is-data":
         return [onnx_path, adapter, "-o", onnx_path.parent / "model.onnx.data"], "overwrite"
     if kind == "other-model":
-        return [onnx_path, _fake_adapter(tmp / "ad", "encoder.layer.0.attention.self.query"), "-o", out], "another model"
+        return [onnx_path, _fake_adapter(tmp / "ad", "encoder.layer.0.attention.self.query"), "-o", out], "another"
     if kind == "shape":
         return [onnx_path, _fake_adapter(tmp / "ad", "model.layers.0.self_attn.q_proj", inp=16), "-o", out], "shape"
     if kind == "nan":
