@@ -21,7 +21,6 @@ manifest). Anything else not found is "unmatched": an error unless the caller al
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -29,20 +28,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from .absence import absent_or_why, extra_absent
 from .adapter import Adapter, LoraTarget
 from .consumers import consumers
 from .errors import TargetError
 from .layouts import OpLayout, get_layout
-from .module_paths import best_unique, name_module_paths, scope_module_paths, strip_wrappers, weight_module
+from .module_paths import best_unique, name_module_paths, scope_module_paths, weight_module
 from .resolve_extras import ResolvedExtra, resolve_extra
 from .value_match import ValueIndex, base_key, tensor_equals
 
 MANIFEST_KEY = "lora_export.manifest"
 STRATEGIES = ("manifest", "initializer-name", "node-name", "scope", "fingerprint")
-# Ops that hold projections we cannot address one module at a time (packed, fused or quantized).
-_FUSED_OPS = {"Attention", "MultiHeadAttention", "PackedAttention", "PackedMultiHeadAttention", "QAttention"}
-_QUANTIZED_OPS = {"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "DequantizeLinear"}
-_WAY_FORWARD = "pass --base-weights to match it by value (or prove it absent), or --allow-partial to skip it"
 
 
 @dataclass
@@ -282,11 +278,11 @@ def resolve_targets(
             _attach_consumers(r, known)
     _refuse_shared_claims(results, base_weights is not None)
     for r in not_found:
-        _absent_or_why(g, r, proven_absent, base_weights, index)
+        absent_or_why(g, r, proven_absent, base_weights, index)
     extras = [resolve_extra(g, key, tuple(np.shape(arr))) for key, arr in sorted(adapter.extra.items())]
     for e in extras:
         if e.unnamed and index is not None:
-            _extra_absent(e, base_weights, index)
+            extra_absent(e, base_weights, index)
     return Resolution(results, extras)
 
 
@@ -361,49 +357,3 @@ def _refuse_shared_claims(results: list[ResolvedTarget], by_value: bool) -> None
         )
         for r in rs:
             r.status, r.detail, r.nodes = "unmatched", detail, []
-
-
-def _absent_or_why(g: _Graph, r: ResolvedTarget, proven_absent, base_weights, index: ValueIndex | None) -> None:
-    """Mark ``r`` absent when proven (see the module docstring); else explain why it is unmatched."""
-    t = r.target
-    if best_unique(t.name, {m: [m] for m in proven_absent})[0] is not None:
-        r.status, r.detail = "absent", "not in the graph (proven by value at export)"
-        return
-    if index is not None:
-        key = base_key(t.name, base_weights)
-        if key is None:
-            r.detail = f"no base weight for it in --base-weights; {r.detail}"
-            return
-        held_by = index.occurs(np.asarray(base_weights[key]))
-        if held_by is not None:
-            r.detail = f"its base weight is in the graph as {held_by!r}, but no supported op reads it as {t.kind}"
-            return
-        loose = index.unaccounted_for(t.weight_shape)
-        if not loose:
-            r.status, r.detail = "absent", "its base weight is not in the graph; every graph tensor is accounted for"
-            return
-        r.detail = (
-            f"its base weight is not in the graph as such, and graph tensors match no base weight "
-            f"({', '.join(loose[:3])}): maybe {_likely_cause(g, t)}"
-        )
-        return
-    r.detail = f"not found ({r.detail}); maybe {_likely_cause(g, t)}; {_WAY_FORWARD}"
-
-
-def _likely_cause(g: _Graph, t: LoraTarget) -> str:
-    causes = []
-    if g.ops & _FUSED_OPS or any("qkv" in p for p in g.all_module_paths):
-        causes.append("packed/fused projections (one weight holds Q/K/V: needs a packed layout plugin)")
-    if g.ops & _QUANTIZED_OPS:
-        causes.append("quantized weights (needs a quantized layout plugin)")
-    near = difflib.get_close_matches(strip_wrappers(t.name), sorted(g.all_module_paths), n=2, cutoff=0.6)
-    causes.append("renamed in the graph" + (f" (closest: {', '.join(near)})" if near else "") + " or not in it")
-    return "; or ".join(causes)
-
-
-def _extra_absent(e: ResolvedExtra, base_weights, index: ValueIndex) -> None:
-    key = best_unique(e.key, {k: [k] for k in base_weights})[0]
-    if key is None:
-        return
-    if index.occurs(np.asarray(base_weights[key])) is None and not index.unaccounted_for(e.shape):
-        e.status, e.detail = "absent", "its base tensor is not in the graph, and every graph tensor is accounted for"

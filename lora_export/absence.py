@@ -1,0 +1,67 @@
+"""Proving a target absent from a graph, and saying why one that is not absent was not found.
+
+"Absent" lets a merge skip a target and still be exact, so it needs proof: our exporter's record, or,
+with the base weights, that the target's weight is not in the graph by value while every graph tensor
+that could hold it is accounted for by another base weight. Names alone prove nothing: a packed,
+fused, quantized or renamed projection is missing by name too.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import numpy as np
+
+from .module_paths import best_unique, strip_wrappers
+from .value_match import ValueIndex, base_key
+
+# Ops that hold projections we cannot address one module at a time (packed, fused or quantized).
+_FUSED_OPS = {"Attention", "MultiHeadAttention", "PackedAttention", "PackedMultiHeadAttention", "QAttention"}
+_QUANTIZED_OPS = {"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "DequantizeLinear"}
+_WAY_FORWARD = "pass --base-weights to match it by value (or prove it absent), or --allow-partial to skip it"
+
+
+def absent_or_why(g, r, proven_absent, base_weights, index: ValueIndex | None) -> None:
+    """Mark ``r`` absent when proven (see the module docstring); else explain why it is unmatched."""
+    t = r.target
+    if best_unique(t.name, {m: [m] for m in proven_absent})[0] is not None:
+        r.status, r.detail = "absent", "not in the graph (proven by value at export)"
+        return
+    if index is not None:
+        key = base_key(t.name, base_weights)
+        if key is None:
+            r.detail = f"no base weight for it in --base-weights; {r.detail}"
+            return
+        held_by = index.occurs(np.asarray(base_weights[key]))
+        if held_by is not None:
+            r.detail = f"its base weight is in the graph as {held_by!r}, but no supported op reads it as {t.kind}"
+            return
+        loose = index.unaccounted_for(t.weight_shape)
+        if not loose:
+            r.status, r.detail = "absent", "its base weight is not in the graph; every graph tensor is accounted for"
+            return
+        r.detail = (
+            f"its base weight is not in the graph as such, and graph tensors match no base weight "
+            f"({', '.join(loose[:3])}): maybe {_likely_cause(g, t)}"
+        )
+        return
+    r.detail = f"not found ({r.detail}); maybe {_likely_cause(g, t)}; {_WAY_FORWARD}"
+
+
+def _likely_cause(g, t) -> str:
+    causes = []
+    if g.ops & _FUSED_OPS or any("qkv" in p for p in g.all_module_paths):
+        causes.append("packed/fused projections (one weight holds Q/K/V: needs a packed layout plugin)")
+    if g.ops & _QUANTIZED_OPS:
+        causes.append("quantized weights (needs a quantized layout plugin)")
+    near = difflib.get_close_matches(strip_wrappers(t.name), sorted(g.all_module_paths), n=2, cutoff=0.6)
+    causes.append("renamed in the graph" + (f" (closest: {', '.join(near)})" if near else "") + " or not in it")
+    return "; or ".join(causes)
+
+
+def extra_absent(e, base_weights, index: ValueIndex) -> None:
+    key = best_unique(e.key, {k: [k] for k in base_weights})[0]
+    if key is None:
+        return
+    if index.occurs(np.asarray(base_weights[key])) is None and not index.unaccounted_for(e.shape):
+        e.status, e.detail = "absent", "its base tensor is not in the graph, and every graph tensor is accounted for"
