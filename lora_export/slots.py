@@ -25,6 +25,7 @@ import numpy as np
 from .adapter import Adapter, LoraTarget
 from .delta import dora_scale
 from .errors import AdapterError, ModelError, ShapeError, TargetError
+from .value_match import check_stored_weight
 
 SLOTS_KEY = "lora_export.slots"
 SLOTS_VERSION = 1
@@ -183,6 +184,9 @@ def adapter_tensors(
         slot = manifest.slots.get(t.name)
         if slot is None:
             continue
+        stored = adapter.stored_base.get(t.name)
+        if stored is not None and read_weight is not None:
+            check_stored_weight(adapter.name, t, stored, read_weight(slot), slot.np_dtype)
         w0 = (lambda s=slot: read_weight(s)) if read_weight is not None else None
         tensors.update(slot_tensors(slot, t, w0))
     return tensors

@@ -128,25 +128,27 @@ class ValueIndex:
 
 
 def check_stored_base(adapter, r) -> None:
-    """Refuse a target whose adapter stores a base weight (PEFT's ``save_embedding_layers``) that is not
-    the model's: its delta was trained against another base, and a stored base is never a replacement."""
+    """Refuse a resolved target whose adapter stores a base weight that is not the model's."""
+    stored = adapter.stored_base.get(r.target.name)
+    if stored is not None:
+        check_stored_weight(adapter.name, r.target, stored, r.layout.read(r.node), r.value.const_value.dtype.numpy())
+
+
+def check_stored_weight(adapter_name: str, t, stored: np.ndarray, w0: np.ndarray, dtype: np.dtype) -> None:
+    """Refuse a base weight stored in an adapter (PEFT's ``save_embedding_layers``) that differs from the
+    model's ``w0`` (canonical layout, stored as ``dtype``): the delta was trained against another base,
+    and a stored base is never a replacement."""
     from .errors import ShapeError
 
-    stored = adapter.stored_base.get(r.target.name)
-    if stored is None:
-        return
-    t = r.target
     canonical = np.asarray(stored).T if t.fan_in_fan_out else np.asarray(stored)
     if tuple(canonical.shape) != tuple(t.weight_shape):
         raise ShapeError(
-            f"adapter {adapter.name!r}: {t.name} stores a base weight of shape {tuple(canonical.shape)}, "
+            f"adapter {adapter_name!r}: {t.name} stores a base weight of shape {tuple(canonical.shape)}, "
             f"the model's is {tuple(t.weight_shape)} (resized vocabulary?)"
         )
-    w0 = r.layout.read(r.node)
-    dtype = r.value.const_value.dtype.numpy()
     # Compare in the graph's dtype: the exporter rounded the same weight once into it.
     if not np.array_equal(w0, canonical.astype(dtype).astype(w0.dtype)):
         raise ShapeError(
-            f"adapter {adapter.name!r}: {t.name} stores a base weight (PEFT saves embedding layers) that differs "
+            f"adapter {adapter_name!r}: {t.name} stores a base weight (PEFT saves embedding layers) that differs "
             "from the model's; the adapter was trained on another base: export that base and merge into it"
         )

@@ -74,9 +74,14 @@ def test_peft_stored_base_weight_never_undoes_the_delta(llama, tmp_path, targets
 
 def test_peft_stored_base_weight_that_differs_is_refused(llama, tmp_path):
     """An adapter whose stored base is not the model's was trained on another base: refuse, never guess."""
+    from lora_export import convert_adapter
+
     base, _, onnx_path, _ = llama
     adapter_dir = tmp_path / "adapter"
     _save_peft(base, adapter_dir, r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    served = tmp_path / "first"
+    inject_files(onnx_path, [adapter_dir], served)
+    convert_adapter(adapter_dir, served / "model.onnx", tmp_path / "same.onnx_adapter")
     f = adapter_dir / "adapter_model.safetensors"
     tensors = load_file(str(f))
     key = next(k for k in tensors if k.endswith("embed_tokens.base_layer.weight"))
@@ -86,6 +91,9 @@ def test_peft_stored_base_weight_that_differs_is_refused(llama, tmp_path):
         merge_file(onnx_path, adapter_dir, tmp_path / "merged.onnx")
     with pytest.raises(ShapeError, match="differs from the model's"):
         inject_files(onnx_path, [adapter_dir], tmp_path / "served")
+    with pytest.raises(ShapeError, match="differs from the model's"):
+        convert_adapter(adapter_dir, served / "model.onnx", tmp_path / "other.onnx_adapter")
+    assert not (tmp_path / "other.onnx_adapter").exists()
     assert not (tmp_path / "merged.onnx").exists() and not (tmp_path / "served").exists()
 
 
