@@ -101,10 +101,16 @@ def _resolve_all(
                     f"{name} (ambiguous: node {node.name!r} is also {other}; choose with --only-targets REGEX)"
                 )
     if shape_errors:
-        raise ShapeError(f"adapter targets do not fit the model: {'; '.join(shape_errors)}")
+        raise ShapeError(f"adapter targets do not fit the model: {_listed(shape_errors)}")
     if target_errors:
-        raise TargetError(f"adapter targets not found in the model: {'; '.join(target_errors)}")
+        raise TargetError(f"adapter targets not found in the model: {_listed(target_errors)}")
     return chosen, reports, absent - set(chosen)
+
+
+def _listed(errors: list[str], limit: int = 3) -> str:
+    # Every entry names its target; the reasons repeat across targets, so the line stays readable.
+    shown = "; ".join(errors[:limit])
+    return shown + (f"; ... ({len(errors) - limit} more)" if len(errors) > limit else "")
 
 
 def _slot_input(graph: ir.Graph, name: str, dtype: ir.DataType, shape: list, default: np.ndarray) -> ir.Value:
