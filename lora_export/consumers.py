@@ -125,7 +125,7 @@ def private_copy(model: ir.Model, value: ir.Value, nodes: list[ir.Node], name_hi
     them, else through a new Transpose of their own. Returns the new initializer (same dtype and layout).
     """
     graph = value.graph if value.graph is not None else model.graph
-    name = _free_name(model, name_hint)
+    name = free_name(model, name_hint)
     copy = ir.Value(name=name, type=value.type, shape=value.shape)
     copy.const_value = value.const_value  # replaced by the merged tensor right after
     graph.register_initializer(copy)
@@ -149,7 +149,8 @@ def private_copy(model: ir.Model, value: ir.Value, nodes: list[ir.Node], name_hi
     return copy
 
 
-def _free_name(model: ir.Model, hint: str) -> str:
+def free_name(model: ir.Model, hint: str) -> str:
+    """``hint``, or ``hint.1``, ``hint.2``... : a name no initializer, input or node output uses yet."""
     taken = set()
     for g in model.graphs():
         taken.update(g.initializers)

@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from .adapter import Adapter
 from .atomic import refuse_overwrite
-from .consumers import other_readers, private_copy
+from .consumers import free_name, other_readers, private_copy
 from .delta import check_mergeable, merged_weight
 from .errors import AdapterError, ModelError, ShapeError, TargetError
 from .layouts import store
@@ -109,14 +109,8 @@ def merge_adapter(
             progress(i, len(matched), r.target.name)
         report.merged.append(_fold(model, r, compute_dtype))
     for e in resolution.extras:
-        if e.status != "matched":
-            continue
-        arr = np.asarray(adapter.extra[e.key])
-        if e.layout is not None:
-            e.layout.write(e.node, arr)
-        else:
-            store(e.value, arr)
-        report.replaced.append({"tensor": e.key, "initializer": e.value.name, "shape": list(e.shape)})
+        if e.status == "matched":
+            report.replaced.append(_replace(model, e, np.asarray(adapter.extra[e.key])))
     if progress is not None:
         progress(len(matched), len(matched), "")
     report.timings["merge"] = time.perf_counter() - t0
@@ -191,6 +185,29 @@ def _fold(model: ir.Model, r: ResolvedTarget, compute_dtype) -> dict:
     if shared:
         out["private_copy_of"] = original
         out["shared_with"] = shared
+    return out
+
+
+def _replace(model: ir.Model, e, arr: np.ndarray) -> dict:
+    """Write a full replacement tensor; into a private copy when other modules read the same tensor."""
+    out = {"tensor": e.key, "initializer": e.value.name, "shape": list(e.shape)}
+    if e.layout is not None:
+        if e.private:
+            private_copy(model, e.value, e.nodes, e.key)
+        e.layout.write(e.node, arr)
+    elif e.private:
+        # The module's readers get their own initializer; the shared one (and its Identity copies) stays.
+        dtype = e.source.const_value.dtype
+        new = ir.Value(name=free_name(model, e.key), type=e.source.type, shape=e.source.shape)
+        new.const_value = ir.tensor(np.ascontiguousarray(arr).astype(dtype.numpy()), dtype=dtype, name=new.name)
+        (e.source.graph or model.graph).register_initializer(new)
+        for node in e.nodes:
+            for i, inp in enumerate(node.inputs):
+                if inp is e.value:
+                    node.replace_input_with(i, new)
+        out["initializer"], out["private_copy_of"] = new.name, e.value.name
+    else:
+        store(e.value, arr)
     return out
 
 

@@ -34,7 +34,7 @@ from .consumers import consumers
 from .errors import TargetError
 from .layouts import OpLayout, get_layout
 from .module_paths import best_unique, name_module_paths, scope_module_paths, weight_module
-from .resolve_extras import ResolvedExtra, resolve_extra
+from .resolve_extras import ResolvedExtra, named_tensors, resolve_extra
 from .value_match import ValueIndex, base_key, tensor_equals
 
 MANIFEST_KEY = "lora_export.manifest"
@@ -146,6 +146,7 @@ class _Graph:
         self.initializers: dict[str, ir.Value] = {}
         for g in model.graphs():
             self.initializers.update(g.initializers)
+        self.named_tensors = named_tensors(model)
         self.by_weight_name: dict[str, list[ir.Value]] = {}
         for value in self.values.values():
             mod = weight_module(value.name or "")

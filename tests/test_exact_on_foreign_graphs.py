@@ -243,3 +243,21 @@ def test_if_subgraph_weights_merge_and_inject(merged_decoder, tmp_path, branch):
     served = tmp_path / "served" / "model.onnx"
     assert rel_err(run_injected(served, tmp_path / "served" / "adapter.onnx_adapter", feeds)[0], ref) <= 1e-5
     np.testing.assert_allclose(run_plain(served, feeds)[0], run_plain(model, feeds)[0], atol=1e-6)
+
+
+def test_trained_bias_on_a_deduplicated_initializer(gpt2_tied, tmp_path):
+    """TorchScript folds equal biases (GPT-2's zero-initialized ones) into one initializer that other
+    layers read through Identity nodes: replacing one layer's trained bias must not change the others."""
+    base, make_inputs, tied = gpt2_tied
+    peft_model = peft_reference(base, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, bias="all")
+    with torch.no_grad():
+        inner = peft_model.base_model.model.transformer.h[0].attn.c_attn.base_layer
+        inner.bias.add_(torch.randn(inner.bias.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(str(tmp_path / "adapter"))
+    inputs = make_inputs(4)
+    ref = output_of(peft_model, inputs)
+    report = merge_file(tied, tmp_path / "adapter", tmp_path / "merged.onnx")
+    assert report.replaced
+    assert rel_err(run_plain(tmp_path / "merged.onnx", feeds_of(inputs))[0], ref) <= 1e-5

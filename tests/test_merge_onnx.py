@@ -251,10 +251,18 @@ def test_extra_tensors_replace_initializers(tmp_path):
     assert _rel_err(run_onnx(tmp_path / "merged.onnx", inputs), ref) <= 1e-5
 
 
-def test_deduplicated_extra_is_refused(exported, tmp_path):
-    """All-zero biases share one initializer in a TorchScript export: replacing one alone is refused."""
-    base, _, onnx_path = exported("bert", False)
-    _, adapter_dir = _peft_adapter(base, tmp_path, r=4, lora_alpha=8, target_modules=["query"], bias="lora_only")
-    with pytest.raises(TargetError, match="merged it with"):
-        merge_file(onnx_path, adapter_dir, tmp_path / "merged.onnx")
-    assert not (tmp_path / "merged.onnx").exists()
+def test_deduplicated_extra_gets_private_copy(exported, tmp_path):
+    """All-zero biases share one initializer in a TorchScript export (copies through Identity): a trained
+    bias gets its own initializer and every other module keeps the shared one."""
+    base, make_inputs, onnx_path = exported("bert", False)
+    peft_model = peft_reference(base, r=4, lora_alpha=8, target_modules=["query"], bias="lora_only")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if name.endswith("query.base_layer.bias"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    inputs = make_inputs(8)
+    report = merge_file(onnx_path, tmp_path / "adapter", tmp_path / "merged.onnx")
+    assert any("private_copy_of" in r for r in report.replaced)
+    assert _rel_err(run_onnx(tmp_path / "merged.onnx", inputs), output_of(peft_model, inputs)) <= 1e-5
