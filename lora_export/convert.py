@@ -18,7 +18,7 @@ from .adapter import Adapter
 from .adapter_files import ADAPTER_SUFFIXES, write_adapter_tensors
 from .atomic import refuse_overwrite
 from .errors import AdapterError, ModelError
-from .file_checks import require_regular_file
+from .file_checks import check_output_file, require_regular_file
 from .layouts import get_layout
 from .onnx_model import load_model
 from .peft_format import adapter_files, load_adapter
@@ -62,6 +62,7 @@ def convert_adapter(
 ) -> dict:
     """Write ``adapter``'s slot tensors for the injected model at ``model_path`` to ``out_path``
     (.onnx_adapter or .safetensors, by suffix). Returns a summary."""
+    check_output_file(out_path, AdapterError)
     out_path = Path(out_path)
     if out_path.suffix not in ADAPTER_SUFFIXES:
         raise AdapterError(f"{out_path}: output must end in .onnx_adapter or .safetensors")

@@ -11,6 +11,7 @@ onnx-ir 1.1's own containment check refuses, so that check is replaced by ours (
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -54,8 +55,9 @@ def location_error(location: str) -> str | None:
         return "empty location"
     if "\0" in location:
         return "location contains a NUL byte"
+    # Backslashes and drive letters as on Windows: a model that escapes its folder there is refused here too.
     parts = PurePosixPath(location.replace("\\", "/")).parts
-    if location.startswith(("/", "\\")) or PurePosixPath(location).is_absolute() or (parts and ":" in parts[0]):
+    if location.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", location):
         return "absolute location"
     if ".." in parts:
         return "location leaves the model's folder"

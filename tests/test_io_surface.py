@@ -157,7 +157,11 @@ def _set_location(path: Path, location: str) -> None:
     path.write_bytes(proto.SerializeToString())
 
 
-@pytest.mark.parametrize("location", ["/etc/passwd", "../outside.bin", "sub/../../outside.bin", "a\0b", ""], ids=repr)
+@pytest.mark.parametrize(
+    "location",
+    ["/etc/passwd", "../outside.bin", "sub/../../outside.bin", "..\\outside.bin", "C:\\x", "a\0b", ""],
+    ids=repr,
+)
 def test_external_data_location_outside_or_invalid_is_one_line_error(tmp_path, location):
     path = _base(tmp_path / "m")
     (tmp_path / "outside.bin").write_bytes(bytes(4096))
@@ -290,6 +294,27 @@ def test_inject_refuses_a_folder_named_like_an_output(tmp_path, blocker):
     assert not _stages(tmp_path)
     result = _cli("inject", base, adapter, "-o", out)
     _assert_one_line_refusal(result, blocker)
+
+
+def test_convert_output_fifo_or_folder_is_refused(tmp_path, no_hang):
+    base, adapter = _base(tmp_path / "b"), _adapter(tmp_path)
+    inject_files(base, [adapter], tmp_path / "inj")
+    model = tmp_path / "inj" / "model.onnx"
+    os.mkfifo(tmp_path / "c.onnx_adapter")
+    _assert_one_line_refusal(_cli("convert", adapter, "--model", model, "-o", tmp_path / "c.onnx_adapter"), "FIFO")
+    result = _cli("convert", adapter, "--model", model, "-o", f"{tmp_path / 'd.onnx_adapter'}/")
+    _assert_one_line_refusal(result, "names a folder")
+    assert not (tmp_path / "d.onnx_adapter").exists()
+
+
+def test_inject_through_a_symlinked_output_folder_keeps_the_link(tmp_path):
+    base, adapter = _base(tmp_path / "b"), _adapter(tmp_path)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "mine.txt").write_text("x")
+    (tmp_path / "out").symlink_to("real")
+    inject_files(base, [adapter], tmp_path / "out")
+    assert (tmp_path / "out").is_symlink()
+    assert {"model.onnx", "ad.onnx_adapter", "mine.txt"} <= {p.name for p in (tmp_path / "real").iterdir()}
 
 
 # -- 3. atomic output sets, leftovers of killed runs --------------------------------------------
