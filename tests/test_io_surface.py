@@ -348,6 +348,20 @@ def test_inject_carries_over_files_it_does_not_write(tmp_path):
     assert not _stages(tmp_path)
 
 
+def test_inject_swap_without_renameat2_still_replaces_the_whole_folder(tmp_path, monkeypatch):
+    from lora_export import staging
+
+    monkeypatch.setattr(staging, "_renameat2_exchange", lambda a, b: False)
+    base, adapter = _base(tmp_path / "b"), _adapter(tmp_path)
+    out = tmp_path / "out"
+    inject_files(_base(tmp_path / "b0", seed=5), [adapter], out)
+    (out / "notes.txt").write_text("kept")
+    inject_files(base, [adapter], out)
+    inject_files(base, [adapter], tmp_path / "ref")
+    assert _hashes(out) == {**_hashes(tmp_path / "ref"), "notes.txt": _hashes(out)["notes.txt"]}
+    assert (out / "notes.txt").read_text() == "kept" and not _stages(tmp_path)
+
+
 def test_stale_staging_folders_are_cleaned_and_live_ones_kept(tmp_path):
     base, adapter = _base(tmp_path / "b"), _adapter(tmp_path)
     out = tmp_path / "out"
