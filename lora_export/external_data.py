@@ -125,6 +125,29 @@ def check_external_data(model: ir.Model, path: str | os.PathLike) -> None:
         tensor.__class__ = _Checked
 
 
+def inline_attribute_tensors(model: ir.Model) -> None:
+    """Load external tensors held in node attributes (Constant values, in subgraphs and functions) into memory.
+
+    ``onnx_ir.save`` moves only initializers into the new data file: an attribute would keep its old
+    location, which next to the output names another file (or a re-laid-out one): wrong numbers.
+    """
+    graphs: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
+    for graph in graphs:
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            for name, attr in list(node.attributes.items()):
+                if attr.is_ref() or attr.value is None:
+                    continue
+                if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                    (value,) = ir.external_data.convert_tensors_from_external([attr.value])
+                elif attr.type == ir.AttributeType.TENSORS and any(
+                    isinstance(t, ir.ExternalTensor) for t in attr.value
+                ):
+                    value = ir.external_data.convert_tensors_from_external(list(attr.value))
+                else:
+                    continue
+                node.attributes[name] = ir.Attr(name, attr.type, value, doc_string=attr.doc_string)
+
+
 def external_data_files(model: ir.Model, path: str | os.PathLike) -> set[Path]:
     """The resolved external data files a loaded model reads."""
     base_dir = os.path.dirname(os.fspath(path))

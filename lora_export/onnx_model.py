@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from .atomic import temp_dir
 from .errors import ModelError, first_line
-from .external_data import check_external_data, external_data_files
+from .external_data import check_external_data, external_data_files, inline_attribute_tensors
 from .file_checks import check_output_file, require_regular_file
 from .staging import publish_files
 
@@ -68,6 +68,7 @@ def save_model(model: ir.Model, out: str | os.PathLike, *, external: bool | None
         external = any(True for _ in external_tensors(model)) or initializer_bytes(model) > INLINE_LIMIT_BYTES
     out.parent.mkdir(parents=True, exist_ok=True)
     data_name = f"{out.name}.data"
+    inline_attribute_tensors(model)
     with temp_dir(out.parent) as tmp:
         tmp_model = tmp / out.name
         try:

@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from .atomic import temp_dir
 from .errors import ModelError
+from .external_data import inline_attribute_tensors
 from .onnx_model import check_outputs, external_tensors
 from .staging import publish_files
 
@@ -48,6 +49,7 @@ def save_patched(model: ir.Model, base_path: str | os.PathLike, out: str | os.Pa
             return None
         changed.append((old, new))
     check_outputs(out)
+    inline_attribute_tensors(model)
     out = Path(out)
     data_name = f"{out.name}.data"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -211,6 +211,24 @@ def test_external_data_in_attributes_and_subgraphs_is_checked(tmp_path, where, l
     assert not (tmp_path / "o.onnx").exists()
 
 
+@pytest.mark.parametrize("external", [None, True, False], ids=["patched", "resaved", "inline"])
+def test_saved_model_keeps_external_constant_values(tmp_path, external):
+    """A Constant whose value lives in the base's data file is written inline, not as a stale reference."""
+    path = _base(tmp_path / "b")
+    proto = onnx.load(str(path), load_external_data=False)
+    t = _external_tensor_proto("c", "model.onnx.data")
+    t.external_data[1].value, t.external_data[2].value = "16", "4"  # the 5th float of q.weight
+    proto.graph.node.append(onnx.helper.make_node("Constant", [], ["c"], name="c", value=t))
+    proto.graph.output.append(onnx.helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [1]))
+    path.write_bytes(proto.SerializeToString())
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    want = sess.run(["c"], {"x": _x()})[0]
+    out = tmp_path / "out" / "m.onnx"
+    merge_file(path, _adapter(tmp_path), out, external=external)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(sess.run(["c"], {"x": _x()})[0], want)
+
+
 @pytest.mark.parametrize("kind", ["fifo", "directory"])
 def test_external_data_that_is_not_a_regular_file_is_refused(tmp_path, kind, no_hang):
     path = _base(tmp_path / "m")
