@@ -69,7 +69,10 @@ def clean_stale(parent: str | os.PathLike) -> list[Path]:
         path = parent / name
         if name.endswith(_LOCK_SUFFIX) or name.endswith(_NEW_LOCK_SUFFIX) or name in tokens:
             continue
-        # A folder whose lock file is gone was being removed when its run died: finish the job.
+        # A lock is created before its folder and removed after it: a folder without one (checked again
+        # now, the listing is no snapshot) was being removed when its run died. Finish the job.
+        if os.path.lexists(parent / f"{name}{_LOCK_SUFFIX}"):
+            continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
