@@ -14,6 +14,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .errors import AdapterError, first_line
+from .file_checks import require_regular_file
 from .safetensors_io import read_safetensors, write_safetensors
 
 ADAPTER_SUFFIXES = (".onnx_adapter", ".safetensors")
@@ -47,9 +48,7 @@ def write_adapter_tensors(
 
 def read_adapter_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read slot tensors from a .onnx_adapter or .safetensors file (one-line AdapterError if corrupt)."""
-    path = Path(path)
-    if not path.is_file():
-        raise AdapterError(f"adapter file not found: {path}")
+    path = require_regular_file(path, "adapter file", AdapterError)
     if path.suffix == ".safetensors":
         return {k: np.array(v) for k, v in read_safetensors(path)[0].items()}
     if path.suffix != ".onnx_adapter":

@@ -4,49 +4,48 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import AdapterError, LoraExportError
+from .file_checks import check_output_file
+from .staging import file_mode, staging_dir
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure remove it."""
+    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure remove it.
+
+    The file gets the mode a plain ``open()`` would give it (umask honoured), whatever wrote it.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-        raise
+    check_output_file(path)
+    with staging_dir(path.parent) as stage:
+        tmp = stage / path.name
+        yield tmp
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 @contextlib.contextmanager
 def temp_dir(parent: str | os.PathLike) -> Iterator[Path]:
-    """A hidden temporary folder inside ``parent`` (same filesystem, so renames out of it are atomic)."""
-    import shutil
+    """A hidden, locked temporary folder inside ``parent`` (same filesystem, so renames out of it are atomic).
 
-    tmp = Path(tempfile.mkdtemp(prefix=".lora-export-", dir=parent))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    A folder left behind by a killed run is removed by the next run writing into ``parent``.
+    """
+    with staging_dir(parent) as stage:
+        yield stage
 
 
 def refuse_overwrite(

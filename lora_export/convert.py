@@ -18,6 +18,7 @@ from .adapter import Adapter
 from .adapter_files import ADAPTER_SUFFIXES, write_adapter_tensors
 from .atomic import refuse_overwrite
 from .errors import AdapterError, ModelError
+from .file_checks import check_output_file, require_regular_file
 from .layouts import get_layout
 from .onnx_model import load_model
 from .peft_format import adapter_files, load_adapter
@@ -28,6 +29,7 @@ def read_manifest(model_path: str | os.PathLike) -> SlotManifest:
     """The slot manifest of an injected model (metadata only; weights are not read)."""
     import onnx
 
+    require_regular_file(model_path, "model", ModelError)
     try:
         proto = onnx.load(str(model_path), load_external_data=False)
     except Exception as e:  # noqa: BLE001
@@ -64,6 +66,7 @@ def convert_adapter(
 ) -> dict:
     """Write ``adapter``'s slot tensors for the injected model at ``model_path`` to ``out_path``
     (.onnx_adapter or .safetensors, by suffix). Returns a summary."""
+    check_output_file(out_path, AdapterError)
     out_path = Path(out_path)
     if out_path.suffix not in ADAPTER_SUFFIXES:
         raise AdapterError(f"{out_path}: output must end in .onnx_adapter or .safetensors")

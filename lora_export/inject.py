@@ -15,8 +15,7 @@ files also work with plain ONNX Runtime: ``ort.LoraAdapter().Load(path)`` and
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +27,14 @@ from .adapter import Adapter
 from .adapter_files import write_adapter_tensors
 from .atomic import refuse_overwrite
 from .errors import AdapterError, ModelError, ShapeError, TargetError
+from .file_checks import check_output_file, require_regular_file
 from .layouts import get_layout
 from .onnx_model import external_data_files, load_model, save_model
 from .peft_format import adapter_files, load_adapter
 from .resolve import ResolvedTarget, resolve_targets
 from .safetensors_io import read_safetensors
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
+from .staging import carry_over, staging_dir, swap_dir
 from .value_match import check_stored_base
 
 MODEL_NAME = "model.onnx"
@@ -212,39 +213,47 @@ def inject_files(
     """``lora-export inject``: OUTDIR/model.onnx (+ external data when the base had it) and, per adapter,
     OUTDIR/<name>.onnx_adapter and OUTDIR/<name>.safetensors (<name>: the adapter directory's name).
 
-    Written into a temporary folder beside OUTDIR first; nothing appears unless everything succeeded.
+    The whole folder is built beside OUTDIR (files of an existing OUTDIR that this run does not write
+    are linked in) and swapped in as one directory entry: a crash leaves the old folder or the new one.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise AdapterError(f"{out_dir} exists and is not a directory")
     adapters = [load_adapter(p).select(only_targets) for p in adapter_paths]
+    outputs = [out_dir / MODEL_NAME, out_dir / f"{MODEL_NAME}.data"]
+    outputs += [out_dir / f"{a.name}{suffix}" for a in adapters for suffix in (".onnx_adapter", ".safetensors")]
+    _refuse_blocked_outputs(outputs)
     inputs = [Path(base_path), *(f for p in adapter_paths for f in adapter_files(p))]
     if base_weights is not None and not isinstance(base_weights, Mapping):
-        if not Path(base_weights).is_file():
-            raise AdapterError(f"base weights not found: {base_weights}")
+        require_regular_file(base_weights, "base weights", AdapterError)
         inputs.append(Path(base_weights))
         base_weights = read_safetensors(base_weights)[0]
     model = load_model(base_path)
     # OUTDIR may be the base model's own folder: the new model.onnx (or its data) must not replace an input.
-    outputs = [out_dir / MODEL_NAME, out_dir / f"{MODEL_NAME}.data"]
-    outputs += [out_dir / f"{a.name}{suffix}" for a in adapters for suffix in (".onnx_adapter", ".safetensors")]
     refuse_overwrite(outputs, [*inputs, *external_data_files(model, base_path)], ModelError)
     result = inject_adapters(model, adapters, base_weights=base_weights, dora=dora)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        save_model(model, tmp / MODEL_NAME)
+    # Through a symlinked OUTDIR, replace the folder it points to, not the link.
+    dest = Path(os.path.realpath(out_dir)) if out_dir.is_symlink() else out_dir
+    with staging_dir(dest.parent) as stage:
+        new = stage / "out"
+        os.mkdir(new, 0o777)
+        save_model(model, new / MODEL_NAME)
         for name, tensors in sorted(result.tensors.items()):
-            write_adapter_tensors(tmp / f"{name}.onnx_adapter", tensors, model_version=result.manifest.fingerprint)
-            write_adapter_tensors(tmp / f"{name}.safetensors", tensors, model_version=result.manifest.fingerprint)
-        produced = sorted(p.name for p in tmp.iterdir())
-        if not out_dir.exists():
-            os.replace(tmp, out_dir)
-        else:
-            # An existing folder: swap files in one by one, each rename atomic.
-            for fname in produced:
-                os.replace(tmp / fname, out_dir / fname)
-        result.files = [out_dir / f for f in produced]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            write_adapter_tensors(new / f"{name}.onnx_adapter", tensors, model_version=result.manifest.fingerprint)
+            write_adapter_tensors(new / f"{name}.safetensors", tensors, model_version=result.manifest.fingerprint)
+        produced = sorted(p.name for p in new.iterdir())
+        if dest.is_dir():
+            os.chmod(new, stat.S_IMODE(dest.stat().st_mode))
+            # Files this run does not write (adapters converted later, the user's own) stay in the folder.
+            carry_over(dest, new, skip={p.name for p in outputs})
+        swap_dir(new, dest, stage / "old")
+    result.files = [out_dir / f for f in produced]
     return result
+
+
+def _refuse_blocked_outputs(outputs: Sequence[Path]) -> None:
+    """Refuse, before any work, outputs whose name is taken by a folder or a non-regular file."""
+    for out in outputs:
+        if out.is_dir():
+            raise AdapterError(f"cannot write {out}: a folder of that name is in the way")
+        check_output_file(out, AdapterError)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import onnx_ir as ir
 
@@ -106,10 +105,10 @@ def inspect_model(
     loaded = load_adapter(adapter).select(only_targets)
     weights = None
     if base_weights is not None:
+        from .file_checks import require_regular_file
         from .safetensors_io import read_safetensors
 
-        if not Path(base_weights).is_file():
-            raise LoraExportError(f"base weights not found: {base_weights}")
+        require_regular_file(base_weights, "base weights")
         weights = read_safetensors(base_weights)[0]
     resolution = resolve_targets(model, loaded, base_weights=weights)
     report["adapter"] = str(adapter)

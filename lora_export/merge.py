@@ -23,8 +23,9 @@ from .atomic import refuse_overwrite
 from .consumers import free_name, other_readers, private_copy
 from .delta import check_mergeable, merged_weight
 from .errors import AdapterError, ModelError, ShapeError, TargetError
+from .file_checks import require_regular_file
 from .layouts import store
-from .onnx_model import external_data_files, load_model, save_model
+from .onnx_model import check_outputs, external_data_files, load_model, save_model
 from .patch_save import save_patched, snapshot
 from .resolve import Resolution, ResolvedTarget, resolve_targets
 from .value_match import check_stored_base
@@ -241,12 +242,13 @@ def merge_file(
     from .safetensors_io import read_safetensors
 
     t_start = time.perf_counter()
+    check_outputs(out_path)  # a folder or a device as output: refuse before any work
     base_path, out_path = Path(base_path), Path(out_path)
     adapter = adapter_or_path if isinstance(adapter_or_path, Adapter) else load_adapter(adapter_or_path)
     adapter = adapter.select(only_targets)
     base_weights_path = None
     if base_weights is not None and not isinstance(base_weights, Mapping):
-        base_weights_path = base_weights
+        base_weights_path = require_regular_file(base_weights, "base weights", AdapterError)
         base_weights = read_safetensors(base_weights)[0]
     # The adapter's and base weights' files are inputs too: the output must not replace them.
     other_inputs = [] if isinstance(adapter_or_path, Adapter) else adapter_files(adapter_or_path)

@@ -14,6 +14,11 @@ import onnx_ir as ir
 
 from .atomic import temp_dir
 from .errors import ModelError, first_line
+from .external_data import check_external_data, external_data_files, inline_attribute_tensors
+from .file_checks import check_output_file, require_regular_file
+from .staging import publish_files
+
+__all__ = ["check_external_data", "external_data_files", "external_tensors", "load_model", "save_model"]
 
 # Protobuf cannot serialize a message over 2 GiB; stay well under it.
 INLINE_LIMIT_BYTES = 1_800_000_000
@@ -21,9 +26,7 @@ INLINE_LIMIT_BYTES = 1_800_000_000
 
 def load_model(path: str | os.PathLike) -> ir.Model:
     """Load an ONNX model lazily and check its external data references before anything reads them."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"model not found: {path}")
+    path = require_regular_file(path, "model", ModelError)
     try:
         model = ir.load(path)
     except Exception as e:  # noqa: BLE001 - protobuf raises many types for a corrupt file
@@ -36,39 +39,11 @@ def load_model(path: str | os.PathLike) -> ir.Model:
 
 
 def external_tensors(model: ir.Model) -> Iterator[tuple[ir.Value, ir.ExternalTensor]]:
+    """(initializer, external tensor) for the external initializers of every graph and subgraph."""
     for graph in model.graphs():
         for value in graph.initializers.values():
             if isinstance(value.const_value, ir.ExternalTensor):
                 yield value, value.const_value
-
-
-def check_external_data(model: ir.Model, path: Path) -> None:
-    """Refuse external data outside the model's folder, missing files and out-of-range offsets."""
-    root = path.resolve().parent
-    sizes: dict[Path, int] = {}
-    for value, tensor in external_tensors(model):
-        location = Path(tensor.location)
-        target = (root / location).resolve()
-        if location.is_absolute() or not target.is_relative_to(root):
-            raise ModelError(
-                f"{path}: external data for {value.name!r} points outside the model's folder ({tensor.location})"
-            )
-        if target not in sizes:
-            if not target.is_file():
-                raise ModelError(f"{path}: external data file missing: {tensor.location}")
-            sizes[target] = target.stat().st_size
-        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
-        if end > sizes[target]:
-            raise ModelError(
-                f"{path}: external data file {tensor.location} is truncated "
-                f"(tensor {value.name!r} ends at byte {end}, file has {sizes[target]})"
-            )
-
-
-def external_data_files(model: ir.Model, path: str | os.PathLike) -> set[Path]:
-    """The resolved external data files a loaded model reads."""
-    root = Path(path).resolve().parent
-    return {(root / t.location).resolve() for _, t in external_tensors(model)}
 
 
 def initializer_bytes(model: ir.Model) -> int:
@@ -80,18 +55,20 @@ def initializer_bytes(model: ir.Model) -> int:
 def save_model(model: ir.Model, out: str | os.PathLike, *, external: bool | None = None, callback=None) -> list[Path]:
     """Save atomically: nothing appears at ``out`` (or its data file) unless the whole save succeeds.
 
+    The data file is renamed in only after the old ``out`` is gone, and ``out`` last: a crash leaves
+    no model or a model beside its own data, never a model with another save's data.
+
     ``external``: None keeps the base's choice (external data if the model had any, or if it would not
     fit in one protobuf); True/False forces it. External data goes to ``<out name>.data`` beside it.
     Returns the files written.
     """
+    check_outputs(out)
     out = Path(out)
-    if out.is_dir():
-        # os.replace would fail late with a bare IsADirectoryError, after all the work.
-        raise ModelError(f"cannot write {out}: it is a directory")
     if external is None:
         external = any(True for _ in external_tensors(model)) or initializer_bytes(model) > INLINE_LIMIT_BYTES
     out.parent.mkdir(parents=True, exist_ok=True)
     data_name = f"{out.name}.data"
+    inline_attribute_tensors(model)
     with temp_dir(out.parent) as tmp:
         tmp_model = tmp / out.name
         try:
@@ -103,10 +80,11 @@ def save_model(model: ir.Model, out: str | os.PathLike, *, external: bool | None
                 ir.save(model, tmp_model)
         except Exception as e:  # noqa: BLE001
             raise ModelError(f"cannot write {out}: {type(e).__name__}: {first_line(e)}") from None
-        written = []
-        if external and (tmp / data_name).exists():
-            os.replace(tmp / data_name, out.parent / data_name)
-            written.append(out.parent / data_name)
-        os.replace(tmp_model, out)
-        written.append(out)
-    return written
+        names = [data_name, out.name] if external and (tmp / data_name).exists() else [out.name]
+        return publish_files(tmp, names, out.parent)
+
+
+def check_outputs(out: str | os.PathLike) -> None:
+    """Refuse, before any work, a model output (or its ``.data``) that is a folder or not a regular file."""
+    check_output_file(out, ModelError)
+    check_output_file(f"{os.fspath(out)}.data", ModelError)

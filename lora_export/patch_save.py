@@ -16,7 +16,9 @@ import onnx_ir as ir
 
 from .atomic import temp_dir
 from .errors import ModelError
-from .onnx_model import external_tensors
+from .external_data import inline_attribute_tensors
+from .onnx_model import check_outputs, external_tensors
+from .staging import publish_files
 
 Snapshot = dict[int, tuple[ir.Value, ir.ExternalTensor]]
 
@@ -30,10 +32,11 @@ def save_patched(model: ir.Model, base_path: str | os.PathLike, out: str | os.Pa
     """Save ``model`` to ``out`` by patching a copy of the base's data file; None if not applicable.
 
     Applies when all external data lives in one file and every replaced external tensor kept its
-    byte size. Atomic like ``save_model``: nothing appears at ``out`` unless everything succeeds.
+    byte size. Atomic like ``save_model``: nothing appears at ``out`` unless everything succeeds, and
+    a crash never leaves the model beside another save's data.
     """
-    base_dir = Path(base_path).resolve().parent
-    files = {(base_dir / t.location).resolve() for _, t in before.values()}
+    # The paths the loader reads (relative to the model path as given, links allowed), not re-derived.
+    files = {os.path.realpath(t.path) for _, t in before.values()}
     if len(files) != 1:
         return None
     (src,) = files
@@ -45,6 +48,8 @@ def save_patched(model: ir.Model, base_path: str | os.PathLike, out: str | os.Pa
         if new is None or new.nbytes != old.nbytes or (old.length is not None and old.length != old.nbytes):
             return None
         changed.append((old, new))
+    check_outputs(out)
+    inline_attribute_tensors(model)
     out = Path(out)
     data_name = f"{out.name}.data"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -68,6 +73,4 @@ def save_patched(model: ir.Model, base_path: str | os.PathLike, out: str | os.Pa
             ir.save(model, tmp / out.name)
         except OSError as e:
             raise ModelError(f"cannot write {out}: {e.strerror or e}") from None
-        os.replace(tmp / data_name, out.parent / data_name)
-        os.replace(tmp / out.name, out)
-    return [out.parent / data_name, out]
+        return publish_files(tmp, [data_name, out.name], out.parent)

@@ -19,6 +19,7 @@ from .adapter import Adapter, LoraTarget
 from .atomic import atomic_write_text
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError
+from .file_checks import require_regular_file
 from .safetensors_io import read_safetensors, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -41,10 +42,13 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> Adapter:
     path = Path(path)
     if not path.exists():
         raise AdapterError(f"adapter not found: {path}")
+    if not path.is_dir():
+        require_regular_file(path, "adapter", AdapterError)
     directory = path if path.is_dir() else path.parent
     cfg_path = directory / CONFIG_NAME
-    if not cfg_path.is_file():
+    if not os.path.lexists(cfg_path):
         raise AdapterError(f"{directory}: no {CONFIG_NAME} (not a PEFT adapter directory)")
+    require_regular_file(cfg_path, "adapter config", AdapterError)
     try:
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
@@ -55,12 +59,13 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> Adapter:
 
     if path.is_file():
         weights = path
-    elif (directory / WEIGHTS_NAME).is_file():
+    elif os.path.lexists(directory / WEIGHTS_NAME):
         weights = directory / WEIGHTS_NAME
-    elif (directory / PICKLE_NAME).is_file():
+    elif os.path.lexists(directory / PICKLE_NAME):
         weights = directory / PICKLE_NAME
     else:
         raise AdapterError(f"{directory}: no {WEIGHTS_NAME} (or {PICKLE_NAME})")
+    require_regular_file(weights, "adapter weights", AdapterError)
     tensors = _read_pickle_safely(weights) if weights.suffix == ".bin" else read_safetensors(weights)[0]
     # abspath, not resolve: "." or "x/.." need a real name (output files are named after it), but a
     # symlinked adapter folder keeps the name the user gave it.

@@ -11,7 +11,6 @@ import math
 import mmap
 import os
 import struct
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -19,6 +18,7 @@ from safetensors.numpy import save as _st_save
 
 from .atomic import atomic_write_bytes
 from .errors import AdapterError
+from .file_checks import require_regular_file
 
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -37,7 +37,7 @@ _HEADER_LIMIT = 100 * 1024 * 1024
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Tensors (read-only, memory-mapped) and the ``__metadata__`` of a .safetensors file."""
-    path = Path(path)
+    path = require_regular_file(path, "safetensors file", AdapterError)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size

@@ -33,6 +33,7 @@ import onnxruntime as ort
 from .adapter import Adapter
 from .adapter_files import read_adapter_tensors
 from .errors import AdapterError, LoraExportError
+from .file_checks import require_regular_file
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, check_tensors
 
 _ORT_TYPES = {
@@ -93,9 +94,7 @@ class LoraSession:
         base_session: bool = False,
         base_prepacking: bool = True,
     ) -> None:
-        self.model_path = Path(model_path)
-        if not self.model_path.is_file():
-            raise LoraExportError(f"model not found: {self.model_path}")
+        self.model_path = require_regular_file(model_path, "model")
         if sess_options is None:
             sess_options = ort.SessionOptions()
             # LoRA inputs carry default initializers by design; ORT's warning about that is noise.
@@ -145,14 +144,11 @@ class LoraSession:
         Both sessions are created from ``sess_options``, so both take those initializers from the same
         OrtValues instead of loading their own copies.
         """
-        import onnx_ir as ir
-
         from .base_path import shared_initializers, strip_branches
+        from .onnx_model import load_model
 
-        try:
-            model = ir.load(self.model_path)
-        except Exception as e:  # noqa: BLE001
-            raise LoraExportError(f"{self.model_path}: cannot read the model ({type(e).__name__}: {e})") from None
+        # Checked like every model we read: external data inside its folder, regular files.
+        model = load_model(self.model_path)
         strip_branches(model, SlotManifest.from_json(model.metadata_props.get(SLOTS_KEY)))
         # CPU memory on every provider: add_external_initializers reads host memory (device OrtValues are
         # not verified there), so on CUDA each session still copies the weights to the device.

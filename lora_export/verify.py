@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LoraExportError, ModelError, first_line
+from .file_checks import require_regular_file
 
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-5
@@ -233,9 +234,7 @@ def _feeds(session, inputs, seed: int, dims: Mapping[str, int]) -> dict[str, np.
 def _load_inputs(inputs) -> dict[str, np.ndarray]:
     if isinstance(inputs, Mapping):
         return {str(k): np.asarray(v) for k, v in inputs.items()}
-    path = Path(inputs)
-    if not path.is_file():
-        raise LoraExportError(f"inputs file not found: {path}")
+    path = require_regular_file(inputs, "inputs file")
     try:
         with np.load(path, allow_pickle=False) as data:
             if not hasattr(data, "files"):
@@ -291,9 +290,11 @@ def _dim(d, axis: int, dims: Mapping[str, int]) -> int:
 def _session(path, providers):
     import onnxruntime as ort
 
+    from .onnx_model import load_model
+
+    # ONNX Runtime reads external data on its own: check the model's references as for any load first.
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"model not found: {path}")
+    load_model(path)
     options = ort.SessionOptions()
     # Fatal only: warnings (unused initializers) are noise, and errors (e.g. a Gather index out of range)
     # come back as exceptions that we report in one line; ORT's own log would add more lines on stderr.
@@ -341,8 +342,7 @@ def _reference_paths(refs, names: Sequence[str]) -> dict[str, Path]:
 
 
 def _load_npy(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise LoraExportError(f"reference file not found: {path}")
+    require_regular_file(path, "reference file")
     try:
         return np.load(path, allow_pickle=False)
     except Exception as e:  # noqa: BLE001

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import click
 
@@ -21,9 +23,12 @@ def export_command(factory: str, out: str, torchscript: bool, opset: int | None,
     (model, example_inputs, export_kwargs). LoRA wrappers are removed: the base model is exported,
     with a manifest mapping each Linear/Conv/Embedding module to its ONNX initializer.
     """
+    from ..onnx_model import check_outputs
     from ..torch_export import export_with_manifest, load_factory
 
+    check_outputs(out)
     model, inputs, kwargs = load_factory(factory)
+    _refuse_source(factory, out)
     kwargs = {k: v for k, v in kwargs.items() if k not in ("path", "dynamo")}
     if opset is not None:
         kwargs["opset"] = opset
@@ -42,3 +47,14 @@ def export_command(factory: str, out: str, torchscript: bool, opset: int | None,
     click.echo(f"wrote {result.path} ({result.exporter} exporter): {mapped} module(s) mapped to initializers")
     if result.unmapped:
         click.echo(f"not found in the graph (folded or unused): {', '.join(result.unmapped)}")
+
+
+def _refuse_source(factory: str, out: str) -> None:
+    """Refuse an OUT (or its .data) that is the Python file the factory was imported from."""
+    from ..atomic import refuse_overwrite
+    from ..errors import LoraExportError
+
+    module = sys.modules.get(factory.partition(":")[0])
+    source = getattr(module, "__file__", None)
+    if source:
+        refuse_overwrite([Path(out), Path(f"{out}.data")], [Path(source)], LoraExportError)
