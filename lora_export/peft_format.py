@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import safejson
 from .adapter import Adapter, LoraTarget
 from .atomic import atomic_write_text
 from .config import LoraConfig
@@ -45,7 +46,7 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> Adapter:
     if not cfg_path.is_file():
         raise AdapterError(f"{directory}: no {CONFIG_NAME} (not a PEFT adapter directory)")
     try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+        raw = safejson.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
         raise AdapterError(f"cannot read {cfg_path}: {e}") from None
     except json.JSONDecodeError as e:

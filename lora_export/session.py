@@ -33,7 +33,7 @@ import onnxruntime as ort
 from .adapter import Adapter
 from .adapter_files import read_adapter_tensors
 from .errors import AdapterError, LoraExportError
-from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, check_tensors
+from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, check_finite_tensors, check_tensors
 
 _ORT_TYPES = {
     "tensor(float)": np.dtype(np.float32),
@@ -187,6 +187,8 @@ class LoraSession:
         tensors, what = self._tensors_of(source)
         check_tensors(tensors, self.manifest, what)
         self._check_dtypes(tensors, what)
+        # Files and dicts come from anywhere: NaN/Inf in a slot would turn every output NaN, silently.
+        check_finite_tensors(tensors, what)
         values = {
             k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), self.device_type, self.device_id)
             for k, v in sorted(tensors.items())
