@@ -21,6 +21,7 @@ def export_command(factory: str, out: str, torchscript: bool, opset: int | None,
     (model, example_inputs, export_kwargs). LoRA wrappers are removed: the base model is exported,
     with a manifest mapping each Linear/Conv/Embedding module to its ONNX initializer.
     """
+    from ..terminal import clean
     from ..torch_export import export_with_manifest, load_factory
 
     model, inputs, kwargs = load_factory(factory)
@@ -39,6 +40,6 @@ def export_command(factory: str, out: str, torchscript: bool, opset: int | None,
         click.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))
         return
     mapped = len(result.manifest["modules"])
-    click.echo(f"wrote {result.path} ({result.exporter} exporter): {mapped} module(s) mapped to initializers")
+    click.echo(f"wrote {clean(result.path)} ({result.exporter} exporter): {mapped} module(s) mapped to initializers")
     if result.unmapped:
-        click.echo(f"not found in the graph (folded or unused): {', '.join(result.unmapped)}")
+        click.echo(f"not found in the graph (folded or unused): {', '.join(clean(m) for m in result.unmapped)}")

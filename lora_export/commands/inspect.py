@@ -15,6 +15,7 @@ import click
 def inspect_command(model: str, adapter: str | None, base_weights: str | None, as_json: bool) -> None:
     """List the weights LoRA can target in MODEL; with ADAPTER, where each of its targets lands."""
     from ..inspect_model import format_report, inspect_model
+    from ..terminal import clean_lines
 
     report = inspect_model(model, adapter, base_weights=base_weights)
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    click.echo(json.dumps(report, indent=2) if as_json else clean_lines(format_report(report)))
