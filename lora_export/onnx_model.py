@@ -14,6 +14,7 @@ import onnx_ir as ir
 
 from .atomic import temp_dir
 from .errors import ModelError, first_line
+from .model_check import check_model
 
 # Protobuf cannot serialize a message over 2 GiB; stay well under it.
 INLINE_LIMIT_BYTES = 1_800_000_000
@@ -32,6 +33,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if not model.ir_version:
         raise ModelError(f"{path}: not an ONNX model (no ir_version; empty or not a model file)")
     check_external_data(model, path)
+    check_model(model, path)
     return model
 
 

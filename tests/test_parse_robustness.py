@@ -302,3 +302,152 @@ def test_session_refuses_non_finite_slot_tensors(tmp_path, injected):
     with pytest.raises(LoraExportError, match="NaN or Inf"):
         session.load_adapter("huge", huge)
     assert session.adapters == ["ok"]
+
+
+# -- 2. corrupt ONNX models: one validation pass at load time -----------------------------------------
+
+
+def _set(proto, index: int, array: np.ndarray) -> None:
+    from onnx import numpy_helper
+
+    proto.graph.initializer[index].CopyFrom(numpy_helper.from_array(array, proto.graph.initializer[index].name))
+
+
+def _raw_short(p):
+    p.graph.initializer[1].raw_data = p.graph.initializer[1].raw_data[:-4]
+
+
+def _raw_long(p):
+    p.graph.initializer[1].raw_data += b"\0" * 4
+
+
+def _typed_short(p):
+    t = p.graph.initializer[1]
+    values = np.frombuffer(t.raw_data, np.float32)
+    t.ClearField("raw_data")
+    t.float_data[:] = values[:-1].tolist()
+
+
+def _negative_dim(p):
+    p.graph.initializer[1].dims[0] = -6
+
+
+def _undefined_dtype(p):
+    p.graph.initializer[1].data_type = 0
+
+
+def _no_inputs(p):
+    for n in p.graph.node:
+        del n.input[:]
+
+
+def _empty_inputs(p):
+    for n in p.graph.node:
+        n.input[:] = [""] * len(n.input)
+
+
+def _conv_without_weight(p):
+    from onnx import helper
+
+    p.graph.node.append(helper.make_node("Conv", ["y"], ["z"], name="/conv/Conv"))
+
+
+def _string_attribute(p):
+    from onnx import helper
+
+    p.graph.node[1].attribute[0].CopyFrom(helper.make_attribute("transB", "yes"))
+
+
+def _float_axis(p):
+    from onnx import helper
+
+    p.graph.node[0].attribute.append(helper.make_attribute("axis", 1.5))
+
+
+def _manifest(value: str):
+    def mutate(p):
+        entry = p.metadata_props.add()
+        entry.key, entry.value = "lora_export.manifest", value
+
+    return mutate
+
+
+def _slots_deep(p):
+    entry = p.metadata_props.add()
+    entry.key, entry.value = "lora_export.slots", "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize(
+    "mutate, fragment",
+    [
+        (_raw_short, "92 bytes of data"),
+        (_raw_long, "100 bytes of data"),
+        (_typed_short, "23 values in float_data"),
+        (_negative_dim, "invalid shape"),
+        (_undefined_dtype, "undefined data type"),
+        (_no_inputs, "required input 0 is missing"),
+        (_empty_inputs, "required input 0 is missing"),
+        (_conv_without_weight, "required input 1 is missing"),
+        (_string_attribute, "attribute transB must be INT"),
+        (_float_axis, "attribute axis must be INT"),
+        (_manifest("[" * 100_000 + "]" * 100_000), "corrupt lora_export.manifest"),
+        (_manifest('{"modules": {"fc": {"initializer": ["x"]}}}'), "corrupt lora_export.manifest"),
+        (_manifest('{"modules": {"fc": 5}}'), "corrupt lora_export.manifest"),
+        (_slots_deep, "corrupt lora_export.slots"),
+    ],
+    ids=lambda x: getattr(x, "__name__", None),
+)
+def test_corrupt_onnx_model_is_a_model_error_at_load(tmp_path, mutate, fragment):
+    from robust_fixtures import tiny_model
+
+    from lora_export import merge_file
+    from lora_export.inspect_model import inspect_model
+
+    proto = tiny_model()
+    mutate(proto)
+    model = write_model(tmp_path / "m.onnx", proto)
+    adapter = write_adapter(tmp_path / "ad")
+    for call in (lambda: inspect_model(model, adapter), lambda: merge_file(model, adapter, tmp_path / "o.onnx")):
+        with pytest.raises(ModelError) as e:
+            call()
+        assert fragment in _one_line(e.value)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.bool_])
+def test_non_float_target_weight_is_a_model_error_when_read(tmp_path, dtype):
+    from robust_fixtures import tiny_model
+
+    from lora_export import merge_file
+
+    proto = tiny_model()
+    _set(proto, 1, np.ones((6, 4), dtype))
+    model = write_model(tmp_path / "m.onnx", proto)
+    with pytest.raises(ModelError, match="floating-point weight"):
+        merge_file(model, write_adapter(tmp_path / "ad"), tmp_path / "o.onnx")
+
+
+@pytest.mark.parametrize("shape", [(), (6,), (6, 4, 1)])
+def test_target_weight_of_wrong_rank_is_refused(tmp_path, shape):
+    from robust_fixtures import tiny_model
+
+    from lora_export import merge_file
+
+    proto = tiny_model()
+    _set(proto, 1, np.ones(shape, np.float32))
+    model = write_model(tmp_path / "m.onnx", proto)
+    with pytest.raises(LoraExportError):
+        merge_file(model, write_adapter(tmp_path / "ad"), tmp_path / "o.onnx")
+
+
+def test_invalid_utf8_node_name_is_a_model_error(tmp_path):
+    from robust_fixtures import tiny_model
+
+    from lora_export.onnx_model import load_model
+
+    proto = tiny_model()
+    proto.graph.node[1].name = "/fc/NAMEX"
+    path = tmp_path / "m.onnx"
+    path.write_bytes(proto.SerializeToString().replace(b"NAMEX", b"\xff\xfeMEX"))
+    with pytest.raises(ModelError, match="not valid UTF-8"):
+        load_model(path)
