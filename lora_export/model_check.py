@@ -68,6 +68,8 @@ def _check_metadata(model: ir.Model, path: Path) -> None:
     if text is not None and not _manifest_ok(text):
         raise ModelError(f"{path}: corrupt {MANIFEST_KEY} metadata (not the exporter's JSON object)")
     text = model.metadata_props.get(SLOTS_KEY)
+    if text == "":
+        raise ModelError(f"{path}: corrupt {SLOTS_KEY} metadata (empty)")
     if text is not None:
         try:
             SlotManifest.from_json(text)
@@ -104,6 +106,10 @@ def _tensor_problem(tensor: ir.TensorProtocol) -> str | None:
             return f"external data length {tensor.length} does not match its {dtype.name} shape {dims} ({want} bytes)"
         return None
     proto = getattr(tensor, "raw", None)
+    if isinstance(tensor, ir.StringTensor):
+        # onnx-ir reads strings from string_data only (raw_data is ignored): the count must fit the shape.
+        have = len(proto) if proto is not None else 0
+        return None if have == numel else f"{have} strings for shape {dims} ({numel} expected)"
     if not hasattr(proto, "HasField"):
         return None  # an in-memory tensor built by a library, not parsed from a file
     if proto.HasField("raw_data"):
