@@ -195,6 +195,71 @@ def test_fuzz_safetensors_header_long(workdir, header, metadata, payload, length
     _safetensors_case(workdir, header, metadata, payload, length_delta, raw)
 
 
+# -- adapter tensors (valid safetensors files, hostile contents) ---------------------------------------
+
+_P = "base_model.model."
+_KEYS = st.sampled_from(
+    [
+        f"{_P}fc.lora_A.weight", f"{_P}fc.lora_B.weight", f"{_P}emb.lora_embedding_A", f"{_P}emb.lora_embedding_B",
+        f"{_P}fc.lora_magnitude_vector", f"{_P}fc.bias", f"{_P}fc.lora_A.default.weight", "fc.lora_X.weight",
+        f"{_P}proj.lora_A.weight", f"{_P}proj.lora_B.weight", f"{_P}fc.base_layer.bias",
+        "modules_to_save.default.fc.bias",
+    ]
+)  # fmt: skip
+_ARRAYS = st.tuples(
+    st.sampled_from([np.float32, np.float16, np.float64, np.int64, np.bool_, np.uint8]),
+    st.lists(st.integers(min_value=0, max_value=7), max_size=4),
+    st.sampled_from([0.0, 1.0, -2.5, 1e30, 3e38, np.inf, np.nan]),
+)
+
+
+def _adapter_tensors_case(root: Path, entries: dict, config: dict) -> None:
+    from lora_export.safetensors_io import write_safetensors
+
+    directory = _fresh(root, "tensors")
+    shutil.copy(root / "adapter" / "adapter_config.json", directory)
+    cfg = json.loads((directory / "adapter_config.json").read_text())
+    cfg.update(config)
+    (directory / "adapter_config.json").write_text(json.dumps(cfg))
+    with np.errstate(all="ignore"):
+        tensors = {k: np.full(shape, fill).astype(dtype) for k, (dtype, shape, fill) in entries.items()}
+        write_safetensors(directory / "adapter_model.safetensors", tensors)
+    out = _fresh(root, "tensors-out")
+    for call in (
+        lambda: merge_file(root / "base.onnx", directory, out / "merged.onnx"),
+        lambda: inject_files(root / "base.onnx", [directory], out / "injected"),
+    ):
+        _succeeds_or_refuses(call)
+
+
+_TENSOR_ARGS = dict(
+    entries=st.dictionaries(_KEYS, _ARRAYS, max_size=6),
+    config=st.fixed_dictionaries(
+        {},
+        optional={
+            "r": st.integers(1, 8),
+            "use_dora": st.booleans(),
+            "fan_in_fan_out": st.booleans(),
+            "bias": st.sampled_from(["none", "all"]),
+            "lora_alpha": st.sampled_from([1, 16, 1e30, 1e-30]),
+        },
+    ),
+)
+
+
+@FAST
+@given(**_TENSOR_ARGS)
+def test_fuzz_adapter_tensors(workdir, entries, config):
+    _adapter_tensors_case(workdir, entries, config)
+
+
+@pytest.mark.slow
+@settings(SLOW, max_examples=600)
+@given(**_TENSOR_ARGS)
+def test_fuzz_adapter_tensors_long(workdir, entries, config):
+    _adapter_tensors_case(workdir, entries, config)
+
+
 # -- ONNX files ---------------------------------------------------------------------------------------
 
 _NAMES = st.one_of(
