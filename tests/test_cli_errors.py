@@ -127,3 +127,13 @@ def test_real_process_prints_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "linear-time" in proc.stderr, proc.stderr
     assert proc.stdout == ""
+
+
+def test_onnx_ir_log_records_do_not_reach_stderr(tmp_path):
+    """onnx-ir logs a warning for a node input no value produces; the CLI's stderr stays empty."""
+    proto = tiny_model()
+    proto.graph.node[2].input[0] = "nowhere"
+    model = write_model(tmp_path / "m.onnx", proto)
+    result = _invoke("merge", model, write_adapter(tmp_path / "ad"), "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
