@@ -364,6 +364,67 @@ def test_fuzz_onnx_model_long(workdir, data):
     _onnx_case(workdir, data)
 
 
+# -- injected models: slot metadata -> convert and LoraSession ----------------------------------------
+
+_SLOT_FIELDS = {
+    "kind": st.sampled_from(["linear", "conv", "embedding", "x", 3]),
+    "weight_shape": st.one_of(st.lists(st.integers(-1, 12), max_size=4), _SCALARS),
+    "dtype": st.sampled_from(["float32", "float16", "bfloat16", "float64", "int64", "nope", 1]),
+    "groups": st.one_of(st.integers(-1, 4), _SCALARS),
+    "a": _NAMES,
+    "b": _NAMES,
+    "dora": st.one_of(st.none(), _NAMES),
+    "module": _NAMES,
+    "node": _NAMES,
+}
+
+
+@pytest.fixture(scope="module")
+def injected(workdir):
+    inject_files(workdir / "base.onnx", [workdir / "adapter"], workdir / "inj")
+    return onnx.load(str(workdir / "inj" / "model.onnx"))
+
+
+def _slots_case(root: Path, injected: onnx.ModelProto, data: st.DataObject, session: bool) -> None:
+    from lora_export.convert import convert_adapter
+    from lora_export.session import LoraSession
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(injected)
+    meta = next(p for p in proto.metadata_props if p.key == "lora_export.slots")
+    manifest = json.loads(meta.value)
+    for slot in manifest["slots"]:
+        for key, strategy in _SLOT_FIELDS.items():
+            if data.draw(st.integers(0, 9)) == 0:
+                slot[key] = data.draw(strategy)
+    meta.value = json.dumps(manifest)
+    case = _fresh(root, "slots")
+    model = case / "model.onnx"
+    model.write_bytes(proto.SerializeToString())
+    _succeeds_or_refuses(lambda: convert_adapter(root / "adapter", model, case / "out.safetensors"))
+    if session:
+
+        def run():
+            s = LoraSession(model, providers=["CPUExecutionProvider"])
+            s.load_adapter("a", root / "adapter")
+            s.load_adapter("b", root / "inj" / "adapter.safetensors")
+
+        _succeeds_or_refuses(run)
+
+
+@FAST
+@given(data=st.data())
+def test_fuzz_slot_metadata(workdir, injected, data):
+    _slots_case(workdir, injected, data, session=False)
+
+
+@pytest.mark.slow
+@settings(SLOW, max_examples=300)
+@given(data=st.data())
+def test_fuzz_slot_metadata_long(workdir, injected, data):
+    _slots_case(workdir, injected, data, session=True)
+
+
 def test_fuzz_fixture_is_mergeable(workdir, tmp_path):
     """The unmutated model and adapter succeed: the fuzzers start from a working case."""
     report = merge_file(workdir / "base.onnx", workdir / "adapter", tmp_path / "m.onnx")

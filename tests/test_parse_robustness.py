@@ -451,3 +451,21 @@ def test_invalid_utf8_node_name_is_a_model_error(tmp_path):
     path.write_bytes(proto.SerializeToString().replace(b"NAMEX", b"\xff\xfeMEX"))
     with pytest.raises(ModelError, match="not valid UTF-8"):
         load_model(path)
+
+
+def test_session_refuses_slot_metadata_that_disagrees_with_the_graph(tmp_path, injected):
+    """Slot metadata saying bfloat16 on a float32 graph: one AdapterError, not ORT's RuntimeError."""
+    import onnx
+
+    from lora_export.session import LoraSession
+
+    root, _ = injected
+    proto = onnx.load(str(root / "inj" / "model.onnx"))
+    meta = next(p for p in proto.metadata_props if p.key == "lora_export.slots")
+    manifest = json.loads(meta.value)
+    manifest["slots"][0]["dtype"] = "bfloat16"
+    meta.value = json.dumps(manifest)
+    path = write_model(tmp_path / "m.onnx", proto)
+    session = LoraSession(path, providers=["CPUExecutionProvider"])
+    with pytest.raises(AdapterError, match="the model expects tensor\\(float\\)"):
+        session.load_adapter("a", root / "fine")
