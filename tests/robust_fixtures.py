@@ -57,3 +57,41 @@ def write_adapter(directory: Path, b_value: float = 0.1, **config) -> Path:
     cfg = LoraConfig(**{"r": 2, "lora_alpha": 2, "target_modules": ["fc", "emb"], **config})
     save_adapter_files(Adapter({"fc": fc, "emb": emb}, cfg), directory)
     return directory
+
+
+def conv_model() -> onnx.ModelProto:
+    """x → Conv(conv, 3x3) → Flatten → MatMul(Transpose(lin)): a conv and a transposed linear weight."""
+    rng = np.random.default_rng(2)
+    conv = numpy_helper.from_array(rng.standard_normal((2, 1, 3, 3)).astype(np.float32), "conv.weight")
+    lin = numpy_helper.from_array(rng.standard_normal((3, 8)).astype(np.float32), "lin.weight")
+    nodes = [
+        helper.make_node("Conv", ["x", "conv.weight"], ["c"], name="/conv/Conv", group=1),
+        helper.make_node("Flatten", ["c"], ["f"], name="/Flatten"),
+        helper.make_node("Transpose", ["lin.weight"], ["lin_t"], name="/lin/Transpose", perm=[1, 0]),
+        helper.make_node("MatMul", ["f", "lin_t"], ["y"], name="/lin/MatMul"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [conv, lin],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def write_conv_adapter(directory: Path) -> Path:
+    """A PEFT adapter on ``conv`` (2 out, 1 in, 3x3) and ``lin`` (3 out, 8 in)."""
+    rng = np.random.default_rng(3)
+    conv = LoraTarget(
+        "conv",
+        "conv",
+        rng.standard_normal((2, 1, 3, 3)).astype(np.float32),
+        np.full((2, 2, 1, 1), 0.1, np.float32),
+        1.0,
+    )
+    lin = LoraTarget(
+        "lin", "linear", rng.standard_normal((2, 8)).astype(np.float32), np.full((3, 2), 0.1, np.float32), 1.0
+    )
+    save_adapter_files(Adapter({"conv": conv, "lin": lin}, LoraConfig(r=2, target_modules=["conv", "lin"])), directory)
+    return directory

@@ -20,7 +20,7 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from robust_fixtures import tiny_model, write_adapter, write_model
+from robust_fixtures import conv_model, tiny_model, write_adapter, write_conv_adapter, write_model
 
 from lora_export import LoraConfig, load_adapter, merge_file
 from lora_export.errors import LoraExportError
@@ -70,6 +70,7 @@ def _succeeds_or_refuses(call) -> None:
 def workdir():
     root = Path(tempfile.mkdtemp(prefix="lora-fuzz-"))
     write_adapter(root / "adapter")
+    write_conv_adapter(root / "conv_adapter")
     write_model(root / "base.onnx")
     yield root
     shutil.rmtree(root, ignore_errors=True)
@@ -274,7 +275,20 @@ def _mutate(data: st.DataObject, proto: onnx.ModelProto, root: Path) -> bytes:
     for _ in range(data.draw(st.integers(min_value=1, max_value=3), label="mutations")):
         kind = data.draw(
             st.sampled_from(
-                ["drop_inputs", "empty_input", "dtype", "dims", "raw", "external", "name", "op", "attr", "meta", "dup"]
+                [
+                    "drop_inputs",
+                    "empty_input",
+                    "dtype",
+                    "dims",
+                    "raw",
+                    "external",
+                    "name",
+                    "op",
+                    "attr",
+                    "meta",
+                    "dup",
+                    "perm",
+                ]
             )
         )
         node = graph.node[data.draw(st.integers(0, len(graph.node) - 1))]
@@ -315,6 +329,10 @@ def _mutate(data: st.DataObject, proto: onnx.ModelProto, root: Path) -> bytes:
                 node.output[0] = name
         elif kind == "op":
             node.op_type = data.draw(st.sampled_from(["MatMul", "Gemm", "Conv", "Gather", "Transpose", "Add"]))
+        elif kind == "perm":
+            del node.attribute[:]
+            perm = data.draw(st.lists(st.integers(-1, 3), min_size=1, max_size=3))
+            node.attribute.append(onnx.helper.make_attribute("perm", perm))
         elif kind == "attr":
             del node.attribute[:]
             value = data.draw(st.one_of(st.integers(-2, 3), st.floats(allow_nan=False), st.text(max_size=3)))
@@ -335,8 +353,9 @@ def _mutate(data: st.DataObject, proto: onnx.ModelProto, root: Path) -> bytes:
 def _onnx_case(root: Path, data: st.DataObject) -> None:
     case = _fresh(root, "onnx")
     model = case / "model.onnx"
-    model.write_bytes(_mutate(data, tiny_model(), case))
-    adapter = root / "adapter"
+    conv = data.draw(st.booleans(), label="conv model")
+    model.write_bytes(_mutate(data, conv_model() if conv else tiny_model(), case))
+    adapter = root / ("conv_adapter" if conv else "adapter")
 
     def resolve():
         loaded = load_model(model)
