@@ -31,7 +31,7 @@ from lora_export.resolve import resolve_targets
 from lora_export.safetensors_io import read_safetensors
 
 FAST = settings(
-    max_examples=40,
+    max_examples=60,
     derandomize=True,
     deadline=None,
     database=None,
