@@ -109,7 +109,9 @@ class SlotManifest:
             raw = safejson.loads(text)
             slots = {d["module"]: Slot(**d) for d in raw["slots"]}
             # Inside the try: a malformed "absent" is as corrupt as a malformed slot.
-            absent = [str(m) for m in raw.get("absent", [])]
+            absent = raw.get("absent", [])
+            if not isinstance(absent, list) or not all(isinstance(m, str) for m in absent):
+                raise TypeError("absent must be a list of module names")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ModelError(f"corrupt lora_export.slots metadata ({type(e).__name__})") from None
         for slot in slots.values():

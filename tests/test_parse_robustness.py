@@ -208,6 +208,8 @@ def test_non_string_safetensors_metadata_is_an_adapter_error(tmp_path):
         json.dumps({"slots": [{"module": "m", "kind": "linear"}]}),
         json.dumps({"slots": "x"}),
         json.dumps({"slots": [1]}),
+        json.dumps({"slots": [], "absent": json.loads("[" * 900 + "]" * 900)}),
+        json.dumps({"slots": [], "absent": "fc"}),
     ],
 )
 def test_corrupt_slot_manifest_is_a_model_error(text):
