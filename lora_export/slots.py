@@ -148,13 +148,16 @@ def _slot_problem(slot: Slot) -> str | None:
         return f"weight_shape {safejson.short_repr(ws)} does not fit a {slot.kind} weight"
     if type(slot.groups) is not int or slot.groups < 1:
         return "groups is not a positive integer"
-    try:
-        floating = slot.dtype == "bfloat16" or slot.np_dtype.kind == "f"
-    except TypeError:
-        floating = False
-    if not floating:
+    if not _floating_dtype(slot):
         return f"unsupported dtype {safejson.short_repr(slot.dtype)}"
     return None
+
+
+def _floating_dtype(slot: Slot) -> bool:
+    try:
+        return slot.dtype == "bfloat16" or slot.np_dtype.kind == "f"
+    except TypeError:  # a dtype numpy does not know (float8 and other ml_dtypes names)
+        return False
 
 
 def slot_tensors(slot: Slot, t: LoraTarget, w0: Callable[[], np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -165,6 +168,9 @@ def slot_tensors(slot: Slot, t: LoraTarget, w0: Callable[[], np.ndarray] | None 
     misfit = slot_misfit(slot, t)
     if misfit:
         raise ShapeError(f"{t.name}: {misfit}")
+    if not _floating_dtype(slot):
+        # An integer slot would truncate A′ and B′ (exit 0, wrong outputs); strings cannot hold them at all.
+        raise ModelError(f"{t.name}: the base weight has dtype {slot.dtype}; LoRA slots need a floating-point weight")
     a = np.asarray(t.A, dtype=np.float32)
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below, in one line
         b = np.asarray(t.B, dtype=np.float32) * np.float32(t.scale)

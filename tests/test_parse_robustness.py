@@ -471,3 +471,22 @@ def test_session_refuses_slot_metadata_that_disagrees_with_the_graph(tmp_path, i
     session = LoraSession(path, providers=["CPUExecutionProvider"])
     with pytest.raises(AdapterError, match="the model expects tensor\\(float\\)"):
         session.load_adapter("a", root / "fine")
+
+
+@pytest.mark.parametrize("table", ["int64", "string"])
+def test_inject_refuses_non_float_target_weight(tmp_path, table):
+    """An int64 weight used to get int64 slots (A′, B′ truncated, exit 0); a string table crashed."""
+    from onnx import TensorProto, helper
+    from robust_fixtures import tiny_model
+
+    from lora_export.inject import inject_files
+
+    proto = tiny_model()
+    if table == "int64":
+        _set(proto, 1, np.ones((6, 4), np.int64))
+    else:
+        proto.graph.initializer[0].CopyFrom(helper.make_tensor("emb.weight", TensorProto.STRING, [10, 4], [b"a"] * 40))
+    model = write_model(tmp_path / "m.onnx", proto)
+    with pytest.raises(ModelError, match="floating-point weight"):
+        inject_files(model, [write_adapter(tmp_path / "ad")], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
