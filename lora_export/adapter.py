@@ -134,17 +134,16 @@ class Adapter:
         """
         if not pattern:
             return self
-        from .config import compile_pattern
         from .errors import TargetError
+        from .patterns import search
 
-        rx = compile_pattern(pattern, "--only-targets")
-        targets = {k: t for k, t in self.targets.items() if rx.search(k)}
+        targets = {k: t for k, t in self.targets.items() if search(pattern, k, "--only-targets")}
         if not targets:
             raise TargetError(f"--only-targets {pattern!r} matches none of adapter {self.name!r}'s targets")
         return dataclasses.replace(
             self,
             targets=targets,
-            extra={k: v for k, v in self.extra.items() if rx.search(k)},
+            extra={k: v for k, v in self.extra.items() if search(pattern, k, "--only-targets")},
             stored_base={k: v for k, v in self.stored_base.items() if k in targets},
         )
 

@@ -14,6 +14,7 @@ import onnx_ir as ir
 from .errors import LoraExportError
 from .module_paths import node_module_paths, weight_module
 from .onnx_model import load_model
+from .terminal import clean
 
 
 @dataclass
@@ -124,7 +125,7 @@ def inspect_model(
 
 def format_report(report: dict) -> str:
     """The human-readable tables for ``lora-export inspect``."""
-    lines = [f"{report['model']}: {len(report['targetable'])} targetable weight(s)"]
+    lines = [f"{clean(report['model'])}: {len(report['targetable'])} targetable weight(s)"]
     if not report.get("manifest"):
         lines[0] += " (no lora-export manifest; module paths inferred from names)"
     header = ("module", "op", "initializer", "shape", "dtype", "layout", "node")
@@ -145,7 +146,8 @@ def format_report(report: dict) -> str:
         c = report["counts"]
         lines += [
             "",
-            f"adapter {report['adapter']}: {c['matched']} matched, {c['absent']} absent, {c['unmatched']} unmatched",
+            f"adapter {clean(report['adapter'])}: "
+            f"{c['matched']} matched, {c['absent']} absent, {c['unmatched']} unmatched",
         ]
         header = ("target", "kind", "rank", "status", "strategy", "initializer", "detail")
         rows = [
@@ -165,6 +167,8 @@ def format_report(report: dict) -> str:
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    # Names come from the files: escaped, so a newline or an escape sequence in one cannot break the table.
+    rows = [tuple(clean(x) for x in row) for row in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import safejson
 from .adapter import Adapter, LoraTarget
 from .atomic import atomic_write_text
 from .config import LoraConfig
@@ -50,7 +51,7 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> Adapter:
         raise AdapterError(f"{directory}: no {CONFIG_NAME} (not a PEFT adapter directory)")
     require_regular_file(cfg_path, "adapter config", AdapterError)
     try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+        raw = safejson.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
         raise AdapterError(f"cannot read {cfg_path}: {e}") from None
     except json.JSONDecodeError as e:

@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnxruntime as ort
 
@@ -34,9 +35,10 @@ from .adapter import Adapter
 from .adapter_files import read_adapter_tensors
 from .errors import AdapterError, LoraExportError
 from .file_checks import require_regular_file
-from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, check_tensors
+from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, check_finite_tensors, check_tensors
 
 _ORT_TYPES = {
+    "tensor(bfloat16)": np.dtype(ml_dtypes.bfloat16),
     "tensor(float)": np.dtype(np.float32),
     "tensor(float16)": np.dtype(np.float16),
     "tensor(double)": np.dtype(np.float64),
@@ -124,6 +126,8 @@ class LoraSession:
             self.base_session = self._create(twin_proto(base_model, self._shared), sess_options, providers)
             del base_model
         self._inputs = {i.name: i for i in self.session.get_inputs()}
+        # The LoRA inputs have default initializers: ORT lists them as overridable initializers, not inputs.
+        self._types = {i.name: i.type for i in (*self.session.get_overridable_initializers(), *self._inputs.values())}
         self._outputs = [o.name for o in self.session.get_outputs()]
         self._slot_inputs = {n for slot in self.manifest.slots.values() for n in slot.inputs}
         self._adapters: dict[str, dict[str, ort.OrtValue]] = {}
@@ -183,10 +187,9 @@ class LoraSession:
         tensors, what = self._tensors_of(source)
         check_tensors(tensors, self.manifest, what)
         self._check_dtypes(tensors, what)
-        values = {
-            k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), self.device_type, self.device_id)
-            for k, v in sorted(tensors.items())
-        }
+        # Files and dicts come from anywhere: NaN/Inf in a slot would turn every output NaN, silently.
+        check_finite_tensors(tensors, what)
+        values = {k: self._ort_value(v) for k, v in sorted(tensors.items())}
         with self._lock:
             if name in self._adapters:
                 raise AdapterError(f"an adapter named {name!r} is already loaded (unload it first)")
@@ -219,9 +222,19 @@ class LoraSession:
     def _check_dtypes(self, tensors: Mapping[str, np.ndarray], what: str) -> None:
         # The manifest has the dtype too; the session's own input types are the final word.
         for k, v in tensors.items():
-            want = _ORT_TYPES.get(self._inputs[k].type) if k in self._inputs else None
-            if want is not None and v.dtype != want:
-                raise AdapterError(f"{what}: {k} has dtype {v.dtype}, the model expects {want}")
+            if k not in self._types:
+                raise AdapterError(f"{what}: the model has no input {k!r} (its slot metadata does not match its graph)")
+            want = _ORT_TYPES.get(self._types[k])
+            if want is None or v.dtype != want:
+                raise AdapterError(f"{what}: {k} has dtype {v.dtype}, the model expects {self._types[k]}")
+
+    def _ort_value(self, arr: np.ndarray) -> ort.OrtValue:
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype == ml_dtypes.bfloat16:
+            # ortvalue_from_numpy refuses numpy's opaque bfloat16; hand ORT the bits with the ONNX type. CPU
+            # memory: ORT copies it to the session's device when bound.
+            return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr.view(np.uint16), 16)
+        return ort.OrtValue.ortvalue_from_numpy(arr, self.device_type, self.device_id)
 
     # -- inference -----------------------------------------------------------------------------
 

@@ -51,7 +51,9 @@ def _refused(result, fragment: str, code: int = 2) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert fragment in lines[0], lines[0]
     assert "Traceback" not in result.output
-    assert result.stdout == ""
+    if result.stdout:  # with --json, the error also goes to stdout as one JSON object
+        assert json.loads(result.stdout)["error"] == lines[0][len("error: ") :]
+        assert result.stdout.count("\n") == 1
 
 
 def _no_strays(folder: Path) -> None:

@@ -7,6 +7,7 @@ import json
 import click
 
 from ..convert import convert_adapter
+from ..terminal import clean
 from . import COMMANDS
 
 
@@ -29,7 +30,7 @@ def convert_command(adapter: str, model: str, output: str, only_targets: str | N
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(
-            f"wrote {report['output']}: {len(report['slots_filled'])} slots filled, "
+            f"wrote {clean(report['output'])}: {len(report['slots_filled'])} slots filled, "
             f"{len(report['slots_default'])} left at their defaults"
         )
 

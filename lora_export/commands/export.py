@@ -24,6 +24,7 @@ def export_command(factory: str, out: str, torchscript: bool, opset: int | None,
     with a manifest mapping each Linear/Conv/Embedding module to its ONNX initializer.
     """
     from ..onnx_model import check_outputs
+    from ..terminal import clean
     from ..torch_export import export_with_manifest, load_factory
 
     check_outputs(out)
@@ -44,9 +45,9 @@ def export_command(factory: str, out: str, torchscript: bool, opset: int | None,
         click.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))
         return
     mapped = len(result.manifest["modules"])
-    click.echo(f"wrote {result.path} ({result.exporter} exporter): {mapped} module(s) mapped to initializers")
+    click.echo(f"wrote {clean(result.path)} ({result.exporter} exporter): {mapped} module(s) mapped to initializers")
     if result.unmapped:
-        click.echo(f"not found in the graph (folded or unused): {', '.join(result.unmapped)}")
+        click.echo(f"not found in the graph (folded or unused): {', '.join(clean(m) for m in result.unmapped)}")
 
 
 def _refuse_source(factory: str, out: str) -> None:

@@ -7,6 +7,7 @@ import json
 import click
 
 from ..inject import InjectResult, inject_files
+from ..terminal import clean, clean_lines
 from . import COMMANDS
 
 
@@ -42,16 +43,16 @@ def inject_command(
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
-        click.echo(summary(result))
+        click.echo(clean_lines(summary(result)))
 
 
 def summary(result: InjectResult) -> str:
     lines = [f"{len(result.manifest.slots)} LoRA slots:"]
     for module, slot in sorted(result.manifest.slots.items()):
-        lines.append(f"  {module}  {slot.op}  {slot.kind}{'  +DoRA' if slot.dora else ''}")
+        lines.append(f"  {clean(module)}  {clean(slot.op)}  {slot.kind}{'  +DoRA' if slot.dora else ''}")
     if result.manifest.absent:
-        lines.append(f"absent from the graph (no effect): {', '.join(result.manifest.absent)}")
-    lines += [f"wrote {p}" for p in result.files]
+        lines.append(f"absent from the graph (no effect): {', '.join(clean(m) for m in result.manifest.absent)}")
+    lines += [f"wrote {clean(p)}" for p in result.files]
     return "\n".join(lines)
 
 

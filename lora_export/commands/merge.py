@@ -8,6 +8,7 @@ import sys
 import click
 
 from ..merge import MergeReport, merge_file
+from ..terminal import clean, clean_lines
 from . import COMMANDS
 
 
@@ -57,7 +58,7 @@ def merge_command(
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        click.echo(summary(report))
+        click.echo(clean_lines(summary(report)))
 
 
 def summary(report: MergeReport) -> str:
@@ -71,8 +72,10 @@ def summary(report: MergeReport) -> str:
     for e in report.resolution.extras:
         d = e.to_dict()
         rows.append((d["tensor"], d["status"], "replace", d["initializer"] or "-", d["detail"]))
+    # Names come from the files: escaped, so a newline or an escape sequence in one cannot break the table.
+    rows = [tuple(clean(c) for c in row) for row in rows]
     widths = [min(48, max(len(str(row[i])) for row in rows)) for i in range(4)]
-    lines = ["  ".join(str(c)[:w].ljust(w) for c, w in zip(row[:4], widths)) + "  " + str(row[4]) for row in rows]
+    lines = ["  ".join(c[:w].ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
     c = report.to_dict()["counts"]
     lines.append(
         f"merged {c['merged_weights']} weight(s) from {c['targets']} target(s)"
@@ -81,7 +84,7 @@ def summary(report: MergeReport) -> str:
         + (f", replaced {c['replaced_tensors']} tensor(s)" if c["replaced_tensors"] else "")
         + f" in {report.timings.get('total', 0.0):.2f}s"
     )
-    lines.append("wrote " + ", ".join(report.files))
+    lines.append("wrote " + ", ".join(clean(f) for f in report.files))
     return "\n".join(lines)
 
 

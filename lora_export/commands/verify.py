@@ -37,6 +37,7 @@ def verify_command(a, b, inputs, references, rtol, atol, seed, dims, save_output
 
     With only --save-outputs, runs A and writes reference outputs for a later verify.
     """
+    from ..terminal import clean
     from ..verify import run_model, save_reference, verify_models
 
     dim_sizes = _dims(dims)
@@ -50,7 +51,7 @@ def verify_command(a, b, inputs, references, rtol, atol, seed, dims, save_output
         if as_json:
             click.echo(json.dumps({"model": a, "written": [str(p) for p in written]}, indent=2))
         else:
-            click.echo(f"wrote {len(outs)} reference output(s) and inputs.npz to {save_outputs}")
+            click.echo(f"wrote {len(outs)} reference output(s) and inputs.npz to {clean(save_outputs)}")
         return
     report = verify_models(
         a,
@@ -68,12 +69,12 @@ def verify_command(a, b, inputs, references, rtol, atol, seed, dims, save_output
     else:
         for o in report.outputs:
             mark = "ok  " if o.allclose else "FAIL"
-            extra = f"  {o.detail}" if o.detail else ""
+            extra = f"  {clean(o.detail)}" if o.detail else ""
             click.echo(
-                f"{mark} {o.name} {o.shape} max_abs={o.max_abs:.3g} max_rel={o.max_rel:.3g} "
+                f"{mark} {clean(o.name)} {o.shape} max_abs={o.max_abs:.3g} max_rel={o.max_rel:.3g} "
                 f"mismatched={o.mismatched}{extra}"
             )
         if report.passed:
-            click.echo(report.summary())
+            click.echo(clean(report.summary()))
     if not report.passed:
         raise VerificationError(report.summary())
