@@ -31,6 +31,16 @@ _ATTRIBUTE_TYPES = {
 _COMPLEX = {ir.DataType.COMPLEX64, ir.DataType.COMPLEX128}
 
 
+_CHECKED = "lora_export.checked"
+
+
+def ensure_checked(model: ir.Model, what: str = "model") -> None:
+    """``check_model`` for a model built in memory (the API's ``merge_adapter``/``inject_adapters``);
+    a model that came through ``load_model`` was checked already."""
+    if not model.meta.get(_CHECKED):
+        check_model(model, Path(what))
+
+
 def check_model(model: ir.Model, path: Path) -> None:
     """Raise a one-line ModelError for the first structural problem in ``model`` (loaded from ``path``)."""
     for key, value in model.metadata_props.items():
@@ -47,6 +57,7 @@ def check_model(model: ir.Model, path: Path) -> None:
             problem = _node_problem(node)
             if problem:
                 raise ModelError(f"{path}: invalid {node.op_type} node {safejson.short_repr(node.name)}: {problem}")
+    model.meta[_CHECKED] = True
 
 
 def _check_names(graph: ir.Graph, path: Path) -> None:
