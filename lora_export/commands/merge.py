@@ -9,7 +9,6 @@ import click
 
 from ..merge import MergeReport, merge_file
 from ..terminal import clean, clean_lines
-from . import COMMANDS
 
 
 @click.command("merge")
@@ -105,6 +104,3 @@ class _ProgressBar:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.__exit__(None, None, None)
-
-
-COMMANDS.append(merge_command)
