@@ -165,6 +165,15 @@ def test_errors_keep_their_full_text():
     assert one_line(long).endswith(" tail") and len(one_line(long)) == 505
 
 
+def test_adapter_file_error_is_complete(served, tmp_path):
+    corrupt = tmp_path / "corrupt.onnx_adapter"
+    corrupt.write_bytes(b"not a flatbuffer at all" * 10)
+    with pytest.raises(Exception) as ort_error:
+        ort.AdapterFormat.read_adapter(str(corrupt))
+    # ORT's message puts its reason after a long source location: it must survive, on one line.
+    _refused(LoraExportError, lambda: served.load_adapter("x", corrupt), one_line(ort_error.value))
+
+
 def test_session_creation_error_is_complete(tmp_path, monkeypatch):
     from lora_export import session as session_module
 
