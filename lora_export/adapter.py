@@ -14,6 +14,8 @@ transposed (HF Conv1D). DoRA magnitude is 1-D: one entry per output channel (per
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -148,6 +150,10 @@ class Adapter:
             stored_base={k: v for k, v in self.stored_base.items() if k in targets},
         )
 
+    def digest(self) -> str:
+        """sha256 (hex) of the adapter's tensors: see ``adapter_digest``."""
+        return adapter_digest(self)
+
     def check_finite(self) -> None:
         """Refuse NaN or Inf anywhere in the adapter."""
         from .errors import AdapterError
@@ -173,3 +179,46 @@ class Adapter:
             "kinds": sorted({t.kind for t in self.targets.values()}),
             "extra_tensors": sorted(self.extra),
         }
+
+
+DIGEST_VERSION = b"lora-export adapter digest v1\n"
+
+
+def digest_tensors(adapter: Adapter) -> list[tuple[str, np.ndarray]]:
+    """The named tensors ``adapter_digest`` hashes, sorted by name.
+
+    Per target ``T``: ``T.lora_A``, ``T.lora_B``, ``T.magnitude`` (DoRA only), ``T.scale`` (float64 scalar:
+    the resolved α/r or α/√r) and ``T.kind:<kind>`` / ``T.fan_in_fan_out`` markers (how ΔW is laid out);
+    per full replacement tensor ``K``: ``extra:K``. The adapter's name, its config file and ``stored_base``
+    (a record of the base, never applied) are not part of it: the same tensors under another folder name
+    are the same adapter.
+    """
+    out: list[tuple[str, np.ndarray]] = []
+    for name, t in adapter.targets.items():
+        out += [(f"{name}.lora_A", t.A), (f"{name}.lora_B", t.B), (f"{name}.scale", np.float64(t.scale))]
+        if t.magnitude is not None:
+            out.append((f"{name}.magnitude", t.magnitude))
+        out.append((f"{name}.kind:{t.kind}", np.bool_(True)))
+        out.append((f"{name}.fan_in_fan_out", np.bool_(t.fan_in_fan_out)))
+    out += [(f"extra:{key}", arr) for key, arr in adapter.extra.items()]
+    return sorted(out, key=lambda item: item[0])
+
+
+def adapter_digest(adapter: Adapter) -> str:
+    """A stable sha256 over the canonical adapter's tensors (``digest_tensors``), in hex.
+
+    Each tensor contributes its name (UTF-8), dtype name, shape and little-endian C-order bytes, each
+    length-prefixed, in sorted name order: equal tensors give an equal digest whatever file they came
+    from, and any changed value, dtype, shape or scale changes it.
+    """
+    h = hashlib.sha256(DIGEST_VERSION)
+    for name, arr in digest_tensors(adapter):
+        arr = np.asarray(arr)
+        if arr.dtype.byteorder not in ("<", "|"):
+            arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+        for field_bytes in (name.encode("utf-8"), arr.dtype.name.encode("ascii")):
+            h.update(struct.pack("<Q", len(field_bytes)) + field_bytes)
+        h.update(struct.pack(f"<Q{arr.ndim}Q", arr.ndim, *arr.shape))
+        data = arr.tobytes(order="C")
+        h.update(struct.pack("<Q", len(data)) + data)
+    return h.hexdigest()
