@@ -219,6 +219,7 @@ def adapter_digest(adapter: Adapter) -> str:
         for field_bytes in (name.encode("utf-8"), arr.dtype.name.encode("ascii")):
             h.update(struct.pack("<Q", len(field_bytes)) + field_bytes)
         h.update(struct.pack(f"<Q{arr.ndim}Q", arr.ndim, *arr.shape))
-        data = arr.tobytes(order="C")
-        h.update(struct.pack("<Q", len(data)) + data)
+        data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)  # C-order bytes, no copy when contiguous
+        h.update(struct.pack("<Q", data.size))
+        h.update(data)
     return h.hexdigest()

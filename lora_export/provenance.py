@@ -14,8 +14,9 @@ appends one record per adapter (compact JSON, sorted keys)::
    "extras": [{"tensor": "<parameter path>", "status": ..., "initializer": ...}, ...]}
 
 ``matched``: merged into (inject: given a slot on) ``initializer``; ``absent``: proven not in the graph,
-no effect; ``skipped``: not found and left out under ``--allow-partial``. Targets are listed in the
-adapter's order, extras (full replacement tensors, merge only) sorted by path.
+no effect; ``skipped``: not found and left out under ``--allow-partial`` (``unmatched`` is accepted when
+reading, never written). Targets are listed in the adapter's order, extras (full replacement tensors,
+merge only) sorted by path. With ``--only-targets`` the record (and digest) covers the selected part.
 
 Nothing time-, host- or path-dependent is stored, so the same operation on the same inputs writes the
 same bytes. A history that is not valid JSON of this shape is refused with one line (``ModelError``).
@@ -95,7 +96,8 @@ def record_problem(record: object) -> str | None:
 
 def encode(history: Sequence[dict]) -> str:
     """The stored form: compact JSON, sorted keys (byte-deterministic)."""
-    return json.dumps(list(history), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    # ASCII (\u escapes): names from undecodable file names (lone surrogates) still store as valid UTF-8.
+    return json.dumps(list(history), sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def append_history(model: ir.Model, records: Sequence[dict], *, replace_unreadable: bool = False) -> list[dict]:

@@ -25,7 +25,7 @@ from lora_export.cli import cli
 from lora_export.errors import AdapterError, ModelError
 from lora_export.inject import inject_files
 from lora_export.inspect_model import format_report, inspect_model
-from lora_export.onnx_model import load_model
+from lora_export.onnx_model import load_model, save_model
 from lora_export.provenance import (
     HISTORY_KEY,
     UNREADABLE_KEY,
@@ -135,8 +135,8 @@ def test_digest_is_stable_and_sees_every_tensor():
     digests = {adapter_digest(_toy(**v)) for v in variants}
     assert d not in digests and len(digests) == len(variants)
     assert adapter_digest(a.scaled(2.0)) != d
-    # Byte order is canonical: a big-endian copy of the same values hashes the same.
-    big = dataclasses.replace(fc, A=fc.A.astype(">f4"))
+    # Byte order and memory layout are canonical: a big-endian or Fortran-order copy hashes the same.
+    big = dataclasses.replace(fc, A=fc.A.astype(">f4"), B=np.asfortranarray(fc.B))
     assert adapter_digest(_toy(targets={**a.targets, "fc": big})) == d
 
 
@@ -184,6 +184,15 @@ def test_skipped_targets_are_recorded(files, tmp_path):
     statuses = {t["target"]: t["status"] for t in read_history(model)[0]["targets"]}
     assert statuses == {"fc": "matched", "out": "matched", "nowhere": "skipped"}
     assert read_history(model)[0]["targets"][-1]["initializer"] is None
+
+
+def test_odd_adapter_names_are_stored(files, tmp_path):
+    # A folder name that is not valid UTF-8 (a lone surrogate in Python) or not ASCII still saves.
+    model = load_model(files["base"])
+    for name in ("a\udcff", "ädäptér"):
+        merge_adapter(model, dataclasses.replace(load_adapter(files[{"a\udcff": "a"}.get(name, "b")]), name=name))
+    save_model(model, tmp_path / "m.onnx")
+    assert [r["adapter"] for r in _history(tmp_path / "m.onnx")] == ["a\udcff", "ädäptér"]
 
 
 def test_merge_is_byte_deterministic(files, tmp_path):
@@ -376,6 +385,16 @@ def test_malformed_history_is_one_line(files, tmp_path, kind):
     assert "history: unreadable (corrupt lora_export.history" in res.stdout
     data = json.loads(_cli("inspect", model, "--json").stdout)
     assert data["history"] is None and "corrupt" in data["history_error"]
+
+
+def test_corrupt_slot_manifest_is_one_line(files, tmp_path):
+    inject_files(files["base"], [files["a"]], tmp_path / "served")
+    proto = onnx.load(str(tmp_path / "served" / "model.onnx"))
+    for p in proto.metadata_props:
+        if p.key == "lora_export.slots":
+            p.value = '{"slots": [{"module": 1}]}'
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    _one_line_error(_cli("inspect", tmp_path / "bad.onnx"), "corrupt lora_export.slots")
 
 
 def test_forced_merge_and_inject_keep_an_unreadable_history_aside(files, tmp_path):
