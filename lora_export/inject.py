@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from .adapter import Adapter
+from .adapter import Adapter, target_digest
 from .adapter_files import write_adapter_tensors
 from .atomic import refuse_overwrite
 from .errors import AdapterError, ModelError, ShapeError, TargetError
@@ -206,15 +206,12 @@ def inject_adapters(
             get_layout(node).add_branch(graph, node, a, b, g)
     model.metadata_props[SLOTS_KEY] = manifest.to_json()
     digests = {a.name: a.digest() for a in adapters}
-    records = [
-        make_record(
-            "inject",
-            a.name,
-            digests[a.name],
-            targets=[target_entry(r["target"], r["status"], r["initializer"]) for r in reports[a.name]],
-        )
-        for a in adapters
-    ]
+    records = []
+    for a in adapters:
+        sha = {t.name: target_digest(t) for t in a}
+        rows = reports[a.name]
+        entries = [target_entry(r["target"], r["status"], r["initializer"], sha.get(r["target"])) for r in rows]
+        records.append(make_record("inject", a.name, digests[a.name], targets=entries))
     history = append_history(model, records, replace_unreadable=True)
     return InjectResult(manifest, tensors, reports, digests=digests, history=history)
 

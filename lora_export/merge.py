@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from .adapter import Adapter
+from .adapter import Adapter, target_digest
 from .atomic import refuse_overwrite
 from .consumers import free_name, other_readers, private_copy
 from .delta import check_mergeable, merged_weight
@@ -27,7 +27,16 @@ from .file_checks import require_regular_file
 from .layouts import store
 from .onnx_model import check_outputs, external_data_files, load_model, save_model
 from .patch_save import save_patched, snapshot
-from .provenance import HistoryError, append_history, extra_entry, make_record, merges_of, read_history, target_entry
+from .provenance import (
+    HistoryError,
+    append_history,
+    extra_entry,
+    make_record,
+    merged_targets,
+    merges_of,
+    read_history,
+    target_entry,
+)
 from .resolve import Resolution, ResolvedTarget, resolve_targets
 from .value_match import check_stored_base
 
@@ -96,12 +105,15 @@ def merge_adapter(
 
     The merge is appended to the model's ``lora_export.history`` (see ``provenance``). An adapter whose
     digest the history already records as merged is refused (its delta would be added twice) unless
-    ``force``; so is a model whose history is unreadable (with ``force`` the history then restarts).
+    ``force``, and so is one sharing a target (same module, same tensors) with an earlier merge (a
+    subset merged again with ``only_targets``); so is a model whose history is unreadable (with ``force``
+    the history then restarts).
     """
     if not np.isfinite(scale):
         raise AdapterError(f"scale must be finite, got {scale}")
     digest = adapter.digest()
-    _check_history(model, adapter, digest, force)
+    target_digests = {t.name: target_digest(t) for t in adapter}
+    repeat = _repeat(model, adapter, digest, target_digests, force)
     adapter = adapter.scaled(scale)
     adapter.check_finite()
     for t in adapter:
@@ -127,42 +139,54 @@ def merge_adapter(
     if progress is not None:
         progress(len(matched), len(matched), "")
     report.timings["merge"] = time.perf_counter() - t0
-    record = _record(report, digest, forced=force and bool(merges_of(_readable_history(model), digest)))
+    record = _record(report, digest, target_digests, forced=repeat is not None)
     report.history = append_history(model, [record], replace_unreadable=force)
     return report
 
 
-def _readable_history(model: ir.Model) -> list[dict]:
-    try:
-        return read_history(model)
-    except HistoryError:
-        return []
+def _repeat(model: ir.Model, adapter: Adapter, digest: str, target_digests: dict[str, str], force: bool) -> str | None:
+    """Why this merge repeats an earlier one (None if it does not); raised as an error unless ``force``.
 
-
-def _check_history(model: ir.Model, adapter: Adapter, digest: str, force: bool) -> None:
-    """Refuse (unless ``force``) an adapter already merged into ``model``, or a history we cannot read."""
-    if force:
-        return
+    A history we cannot read is refused too (unless ``force``): it might hold this adapter.
+    """
     try:
         history = read_history(model)
     except HistoryError as e:
+        if force:
+            return None
         raise HistoryError(f"{e}; cannot tell what was merged before: use --force to merge anyway") from None
+    why = None
     done = merges_of(history, digest)
     if done:
         n = done[-1]
-        raise AdapterError(
+        why = (
             f"adapter {adapter.name!r} is already merged into this model (history record {n}: merge of "
-            f"{history[n - 1]['adapter']!r}, sha256 {digest[:12]}); merging it again adds its delta twice: "
-            "use --force to merge anyway"
+            f"{history[n - 1]['adapter']!r}, sha256 {digest[:12]})"
         )
+    else:
+        before = merged_targets(history)
+        again = [(name, before[(name, d)]) for name, d in target_digests.items() if (name, d) in before]
+        if again:
+            name, n = again[0]
+            more = f" and {len(again) - 1} more" if len(again) > 1 else ""
+            why = (
+                f"adapter {adapter.name!r}: target {name}{more} already merged into this model with the same tensors "
+                f"(history record {n}: merge of {history[n - 1]['adapter']!r})"
+            )
+    if why is not None and not force:
+        raise AdapterError(f"{why}; merging it again adds its delta twice: use --force to merge anyway")
+    return why
 
 
-def _record(report: MergeReport, digest: str, forced: bool) -> dict:
+def _record(report: MergeReport, digest: str, target_digests: dict[str, str], forced: bool) -> dict:
     """The history record of a finished merge: each target's and extra's status and written initializer."""
     written = {m["target"]: m["initializer"] for m in report.merged}
     replaced = {r["tensor"]: r["initializer"] for r in report.replaced}
     res = report.resolution
-    targets = [target_entry(r.target.name, r.status, written.get(r.target.name)) for r in res.targets]
+    targets = [
+        target_entry(r.target.name, r.status, written.get(r.target.name), target_digests.get(r.target.name))
+        for r in res.targets
+    ]
     extras = [extra_entry(e.key, e.status, replaced.get(e.key)) for e in res.extras]
     return make_record(
         "merge", report.adapter, digest, scale=report.scale, targets=targets, extras=extras, forced=forced

@@ -10,7 +10,8 @@ appends one record per adapter (compact JSON, sorted keys)::
    "tool": "lora-export", "version": "<lora_export.__version__>",
    "forced": true,                            # only on a merge repeated with --force
    "targets": [{"target": "<module path>", "status": "matched" | "absent" | "skipped",
-                "initializer": "<initializer written or slotted>" | null}, ...],
+                "initializer": "<initializer written or slotted>" | null,
+                "sha256": "<adapter.target_digest: this target's tensors>"}, ...],
    "extras": [{"tensor": "<parameter path>", "status": ..., "initializer": ...}, ...]}
 
 ``matched``: merged into (inject: given a slot on) ``initializer``; ``absent``: proven not in the graph,
@@ -91,6 +92,9 @@ def record_problem(record: object) -> str | None:
                 return f"{entry[name_key]}: status {entry.get('status')!r} is not one of {', '.join(STATUSES)}"
             if not isinstance(entry.get("initializer"), (str, type(None))):
                 return f"{entry[name_key]}: 'initializer' is not a string or null"
+            sha = entry.get("sha256")
+            if sha is not None and (not isinstance(sha, str) or not _HEX64.fullmatch(sha)):
+                return f"{entry[name_key]}: 'sha256' is not 64 hex digits"
     return None
 
 
@@ -155,9 +159,12 @@ def make_record(
     return record
 
 
-def target_entry(name: str, status: str, initializer: str | None) -> dict:
+def target_entry(name: str, status: str, initializer: str | None, sha256: str | None = None) -> dict:
     # A target not found that an operation went ahead without was skipped (merge --allow-partial).
-    return {"target": name, "status": "skipped" if status == "unmatched" else status, "initializer": initializer}
+    entry = {"target": name, "status": "skipped" if status == "unmatched" else status, "initializer": initializer}
+    if sha256 is not None:
+        entry["sha256"] = sha256
+    return entry
 
 
 def extra_entry(key: str, status: str, initializer: str | None) -> dict:
@@ -167,6 +174,18 @@ def extra_entry(key: str, status: str, initializer: str | None) -> dict:
 def merges_of(history: Sequence[dict], digest: str) -> list[int]:
     """1-based positions of the merges of the adapter with ``digest`` in ``history``."""
     return [i for i, r in enumerate(history, 1) if r.get("operation") == "merge" and r.get("adapter_sha256") == digest]
+
+
+def merged_targets(history: Sequence[dict]) -> dict[tuple[str, str], int]:
+    """(module path, target sha256) → 1-based position of the last merge that folded that target in."""
+    out = {}
+    for i, record in enumerate(history, 1):
+        if record.get("operation") != "merge":
+            continue
+        for t in record.get("targets", []):
+            if t.get("status") == "matched" and t.get("sha256"):
+                out[(t["target"], t["sha256"])] = i
+    return out
 
 
 def summarize(record: dict) -> str:

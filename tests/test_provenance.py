@@ -20,7 +20,7 @@ from torch import nn
 
 import lora_export
 from lora_export import Adapter, LoraConfig, LoraTarget, load_adapter, merge_adapter, merge_file, save_adapter_files
-from lora_export.adapter import adapter_digest
+from lora_export.adapter import adapter_digest, target_digest
 from lora_export.cli import cli
 from lora_export.errors import AdapterError, ModelError
 from lora_export.inject import inject_files
@@ -138,6 +138,8 @@ def test_digest_is_stable_and_sees_every_tensor():
     # Byte order and memory layout are canonical: a big-endian or Fortran-order copy hashes the same.
     big = dataclasses.replace(fc, A=fc.A.astype(">f4"), B=np.asfortranarray(fc.B))
     assert adapter_digest(_toy(targets={**a.targets, "fc": big})) == d
+    assert target_digest(big) == target_digest(fc) != target_digest(dataclasses.replace(fc, name="other"))
+    assert target_digest(fc) != target_digest(a.targets["out"])
 
 
 def test_digest_of_a_peft_adapter_does_not_depend_on_its_folder(files, tmp_path):
@@ -237,6 +239,24 @@ def test_double_merge_refused_then_forced(files, tmp_path):
     assert w_twice.keys() == w_scale2.keys()
     for name in w_twice:
         np.testing.assert_allclose(w_twice[name], w_scale2[name], rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_part_of_a_merged_adapter_is_refused_too(files, tmp_path):
+    """--only-targets: disjoint parts merge one after the other; a part merged again is refused."""
+    merge_file(files["base"], files["a"], tmp_path / "fc.onnx", only_targets="^fc$")
+    merge_file(tmp_path / "fc.onnx", files["a"], tmp_path / "both.onnx", only_targets="^out$")
+    history = _history(tmp_path / "both.onnx")
+    assert [[t["target"] for t in r["targets"]] for r in history] == [["fc"], ["out"]]
+    a = load_adapter(files["a"])
+    assert history[0]["targets"][0]["sha256"] == target_digest(a.targets["fc"])
+    again = [("both.onnx", []), ("fc.onnx", []), ("both.onnx", ["--only-targets", "out"])]
+    for model, args in again:
+        result = _cli("merge", tmp_path / model, files["a"], "-o", tmp_path / "again.onnx", *args)
+        _one_line_error(result, "already merged", "--force")
+    assert "target fc" in _cli("merge", tmp_path / "fc.onnx", files["a"], "-o", tmp_path / "x.onnx").stderr
+    result = _cli("merge", tmp_path / "fc.onnx", files["a"], "-o", tmp_path / "again.onnx", "--force")
+    assert result.exit_code == 0, result.output
+    assert _history(tmp_path / "again.onnx")[-1]["forced"] is True
 
 
 def test_another_adapter_into_a_merged_model_is_allowed(files, tmp_path):
