@@ -17,7 +17,7 @@ import onnx_ir as ir
 from .errors import LoraExportError
 from .module_paths import node_module_paths, weight_module
 from .onnx_model import load_model
-from .provenance import HistoryError, merges_of, read_history, summarize
+from .provenance import HistoryError, merged_targets, merges_of, read_history, summarize
 
 
 @dataclass
@@ -129,7 +129,7 @@ def inspect_model(
     resolution = resolve_targets(model, loaded, base_weights=weights)
     report["adapter"] = str(adapter)
     report["adapter_sha256"] = digest
-    report["already_merged"] = merges_of(report.get("history") or [], digest)
+    report["already_merged"] = _already_merged(report.get("history") or [], loaded, digest)
     report["resolution"] = resolution.to_report()
     report["extras"] = [e.to_dict() for e in resolution.extras]
     report["counts"] = {
@@ -138,6 +138,15 @@ def inspect_model(
         "unmatched": len(resolution.unmatched),
     }
     return report
+
+
+def _already_merged(history: list[dict], adapter, digest: str) -> list[int]:
+    """History records that merged this adapter, or one of its targets with the same tensors (what merge refuses)."""
+    from .adapter import target_digest
+
+    before = merged_targets(history)
+    hits = {before.get((t.name, target_digest(t))) for t in adapter} - {None}
+    return sorted(set(merges_of(history, digest)) | hits)
 
 
 def _slots(model: ir.Model) -> list[dict]:

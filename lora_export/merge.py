@@ -54,7 +54,8 @@ class MergeReport:
     replaced: list[dict] = field(default_factory=list)
     scale: float = 1.0
     adapter_sha256: str | None = None
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # the model's lora_export.history after the merge
+    repeated: str | None = None  # why this merge repeats an earlier one (it went ahead with force)
     timings: dict[str, float] = field(default_factory=dict)
     base: str | None = None
     output: str | None = None
@@ -82,6 +83,7 @@ class MergeReport:
             "merged": self.merged,
             "replaced": self.replaced,
             "history": self.history,
+            "repeated": self.repeated,
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
         }
 
@@ -141,6 +143,7 @@ def merge_adapter(
     report.timings["merge"] = time.perf_counter() - t0
     record = _record(report, digest, target_digests, forced=repeat is not None)
     report.history = append_history(model, [record], replace_unreadable=force)
+    report.repeated = repeat
     return report
 
 

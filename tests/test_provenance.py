@@ -228,6 +228,7 @@ def test_double_merge_refused_then_forced(files, tmp_path):
     history = _history(tmp_path / "twice.onnx")
     assert [r["adapter"] for r in history] == ["a", "a"] and history[1]["forced"] is True
     assert json.loads(result.stdout)["history"] == history
+    assert json.loads(result.stdout)["repeated"].startswith("adapter 'a' is already merged")
     # W₀ + ΔW + ΔW == W₀ + 2·ΔW (up to one extra float32 rounding).
     assert _cli("merge", files["ext"], files["a"], "-o", tmp_path / "scale2.onnx", "--scale", "2").exit_code == 0
     inputs = _inputs(7)
@@ -257,6 +258,8 @@ def test_part_of_a_merged_adapter_is_refused_too(files, tmp_path):
     result = _cli("merge", tmp_path / "fc.onnx", files["a"], "-o", tmp_path / "again.onnx", "--force")
     assert result.exit_code == 0, result.output
     assert _history(tmp_path / "again.onnx")[-1]["forced"] is True
+    assert "note: adapter 'a': target fc already merged" in result.stdout
+    assert json.loads(_cli("inspect", tmp_path / "fc.onnx", files["a"], "--json").stdout)["already_merged"] == [1]
 
 
 def test_another_adapter_into_a_merged_model_is_allowed(files, tmp_path):

@@ -86,6 +86,8 @@ def summary(report: MergeReport) -> str:
         + (f", replaced {c['replaced_tensors']} tensor(s)" if c["replaced_tensors"] else "")
         + f" in {report.timings.get('total', 0.0):.2f}s"
     )
+    if report.repeated:
+        lines.append(f"note: {report.repeated}; merged again (--force)")
     lines.append("wrote " + ", ".join(report.files))
     return "\n".join(lines)
 
