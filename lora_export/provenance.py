@@ -20,7 +20,9 @@ reading, never written). Targets are listed in the adapter's order, extras (full
 merge only) sorted by path. With ``--only-targets`` the record (and digest) covers the selected part.
 
 Nothing time-, host- or path-dependent is stored, so the same operation on the same inputs writes the
-same bytes. A history that is not valid JSON of this shape is refused with one line (``ModelError``).
+same bytes. A history that is not valid JSON of this shape raises ``HistoryError`` (a one-line
+``ModelError``): ``merge`` refuses it (with ``--force`` the text moves to ``lora_export.history.unreadable``
+and the history restarts), ``inject`` moves it aside the same way, ``inspect`` notes it and goes on.
 """
 
 from __future__ import annotations
