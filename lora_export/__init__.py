@@ -2,6 +2,7 @@
 
 from typing import TYPE_CHECKING
 
+from ._version import __version__ as __version__
 from .adapter import Adapter, LoraTarget
 from .config import LoraConfig
 from .convert import convert_adapter
@@ -21,8 +22,6 @@ from .peft_format import load_adapter, save_adapter_files
 from .resolve import Resolution, ResolvedTarget, resolve_targets
 from .session import LoraSession
 from .verify import VerifyReport, verify_models
-
-__version__ = "0.1.0"
 
 if TYPE_CHECKING:
     # The torch-dependent API, as type checkers and IDEs see it; at run time ``__getattr__`` imports it on

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import click
 
-from . import __version__
+from ._version import __version__
 from .errors import LoraExportError, VerificationError
 from .terminal import clean
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from .adapter import Adapter
+from .adapter import Adapter, target_digest
 from .adapter_files import write_adapter_tensors
 from .atomic import refuse_overwrite
 from .errors import AdapterError, ModelError, ShapeError, TargetError
@@ -31,6 +31,7 @@ from .file_checks import check_output_file, require_regular_file
 from .layouts import get_layout
 from .onnx_model import external_data_files, load_model, save_model
 from .peft_format import adapter_files, load_adapter
+from .provenance import append_history, make_record, target_entry
 from .resolve import ResolvedTarget, resolve_targets
 from .safetensors_io import read_safetensors
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
@@ -48,6 +49,8 @@ class InjectResult:
     tensors: dict[str, dict[str, np.ndarray]]
     reports: dict[str, list[dict]] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    digests: dict[str, str] = field(default_factory=dict)  # adapter name → adapter_digest
+    history: list[dict] = field(default_factory=list)  # the model's lora_export.history after the inject
 
     def to_dict(self) -> dict:
         return {
@@ -57,8 +60,10 @@ class InjectResult:
             ],
             "absent": self.manifest.absent,
             "adapters": {
-                name: {"tensors": len(t), "resolution": self.reports.get(name, [])} for name, t in self.tensors.items()
+                name: {"tensors": len(t), "sha256": self.digests.get(name), "resolution": self.reports.get(name, [])}
+                for name, t in self.tensors.items()
             },
+            "history": self.history,
             "files": [str(p) for p in self.files],
         }
 
@@ -139,6 +144,8 @@ def inject_adapters(
     A slot gets a DoRA scale input when one of the adapters is DoRA there, or for every slot with
     ``dora=True`` (so DoRA adapters converted later fit; it defaults to ones, a no-op otherwise).
     Returns the slot manifest (also stored in ``model.metadata_props``) and each adapter's slot tensors.
+    Each adapter gets an ``inject`` record in the model's ``lora_export.history`` (see ``provenance``); an
+    unreadable history is kept under ``lora_export.history.unreadable`` and restarted.
     """
     if not adapters:
         raise AdapterError("inject needs at least one adapter")
@@ -202,7 +209,15 @@ def inject_adapters(
         for node in rt.nodes:
             get_layout(node).add_branch(graph, node, a, b, g)
     model.metadata_props[SLOTS_KEY] = manifest.to_json()
-    return InjectResult(manifest, tensors, reports)
+    digests = {a.name: a.digest() for a in adapters}
+    records = []
+    for a in adapters:
+        sha = {t.name: target_digest(t) for t in a}
+        rows = reports[a.name]
+        entries = [target_entry(r["target"], r["status"], r["initializer"], sha.get(r["target"])) for r in rows]
+        records.append(make_record("inject", a.name, digests[a.name], targets=entries))
+    history = append_history(model, records, replace_unreadable=True)
+    return InjectResult(manifest, tensors, reports, digests=digests, history=history)
 
 
 def inject_files(

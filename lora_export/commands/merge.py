@@ -23,6 +23,7 @@ from ..terminal import clean, clean_lines
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply every LoRA delta by this.")
 @click.option("--allow-partial", is_flag=True, help="Merge what matches; skip targets not found in the model.")
 @click.option("--only-targets", metavar="REGEX", help="Merge only the targets whose module path matches REGEX.")
+@click.option("--force", is_flag=True, help="Merge even if the model's history records this adapter as merged.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 def merge_command(
     base: str,
@@ -32,12 +33,15 @@ def merge_command(
     scale: float,
     allow_partial: bool,
     only_targets: str | None,
+    force: bool,
     as_json: bool,
 ) -> None:
     """Merge ADAPTER (a PEFT adapter directory) into BASE.onnx, writing -o OUT.onnx.
 
     The graph is unchanged; only the adapted weights get new values. Targets are found through
     the exporter's manifest, initializer names, node names/scopes, or (with --base-weights) by value.
+    The merge is recorded in OUT's metadata (lora_export.history); merging an adapter the history
+    already holds is refused unless --force.
     """
     bar = _ProgressBar() if not as_json and sys.stderr.isatty() else None
     try:
@@ -50,6 +54,7 @@ def merge_command(
             allow_partial=allow_partial,
             progress=bar,
             only_targets=only_targets,
+            force=force,
         )
     finally:
         if bar is not None:
@@ -83,6 +88,8 @@ def summary(report: MergeReport) -> str:
         + (f", replaced {c['replaced_tensors']} tensor(s)" if c["replaced_tensors"] else "")
         + f" in {report.timings.get('total', 0.0):.2f}s"
     )
+    if report.repeated:
+        lines.append(f"note: {report.repeated}; merged again (--force)")
     lines.append("wrote " + ", ".join(clean(f) for f in report.files))
     return "\n".join(lines)
 
