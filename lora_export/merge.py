@@ -48,6 +48,13 @@ class MergeReport:
     output: str | None = None
     files: list[str] = field(default_factory=list)
 
+    def skipped(self) -> list[dict]:
+        """Targets and full tensors left out (``allow_partial``), each with the reason."""
+        res = self.resolution
+        out = [{"target": r.target.name, "reason": r.detail or r.status} for r in res.unmatched]
+        out += [{"target": e.key, "reason": e.detail or e.status} for e in res.extras if e.status == "unmatched"]
+        return out
+
     def to_dict(self) -> dict:
         res = self.resolution
         return {
@@ -68,6 +75,7 @@ class MergeReport:
             "extras": [e.to_dict() for e in res.extras],
             "merged": self.merged,
             "replaced": self.replaced,
+            "skipped": self.skipped(),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
         }
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
 from ..merge import MergeReport, merge_file
 from ..terminal import clean, clean_lines
 from . import COMMANDS
+from ._progress import progress_bar
 
 
 @click.command("merge")
@@ -40,8 +40,7 @@ def merge_command(
     The graph is unchanged; only the adapted weights get new values. Targets are found through
     the exporter's manifest, initializer names, node names/scopes, or (with --base-weights) by value.
     """
-    bar = _ProgressBar() if not as_json and sys.stderr.isatty() else None
-    try:
+    with progress_bar("merging", as_json) as bar:
         report = merge_file(
             base,
             adapter,
@@ -52,9 +51,6 @@ def merge_command(
             progress=bar,
             only_targets=only_targets,
         )
-    finally:
-        if bar is not None:
-            bar.close()
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -84,27 +80,10 @@ def summary(report: MergeReport) -> str:
         + (f", replaced {c['replaced_tensors']} tensor(s)" if c["replaced_tensors"] else "")
         + f" in {report.timings.get('total', 0.0):.2f}s"
     )
+    # --allow-partial: what was left out, and why, one line each.
+    lines += [f"skipped {clean(s['target'])}: {clean(s['reason'])}" for s in report.skipped()]
     lines.append("wrote " + ", ".join(clean(f) for f in report.files))
     return "\n".join(lines)
-
-
-class _ProgressBar:
-    """A click progress bar on stderr, created on the first callback (when the target count is known)."""
-
-    def __init__(self) -> None:
-        self._bar = None
-        self._done = 0
-
-    def __call__(self, done: int, total: int, name: str) -> None:
-        if self._bar is None:
-            self._bar = click.progressbar(length=total, label="merging", file=sys.stderr, item_show_func=lambda _: name)
-            self._bar.__enter__()
-        self._bar.update(done - self._done)
-        self._done = done
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(None, None, None)
 
 
 COMMANDS.append(merge_command)
