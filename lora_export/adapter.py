@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import LoraConfig
-from .errors import ShapeError
+from .delta import lora_delta
+from .errors import AdapterError, ShapeError, TargetError
 
 KINDS = ("linear", "conv", "embedding")
 
@@ -87,8 +88,6 @@ class LoraTarget:
 
     def delta(self, dtype: np.dtype | type = np.float32) -> np.ndarray:
         """ΔW = scale·B·A in the module's weight layout, computed in ``dtype``."""
-        from .delta import lora_delta
-
         return lora_delta(self, dtype)
 
     def scaled(self, factor: float) -> LoraTarget:
@@ -134,7 +133,6 @@ class Adapter:
         """
         if not pattern:
             return self
-        from .errors import TargetError
         from .patterns import search
 
         targets = {k: t for k, t in self.targets.items() if search(pattern, k, "--only-targets")}
@@ -149,7 +147,6 @@ class Adapter:
 
     def check_finite(self) -> None:
         """Refuse NaN or Inf anywhere in the adapter."""
-        from .errors import AdapterError
 
         for t in self.targets.values():
             for what, arr in (("lora_A", t.A), ("lora_B", t.B), ("magnitude", t.magnitude)):

@@ -110,10 +110,14 @@ def _resolve_all(
     return chosen, reports, absent - set(chosen)
 
 
-def _listed(errors: list[str], limit: int = 3) -> str:
-    # Every entry names its target; the reasons repeat across targets, so the line stays readable.
-    shown = "; ".join(errors[:limit])
-    return shown + (f"; ... ({len(errors) - limit} more)" if len(errors) > limit else "")
+def _listed(errors: list[str], limit: int = 4) -> str:
+    """``a:x, a:y, ... (n more): <the first reason>``: reasons repeat across targets, one is enough."""
+    # Ambiguity first: those targets do occur, and the line should say so.
+    errors = sorted(errors, key=lambda e: "(ambiguous" not in e)
+    labels = [e.split(" (", 1)[0] for e in errors]
+    reason = errors[0].split(" (", 1)[1][:-1] if " (" in errors[0] else ""
+    shown = ", ".join(labels[:limit]) + (f", ... ({len(labels) - limit} more)" if len(labels) > limit else "")
+    return f"{shown}: {reason}" if reason else shown
 
 
 def _slot_input(graph: ir.Graph, name: str, dtype: ir.DataType, shape: list, default: np.ndarray) -> ir.Value:

@@ -25,7 +25,7 @@ import numpy as np
 from . import safejson
 from .adapter import Adapter, LoraTarget
 from .delta import dora_scale
-from .errors import AdapterError, ModelError, ShapeError, TargetError
+from .errors import AdapterError, DtypeError, ModelError, ShapeError, TargetError
 from .value_match import check_stored_weight
 
 SLOTS_KEY = "lora_export.slots"
@@ -258,6 +258,7 @@ def check_tensors(tensors: Mapping[str, np.ndarray], manifest: SlotManifest, wha
             f"{what}: tensors that are not LoRA inputs of this model (adapter for another model?): {shown}"
         )
     problems = []
+    wrong_dtype = False
     for slot in sorted({id(s): s for s in (by_input[k] for k in tensors)}.values(), key=lambda s: s.module):
         a, b = tensors.get(slot.a), tensors.get(slot.b)
         if (a is None) != (b is None):
@@ -275,7 +276,9 @@ def check_tensors(tensors: Mapping[str, np.ndarray], manifest: SlotManifest, wha
                 continue
             if arr.dtype != slot.np_dtype:
                 problems.append(f"{name} has dtype {arr.dtype}, model expects {slot.dtype}")
+                wrong_dtype = True
             elif list(arr.shape) != list(shape):
                 problems.append(f"{name} has shape {tuple(arr.shape)}, model expects {tuple(shape)}")
     if problems:
-        raise ShapeError(f"{what} does not fit the model: {'; '.join(problems)}")
+        # DtypeError is a ShapeError: callers that catch misfits in general still catch it.
+        raise (DtypeError if wrong_dtype else ShapeError)(f"{what} does not fit the model: {'; '.join(problems)}")

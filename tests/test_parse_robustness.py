@@ -456,7 +456,7 @@ def test_invalid_utf8_node_name_is_a_model_error(tmp_path):
 
 
 def test_session_refuses_slot_metadata_that_disagrees_with_the_graph(tmp_path, injected):
-    """Slot metadata saying bfloat16 on a float32 graph: one AdapterError, not ORT's RuntimeError."""
+    """Slot metadata saying bfloat16 on a float32 graph: one DtypeError line, not ORT's RuntimeError."""
     import onnx
 
     from lora_export.session import LoraSession
@@ -469,7 +469,9 @@ def test_session_refuses_slot_metadata_that_disagrees_with_the_graph(tmp_path, i
     meta.value = json.dumps(manifest)
     path = write_model(tmp_path / "m.onnx", proto)
     session = LoraSession(path, providers=["CPUExecutionProvider"])
-    with pytest.raises(AdapterError, match="the model expects tensor\\(float\\)"):
+    from lora_export.errors import DtypeError
+
+    with pytest.raises(DtypeError, match="the model expects tensor\\(float\\)"):
         session.load_adapter("a", root / "fine")
 
 

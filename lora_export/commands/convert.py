@@ -8,7 +8,6 @@ import click
 
 from ..convert import convert_adapter
 from ..terminal import clean
-from . import COMMANDS
 
 
 @click.command("convert")
@@ -33,6 +32,3 @@ def convert_command(adapter: str, model: str, output: str, only_targets: str | N
             f"wrote {clean(report['output'])}: {len(report['slots_filled'])} slots filled, "
             f"{len(report['slots_default'])} left at their defaults"
         )
-
-
-COMMANDS.append(convert_command)

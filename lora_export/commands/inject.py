@@ -9,7 +9,6 @@ import click
 
 from ..inject import InjectResult, inject_files
 from ..terminal import clean, clean_lines
-from . import COMMANDS
 from ._progress import progress_bar
 
 
@@ -76,6 +75,3 @@ def summary(result: InjectResult) -> str:
         lines.append(f"absent from the graph (no effect): {', '.join(clean(m) for m in result.manifest.absent)}")
     lines += [f"wrote {clean(p)}" for p in result.files]
     return "\n".join(lines)
-
-
-COMMANDS.append(inject_command)

@@ -8,7 +8,6 @@ import click
 
 from ..merge import MergeReport, merge_file
 from ..terminal import clean, clean_lines
-from . import COMMANDS
 from ._progress import progress_bar
 
 
@@ -84,6 +83,3 @@ def summary(report: MergeReport) -> str:
     lines += [f"skipped {clean(s['target'])}: {clean(s['reason'])}" for s in report.skipped()]
     lines.append("wrote " + ", ".join(clean(f) for f in report.files))
     return "\n".join(lines)
-
-
-COMMANDS.append(merge_command)
