@@ -14,9 +14,11 @@ files also work with plain ONNX Runtime: ``ort.LoraAdapter().Load(path)`` and
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from .provenance import append_history, make_record, target_entry
 from .resolve import ResolvedTarget, resolve_targets
 from .safetensors_io import read_safetensors
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
-from .staging import carry_over, staging_dir, swap_dir
+from .staging import STAGE_PREFIX, carry_over, staging_dir, swap_dir
 from .value_match import check_stored_base
 
 MODEL_NAME = "model.onnx"
@@ -228,18 +230,33 @@ def inject_files(
     base_weights: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
     dora: bool = False,
     only_targets: str | None = None,
+    names: Sequence[str | None] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> InjectResult:
     """``lora-export inject``: OUTDIR/model.onnx (+ external data when the base had it) and, per adapter,
-    OUTDIR/<name>.onnx_adapter and OUTDIR/<name>.safetensors (<name>: the adapter directory's name).
+    OUTDIR/<name>.onnx_adapter and OUTDIR/<name>.safetensors (<name>: ``names[i]`` where given, else the
+    adapter directory's name).
 
     The whole folder is built beside OUTDIR (files of an existing OUTDIR that this run does not write
     are linked in) and swapped in as one directory entry: a crash leaves the old folder or the new one.
+    OUTDIR/.lora-export.json lists the files written; a later inject into the same folder removes those
+    of them it no longer writes (an adapter dropped or renamed), and never any other file.
+    ``progress(done, total, file name)`` is called as the files are written.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise AdapterError(f"{out_dir} exists and is not a directory")
-    adapters = [load_adapter(p).select(only_targets) for p in adapter_paths]
-    outputs = [out_dir / MODEL_NAME, out_dir / f"{MODEL_NAME}.data"]
+    if names is not None and len(names) != len(adapter_paths):
+        raise AdapterError(f"{len(names)} name(s) for {len(adapter_paths)} adapter(s)")
+    names = list(names) if names is not None else [None] * len(adapter_paths)
+    for n in names:
+        if n is not None:
+            check_adapter_name(n)
+    adapters = [load_adapter(p, name=n).select(only_targets) for p, n in zip(adapter_paths, names)]
+    for a, p, n in zip(adapters, adapter_paths, names):
+        if n is None:
+            check_adapter_name(a.name, f" (from the folder {str(p)!r}; name it with NAME=PATH)")
+    outputs = [out_dir / MODEL_NAME, out_dir / f"{MODEL_NAME}.data", out_dir / FILES_MANIFEST]
     outputs += [out_dir / f"{a.name}{suffix}" for a in adapters for suffix in (".onnx_adapter", ".safetensors")]
     _refuse_blocked_outputs(outputs)
     inputs = [Path(base_path), *(f for p in adapter_paths for f in adapter_files(p))]
@@ -253,21 +270,87 @@ def inject_files(
     result = inject_adapters(model, adapters, base_weights=base_weights, dora=dora)
     # Through a symlinked OUTDIR, replace the folder it points to, not the link.
     dest = Path(os.path.realpath(out_dir)) if out_dir.is_symlink() else out_dir
+    total = 1 + 2 * len(result.tensors)
     with staging_dir(dest.parent) as stage:
         new = stage / "out"
         os.mkdir(new, 0o777)
+        if progress is not None:
+            progress(0, total, MODEL_NAME)
         save_model(model, new / MODEL_NAME)
+        done = 1
         for name, tensors in sorted(result.tensors.items()):
-            write_adapter_tensors(new / f"{name}.onnx_adapter", tensors, model_version=result.manifest.fingerprint)
-            write_adapter_tensors(new / f"{name}.safetensors", tensors, model_version=result.manifest.fingerprint)
+            for suffix in (".onnx_adapter", ".safetensors"):
+                if progress is not None:
+                    progress(done, total, f"{name}{suffix}")
+                write_adapter_tensors(new / f"{name}{suffix}", tensors, model_version=result.manifest.fingerprint)
+                done += 1
         produced = sorted(p.name for p in new.iterdir())
+        _write_files_manifest(new / FILES_MANIFEST, produced)
+        if progress is not None:
+            progress(total, total, "")
         if dest.is_dir():
             os.chmod(new, stat.S_IMODE(dest.stat().st_mode))
-            # Files this run does not write (adapters converted later, the user's own) stay in the folder.
-            carry_over(dest, new, skip={p.name for p in outputs})
+            # Files this run does not write (adapters converted later, the user's own) stay in the folder;
+            # those an earlier inject wrote and this one does not (stale adapters) are left behind.
+            stale = set(_read_files_manifest(dest / FILES_MANIFEST)) - set(produced)
+            carry_over(dest, new, skip={p.name for p in outputs} | stale)
         swap_dir(new, dest, stage / "old")
     result.files = [out_dir / f for f in produced]
     return result
+
+
+FILES_MANIFEST = ".lora-export.json"
+# Control characters (C0, DEL, C1) and the Unicode line separators: never in a file name we write.
+_BAD_NAME_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def check_adapter_name(name: str, hint: str = "") -> str:
+    """Refuse a name that cannot be a plain file name in OUTDIR (``<name>.onnx_adapter``)."""
+    problem = None
+    if not name:
+        problem = "is empty"
+    elif "/" in name or "\\" in name or (os.altsep and os.altsep in name):
+        problem = "contains a path separator"
+    elif name.startswith("."):
+        problem = "starts with a dot"
+    elif _BAD_NAME_CHARS.search(name):
+        problem = "contains control characters"
+    elif name != name.strip():
+        problem = "starts or ends with white space"
+    if problem:
+        raise AdapterError(f"bad adapter name {name!r}: it {problem}{hint}")
+    return name
+
+
+def _write_files_manifest(path: Path, files: Sequence[str]) -> None:
+    text = json.dumps({"written_by": "lora-export inject", "files": sorted(files)}, indent=2) + "\n"
+    with open(path, "w", encoding="utf-8") as f:  # inside the staging folder: published by the swap
+        f.write(text)
+
+
+def _read_files_manifest(path: Path) -> list[str]:
+    """The file names an earlier inject recorded; nothing when the record is missing or unreadable.
+
+    Only plain names of this folder count: an edited record cannot point the cleanup anywhere else."""
+    try:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > 1 << 20:
+            return []
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return []
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, list):
+        return []
+    return [
+        f
+        for f in files
+        if isinstance(f, str)
+        and f not in ("", ".", "..", FILES_MANIFEST)
+        and "/" not in f
+        and "\\" not in f
+        and "\x00" not in f
+        and not f.startswith(STAGE_PREFIX)
+    ]
 
 
 def _refuse_blocked_outputs(outputs: Sequence[Path]) -> None:

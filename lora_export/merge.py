@@ -61,6 +61,13 @@ class MergeReport:
     output: str | None = None
     files: list[str] = field(default_factory=list)
 
+    def skipped(self) -> list[dict]:
+        """Targets and full tensors left out (``allow_partial``), each with the reason."""
+        res = self.resolution
+        out = [{"target": r.target.name, "reason": r.detail or r.status} for r in res.unmatched]
+        out += [{"target": e.key, "reason": e.detail or e.status} for e in res.extras if e.status == "unmatched"]
+        return out
+
     def to_dict(self) -> dict:
         res = self.resolution
         return {
@@ -84,6 +91,7 @@ class MergeReport:
             "replaced": self.replaced,
             "history": self.history,
             "repeated": self.repeated,
+            "skipped": self.skipped(),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
         }
 

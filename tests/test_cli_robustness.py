@@ -264,6 +264,7 @@ def test_inject_names_an_adapter_given_as_dot_after_its_folder(setup, tmp_path, 
     result = _invoke("inject", onnx_path, ".", "-o", tmp_path / "served")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "served").iterdir()) == [
+        ".lora-export.json",
         "ad.onnx_adapter",
         "ad.safetensors",
         "model.onnx",

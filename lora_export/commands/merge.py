@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
 from ..merge import MergeReport, merge_file
 from ..terminal import clean, clean_lines
+from ._progress import progress_bar
 
 
 @click.command("merge")
@@ -43,8 +43,7 @@ def merge_command(
     The merge is recorded in OUT's metadata (lora_export.history); merging an adapter the history
     already holds is refused unless --force.
     """
-    bar = _ProgressBar() if not as_json and sys.stderr.isatty() else None
-    try:
+    with progress_bar("merging", as_json) as bar:
         report = merge_file(
             base,
             adapter,
@@ -56,9 +55,6 @@ def merge_command(
             only_targets=only_targets,
             force=force,
         )
-    finally:
-        if bar is not None:
-            bar.close()
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -90,24 +86,7 @@ def summary(report: MergeReport) -> str:
     )
     if report.repeated:
         lines.append(f"note: {report.repeated}; merged again (--force)")
+    # --allow-partial: what was left out, and why, one line each.
+    lines += [f"skipped {clean(s['target'])}: {clean(s['reason'])}" for s in report.skipped()]
     lines.append("wrote " + ", ".join(clean(f) for f in report.files))
     return "\n".join(lines)
-
-
-class _ProgressBar:
-    """A click progress bar on stderr, created on the first callback (when the target count is known)."""
-
-    def __init__(self) -> None:
-        self._bar = None
-        self._done = 0
-
-    def __call__(self, done: int, total: int, name: str) -> None:
-        if self._bar is None:
-            self._bar = click.progressbar(length=total, label="merging", file=sys.stderr, item_show_func=lambda _: name)
-            self._bar.__enter__()
-        self._bar.update(done - self._done)
-        self._done = done
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(None, None, None)
