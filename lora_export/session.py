@@ -35,6 +35,7 @@ from .adapter import Adapter
 from .adapter_files import read_adapter_tensors
 from .errors import AdapterError, DtypeError, LoraExportError, ShapeError, one_line
 from .file_checks import require_regular_file
+from .peft_format import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, check_finite_tensors, check_tensors
 
 # ONNX Runtime's tensor type names and the numpy dtypes that feed them (nothing is cast: a feed must match).
@@ -259,7 +260,8 @@ class LoraSession:
         if isinstance(source, Adapter):
             return adapter_tensors(source, self.manifest, self._read_weight()), f"adapter {source.name!r}"
         path = Path(source)
-        if path.is_dir():
+        # A PEFT adapter: its folder, or one of its files (slot files have other names).
+        if path.is_dir() or path.name in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME):
             from .peft_format import load_adapter
 
             adapter = load_adapter(path)

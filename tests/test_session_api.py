@@ -334,3 +334,12 @@ def test_base_model_name_or_path_round_trip(tmp_path):
     assert recorded(tmp_path / "own") == "org/from-the-model"
     with pytest.raises(ConfigError, match="base_model_name_or_path must be a string"):
         save_adapter(model, tmp_path / "bad", base_model_name_or_path=3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("file", ["adapter_config.json", "adapter_model.safetensors"])
+def test_load_adapter_from_a_peft_file(llama_case, file):
+    """A PEFT adapter's config or weights file stands for its folder, as on the command line."""
+    sess = LoraSession(llama_case.model, providers=CPU)
+    sess.load_adapter("a", llama_case.adapters["a_r4"] / file)
+    out = sess.run(None, llama_case.feeds, adapter="a")[0]
+    assert rel_err(out, llama_case.refs["a_r4"]) <= 1e-5
