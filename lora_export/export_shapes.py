@@ -1,0 +1,274 @@
+"""What an exported model's inputs, outputs and dimensions are called, and which dimensions may vary.
+
+Names follow the model, as Optimum does: inputs after ``forward``'s parameters (keyword examples keep
+their keys), outputs after the model's output fields (``logits``, ``last_hidden_state``, dict keys;
+``output_0`` … for tuples, ``output`` for a single tensor). Dimension 0 of every tensor input is
+``batch``; dimension 1 of a token-like input (``input_ids``, ``attention_mask`` …) is ``sequence``.
+A dimension is only proposed here: the caller exports, then ``check_shapes`` runs the ONNX model at
+other sizes against the torch model, and a dimension the model bakes in is exported static instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+BATCH, SEQUENCE = "batch", "sequence"
+TOKEN_INPUTS = frozenset(
+    {
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+        "position_ids",
+        "decoder_input_ids",
+        "decoder_attention_mask",
+        "decoder_position_ids",
+        "labels",
+        "special_tokens_mask",
+        "global_attention_mask",
+    }
+)
+# How much each dimension grows when the exported model is checked at another shape.
+_GROWTH = {BATCH: 1, SEQUENCE: 3}
+
+
+@dataclass
+class InputSpec:
+    """One tensor input of the exported graph: its ONNX name, the forward parameter it feeds, its example."""
+
+    name: str
+    param: str
+    tensor: torch.Tensor
+    axes: dict[int, str] = field(default_factory=dict)
+
+
+def forward_params(model: nn.Module) -> inspect.Signature | None:
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def input_specs(model: nn.Module, args: tuple, kwargs: dict | None, names: list[str] | None) -> list[InputSpec]:
+    """The tensor inputs in graph order (positional, then keyword), named after ``forward`` unless ``names``."""
+    sig = forward_params(model)
+    positional = []
+    if sig is not None:
+        for p in sig.parameters.values():
+            if p.kind is p.VAR_POSITIONAL:
+                break
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                positional.append(p.name)
+    specs = []
+    for i, value in enumerate(args):
+        if isinstance(value, torch.Tensor):
+            param = positional[i] if i < len(positional) else f"input_{i}"
+            specs.append(InputSpec(param, param, value))
+    for key, value in (kwargs or {}).items():
+        if isinstance(value, torch.Tensor):
+            specs.append(InputSpec(key, key, value))
+    for spec, name in zip(specs, names or ()):
+        spec.name = name
+    return specs
+
+
+def propose_axes(specs: list[InputSpec], *, sequence: bool = True) -> None:
+    """Mark dim 0 of each input ``batch`` and dim 1 of token-like inputs ``sequence`` (sizes ≥ 2 only:
+    an exporter specializes a dimension of size 0 or 1 to that constant)."""
+    for spec in specs:
+        t, axes = spec.tensor, {}
+        if t.ndim >= 1 and t.shape[0] >= 2:
+            axes[0] = BATCH
+        if sequence and t.ndim >= 2 and t.shape[1] >= 2 and _token_like(spec):
+            axes[1] = SEQUENCE
+        spec.axes = axes
+
+
+def _token_like(spec: InputSpec) -> bool:
+    if spec.param in TOKEN_INPUTS or spec.name in TOKEN_INPUTS:
+        return True
+    # Integer (or boolean) 2-D inputs are token ids or masks in any model that takes tokens.
+    return spec.tensor.ndim == 2 and not spec.tensor.is_floating_point() and not spec.tensor.is_complex()
+
+
+def dynamic_axes_of(specs: list[InputSpec], out_names: list[str] | None, outputs: list[torch.Tensor] | None) -> dict:
+    """TorchScript ``dynamic_axes``: the inputs' axes, and output axes whose size matches a dynamic size."""
+    axes = {s.name: dict(s.axes) for s in specs if s.axes}
+    sizes = {}
+    for s in specs:
+        for axis, label in s.axes.items():
+            sizes.setdefault(label, int(s.tensor.shape[axis]))
+    if out_names and outputs and len(out_names) == len(outputs):
+        for name, t in zip(out_names, outputs):
+            found = {}
+            if t.ndim >= 1 and sizes.get(BATCH) == t.shape[0]:
+                found[0] = BATCH
+            if t.ndim >= 2 and sizes.get(SEQUENCE) == t.shape[1]:
+                found[1] = SEQUENCE
+            if found:
+                axes[name] = found
+    return axes
+
+
+def dynamic_shapes_of(model: nn.Module, args: tuple, kwargs: dict | None, specs: list[InputSpec]) -> Any:
+    """torch.export ``dynamic_shapes`` (``Dim.AUTO`` on the proposed axes), keyed by ``forward``'s parameters.
+
+    ``Dim.AUTO`` lets torch.export keep a dimension static when the model's code fixes it; the symbols it
+    makes are renamed to ``batch``/``sequence`` in the saved graph (``rename_dims``)."""
+    auto = torch.export.Dim.AUTO
+    by_param = {s.param: {a: auto for a in s.axes} or None for s in specs}
+    sig = forward_params(model)
+    if sig is None:
+        return None
+    try:
+        bound = sig.bind(*args, **(kwargs or {}))
+    except TypeError:
+        return None
+    shapes: dict[str, Any] = {}
+    for i, (param, value) in enumerate(bound.arguments.items()):
+        kind = sig.parameters[param].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            shapes[param] = {k: (by_param.get(k) if isinstance(v, torch.Tensor) else None) for k, v in value.items()}
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            start = i
+            shapes[param] = tuple(
+                by_param.get(f"input_{start + j}") if isinstance(v, torch.Tensor) else None for j, v in enumerate(value)
+            )
+        else:
+            shapes[param] = by_param.get(param) if isinstance(value, torch.Tensor) else None
+    return shapes
+
+
+def rename_dims(proto, specs: list[InputSpec]) -> dict[int, str]:
+    """Rename the exporter's dimension symbols on the proposed input axes to ``batch``/``sequence``.
+
+    Works on an ``onnx.ModelProto`` in place (inputs, outputs, value_info); returns {old symbol: new name}."""
+    mapping: dict[str, str] = {}
+    by_name = {vi.name: vi for vi in proto.graph.input}
+    for spec in specs:
+        vi = by_name.get(spec.name)
+        if vi is None:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        for axis, label in spec.axes.items():
+            if axis < len(dims) and dims[axis].dim_param:
+                symbol = dims[axis].dim_param
+                # torch.export may give each input's batch its own symbol; one name says they are equal.
+                mapping.setdefault(symbol, label)
+    if not mapping:
+        return {}
+    pattern = re.compile(r"\b(" + "|".join(re.escape(s) for s in sorted(mapping, key=len, reverse=True)) + r")\b")
+    for vi in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        if not vi.type.HasField("tensor_type"):
+            continue
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = pattern.sub(lambda m: mapping[m.group(1)], dim.dim_param)
+    return mapping
+
+
+def graph_axes(proto, specs: list[InputSpec]) -> dict[str, dict[int, str]]:
+    """The proposed axes that the saved graph really left symbolic: {input: {axis: dim_param}}."""
+    found: dict[str, dict[int, str]] = {}
+    by_name = {vi.name: vi for vi in proto.graph.input}
+    for spec in specs:
+        vi = by_name.get(spec.name)
+        if vi is None:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        for axis in spec.axes:
+            if axis < len(dims) and dims[axis].dim_param:
+                found.setdefault(spec.name, {})[axis] = dims[axis].dim_param
+    return found
+
+
+# -- outputs -----------------------------------------------------------------------------------
+
+
+class _Unnamed(Exception):
+    pass
+
+
+def output_leaves(out: Any) -> tuple[list[str], list[torch.Tensor]] | None:
+    """Names and tensors of the model's outputs in the exporters' flattening order; None if unnameable."""
+    names: list[str] = []
+    tensors: list[torch.Tensor] = []
+
+    def walk(value: Any, name: str) -> None:
+        if value is None:
+            return
+        if isinstance(value, torch.Tensor):
+            names.append(name)
+            tensors.append(value)
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(v, f"{name}_{k}")
+        elif isinstance(value, (tuple, list)):
+            for i, v in enumerate(value):
+                walk(v, f"{name}_{i}")
+        else:  # a cache object or anything else the exporters would flatten their own way
+            raise _Unnamed
+
+    try:
+        if isinstance(out, torch.Tensor):
+            walk(out, "output")
+        elif isinstance(out, Mapping):
+            for k, v in out.items():
+                walk(v, str(k))
+        elif isinstance(out, (tuple, list)):
+            for i, v in enumerate(out):
+                walk(v, f"output_{i}")
+        else:
+            return None
+    except _Unnamed:
+        return None
+    return names, tensors
+
+
+# -- checking the exported shapes ----------------------------------------------------------------
+
+
+def grown(args: tuple, kwargs: dict | None, specs: list[InputSpec], axes: dict[str, dict[int, str]]):
+    """The example inputs with each dynamic dimension grown (values repeated cyclically along it)."""
+    new_size = {}
+    for s in specs:
+        for axis, label in s.axes.items():
+            if axis in axes.get(s.name, {}):
+                new_size.setdefault(label, int(s.tensor.shape[axis]) + _GROWTH[label])
+    replaced = {}
+    for s in specs:
+        t = s.tensor
+        for axis, label in s.axes.items():
+            if axis in axes.get(s.name, {}):
+                index = torch.arange(new_size[label]) % t.shape[axis]
+                t = t.index_select(axis, index.to(t.device))
+        replaced[id(s.tensor)] = (s.name, t)
+    new_args = tuple(replaced[id(a)][1] if id(a) in replaced else a for a in args)
+    new_kwargs = {k: replaced[id(v)][1] if id(v) in replaced else v for k, v in (kwargs or {}).items()}
+    feeds = {name: t.detach().cpu().numpy() for name, t in replaced.values()}
+    return new_args, new_kwargs, feeds
+
+
+def outputs_agree(actual: list[np.ndarray], expected: list[torch.Tensor], rel: float = 1e-3) -> bool:
+    """Loose agreement: a baked-in shape gives errors or garbage, not rounding differences."""
+    if len(actual) != len(expected):
+        return False
+    for a, e in zip(actual, expected):
+        e = e.detach().cpu().numpy()
+        if a.shape != e.shape:
+            return False
+        if not np.issubdtype(e.dtype, np.floating):
+            if not np.array_equal(a, e):
+                return False
+            continue
+        scale = float(np.abs(e).max()) if e.size else 0.0
+        if e.size and float(np.abs(a.astype(np.float64) - e).max()) > rel * scale + 1e-6:
+            return False
+    return True
