@@ -56,6 +56,16 @@ def forward_params(model: nn.Module) -> inspect.Signature | None:
         return None
 
 
+def signature_order(model: nn.Module, kwargs: dict | None) -> dict | None:
+    """Keyword inputs in ``forward``'s parameter order (torch.export orders the graph's inputs so),
+    the ones ``**kwargs`` takes after them in the caller's order."""
+    sig = forward_params(model)
+    if not kwargs or sig is None:
+        return kwargs
+    order = {name: i for i, name in enumerate(sig.parameters)}
+    return dict(sorted(kwargs.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
 def input_specs(model: nn.Module, args: tuple, kwargs: dict | None, names: list[str] | None) -> list[InputSpec]:
     """The tensor inputs in graph order (positional, then keyword), named after ``forward`` unless ``names``."""
     sig = forward_params(model)

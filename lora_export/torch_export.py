@@ -43,6 +43,7 @@ from .export_shapes import (
     outputs_agree,
     propose_axes,
     rename_dims,
+    signature_order,
 )
 from .onnx_model import INLINE_LIMIT_BYTES, initializer_bytes, load_model, save_model
 
@@ -142,6 +143,7 @@ def export_with_manifest(
     out = Path(path)
     base = base_copy(model)
     args, kwargs = _split_inputs(example_inputs)
+    kwargs = signature_order(base, kwargs)
     opset = _check_opset_request(opset, dynamo)
     specs = input_specs(base, args, kwargs, list(input_names) if input_names else None)
     with _quiet():
@@ -182,6 +184,10 @@ def export_with_manifest(
                     )
                 else:
                     opts["dynamic_axes"] = dynamic_axes_of(trial, out_names, leaves[1] if leaves else None)
+                # A dimension the torch model itself cannot vary is not worth an export.
+                probe = _at_grown(base, args, kwargs, trial, {s.name: dict(s.axes) for s in trial})
+                if probe is None:
+                    continue
             try:
                 _run_exporter(base, args, kwargs, tmp_model, dynamo=dynamo, options=opts)
             except LoraExportError:
@@ -189,7 +195,11 @@ def export_with_manifest(
                     raise
                 continue
             axes = _finish_graph(tmp_model, trial, opset, dynamo)
-            if attempt is None or not axes or last or _serves(base, tmp_model, args, kwargs, trial, axes, out_names):
+            if attempt is None or not axes or last:
+                break
+            if _keys(axes) != _keys({s.name: s.axes for s in trial}):  # the exporter kept some static
+                probe = _at_grown(base, args, kwargs, trial, axes)
+            if probe is not None and _serves(tmp_model, *probe, out_names):
                 break
         onnx_model = load_model(tmp_model)
         manifest, unmapped = build_manifest(onnx_model, base)
@@ -241,20 +251,31 @@ def _finish_graph(path: Path, specs: list[InputSpec], opset: int | None, dynamo:
     return graph_axes(proto, specs)
 
 
-def _serves(base, path: Path, args, kwargs, specs, axes, out_names) -> bool:
-    """Does the exported model, run at grown dynamic dimensions, agree with the torch model there?"""
-    import onnxruntime as ort
+def _keys(axes: dict) -> dict:
+    return {k: set(v) for k, v in axes.items() if v}
 
+
+def _at_grown(base: nn.Module, args: tuple, kwargs: dict | None, specs: list[InputSpec], axes: dict):
+    """(ONNX feeds, torch output leaves) with the ``axes`` grown; None when torch fails there."""
     new_args, new_kwargs, feeds = grown(args, kwargs, specs, axes)
     try:
         with torch.no_grad():
-            leaves = output_leaves(base(*new_args, **new_kwargs))
+            return feeds, output_leaves(base(*new_args, **new_kwargs))
+    except Exception:  # noqa: BLE001 - the model's code fixes this size
+        return None
+
+
+def _serves(path: Path, feeds: dict, leaves, out_names: list[str] | None) -> bool:
+    """Does the exported model, run at grown dynamic dimensions, agree with the torch model there?"""
+    import onnxruntime as ort
+
+    try:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         wanted = {i.name for i in sess.get_inputs()}
         results = sess.run(None, {k: v for k, v in feeds.items() if k in wanted})
-    except Exception:  # noqa: BLE001 - a dimension the model bakes in fails in torch or in ONNX Runtime
+    except Exception:  # noqa: BLE001 - a dimension the export baked in fails in ONNX Runtime
         return False
     if leaves is None:
         return True  # nothing to compare against by structure; the graph ran at the new shape
