@@ -14,6 +14,7 @@ import inspect
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -90,13 +91,13 @@ def input_specs(model: nn.Module, args: tuple, kwargs: dict | None, names: list[
 
 
 def propose_axes(specs: list[InputSpec], *, sequence: bool = True) -> None:
-    """Mark dim 0 of each input ``batch`` and dim 1 of token-like inputs ``sequence`` (sizes ≥ 2 only:
-    an exporter specializes a dimension of size 0 or 1 to that constant)."""
+    """Mark dim 0 of each input ``batch`` and dim 1 of token-like inputs ``sequence`` (not empty ones;
+    a size of 1 is traced at 2, see ``widened``)."""
     for spec in specs:
         t, axes = spec.tensor, {}
-        if t.ndim >= 1 and t.shape[0] >= 2:
+        if t.ndim >= 1 and t.shape[0] >= 1:
             axes[0] = BATCH
-        if sequence and t.ndim >= 2 and t.shape[1] >= 2 and _token_like(spec):
+        if sequence and t.ndim >= 2 and t.shape[1] >= 1 and _token_like(spec):
             axes[1] = SEQUENCE
         spec.axes = axes
 
@@ -184,18 +185,14 @@ def rename_dims(proto, specs: list[InputSpec]) -> dict[int, str]:
     return mapping
 
 
-def graph_axes(proto, specs: list[InputSpec]) -> dict[str, dict[int, str]]:
-    """The proposed axes that the saved graph really left symbolic: {input: {axis: dim_param}}."""
+def graph_axes(proto) -> dict[str, dict[int, str]]:
+    """The saved graph's symbolic input dimensions: {input: {axis: dim_param}}."""
     found: dict[str, dict[int, str]] = {}
-    by_name = {vi.name: vi for vi in proto.graph.input}
-    for spec in specs:
-        vi = by_name.get(spec.name)
-        if vi is None:
-            continue
-        dims = vi.type.tensor_type.shape.dim
-        for axis in spec.axes:
-            if axis < len(dims) and dims[axis].dim_param:
-                found.setdefault(spec.name, {})[axis] = dims[axis].dim_param
+    for vi in proto.graph.input:
+        if vi.type.HasField("tensor_type"):
+            for axis, dim in enumerate(vi.type.tensor_type.shape.dim):
+                if dim.dim_param:
+                    found.setdefault(vi.name, {})[axis] = dim.dim_param
     return found
 
 
@@ -245,25 +242,36 @@ def output_leaves(out: Any) -> tuple[list[str], list[torch.Tensor]] | None:
 # -- checking the exported shapes ----------------------------------------------------------------
 
 
-def grown(args: tuple, kwargs: dict | None, specs: list[InputSpec], axes: dict[str, dict[int, str]]):
-    """The example inputs with each dynamic dimension grown (values repeated cyclically along it)."""
+def grown(args: tuple, kwargs: dict | None, specs: list[InputSpec], axes: dict[str, dict[int, str]], size=None):
+    """The example inputs with each dynamic dimension resized (values repeated cyclically along it) to
+    ``size(label, old)``, by default grown a little. Returns (args, kwargs, {input name: new tensor})."""
+    size = size or (lambda label, old: old + _GROWTH[label])
     new_size = {}
     for s in specs:
         for axis, label in s.axes.items():
             if axis in axes.get(s.name, {}):
-                new_size.setdefault(label, int(s.tensor.shape[axis]) + _GROWTH[label])
+                new_size.setdefault(label, size(label, int(s.tensor.shape[axis])))
     replaced = {}
     for s in specs:
         t = s.tensor
         for axis, label in s.axes.items():
-            if axis in axes.get(s.name, {}):
+            if axis in axes.get(s.name, {}) and t.shape[axis] != new_size[label]:
                 index = torch.arange(new_size[label]) % t.shape[axis]
                 t = t.index_select(axis, index.to(t.device))
         replaced[id(s.tensor)] = (s.name, t)
     new_args = tuple(replaced[id(a)][1] if id(a) in replaced else a for a in args)
     new_kwargs = {k: replaced[id(v)][1] if id(v) in replaced else v for k, v in (kwargs or {}).items()}
-    feeds = {name: t.detach().cpu().numpy() for name, t in replaced.values()}
-    return new_args, new_kwargs, feeds
+    return new_args, new_kwargs, dict(replaced.values())
+
+
+def widened(args: tuple, kwargs: dict | None, specs: list[InputSpec]):
+    """Trace inputs for a proposal: a proposed dimension of size 1 is repeated to 2 (exporters specialize
+    sizes 0 and 1). Returns (args, kwargs, specs over the new tensors) or None when nothing is widened."""
+    if all(s.tensor.shape[a] >= 2 for s in specs for a in s.axes):
+        return None
+    axes = {s.name: dict(s.axes) for s in specs}
+    new_args, new_kwargs, tensors = grown(args, kwargs, specs, axes, size=lambda label, old: max(old, 2))
+    return new_args, new_kwargs, [InputSpec(s.name, s.param, tensors[s.name], dict(s.axes)) for s in specs]
 
 
 def outputs_agree(actual: list[np.ndarray], expected: list[torch.Tensor], rel: float = 1e-3) -> bool:
@@ -282,3 +290,40 @@ def outputs_agree(actual: list[np.ndarray], expected: list[torch.Tensor], rel: f
         if e.size and float(np.abs(a.astype(np.float64) - e).max()) > rel * scale + 1e-6:
             return False
     return True
+
+
+def axes_keys(axes: dict) -> dict:
+    """{input: set of axes}, for comparing a proposal with what a graph kept."""
+    return {k: set(v) for k, v in axes.items() if v}
+
+
+def torch_at_grown(base: nn.Module, args: tuple, kwargs: dict | None, specs: list[InputSpec], axes: dict):
+    """(ONNX feeds, torch output leaves) with the ``axes`` grown; None when torch fails there."""
+    new_args, new_kwargs, tensors = grown(args, kwargs, specs, axes)
+    feeds = {name: t.detach().cpu().numpy() for name, t in tensors.items()}
+    try:
+        with torch.no_grad():
+            return feeds, output_leaves(base(*new_args, **new_kwargs))
+    except Exception:  # noqa: BLE001 - the model's code fixes this size
+        return None
+
+
+def onnx_serves(path: Path, feeds: dict, leaves, out_names: list[str] | None) -> bool:
+    """Does the exported model, run at grown dynamic dimensions, agree with the torch model there?"""
+    import onnxruntime as ort
+
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        wanted = {i.name for i in sess.get_inputs()}
+        results = sess.run(None, {k: v for k, v in feeds.items() if k in wanted})
+    except Exception:  # noqa: BLE001 - a dimension the export baked in fails in ONNX Runtime
+        return False
+    if leaves is None:
+        return True  # nothing to compare against by structure; the graph ran at the new shape
+    names = [o.name for o in sess.get_outputs()]
+    expected = dict(zip(out_names or leaves[0], leaves[1]))
+    if set(names) <= set(expected):
+        return outputs_agree(results, [expected[n] for n in names])
+    return outputs_agree(results, leaves[1])

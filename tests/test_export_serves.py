@@ -202,6 +202,24 @@ def test_static_api_and_given_axes_win(tmp_path):
     assert ort.InferenceSession(str(result.path), providers=CPU).get_inputs()[0].shape == [2, 16]
     result = export_with_manifest(model, make(0), tmp_path / "g.onnx", dynamo=False, dynamic_axes={"ids": {0: "rows"}})
     assert ort.InferenceSession(str(result.path), providers=CPU).get_inputs()[0].shape == ["rows", 16]
+    assert result.dynamic_axes == {"ids": {0: "rows"}}
+
+
+@pytest.mark.parametrize(
+    ("example", "dynamo"),
+    [((1, 6), True), ((1, 6), False), ((1, 1), False)],
+    ids=["1x6-dynamo", "1x6-torchscript", "1x1-torchscript"],
+)
+def test_a_single_example_row_still_gives_dynamic_dimensions(tmp_path, example, dynamo):
+    """Exporters specialize sizes 1: the export traces at 2 and checks the example's own size too."""
+    model = tiny_llama()[0]
+    result = export_with_manifest(model, token_inputs(*example, 0), tmp_path / "one.onnx", dynamo=dynamo)
+    assert result.dynamic_axes == {n: {0: "batch", 1: "sequence"} for n in ("input_ids", "attention_mask")}
+    sess = ort.InferenceSession(str(result.path), providers=CPU)
+    for i, (batch, seq) in enumerate([(1, 1), *SHAPES]):
+        inputs = token_inputs(batch, seq, 200 + i)
+        got = sess.run(["logits"], {k: v.numpy() for k, v in inputs.items()})[0]
+        assert rel_err(got, torch_output(model, inputs, "logits")) <= TOL, (batch, seq)
 
 
 # -- CLI -------------------------------------------------------------------------------------------
