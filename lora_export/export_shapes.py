@@ -157,7 +157,7 @@ def dynamic_shapes_of(model: nn.Module, args: tuple, kwargs: dict | None, specs:
     return shapes
 
 
-def rename_dims(proto, specs: list[InputSpec]) -> dict[int, str]:
+def rename_dims(proto, specs: list[InputSpec]) -> dict[str, str]:
     """Rename the exporter's dimension symbols on the proposed input axes to ``batch``/``sequence``.
 
     Works on an ``onnx.ModelProto`` in place (inputs, outputs, value_info); returns {old symbol: new name}."""
