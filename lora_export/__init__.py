@@ -1,11 +1,15 @@
 """lora-export: LoRA from PyTorch training to ONNX deployment."""
 
+from typing import TYPE_CHECKING
+
+from ._version import __version__ as __version__
 from .adapter import Adapter, LoraTarget
 from .config import LoraConfig
 from .convert import convert_adapter
 from .errors import (
     AdapterError,
     ConfigError,
+    DtypeError,
     LoraExportError,
     ModelError,
     ShapeError,
@@ -19,7 +23,23 @@ from .resolve import Resolution, ResolvedTarget, resolve_targets
 from .session import LoraSession
 from .verify import VerifyReport, verify_models
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    # The torch-dependent API, as type checkers and IDEs see it; at run time ``__getattr__`` imports it on
+    # first use (keep in step with _TORCH_API).
+    from .attach import (
+        adapter_from_model,
+        attach_lora,
+        lora_layers,
+        lora_summary,
+        merge_lora,
+        remove_lora,
+        save_adapter,
+        unmerge_lora,
+        unwrap,
+    )
+    from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+    from .loraplus import loraplus_param_groups
+    from .torch_export import export, export_with_manifest
 
 # The training API needs torch; import it on first use so torch-free users (ONNX stages) stay light.
 _TORCH_API = {
@@ -51,10 +71,15 @@ def __getattr__(name: str):
     return getattr(importlib.import_module(f".{module}", __name__), name)
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_TORCH_API))
+
+
 __all__ = [
     "Adapter",
     "AdapterError",
     "ConfigError",
+    "DtypeError",
     "LoraConfig",
     "LoraExportError",
     "LoraTarget",

@@ -14,12 +14,15 @@ transposed (HF Conv1D). DoRA magnitude is 1-D: one entry per output channel (per
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .config import LoraConfig
-from .errors import ShapeError
+from .delta import lora_delta
+from .errors import AdapterError, ShapeError, TargetError
 
 KINDS = ("linear", "conv", "embedding")
 
@@ -87,8 +90,6 @@ class LoraTarget:
 
     def delta(self, dtype: np.dtype | type = np.float32) -> np.ndarray:
         """ΔW = scale·B·A in the module's weight layout, computed in ``dtype``."""
-        from .delta import lora_delta
-
         return lora_delta(self, dtype)
 
     def scaled(self, factor: float) -> LoraTarget:
@@ -134,23 +135,24 @@ class Adapter:
         """
         if not pattern:
             return self
-        from .config import compile_pattern
-        from .errors import TargetError
+        from .patterns import search
 
-        rx = compile_pattern(pattern, "--only-targets")
-        targets = {k: t for k, t in self.targets.items() if rx.search(k)}
+        targets = {k: t for k, t in self.targets.items() if search(pattern, k, "--only-targets")}
         if not targets:
             raise TargetError(f"--only-targets {pattern!r} matches none of adapter {self.name!r}'s targets")
         return dataclasses.replace(
             self,
             targets=targets,
-            extra={k: v for k, v in self.extra.items() if rx.search(k)},
+            extra={k: v for k, v in self.extra.items() if search(pattern, k, "--only-targets")},
             stored_base={k: v for k, v in self.stored_base.items() if k in targets},
         )
 
+    def digest(self) -> str:
+        """sha256 (hex) of the adapter's tensors: see ``adapter_digest``."""
+        return adapter_digest(self)
+
     def check_finite(self) -> None:
         """Refuse NaN or Inf anywhere in the adapter."""
-        from .errors import AdapterError
 
         for t in self.targets.values():
             for what, arr in (("lora_A", t.A), ("lora_B", t.B), ("magnitude", t.magnitude)):
@@ -173,3 +175,60 @@ class Adapter:
             "kinds": sorted({t.kind for t in self.targets.values()}),
             "extra_tensors": sorted(self.extra),
         }
+
+
+DIGEST_VERSION = b"lora-export adapter digest v1\n"
+
+
+def _target_tensors(name: str, t: LoraTarget) -> list[tuple[str, np.ndarray]]:
+    out = [(f"{name}.lora_A", t.A), (f"{name}.lora_B", t.B), (f"{name}.scale", np.float64(t.scale))]
+    if t.magnitude is not None:
+        out.append((f"{name}.magnitude", t.magnitude))
+    out.append((f"{name}.kind:{t.kind}", np.bool_(True)))
+    out.append((f"{name}.fan_in_fan_out", np.bool_(t.fan_in_fan_out)))
+    return out
+
+
+def digest_tensors(adapter: Adapter) -> list[tuple[str, np.ndarray]]:
+    """The named tensors ``adapter_digest`` hashes, sorted by name.
+
+    Per target ``T``: ``T.lora_A``, ``T.lora_B``, ``T.magnitude`` (DoRA only), ``T.scale`` (float64 scalar:
+    the resolved α/r or α/√r) and ``T.kind:<kind>`` / ``T.fan_in_fan_out`` markers (how ΔW is laid out);
+    per full replacement tensor ``K``: ``extra:K``. The adapter's name, its config file and ``stored_base``
+    (a record of the base, never applied) are not part of it: the same tensors under another folder name
+    are the same adapter.
+    """
+    out = [entry for name, t in adapter.targets.items() for entry in _target_tensors(name, t)]
+    out += [(f"extra:{key}", arr) for key, arr in adapter.extra.items()]
+    return sorted(out, key=lambda item: item[0])
+
+
+def adapter_digest(adapter: Adapter) -> str:
+    """A stable sha256 over the canonical adapter's tensors (``digest_tensors``), in hex.
+
+    Each tensor contributes its name (UTF-8), dtype name, shape and little-endian C-order bytes, each
+    length-prefixed, in sorted name order: equal tensors give an equal digest whatever file they came
+    from, and any changed value, dtype, shape or scale changes it.
+    """
+    return _sha256(digest_tensors(adapter))
+
+
+def target_digest(t: LoraTarget) -> str:
+    """The same digest over one target's entries alone (its module path, A, B, magnitude, scale, layout)."""
+    return _sha256(sorted(_target_tensors(t.name, t), key=lambda item: item[0]))
+
+
+def _sha256(entries: list[tuple[str, np.ndarray]]) -> str:
+    h = hashlib.sha256(DIGEST_VERSION)
+    for name, arr in entries:
+        arr = np.asarray(arr)
+        if arr.dtype.byteorder not in ("<", "|"):
+            arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+        # surrogatepass: a name from a JSON header may hold a lone surrogate (\udcff); it still hashes.
+        for field_bytes in (name.encode("utf-8", "surrogatepass"), arr.dtype.name.encode("ascii")):
+            h.update(struct.pack("<Q", len(field_bytes)) + field_bytes)
+        h.update(struct.pack(f"<Q{arr.ndim}Q", arr.ndim, *arr.shape))
+        data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)  # C-order bytes, no copy when contiguous
+        h.update(struct.pack("<Q", data.size))
+        h.update(data)
+    return h.hexdigest()

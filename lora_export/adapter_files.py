@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_path
-from .errors import AdapterError, first_line
+from .errors import AdapterError, one_line
 from .file_checks import require_regular_file
 from .safetensors_io import read_safetensors, write_safetensors
 
@@ -61,5 +61,4 @@ def read_adapter_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         # Copy out: the OrtValues are views of a memory-mapped file.
         return {k: np.array(v.numpy()) for k, v in params.items()}
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for a bad file
-        first = first_line(e, 160)
-        raise AdapterError(f"{path}: not a readable .onnx_adapter file ({first})") from None
+        raise AdapterError(f"{path}: not a readable .onnx_adapter file ({one_line(e)})") from None

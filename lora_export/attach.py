@@ -16,7 +16,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .config import LoraConfig, closest_names
-from .errors import ShapeError, TargetError
+from .errors import ConfigError, ShapeError, TargetError
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, _hf_conv1d_type
 from .peft_format import save_adapter_files
 
@@ -253,9 +253,24 @@ def adapter_from_model(model: nn.Module, name: str = "adapter") -> Adapter:
     return Adapter(targets=targets, config=config, extra=extra, name=name)
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Write the model's adapter in PEFT's format (``PeftModel.from_pretrained`` loads it)."""
-    return save_adapter_files(adapter_from_model(model, name=Path(directory).name), directory, base_model_name_or_path)
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | os.PathLike | None = None
+) -> Path:
+    """Write the model's adapter in PEFT's format (``PeftModel.from_pretrained`` loads it).
+
+    ``base_model_name_or_path`` (a hub id or a local path) goes into adapter_config.json, where
+    ``PeftModel.from_pretrained`` and ``AutoPeftModel*`` look for the base model; by default it is the
+    model's own ``name_or_path`` (a transformers model's), as PEFT records it, else null.
+    """
+    base = base_model_name_or_path
+    if base is None:
+        own = model.__dict__.get("name_or_path")  # what PEFT's get_peft_model records
+        base = own if isinstance(own, str) and own else None
+    if isinstance(base, os.PathLike):
+        base = os.fspath(base)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"base_model_name_or_path must be a string or a path, not {type(base).__name__}")
+    return save_adapter_files(adapter_from_model(model, name=Path(directory).name), directory, base)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import difflib
 import math
-import re
+import numbers
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .patterns import check_pattern, full_match, suffix_match
+from .safejson import short_repr
 
 INIT_CHOICES = ("default", "gaussian")
 BIAS_CHOICES = ("none", "all", "lora_only")
+# A rank is a tensor dimension; beyond this, α/r and √r would overflow floats long before any tensor fits.
+MAX_RANK = 2**31 - 1
 
 
 @dataclass
@@ -46,35 +50,42 @@ class LoraConfig:
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
-        for what in ("target_modules", "exclude_modules"):
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or not 0 < self.r <= MAX_RANK:
+            raise ConfigError(f"r must be a positive integer (at most {MAX_RANK}), got {_short(self.r)}")
+        for what in ("target_modules", "exclude_modules", "modules_to_save"):
             spec = getattr(self, what)
             if not (
                 spec is None
-                or isinstance(spec, str)
+                or (isinstance(spec, str) and what != "modules_to_save")
                 or (isinstance(spec, list) and all(isinstance(t, str) for t in spec))
             ):
-                raise ConfigError(f"{what} must be a list of module names, a regex string or null, got {spec!r}")
+                raise ConfigError(f"{what} must be a list of module names, a regex string or null, got {_short(spec)}")
+        for what in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, what), dict):
+                raise ConfigError(f"{what} must be an object, got {_short(getattr(self, what))}")
         # Pattern keys are regexes (PEFT's get_pattern_key): a bad one must fail here, not mid-merge.
         for what in ("rank_pattern", "alpha_pattern"):
             for pat in getattr(self, what):
-                _compile(str(pat), f"{what} key")
+                check_pattern(pat, f"{what} key", suffix=True)
         for pat, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank <= 0:
-                raise ConfigError(f"rank_pattern[{pat!r}] must be a positive integer, got {rank!r}")
+            if not isinstance(rank, int) or isinstance(rank, bool) or not 0 < rank <= MAX_RANK:
+                raise ConfigError(f"rank_pattern[{pat!r}] must be an integer in [1, {MAX_RANK}], got {_short(rank)}")
+        for pat, alpha in self.alpha_pattern.items():
+            if not _is_finite(alpha):
+                raise ConfigError(f"alpha_pattern[{pat!r}] must be a finite number, got {_short(alpha)}")
+        for what in ("lora_alpha", "lora_dropout"):
+            if not _is_finite(getattr(self, what)):
+                raise ConfigError(f"{what} must be a finite number, got {_short(getattr(self, what))}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {_short(self.lora_dropout)}")
         if self.init not in INIT_CHOICES:
-            raise ConfigError(f"init must be one of {', '.join(INIT_CHOICES)}, got {self.init!r}")
+            raise ConfigError(f"init must be one of {', '.join(INIT_CHOICES)}, got {_short(self.init)}")
         if self.bias not in BIAS_CHOICES:
-            raise ConfigError(f"bias must be one of {', '.join(BIAS_CHOICES)}, got {self.bias!r}")
-        if not math.isfinite(float(self.lora_alpha)):
-            raise ConfigError(f"lora_alpha must be finite, got {self.lora_alpha!r}")
+            raise ConfigError(f"bias must be one of {', '.join(BIAS_CHOICES)}, got {_short(self.bias)}")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
-            _compile(self.target_modules, "target_modules")
+            check_pattern(self.target_modules, "target_modules")
         if isinstance(self.exclude_modules, str):
-            _compile(self.exclude_modules, "exclude_modules")
+            check_pattern(self.exclude_modules, "exclude_modules")
 
     # -- per-module resolution -------------------------------------------------------------
     def rank_for(self, name: str) -> int:
@@ -97,9 +108,8 @@ class LoraConfig:
         """
         if self.exclude_modules and _matches(self.exclude_modules, name):
             return False
-        if self.modules_to_save and any(
-            re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in self.modules_to_save
-        ):
+        # PEFT's rf"(^|.*\.){re.escape(m)}($|\..*)": m is a run of whole path components.
+        if self.modules_to_save and any(f".{m}." in f".{name}." for m in self.modules_to_save):
             return False
         if self.target_modules is None or self.target_modules == "all-linear":
             return False
@@ -140,8 +150,8 @@ class LoraConfig:
         if not isinstance(d, dict):
             raise ConfigError("adapter_config.json must hold a JSON object")
         peft_type = d.get("peft_type", "LORA")
-        if str(peft_type).upper() != "LORA":
-            raise ConfigError(f"adapter type {peft_type!r} is not supported (only LORA)")
+        if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+            raise ConfigError(f"adapter type {_short(peft_type)} is not supported (only LORA)")
         if d.get("lora_bias"):
             raise ConfigError("lora_bias=True adapters are not supported")
         if d.get("layers_to_transform") not in (None, [], ""):
@@ -153,24 +163,21 @@ class LoraConfig:
                 raise ConfigError(f"invalid adapter_config.json: {key} must be an object, got {type(d[key]).__name__}")
         init = d.get("init_lora_weights", True)
         init = "gaussian" if init == "gaussian" else "default"
-        try:
-            return cls(
-                r=int(d.get("r", 8)),
-                lora_alpha=float(d.get("lora_alpha", 8)),
-                lora_dropout=float(d.get("lora_dropout") or 0.0),
-                target_modules=d.get("target_modules"),
-                exclude_modules=d.get("exclude_modules"),
-                rank_pattern={k: int(v) for k, v in (d.get("rank_pattern") or {}).items()},
-                alpha_pattern={k: float(v) for k, v in (d.get("alpha_pattern") or {}).items()},
-                use_rslora=bool(d.get("use_rslora", False)),
-                use_dora=bool(d.get("use_dora", False)),
-                init=init,
-                bias=d.get("bias") or "none",
-                modules_to_save=d.get("modules_to_save"),
-                fan_in_fan_out=bool(d.get("fan_in_fan_out", False)),
-            )
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"invalid adapter_config.json: {e}") from None
+        return cls(
+            r=_as_int(d.get("r", 8), "r"),
+            lora_alpha=_as_float(d.get("lora_alpha", 8), "lora_alpha"),
+            lora_dropout=_as_float(d.get("lora_dropout") or 0.0, "lora_dropout"),
+            target_modules=d.get("target_modules"),
+            exclude_modules=d.get("exclude_modules"),
+            rank_pattern={k: _as_int(v, f"rank_pattern[{k!r}]") for k, v in (d.get("rank_pattern") or {}).items()},
+            alpha_pattern={k: _as_float(v, f"alpha_pattern[{k!r}]") for k, v in (d.get("alpha_pattern") or {}).items()},
+            use_rslora=bool(d.get("use_rslora", False)),
+            use_dora=bool(d.get("use_dora", False)),
+            init=init,
+            bias=d.get("bias") or "none",
+            modules_to_save=d.get("modules_to_save"),
+            fan_in_fan_out=bool(d.get("fan_in_fan_out", False)),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -199,28 +206,48 @@ def closest_names(query: str | Iterable[str], names: Iterable[str], n: int = 3) 
     return found[:n]
 
 
-def _compile(pattern: str, what: str) -> re.Pattern:
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise ConfigError(f"{what} is not a valid regular expression ({e}): {pattern!r}") from None
-
-
 def _matches(spec: list[str] | str, name: str) -> bool:
     # PEFT's rule: a string is a regex over the whole path; a list matches exact names or dotted suffixes.
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return full_match(spec, name)
     return name in spec or any(name.endswith(f".{t}") for t in spec)
 
 
 def _pattern_key(patterns: dict[str, Any], name: str) -> str | None:
     # PEFT's get_pattern_key: the first pattern that matches a dotted suffix of the path.
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
+        if suffix_match(key, name):
             return key
     return None
 
 
-def compile_pattern(pattern: str, what: str):
-    """A compiled regular expression for a user-given pattern, or a one-line ConfigError naming ``what``."""
-    return _compile(pattern, what)
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    try:
+        return _is_real(value) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _short(value: Any) -> str:
+    return short_repr(value)
+
+
+def _as_int(value: Any, what: str) -> int:
+    # JSON numbers only: int("8") or int(8.9) would hide a broken config; 8.0 is 8.
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"invalid adapter_config.json: {what} must be an integer, got {_short(value)}")
+    return value
+
+
+def _as_float(value: Any, what: str) -> float:
+    if not _is_real(value):
+        raise ConfigError(f"invalid adapter_config.json: {what} must be a number, got {_short(value)}")
+    if not _is_finite(value):
+        raise ConfigError(f"invalid adapter_config.json: {what} must be finite, got {_short(value)}")
+    return float(value)

@@ -6,10 +6,14 @@ final weight is rounded to the stored dtype: one rounding, as PEFT's fp32 merge 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from .adapter import LoraTarget
 from .errors import ShapeError
+
+if TYPE_CHECKING:  # the math reads a target's fields; it never builds one
+    from .adapter import LoraTarget
 
 
 def lora_delta(t: LoraTarget, dtype: np.dtype | type = np.float32) -> np.ndarray:

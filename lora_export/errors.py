@@ -22,6 +22,10 @@ class ShapeError(LoraExportError):
     """Adapter tensors that do not fit the model they are applied to."""
 
 
+class DtypeError(ShapeError):
+    """Feeds or adapter tensors whose element type is not the one the model expects (never cast silently)."""
+
+
 class TargetError(LoraExportError):
     """Target modules or weights that cannot be found or matched."""
 
@@ -34,6 +38,14 @@ class VerificationError(LoraExportError):
     """Two models disagree beyond the tolerance (exit code 1: a finding, not a usage error)."""
 
     exit_code = 1
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's whole message on one line (lines joined, whitespace collapsed, ANSI colours stripped)."""
+    import re
+
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())
+    return text or type(e).__name__
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:

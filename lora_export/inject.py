@@ -14,16 +14,18 @@ files also work with plain ONNX Runtime: ``ort.LoraAdapter().Load(path)`` and
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from .adapter import Adapter
+from .adapter import Adapter, target_digest
 from .adapter_files import write_adapter_tensors
 from .atomic import refuse_overwrite
 from .errors import AdapterError, ModelError, ShapeError, TargetError
@@ -31,10 +33,11 @@ from .file_checks import check_output_file, require_regular_file
 from .layouts import get_layout
 from .onnx_model import external_data_files, load_model, save_model
 from .peft_format import adapter_files, load_adapter
+from .provenance import append_history, make_record, target_entry
 from .resolve import ResolvedTarget, resolve_targets
 from .safetensors_io import read_safetensors
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
-from .staging import carry_over, staging_dir, swap_dir
+from .staging import STAGE_PREFIX, carry_over, staging_dir, swap_dir
 from .value_match import check_stored_base
 
 MODEL_NAME = "model.onnx"
@@ -48,6 +51,8 @@ class InjectResult:
     tensors: dict[str, dict[str, np.ndarray]]
     reports: dict[str, list[dict]] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    digests: dict[str, str] = field(default_factory=dict)  # adapter name → adapter_digest
+    history: list[dict] = field(default_factory=list)  # the model's lora_export.history after the inject
 
     def to_dict(self) -> dict:
         return {
@@ -57,8 +62,10 @@ class InjectResult:
             ],
             "absent": self.manifest.absent,
             "adapters": {
-                name: {"tensors": len(t), "resolution": self.reports.get(name, [])} for name, t in self.tensors.items()
+                name: {"tensors": len(t), "sha256": self.digests.get(name), "resolution": self.reports.get(name, [])}
+                for name, t in self.tensors.items()
             },
+            "history": self.history,
             "files": [str(p) for p in self.files],
         }
 
@@ -108,10 +115,14 @@ def _resolve_all(
     return chosen, reports, absent - set(chosen)
 
 
-def _listed(errors: list[str], limit: int = 3) -> str:
-    # Every entry names its target; the reasons repeat across targets, so the line stays readable.
-    shown = "; ".join(errors[:limit])
-    return shown + (f"; ... ({len(errors) - limit} more)" if len(errors) > limit else "")
+def _listed(errors: list[str], limit: int = 4) -> str:
+    """``a:x, a:y, ... (n more): <the first reason>``: reasons repeat across targets, one is enough."""
+    # Ambiguity first: those targets do occur, and the line should say so.
+    errors = sorted(errors, key=lambda e: "(ambiguous" not in e)
+    labels = [e.split(" (", 1)[0] for e in errors]
+    reason = errors[0].split(" (", 1)[1][:-1] if " (" in errors[0] else ""
+    shown = ", ".join(labels[:limit]) + (f", ... ({len(labels) - limit} more)" if len(labels) > limit else "")
+    return f"{shown}: {reason}" if reason else shown
 
 
 def _slot_input(graph: ir.Graph, name: str, dtype: ir.DataType, shape: list, default: np.ndarray) -> ir.Value:
@@ -135,6 +146,8 @@ def inject_adapters(
     A slot gets a DoRA scale input when one of the adapters is DoRA there, or for every slot with
     ``dora=True`` (so DoRA adapters converted later fit; it defaults to ones, a no-op otherwise).
     Returns the slot manifest (also stored in ``model.metadata_props``) and each adapter's slot tensors.
+    Each adapter gets an ``inject`` record in the model's ``lora_export.history`` (see ``provenance``); an
+    unreadable history is kept under ``lora_export.history.unreadable`` and restarted.
     """
     if not adapters:
         raise AdapterError("inject needs at least one adapter")
@@ -198,7 +211,15 @@ def inject_adapters(
         for node in rt.nodes:
             get_layout(node).add_branch(graph, node, a, b, g)
     model.metadata_props[SLOTS_KEY] = manifest.to_json()
-    return InjectResult(manifest, tensors, reports)
+    digests = {a.name: a.digest() for a in adapters}
+    records = []
+    for a in adapters:
+        sha = {t.name: target_digest(t) for t in a}
+        rows = reports[a.name]
+        entries = [target_entry(r["target"], r["status"], r["initializer"], sha.get(r["target"])) for r in rows]
+        records.append(make_record("inject", a.name, digests[a.name], targets=entries))
+    history = append_history(model, records, replace_unreadable=True)
+    return InjectResult(manifest, tensors, reports, digests=digests, history=history)
 
 
 def inject_files(
@@ -209,18 +230,33 @@ def inject_files(
     base_weights: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
     dora: bool = False,
     only_targets: str | None = None,
+    names: Sequence[str | None] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> InjectResult:
     """``lora-export inject``: OUTDIR/model.onnx (+ external data when the base had it) and, per adapter,
-    OUTDIR/<name>.onnx_adapter and OUTDIR/<name>.safetensors (<name>: the adapter directory's name).
+    OUTDIR/<name>.onnx_adapter and OUTDIR/<name>.safetensors (<name>: ``names[i]`` where given, else the
+    adapter directory's name).
 
     The whole folder is built beside OUTDIR (files of an existing OUTDIR that this run does not write
     are linked in) and swapped in as one directory entry: a crash leaves the old folder or the new one.
+    OUTDIR/.lora-export.json lists the files written; a later inject into the same folder removes those
+    of them it no longer writes (an adapter dropped or renamed), and never any other file.
+    ``progress(done, total, file name)`` is called as the files are written.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise AdapterError(f"{out_dir} exists and is not a directory")
-    adapters = [load_adapter(p).select(only_targets) for p in adapter_paths]
-    outputs = [out_dir / MODEL_NAME, out_dir / f"{MODEL_NAME}.data"]
+    if names is not None and len(names) != len(adapter_paths):
+        raise AdapterError(f"{len(names)} name(s) for {len(adapter_paths)} adapter(s)")
+    names = list(names) if names is not None else [None] * len(adapter_paths)
+    for n in names:
+        if n is not None:
+            check_adapter_name(n)
+    adapters = [load_adapter(p, name=n).select(only_targets) for p, n in zip(adapter_paths, names)]
+    for a, p, n in zip(adapters, adapter_paths, names):
+        if n is None:
+            check_adapter_name(a.name, f" (from the folder {str(p)!r}; name it with NAME=PATH)")
+    outputs = [out_dir / MODEL_NAME, out_dir / f"{MODEL_NAME}.data", out_dir / FILES_MANIFEST]
     outputs += [out_dir / f"{a.name}{suffix}" for a in adapters for suffix in (".onnx_adapter", ".safetensors")]
     _refuse_blocked_outputs(outputs)
     inputs = [Path(base_path), *(f for p in adapter_paths for f in adapter_files(p))]
@@ -234,21 +270,87 @@ def inject_files(
     result = inject_adapters(model, adapters, base_weights=base_weights, dora=dora)
     # Through a symlinked OUTDIR, replace the folder it points to, not the link.
     dest = Path(os.path.realpath(out_dir)) if out_dir.is_symlink() else out_dir
+    total = 1 + 2 * len(result.tensors)
     with staging_dir(dest.parent) as stage:
         new = stage / "out"
         os.mkdir(new, 0o777)
+        if progress is not None:
+            progress(0, total, MODEL_NAME)
         save_model(model, new / MODEL_NAME)
+        done = 1
         for name, tensors in sorted(result.tensors.items()):
-            write_adapter_tensors(new / f"{name}.onnx_adapter", tensors, model_version=result.manifest.fingerprint)
-            write_adapter_tensors(new / f"{name}.safetensors", tensors, model_version=result.manifest.fingerprint)
+            for suffix in (".onnx_adapter", ".safetensors"):
+                if progress is not None:
+                    progress(done, total, f"{name}{suffix}")
+                write_adapter_tensors(new / f"{name}{suffix}", tensors, model_version=result.manifest.fingerprint)
+                done += 1
         produced = sorted(p.name for p in new.iterdir())
+        _write_files_manifest(new / FILES_MANIFEST, produced)
+        if progress is not None:
+            progress(total, total, "")
         if dest.is_dir():
             os.chmod(new, stat.S_IMODE(dest.stat().st_mode))
-            # Files this run does not write (adapters converted later, the user's own) stay in the folder.
-            carry_over(dest, new, skip={p.name for p in outputs})
+            # Files this run does not write (adapters converted later, the user's own) stay in the folder;
+            # those an earlier inject wrote and this one does not (stale adapters) are left behind.
+            stale = set(_read_files_manifest(dest / FILES_MANIFEST)) - set(produced)
+            carry_over(dest, new, skip={p.name for p in outputs} | stale)
         swap_dir(new, dest, stage / "old")
     result.files = [out_dir / f for f in produced]
     return result
+
+
+FILES_MANIFEST = ".lora-export.json"
+# Control characters (C0, DEL, C1) and the Unicode line separators: never in a file name we write.
+_BAD_NAME_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def check_adapter_name(name: str, hint: str = "") -> str:
+    """Refuse a name that cannot be a plain file name in OUTDIR (``<name>.onnx_adapter``)."""
+    problem = None
+    if not name:
+        problem = "is empty"
+    elif "/" in name or "\\" in name or (os.altsep and os.altsep in name):
+        problem = "contains a path separator"
+    elif name.startswith("."):
+        problem = "starts with a dot"
+    elif _BAD_NAME_CHARS.search(name):
+        problem = "contains control characters"
+    elif name != name.strip():
+        problem = "starts or ends with white space"
+    if problem:
+        raise AdapterError(f"bad adapter name {name!r}: it {problem}{hint}")
+    return name
+
+
+def _write_files_manifest(path: Path, files: Sequence[str]) -> None:
+    text = json.dumps({"written_by": "lora-export inject", "files": sorted(files)}, indent=2) + "\n"
+    with open(path, "w", encoding="utf-8") as f:  # inside the staging folder: published by the swap
+        f.write(text)
+
+
+def _read_files_manifest(path: Path) -> list[str]:
+    """The file names an earlier inject recorded; nothing when the record is missing or unreadable.
+
+    Only plain names of this folder count: an edited record cannot point the cleanup anywhere else."""
+    try:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > 1 << 20:
+            return []
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return []
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, list):
+        return []
+    return [
+        f
+        for f in files
+        if isinstance(f, str)
+        and f not in ("", ".", "..", FILES_MANIFEST)
+        and "/" not in f
+        and "\\" not in f
+        and "\x00" not in f
+        and not f.startswith(STAGE_PREFIX)
+    ]
 
 
 def _refuse_blocked_outputs(outputs: Sequence[Path]) -> None:

@@ -15,7 +15,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 
 _REGISTRY: dict[tuple[str, str], OpLayout] = {}
 _PLUGINS_LOADED = False
@@ -112,7 +112,13 @@ def through_transpose(value: ir.Value | None) -> tuple[ir.Value | None, bool]:
 
 def to_float(tensor: ir.TensorProtocol) -> np.ndarray:
     # Upcasting fp16/bf16 to fp32 is exact; all arithmetic then runs in fp32.
-    arr = tensor.numpy()
+    if not tensor.dtype.is_floating_point():
+        # An integer weight would take the rounded delta silently: not a LoRA-able weight.
+        raise ModelError(f"weight {tensor.name!r} has dtype {tensor.dtype.name}; LoRA needs a floating-point weight")
+    try:
+        arr = tensor.numpy()
+    except Exception as e:  # noqa: BLE001 - onnx-ir raises ValueError/TypeError/OSError for corrupt data
+        raise ModelError(f"weight {tensor.name!r} cannot be read ({type(e).__name__}: {first_line(e)})") from None
     return arr if arr.dtype == np.float64 else arr.astype(np.float32)
 
 
@@ -260,7 +266,7 @@ class GatherLayout(CanonicalLayout):
         axis = node.attributes.get("axis")
         if axis is not None and axis.as_int() != 0:
             return None
-        value = node.inputs[0]
+        value = node.inputs[0] if node.inputs else None
         if value is None or value.const_value is None or len(value.const_value.shape) != 2:
             return None
         return value

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from .adapter import Adapter
+from .adapter import Adapter, target_digest
 from .atomic import refuse_overwrite
 from .consumers import free_name, other_readers, private_copy
 from .delta import check_mergeable, merged_weight
@@ -27,6 +27,16 @@ from .file_checks import require_regular_file
 from .layouts import store
 from .onnx_model import check_outputs, external_data_files, load_model, save_model
 from .patch_save import save_patched, snapshot
+from .provenance import (
+    HistoryError,
+    append_history,
+    extra_entry,
+    make_record,
+    merged_targets,
+    merges_of,
+    read_history,
+    target_entry,
+)
 from .resolve import Resolution, ResolvedTarget, resolve_targets
 from .value_match import check_stored_base
 
@@ -43,15 +53,26 @@ class MergeReport:
     merged: list[dict] = field(default_factory=list)
     replaced: list[dict] = field(default_factory=list)
     scale: float = 1.0
+    adapter_sha256: str | None = None
+    history: list[dict] = field(default_factory=list)  # the model's lora_export.history after the merge
+    repeated: str | None = None  # why this merge repeats an earlier one (it went ahead with force)
     timings: dict[str, float] = field(default_factory=dict)
     base: str | None = None
     output: str | None = None
     files: list[str] = field(default_factory=list)
 
+    def skipped(self) -> list[dict]:
+        """Targets and full tensors left out (``allow_partial``), each with the reason."""
+        res = self.resolution
+        out = [{"target": r.target.name, "reason": r.detail or r.status} for r in res.unmatched]
+        out += [{"target": e.key, "reason": e.detail or e.status} for e in res.extras if e.status == "unmatched"]
+        return out
+
     def to_dict(self) -> dict:
         res = self.resolution
         return {
             "adapter": self.adapter,
+            "adapter_sha256": self.adapter_sha256,
             "base": self.base,
             "output": self.output,
             "files": self.files,
@@ -68,6 +89,9 @@ class MergeReport:
             "extras": [e.to_dict() for e in res.extras],
             "merged": self.merged,
             "replaced": self.replaced,
+            "history": self.history,
+            "repeated": self.repeated,
+            "skipped": self.skipped(),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
         }
 
@@ -81,22 +105,32 @@ def merge_adapter(
     allow_partial: bool = False,
     compute_dtype: np.dtype | type = np.float32,
     progress: Progress | None = None,
+    force: bool = False,
 ) -> MergeReport:
     """Fold ``adapter`` (times ``scale``) into ``model`` in place and report what was done.
 
     Every check that can fail before a weight changes runs first; an error while folding (NaN/Inf
     in a merged weight, grouped-conv LoRA) leaves ``model`` partly changed, so discard it then.
     Raises TargetError for unmatched targets unless ``allow_partial``, and always when nothing matches.
+
+    The merge is appended to the model's ``lora_export.history`` (see ``provenance``). An adapter whose
+    digest the history already records as merged is refused (its delta would be added twice) unless
+    ``force``, and so is one sharing a target (same module, same tensors) with an earlier merge (a
+    subset merged again with ``only_targets``); so is a model whose history is unreadable (with ``force``
+    the history then restarts).
     """
     if not np.isfinite(scale):
         raise AdapterError(f"scale must be finite, got {scale}")
+    digest = adapter.digest()
+    target_digests = {t.name: target_digest(t) for t in adapter}
+    repeat = _repeat(model, adapter, digest, target_digests, force)
     adapter = adapter.scaled(scale)
     adapter.check_finite()
     for t in adapter:
         check_mergeable(t)  # before any weight changes
     t0 = time.perf_counter()
     resolution = resolve_targets(model, adapter, base_weights=base_weights)
-    report = MergeReport(adapter=adapter.name, resolution=resolution, scale=float(scale))
+    report = MergeReport(adapter=adapter.name, resolution=resolution, scale=float(scale), adapter_sha256=digest)
     report.timings["resolve"] = time.perf_counter() - t0
     _check_resolution(resolution, adapter, allow_partial)
 
@@ -115,7 +149,59 @@ def merge_adapter(
     if progress is not None:
         progress(len(matched), len(matched), "")
     report.timings["merge"] = time.perf_counter() - t0
+    record = _record(report, digest, target_digests, forced=repeat is not None)
+    report.history = append_history(model, [record], replace_unreadable=force)
+    report.repeated = repeat
     return report
+
+
+def _repeat(model: ir.Model, adapter: Adapter, digest: str, target_digests: dict[str, str], force: bool) -> str | None:
+    """Why this merge repeats an earlier one (None if it does not); raised as an error unless ``force``.
+
+    A history we cannot read is refused too (unless ``force``): it might hold this adapter.
+    """
+    try:
+        history = read_history(model)
+    except HistoryError as e:
+        if force:
+            return None
+        raise HistoryError(f"{e}; cannot tell what was merged before: use --force to merge anyway") from None
+    why = None
+    done = merges_of(history, digest)
+    if done:
+        n = done[-1]
+        why = (
+            f"adapter {adapter.name!r} is already merged into this model (history record {n}: merge of "
+            f"{history[n - 1]['adapter']!r}, sha256 {digest[:12]})"
+        )
+    else:
+        before = merged_targets(history)
+        again = [(name, before[(name, d)]) for name, d in target_digests.items() if (name, d) in before]
+        if again:
+            name, n = again[0]
+            more = f" and {len(again) - 1} more" if len(again) > 1 else ""
+            why = (
+                f"adapter {adapter.name!r}: target {name}{more} already merged into this model with the same tensors "
+                f"(history record {n}: merge of {history[n - 1]['adapter']!r})"
+            )
+    if why is not None and not force:
+        raise AdapterError(f"{why}; merging it again adds its delta twice: use --force to merge anyway")
+    return why
+
+
+def _record(report: MergeReport, digest: str, target_digests: dict[str, str], forced: bool) -> dict:
+    """The history record of a finished merge: each target's and extra's status and written initializer."""
+    written = {m["target"]: m["initializer"] for m in report.merged}
+    replaced = {r["tensor"]: r["initializer"] for r in report.replaced}
+    res = report.resolution
+    targets = [
+        target_entry(r.target.name, r.status, written.get(r.target.name), target_digests.get(r.target.name))
+        for r in res.targets
+    ]
+    extras = [extra_entry(e.key, e.status, replaced.get(e.key)) for e in res.extras]
+    return make_record(
+        "merge", report.adapter, digest, scale=report.scale, targets=targets, extras=extras, forced=forced
+    )
 
 
 def _check_resolution(res: Resolution, adapter: Adapter, allow_partial: bool) -> None:
@@ -230,6 +316,7 @@ def merge_file(
     progress: Progress | None = None,
     external: bool | None = None,
     only_targets: str | None = None,
+    force: bool = False,
 ) -> MergeReport:
     """Merge an adapter (object, or PEFT adapter directory) into the ONNX model at ``base_path``.
 
@@ -237,6 +324,7 @@ def merge_file(
     error nothing appears there. The inputs are only read. ``base_weights`` (a mapping or a
     .safetensors path) enables matching weights by value. ``only_targets`` (a regex searched in each
     target's path) merges part of the adapter, e.g. its encoder targets into an encoder exported alone.
+    ``force`` merges an adapter the model's history records as merged already (see ``merge_adapter``).
     """
     from .peft_format import adapter_files, load_adapter
     from .safetensors_io import read_safetensors
@@ -268,6 +356,7 @@ def merge_file(
         allow_partial=allow_partial,
         compute_dtype=compute_dtype,
         progress=progress,
+        force=force,
     )
     t0 = time.perf_counter()
     written = None

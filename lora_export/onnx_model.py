@@ -16,6 +16,7 @@ from .atomic import temp_dir
 from .errors import ModelError, first_line
 from .external_data import check_external_data, external_data_files, inline_attribute_tensors
 from .file_checks import check_output_file, require_regular_file
+from .model_check import check_model
 from .staging import publish_files
 
 __all__ = ["check_external_data", "external_data_files", "external_tensors", "load_model", "save_model"]
@@ -35,6 +36,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if not model.ir_version:
         raise ModelError(f"{path}: not an ONNX model (no ir_version; empty or not a model file)")
     check_external_data(model, path)
+    check_model(model, path)
     return model
 
 

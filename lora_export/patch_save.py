@@ -21,6 +21,7 @@ from .onnx_model import check_outputs, external_tensors
 from .staging import publish_files
 
 Snapshot = dict[int, tuple[ir.Value, ir.ExternalTensor]]
+INLINE_PATCH_LIMIT = 256 * 1024 * 1024
 
 
 def snapshot(model: ir.Model) -> Snapshot:
@@ -48,6 +49,16 @@ def save_patched(model: ir.Model, base_path: str | os.PathLike, out: str | os.Pa
         if new is None or new.nbytes != old.nbytes or (old.length is not None and old.length != old.nbytes):
             return None
         changed.append((old, new))
+    # New tensors (a tied weight's private merged copy) are saved inline: fine while small, but a
+    # protobuf cannot exceed 2 GiB, so large ones take the full external-data save instead.
+    inline = sum(
+        v.const_value.nbytes
+        for g in model.graphs()
+        for v in g.initializers.values()
+        if id(v) not in before and v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor)
+    )
+    if inline > INLINE_PATCH_LIMIT:
+        return None
     check_outputs(out)
     inline_attribute_tensors(model)
     out = Path(out)

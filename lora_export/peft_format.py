@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import safejson
 from .adapter import Adapter, LoraTarget
 from .atomic import atomic_write_text
 from .config import LoraConfig
@@ -36,21 +37,22 @@ _LORA_KEY = re.compile(
 def load_adapter(path: str | os.PathLike, name: str | None = None) -> Adapter:
     """Read an adapter saved by PEFT or by lora-export into the canonical, torch-free form.
 
-    ``path`` is an adapter directory, or its ``adapter_model.safetensors`` with the config beside it.
-    A pickle-based ``adapter_model.bin`` is read only through ``torch.load(weights_only=True)``.
+    ``path`` is an adapter directory, or a file in it: its ``adapter_config.json``, or its weights
+    (``adapter_model.safetensors``) with the config beside it. A pickle-based ``adapter_model.bin`` is
+    read only through ``torch.load(weights_only=True)``.
     """
     path = Path(path)
     if not path.exists():
         raise AdapterError(f"adapter not found: {path}")
     if not path.is_dir():
         require_regular_file(path, "adapter", AdapterError)
-    directory = path if path.is_dir() else path.parent
+    directory, path = _adapter_location(path)
     cfg_path = directory / CONFIG_NAME
     if not os.path.lexists(cfg_path):
         raise AdapterError(f"{directory}: no {CONFIG_NAME} (not a PEFT adapter directory)")
     require_regular_file(cfg_path, "adapter config", AdapterError)
     try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+        raw = safejson.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
         raise AdapterError(f"cannot read {cfg_path}: {e}") from None
     except json.JSONDecodeError as e:
@@ -74,10 +76,22 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> Adapter:
 
 def adapter_files(path: str | os.PathLike) -> list[Path]:
     """The files ``load_adapter(path)`` reads (those that exist), so writers can refuse to overwrite them."""
-    path = Path(path)
-    directory = path if path.is_dir() else path.parent
+    directory, path = _adapter_location(Path(path))
     files = [path] if path.is_file() else [directory / WEIGHTS_NAME, directory / PICKLE_NAME]
     return [f for f in (directory / CONFIG_NAME, *files) if f.is_file()]
+
+
+def _adapter_location(path: Path) -> tuple[Path, Path]:
+    """(the adapter directory, the path to read weights from: the directory itself means "find them").
+
+    The config file stands for its directory; any other file is the weights file."""
+    if path.is_dir():
+        return path, path
+    if path.name == CONFIG_NAME:
+        return path.parent, path.parent
+    if path.suffix == ".json":
+        raise AdapterError(f"{path}: not an adapter; give the adapter folder, its {CONFIG_NAME} or its weights file")
+    return path.parent, path
 
 
 def adapter_from_state_dict(tensors: dict[str, np.ndarray], config: LoraConfig, name: str = "adapter") -> Adapter:

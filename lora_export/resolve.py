@@ -21,18 +21,19 @@ manifest). Anything else not found is "unmatched": an error unless the caller al
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
+from . import safejson
 from .absence import absent_or_why, extra_absent
 from .adapter import Adapter, LoraTarget
 from .consumers import consumers
 from .errors import TargetError
 from .layouts import OpLayout, get_layout
+from .model_check import ensure_checked
 from .module_paths import best_unique, name_module_paths, scope_module_paths, weight_module
 from .resolve_extras import ResolvedExtra, named_tensors, resolve_extra
 from .value_match import ValueIndex, base_key, tensor_equals
@@ -246,14 +247,27 @@ def read_manifest(model: ir.Model) -> dict[str, dict]:
 
 
 def _manifest(model: ir.Model) -> dict:
+    """Our exporter's manifest, with only well-formed entries (``load_model`` refuses malformed ones; a
+    model built in memory may still carry anything)."""
     raw = model.metadata_props.get(MANIFEST_KEY)
     if not raw:
         return {}
     try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
+        data = safejson.loads(raw)
+    except ValueError:
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    mods = data.get("modules") if isinstance(data.get("modules"), dict) else {}
+    absent = data.get("absent") if isinstance(data.get("absent"), list) else []
+    return {
+        "modules": {
+            k: {f: v[f] for f in ("initializer", "node") if isinstance(v.get(f), str)}
+            for k, v in mods.items()
+            if isinstance(v, dict)
+        },
+        "absent": [m for m in absent if isinstance(m, str)],
+    }
 
 
 # -- resolution ----------------------------------------------------------------------------------
@@ -266,10 +280,11 @@ def resolve_targets(
     base_weights: Mapping[str, np.ndarray] | None = None,
 ) -> Resolution:
     """Find the weight each target of ``adapter`` adapts in ``model`` (see the module docstring)."""
+    ensure_checked(model)
     g = _Graph(model)
     manifest = _manifest(model)
     modules = manifest.get("modules") if isinstance(manifest.get("modules"), dict) else {}
-    proven_absent = [str(m) for m in manifest.get("absent", []) if isinstance(m, str)]
+    proven_absent = manifest.get("absent", [])
     index = ValueIndex(model, base_weights) if base_weights else None
     results = [_resolve_one(g, t, modules, base_weights) for t in adapter]
     not_found = [r for r in results if r.status == "unmatched" and r.found_shape is None]

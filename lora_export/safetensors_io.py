@@ -11,11 +11,13 @@ import math
 import mmap
 import os
 import struct
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save as _st_save
 
+from . import safejson
 from .atomic import atomic_write_bytes
 from .errors import AdapterError
 from .file_checks import require_regular_file
@@ -33,6 +35,7 @@ _DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
 }
 _HEADER_LIMIT = 100 * 1024 * 1024
+_MAX_DIMS = 64
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -50,29 +53,45 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     if n > min(size - 8, _HEADER_LIMIT):
         raise AdapterError(f"{path}: corrupt or truncated safetensors file (bad header length)")
     try:
-        header = json.loads(bytes(buf[8 : 8 + n]))
+        header = safejson.loads(bytes(buf[8 : 8 + n]))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise AdapterError(f"{path}: corrupt safetensors file (unparsable header)") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{path}: corrupt safetensors file (header is not an object)")
     meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise AdapterError(f"{path}: corrupt safetensors file (__metadata__ is not an object)")
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise AdapterError(f"{path}: corrupt safetensors file (__metadata__ is not an object of strings)")
     start = 8 + n
     tensors: dict[str, np.ndarray] = {}
     for name, info in header.items():
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            lo, hi = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise AdapterError(f"{path}: corrupt safetensors entry {name!r}") from None
+        dtype, shape, (lo, hi) = _entry(path, name, info)
         # Python ints: numpy's int64 product wraps around for absurd shapes and would pass the size check.
         count = math.prod(shape)
-        if min(shape, default=0) < 0 or hi - lo != count * dtype.itemsize or lo < 0 or start + hi > size:
+        if hi - lo != count * dtype.itemsize or lo < 0 or start + hi > size:
             raise AdapterError(f"{path}: corrupt or truncated safetensors file (tensor {name!r})")
         tensors[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=start + lo).reshape(shape)
     return tensors, meta
+
+
+def _entry(path: Path, name: str, info: object) -> tuple[np.dtype, tuple[int, ...], tuple[int, int]]:
+    """An entry's dtype, shape and offsets, all checked: JSON integers only, shapes numpy can hold."""
+    bad = AdapterError(f"{path}: corrupt safetensors entry {name!r}")
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in _DTYPES:
+        raise bad
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+        raise bad
+    if not all(_is_int(v) and v >= 0 for v in (*shape, *offsets)):
+        raise bad
+    # numpy holds at most 64 dimensions and refuses shapes whose nonzero dims (times 8 bytes) pass 2**63,
+    # even when a zero dim makes the array empty.
+    if len(shape) > _MAX_DIMS or math.prod(max(s, 1) for s in shape) * 8 >= 2**63:
+        raise AdapterError(f"{path}: corrupt safetensors entry {name!r} ({len(shape)}-D shape too large for an array)")
+    return _DTYPES[info["dtype"]], tuple(shape), (offsets[0], offsets[1])
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def write_safetensors(

@@ -24,23 +24,43 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnxruntime as ort
 
 from .adapter import Adapter
 from .adapter_files import read_adapter_tensors
-from .errors import AdapterError, LoraExportError
+from .errors import AdapterError, DtypeError, LoraExportError, ShapeError, one_line
 from .file_checks import require_regular_file
-from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, check_tensors
+from .peft_format import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
+from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, check_finite_tensors, check_tensors
 
+# ONNX Runtime's tensor type names and the numpy dtypes that feed them (nothing is cast: a feed must match).
 _ORT_TYPES = {
+    "tensor(bfloat16)": np.dtype(ml_dtypes.bfloat16),
     "tensor(float)": np.dtype(np.float32),
     "tensor(float16)": np.dtype(np.float16),
     "tensor(double)": np.dtype(np.float64),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(int16)": np.dtype(np.int16),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(uint16)": np.dtype(np.uint16),
+    "tensor(uint32)": np.dtype(np.uint32),
+    "tensor(uint64)": np.dtype(np.uint64),
+    "tensor(bool)": np.dtype(np.bool_),
 }
+_SHOWN = 20  # names listed in an error before "..."
+
+
+def _names(names: Iterable[str]) -> str:
+    names = list(names)
+    shown = ", ".join(names[:_SHOWN])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > _SHOWN else "") if names else "none"
 
 
 @functools.cache
@@ -123,9 +143,14 @@ class LoraSession:
             sess_options.add_external_initializers(list(self._shared), list(self._shared.values()))
             self.base_session = self._create(twin_proto(base_model, self._shared), sess_options, providers)
             del base_model
-        self._inputs = {i.name: i for i in self.session.get_inputs()}
-        self._outputs = [o.name for o in self.session.get_outputs()]
         self._slot_inputs = {n for slot in self.manifest.slots.values() for n in slot.inputs}
+        # ONNX Runtime lists inputs with a default (the LoRA slots) as overridable initializers, not as inputs;
+        # filter both lists anyway, so an older IR that lists them as inputs gives the same split.
+        graph_inputs = self.session.get_inputs() + self.session.get_overridable_initializers()
+        self._inputs = {i.name: i for i in self.session.get_inputs() if i.name not in self._slot_inputs}
+        self._slot_args = {i.name: i for i in graph_inputs if i.name in self._slot_inputs}
+        self._output_args = self.session.get_outputs()
+        self._outputs = [o.name for o in self._output_args]
         self._adapters: dict[str, dict[str, ort.OrtValue]] = {}
         self._lock = threading.Lock()
 
@@ -135,8 +160,7 @@ class LoraSession:
                 model if isinstance(model, bytes) else str(model), sess_options, providers=providers
             )
         except Exception as e:  # noqa: BLE001
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise LoraExportError(f"{self.model_path}: cannot create a session ({first})") from None
+            raise LoraExportError(f"{self.model_path}: cannot create a session ({one_line(e)})") from None
 
     def _prepare_base(self, sess_options: ort.SessionOptions):
         """The stripped base model and its large initializers as OrtValues, added to ``sess_options``.
@@ -167,7 +191,40 @@ class LoraSession:
 
     @property
     def slots(self) -> dict[str, Slot]:
+        """The injected modules' LoRA slots by module path (their inputs: ``get_slot_inputs()``)."""
         return self.manifest.slots
+
+    # -- InferenceSession-like introspection ------------------------------------------------------
+
+    def get_inputs(self) -> list[ort.NodeArg]:
+        """The model's user inputs, as ``InferenceSession.get_inputs`` gives them (no LoRA slot inputs)."""
+        return list(self._inputs.values())
+
+    def get_outputs(self) -> list[ort.NodeArg]:
+        """The model's outputs, as ``InferenceSession.get_outputs`` gives them."""
+        return list(self._output_args)
+
+    def get_slot_inputs(self) -> list[ort.NodeArg]:
+        """The LoRA slot inputs (``<module>.lora_A`` / ``.lora_B`` / ``.dora_scale``); adapters fill them."""
+        return [self._slot_args[n] for n in sorted(self._slot_args)]
+
+    def get_providers(self) -> list[str]:
+        """The execution providers the session actually got, in priority order."""
+        return list(self.providers)
+
+    def get_provider_options(self) -> dict[str, dict[str, str]]:
+        return self.session.get_provider_options()
+
+    def get_modelmeta(self) -> ort.ModelMetadata:
+        """The model's metadata (producer, graph name, ``custom_metadata_map`` with the slot manifest)."""
+        return self.session.get_modelmeta()
+
+    def __repr__(self) -> str:
+        twin = ", base_session" if self.base_session is not None else ""
+        return (
+            f"<LoraSession {str(self.model_path)!r} providers={self.providers} "
+            f"slots={len(self.slots)} adapters={self.adapters}{twin}>"
+        )
 
     def load_adapter(self, name: str, source: str | os.PathLike | Adapter | Mapping[str, np.ndarray]) -> None:
         """Validate and place an adapter on the device under ``name``.
@@ -183,10 +240,9 @@ class LoraSession:
         tensors, what = self._tensors_of(source)
         check_tensors(tensors, self.manifest, what)
         self._check_dtypes(tensors, what)
-        values = {
-            k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), self.device_type, self.device_id)
-            for k, v in sorted(tensors.items())
-        }
+        # Files and dicts come from anywhere: NaN/Inf in a slot would turn every output NaN, silently.
+        check_finite_tensors(tensors, what)
+        values = {k: self._ort_value(v) for k, v in sorted(tensors.items())}
         with self._lock:
             if name in self._adapters:
                 raise AdapterError(f"an adapter named {name!r} is already loaded (unload it first)")
@@ -204,7 +260,8 @@ class LoraSession:
         if isinstance(source, Adapter):
             return adapter_tensors(source, self.manifest, self._read_weight()), f"adapter {source.name!r}"
         path = Path(source)
-        if path.is_dir():
+        # A PEFT adapter: its folder, or one of its files (slot files have other names).
+        if path.is_dir() or path.name in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME):
             from .peft_format import load_adapter
 
             adapter = load_adapter(path)
@@ -217,47 +274,147 @@ class LoraSession:
         return weight_reader(self.model_path)
 
     def _check_dtypes(self, tensors: Mapping[str, np.ndarray], what: str) -> None:
-        # The manifest has the dtype too; the session's own input types are the final word.
+        # check_tensors compared them with the manifest; the session's own input types are the final word.
         for k, v in tensors.items():
-            want = _ORT_TYPES.get(self._inputs[k].type) if k in self._inputs else None
-            if want is not None and v.dtype != want:
-                raise AdapterError(f"{what}: {k} has dtype {v.dtype}, the model expects {want}")
+            if k not in self._slot_args:
+                raise AdapterError(f"{what}: the model has no input {k!r} (its slot metadata does not match its graph)")
+            want = _ORT_TYPES.get(self._slot_args[k].type)
+            if want is None or v.dtype != want:
+                raise DtypeError(f"{what}: {k} has dtype {v.dtype}, the model expects {self._slot_args[k].type}")
+
+    def _ort_value(self, arr: np.ndarray) -> ort.OrtValue:
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype == ml_dtypes.bfloat16:
+            # ortvalue_from_numpy refuses numpy's opaque bfloat16; hand ORT the bits with the ONNX type. CPU
+            # memory: ORT copies it to the session's device when bound.
+            return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr.view(np.uint16), 16)
+        return ort.OrtValue.ortvalue_from_numpy(arr, self.device_type, self.device_id)
 
     # -- inference -----------------------------------------------------------------------------
 
     def run(
         self,
         output_names: Sequence[str] | None,
-        feeds: Mapping[str, np.ndarray],
+        feeds: Mapping[str, np.ndarray | ort.OrtValue],
         adapter: str | None = None,
         run_options: ort.RunOptions | None = None,
     ) -> list[np.ndarray]:
-        """Run with the named adapter active (None: the base model); returns numpy outputs."""
+        """``InferenceSession.run`` with the named adapter active (None: the base model).
+
+        ``output_names``: a list of output names, or None (or empty) for all, as in ONNX Runtime.
+        ``feeds``: every user input (``get_inputs()``) as a numpy array (or array-like, or OrtValue) of the
+        model's dtype: nothing is cast. Returns numpy arrays, one per requested output, in the order asked.
+        """
+        names = self._requested_outputs(output_names)
+        bound = self._checked_feeds(feeds)
         values: dict[str, ort.OrtValue] = {}
         if adapter is not None:
             with self._lock:
-                found = self._adapters.get(adapter)
+                found = self._adapters.get(adapter) if isinstance(adapter, str) else None
             if found is None:
-                raise AdapterError(f"no adapter named {adapter!r} is loaded")
+                loaded = _names(map(repr, self.adapters))
+                raise AdapterError(f"no adapter named {adapter!r} is loaded (loaded: {loaded})")
             values = found
         session = self.session
-        if adapter is None and self.base_session is not None and self._slot_inputs.isdisjoint(feeds):
+        if adapter is None and self.base_session is not None:
             session = self.base_session
         binding = session.io_binding()
-        for k, v in feeds.items():
-            if k not in self._inputs:
-                raise LoraExportError(f"unknown model input {k!r}")
-            binding.bind_cpu_input(k, np.ascontiguousarray(v))
+        for k, v in bound.items():
+            if isinstance(v, ort.OrtValue):
+                binding.bind_ortvalue_input(k, v)
+            else:
+                binding.bind_cpu_input(k, v)
         for k, v in values.items():
             binding.bind_ortvalue_input(k, v)
-        for name in output_names or self._outputs:
+        unique = list(dict.fromkeys(names))  # ONNX Runtime allows repeats; a binding holds each output once
+        for name in unique:
             binding.bind_output(name)
         try:
             session.run_with_iobinding(binding, run_options)
         except Exception as e:  # noqa: BLE001
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise LoraExportError(f"inference failed: {first}") from None
+            raise LoraExportError(f"inference failed: {one_line(e)}") from None
         if self.device_type == "cpu":
             # Zero-copy views of ORT's output buffers; copy_outputs_to_cpu would copy every output once more.
-            return [v.numpy() for v in binding.get_outputs()]
-        return binding.copy_outputs_to_cpu()
+            results = [v.numpy() for v in binding.get_outputs()]
+        else:
+            results = binding.copy_outputs_to_cpu()
+        if len(unique) == len(names):
+            return results
+        by_name = dict(zip(unique, results))
+        seen: set[str] = set()
+        out = []
+        for name in names:  # a repeated name gets its own copy, as ONNX Runtime's run gives
+            out.append(by_name[name].copy() if name in seen else by_name[name])
+            seen.add(name)
+        return out
+
+    def _requested_outputs(self, output_names) -> list[str]:
+        if output_names is None:
+            return self._outputs
+        if isinstance(output_names, (str, bytes)) or not isinstance(output_names, Iterable):
+            raise LoraExportError(
+                f"output_names must be a list of output names or None, not {type(output_names).__name__} "
+                f"(the model's outputs: {_names(self._outputs)})"
+            )
+        names = list(output_names)
+        if not names:
+            return self._outputs
+        unknown = [n for n in names if not isinstance(n, str) or n not in self._outputs]
+        if unknown:
+            raise LoraExportError(
+                f"unknown output name{'s' if len(unknown) > 1 else ''} {_names(map(repr, unknown))} "
+                f"(the model's outputs: {_names(self._outputs)})"
+            )
+        return names
+
+    def _checked_feeds(self, feeds) -> dict[str, np.ndarray | ort.OrtValue]:
+        """Every user input, present once, of the model's dtype and rank, fixed dimensions matching."""
+        if not isinstance(feeds, Mapping):
+            raise LoraExportError(f"feeds must be a dict of input name to array, not {type(feeds).__name__}")
+        for k in feeds:
+            if k in self._slot_inputs:
+                raise LoraExportError(
+                    f"{k!r} is a LoRA slot input: load its tensors as an adapter (load_adapter) and run with "
+                    "adapter=<name>"
+                )
+            if k not in self._inputs:
+                raise LoraExportError(f"unknown model input {k!r} (the model's inputs: {_names(self._inputs)})")
+        missing = [k for k in self._inputs if k not in feeds]
+        if missing:
+            raise LoraExportError(
+                f"missing model input{'s' if len(missing) > 1 else ''} {_names(map(repr, missing))} "
+                f"(the model's inputs: {_names(self._inputs)})"
+            )
+        bound: dict[str, np.ndarray | ort.OrtValue] = {}
+        for k, v in feeds.items():
+            arg = self._inputs[k]
+            if isinstance(v, ort.OrtValue):
+                given, shape = v.data_type(), list(v.shape())
+                if given != arg.type:
+                    raise DtypeError(f"input {k!r} is a {given} OrtValue, the model expects {arg.type}")
+            else:
+                try:
+                    v = np.asarray(v)
+                except Exception as e:  # noqa: BLE001 - ragged lists and the like
+                    raise LoraExportError(f"input {k!r}: not an array ({one_line(e)})") from None
+                want = _ORT_TYPES.get(arg.type)
+                if want is not None and v.dtype != want:
+                    raise DtypeError(
+                        f"input {k!r} has dtype {v.dtype}, the model expects {want} ({arg.type}); nothing is cast"
+                    )
+                if not v.flags.c_contiguous:
+                    v = np.ascontiguousarray(v)  # keeps 0-d arrays 0-d (ascontiguousarray alone makes them 1-d)
+                shape = list(v.shape)
+            self._check_shape(k, shape, arg.shape)
+            bound[k] = v
+        return bound
+
+    @staticmethod
+    def _check_shape(name: str, shape: list[int], declared: list | None) -> None:
+        if declared is None:
+            return
+        fixed = [d if isinstance(d, int) else (d or "?") for d in declared]
+        if len(shape) != len(declared) or any(
+            isinstance(d, int) and d >= 0 and d != n for d, n in zip(declared, shape)
+        ):
+            raise ShapeError(f"input {name!r} has shape {tuple(shape)}, the model expects {tuple(fixed)}")

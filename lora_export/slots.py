@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass, field
 import ml_dtypes
 import numpy as np
 
+from . import safejson
 from .adapter import Adapter, LoraTarget
 from .delta import dora_scale
-from .errors import AdapterError, ModelError, ShapeError, TargetError
+from .errors import AdapterError, DtypeError, ModelError, ShapeError, TargetError
 from .value_match import check_stored_weight
 
 SLOTS_KEY = "lora_export.slots"
@@ -106,12 +107,20 @@ class SlotManifest:
         if not text:
             raise ModelError("not an injected model: no lora_export.slots metadata (run `lora-export inject`)")
         try:
-            raw = json.loads(text)
+            raw = safejson.loads(text)
             slots = {d["module"]: Slot(**d) for d in raw["slots"]}
             # Inside the try: a malformed "absent" is as corrupt as a malformed slot.
-            absent = [str(m) for m in raw.get("absent", [])]
+            absent = raw.get("absent", [])
+            if not isinstance(absent, list) or not all(isinstance(m, str) for m in absent):
+                raise TypeError("absent must be a list of module names")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ModelError(f"corrupt lora_export.slots metadata ({type(e).__name__})") from None
+        for slot in slots.values():
+            problem = _slot_problem(slot)
+            if problem:
+                raise ModelError(
+                    f"corrupt lora_export.slots metadata (slot {safejson.short_repr(slot.module)}: {problem})"
+                )
         return cls(slots, absent)
 
     @property
@@ -123,6 +132,35 @@ class SlotManifest:
         return {name: s for s in self.slots.values() for name in s.inputs}
 
 
+def _slot_problem(slot: Slot) -> str | None:
+    """What is ill-typed in a slot parsed from metadata, or None."""
+    for name in ("module", "kind", "op", "node", "weight", "dtype", "a", "b"):
+        if not isinstance(getattr(slot, name), str):
+            return f"{name} is not a string"
+    if slot.dora is not None and not isinstance(slot.dora, str):
+        return "dora is not a string"
+    if slot.kind not in ("linear", "conv", "embedding"):
+        return f"unknown kind {safejson.short_repr(slot.kind)}"
+    ws = slot.weight_shape
+    want_dims = (3, 64) if slot.kind == "conv" else (2, 2)
+    if not isinstance(ws, list) or not all(type(d) is int and 0 < d < 2**62 for d in ws):
+        return "weight_shape is not a list of positive integers"
+    if not want_dims[0] <= len(ws) <= want_dims[1]:
+        return f"weight_shape {safejson.short_repr(ws)} does not fit a {slot.kind} weight"
+    if type(slot.groups) is not int or slot.groups < 1:
+        return "groups is not a positive integer"
+    if not _floating_dtype(slot):
+        return f"unsupported dtype {safejson.short_repr(slot.dtype)}"
+    return None
+
+
+def _floating_dtype(slot: Slot) -> bool:
+    try:
+        return slot.dtype == "bfloat16" or slot.np_dtype.kind == "f"
+    except TypeError:  # a dtype numpy does not know (float8 and other ml_dtypes names)
+        return False
+
+
 def slot_tensors(slot: Slot, t: LoraTarget, w0: Callable[[], np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """A′, B′ (scale folded in, in float32, then cast once) and DoRA's g for one target in ``slot``.
 
@@ -131,21 +169,39 @@ def slot_tensors(slot: Slot, t: LoraTarget, w0: Callable[[], np.ndarray] | None 
     misfit = slot_misfit(slot, t)
     if misfit:
         raise ShapeError(f"{t.name}: {misfit}")
+    if not _floating_dtype(slot):
+        # An integer slot would truncate A′ and B′ (exit 0, wrong outputs); strings cannot hold them at all.
+        raise ModelError(f"{t.name}: the base weight has dtype {slot.dtype}; LoRA slots need a floating-point weight")
     a = np.asarray(t.A, dtype=np.float32)
-    b = np.asarray(t.B, dtype=np.float32) * np.float32(t.scale)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below, in one line
+        b = np.asarray(t.B, dtype=np.float32) * np.float32(t.scale)
     if t.kind == "conv":
         a_p, b_p = a, b
     else:
         # linear B (out, r) and embedding B (dim, r) both become (r, out); A (r, in|num) becomes (in|num, r).
         a_p, b_p = a.T, b.T
     dt = slot.np_dtype
-    out = {slot.a: np.ascontiguousarray(a_p).astype(dt), slot.b: np.ascontiguousarray(b_p).astype(dt)}
-    if t.is_dora:
-        if w0 is None:
-            raise ShapeError(f"{t.name}: DoRA needs the base weight")
-        g = dora_scale(w0(), t.delta(np.float32), t.magnitude, t.kind)
-        out[slot.dora] = np.ascontiguousarray(g).astype(dt)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = {slot.a: np.ascontiguousarray(a_p).astype(dt), slot.b: np.ascontiguousarray(b_p).astype(dt)}
+        if t.is_dora:
+            if w0 is None:
+                raise ShapeError(f"{t.name}: DoRA needs the base weight")
+            g = dora_scale(w0(), t.delta(np.float32), t.magnitude, t.kind)
+            out[slot.dora] = np.ascontiguousarray(g).astype(dt)
+    # Scaling and the cast into the slot dtype can overflow what the inputs held; a slot full of Inf or
+    # NaN would make every output NaN at run time, silently.
+    check_finite_tensors(out, f"{t.name}: LoRA tensors scaled and cast to {slot.dtype}")
     return out
+
+
+def check_finite_tensors(tensors: Mapping[str, np.ndarray], what: str) -> None:
+    """Refuse slot tensors holding NaN or Inf (one line naming the first such tensor)."""
+    for name, arr in tensors.items():
+        arr = np.asarray(arr)
+        if str(arr.dtype) == "bfloat16":
+            arr = arr.astype(np.float32)
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            raise AdapterError(f"{what}: {name} contains NaN or Inf")
 
 
 def slot_misfit(slot: Slot, t: LoraTarget) -> str | None:
@@ -202,6 +258,7 @@ def check_tensors(tensors: Mapping[str, np.ndarray], manifest: SlotManifest, wha
             f"{what}: tensors that are not LoRA inputs of this model (adapter for another model?): {shown}"
         )
     problems = []
+    wrong_dtype = False
     for slot in sorted({id(s): s for s in (by_input[k] for k in tensors)}.values(), key=lambda s: s.module):
         a, b = tensors.get(slot.a), tensors.get(slot.b)
         if (a is None) != (b is None):
@@ -219,7 +276,9 @@ def check_tensors(tensors: Mapping[str, np.ndarray], manifest: SlotManifest, wha
                 continue
             if arr.dtype != slot.np_dtype:
                 problems.append(f"{name} has dtype {arr.dtype}, model expects {slot.dtype}")
+                wrong_dtype = True
             elif list(arr.shape) != list(shape):
                 problems.append(f"{name} has shape {tuple(arr.shape)}, model expects {tuple(shape)}")
     if problems:
-        raise ShapeError(f"{what} does not fit the model: {'; '.join(problems)}")
+        # DtypeError is a ShapeError: callers that catch misfits in general still catch it.
+        raise (DtypeError if wrong_dtype else ShapeError)(f"{what} does not fit the model: {'; '.join(problems)}")

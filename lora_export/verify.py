@@ -41,11 +41,16 @@ class OutputComparison:
     name: str
     shape: list[int]
     dtype: str
-    max_abs: float
-    max_rel: float
+    max_abs: float | None  # None when the shapes differ: there is no elementwise error
+    max_rel: float | None
     mismatched: int
     allclose: bool
     detail: str = ""
+    reference_shape: list[int] | None = None  # set when it differs from ``shape``
+
+    @property
+    def shape_mismatch(self) -> bool:
+        return self.reference_shape is not None
 
 
 @dataclass
@@ -70,16 +75,23 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        for o, od in zip(self.outputs, d["outputs"]):
+            od["shape_mismatch"] = o.shape_mismatch
+        d["criterion"] = self.criterion()
         d["passed"] = self.passed
         return d
 
+    def criterion(self) -> str:
+        """The pass rule, with the tolerances filled in."""
+        return f"|a - b| <= atol + rtol * |b| elementwise (b: the reference), rtol={self.rtol:g}, atol={self.atol:g}"
+
     def summary(self) -> str:
         """One line: what failed, or that everything agreed."""
-        worst = max((o.max_abs for o in self.outputs), default=0.0)
+        worst = max((o.max_abs for o in self.outputs if o.max_abs is not None), default=0.0)
         if self.passed:
             tol = f"rtol {self.rtol:g}, atol {self.atol:g}"
             return f"{len(self.outputs)} output(s) agree (max abs error {worst:.3g}, {tol})"
-        names = ", ".join(o.name for o in self.failed)
+        names = ", ".join(o.name + (" (shape mismatch)" if o.shape_mismatch else "") for o in self.failed)
         return (
             f"{len(self.failed)} of {len(self.outputs)} output(s) differ beyond rtol {self.rtol:g}, "
             f"atol {self.atol:g}: {names} (max abs error {worst:.3g})"
@@ -97,6 +109,7 @@ def verify_models(
     providers: Sequence[str] | None = None,
     dims: Mapping[str, int] | None = None,
     save_outputs: str | os.PathLike | None = None,
+    outputs: Sequence[str] | None = None,
 ) -> VerifyReport:
     """Compare model ``a`` with model ``b``, or with reference outputs (``.npy`` paths).
 
@@ -104,22 +117,24 @@ def verify_models(
     order), or a dict output name → ``.npy`` path. ``inputs``: a dict or an ``.npz`` path; missing
     means random inputs from ``seed``, with ``dims`` overriding symbolic dimensions by name.
     ``save_outputs``: a folder to write ``a``'s outputs (``<output>.npy``) and ``inputs.npz`` into,
-    to verify against later. Raises LoraExportError for bad input; never raises on disagreement.
+    to verify against later. ``outputs``: compare only these outputs (by name). ``dims`` may name only
+    symbolic dimensions of ``a``'s inputs. Raises LoraExportError for bad input; never raises on
+    disagreement.
     """
     # NaN passes a "< 0" check and makes every comparison pass: refuse it as well.
     if not (math.isfinite(rtol) and math.isfinite(atol)) or rtol < 0 or atol < 0:
         raise LoraExportError(f"rtol and atol must be finite and non-negative, got rtol={rtol}, atol={atol}")
     session_a = _session(a, providers)
-    feeds = _feeds(session_a, inputs, seed, dims or {})
-    outputs_a = _run(session_a, feeds, a)
-    names = [o.name for o in session_a.get_outputs()]
+    names = select_outputs(session_a, outputs, a)
+    feeds = _feeds(session_a, inputs, seed, dims or {}, a)
+    outputs_a = _run(session_a, feeds, a, names)
     if isinstance(b, (str, os.PathLike)) and not str(b).endswith(".npy"):
         session_b = _session(b, providers)
         _check_same_io(session_a, session_b, a, b)
-        outputs_b = _run(session_b, feeds, b)
+        outputs_b = _run(session_b, feeds, b, names)
         b_label = str(b)
     else:
-        refs = _reference_paths(b, names)
+        refs = _reference_paths(b, names, subset=bool(outputs))
         outputs_b = [_load_npy(refs[n]) for n in names]
         b_label = ", ".join(str(refs[n]) for n in names)
     if save_outputs is not None:
@@ -133,6 +148,32 @@ def verify_models(
     return report
 
 
+def select_outputs(session, wanted: Sequence[str] | None, path) -> list[str]:
+    """The output names to compare: all of the model's, or ``wanted`` (each must be one of them)."""
+    names = [o.name for o in session.get_outputs()]
+    if not wanted:
+        return names
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        raise LoraExportError(f"{path} has no output {unknown[0]!r}; its outputs: {', '.join(names)}")
+    return list(dict.fromkeys(wanted))
+
+
+def symbolic_dims(specs) -> list[str]:
+    """The names of the symbolic dimensions in ONNX Runtime input specs, in order of appearance."""
+    found = [d for spec in specs for d in (spec.shape or ()) if isinstance(d, str) and d]
+    return list(dict.fromkeys(found))
+
+
+def check_dims(specs, dims: Mapping[str, int], path="the model") -> None:
+    """Refuse a --dim for a name that is not a symbolic dimension of the model's inputs."""
+    known = symbolic_dims(specs)
+    for name in dims:
+        if name not in known:
+            have = ", ".join(known) if known else "none: every input dimension is fixed"
+            raise LoraExportError(f"--dim {name}: not a symbolic dimension of {path}'s inputs (symbolic: {have})")
+
+
 def run_model(
     path: str | os.PathLike,
     *,
@@ -140,21 +181,24 @@ def run_model(
     seed: int = 0,
     providers: Sequence[str] | None = None,
     dims: Mapping[str, int] | None = None,
+    outputs: Sequence[str] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Run one model: (inputs used, outputs by name)."""
+    """Run one model: (inputs used, outputs by name; only ``outputs`` where given)."""
     session = _session(path, providers)
-    feeds = _feeds(session, inputs, seed, dims or {})
-    outs = _run(session, feeds, path)
-    return feeds, {o.name: v for o, v in zip(session.get_outputs(), outs)}
+    names = select_outputs(session, outputs, path)
+    feeds = _feeds(session, inputs, seed, dims or {}, path)
+    outs = _run(session, feeds, path, names)
+    return feeds, dict(zip(names, outs))
 
 
 def compare(name: str, a: np.ndarray, b: np.ndarray, *, rtol: float, atol: float) -> OutputComparison:
     """Compare ``a`` with the reference ``b``: max abs error, max relative error, allclose."""
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
+        # No elementwise error exists: reported as a shape mismatch, not as an infinite error.
         return OutputComparison(
-            name, list(a.shape), str(a.dtype), float("inf"), float("inf"), int(max(a.size, b.size)), False,
-            f"shape {list(a.shape)} != reference {list(b.shape)}",
+            name, list(a.shape), str(a.dtype), None, None, int(max(a.size, b.size)), False,
+            f"shape mismatch: {list(a.shape)} vs reference {list(b.shape)}", list(b.shape),
         )  # fmt: skip
     x, y = a.astype(np.float64), b.astype(np.float64)
     close = np.isclose(x, y, rtol=rtol, atol=atol, equal_nan=True)
@@ -206,8 +250,9 @@ def safe_name(name: str) -> str:
 # -- inputs ------------------------------------------------------------------------------------
 
 
-def _feeds(session, inputs, seed: int, dims: Mapping[str, int]) -> dict[str, np.ndarray]:
+def _feeds(session, inputs, seed: int, dims: Mapping[str, int], path="the model") -> dict[str, np.ndarray]:
     specs = session.get_inputs()
+    check_dims(specs, dims, path)
     if inputs is None:
         return random_inputs(specs, seed=seed, dims=dims)
     given = _load_inputs(inputs)
@@ -305,9 +350,9 @@ def _session(path, providers):
         raise ModelError(f"{path}: ONNX Runtime cannot load the model ({type(e).__name__}: {first_line(e)})") from None
 
 
-def _run(session, feeds, path) -> list[np.ndarray]:
+def _run(session, feeds, path, names: Sequence[str] | None = None) -> list[np.ndarray]:
     try:
-        return [np.asarray(x) for x in session.run(None, dict(feeds))]
+        return [np.asarray(x) for x in session.run(list(names) if names else None, dict(feeds))]
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"{path}: inference failed ({type(e).__name__}: {first_line(e)})") from None
 
@@ -321,7 +366,8 @@ def _check_same_io(sa, sb, a, b) -> None:
         raise LoraExportError(f"{a} and {b} have different outputs: {outs_a} vs {outs_b}")
 
 
-def _reference_paths(refs, names: Sequence[str]) -> dict[str, Path]:
+def _reference_paths(refs, names: Sequence[str], subset: bool = False) -> dict[str, Path]:
+    # ``subset``: ``names`` are the selected outputs; reference files named after other outputs may be given.
     if isinstance(refs, (str, os.PathLike)):
         refs = [refs]
     if isinstance(refs, Mapping):
@@ -329,7 +375,7 @@ def _reference_paths(refs, names: Sequence[str]) -> dict[str, Path]:
     else:
         paths = [Path(p) for p in refs]
         by_stem = {p.stem: p for p in paths}
-        if all(safe_name(n) in by_stem for n in names) and len(paths) == len(names):
+        if all(safe_name(n) in by_stem for n in names) and (len(paths) == len(names) or subset):
             mapping = {n: by_stem[safe_name(n)] for n in names}
         elif len(paths) == len(names):
             mapping = dict(zip(names, paths))

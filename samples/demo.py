@@ -3,15 +3,26 @@
 1. Training: a tiny LLaMA built from a config (random weights, fixed seed, no downloads) learns a
    synthetic task — continue a sequence by adding k to every token, mod the vocabulary — through LoRA on
    the attention projections only (q_proj, v_proj). Two adapters: k=3 and k=5, saved in PEFT's format.
-2. Merge: the base is exported once; an adapter is folded into its initializers; ONNX Runtime runs it.
-3. Inject: the base graph gets LoRA slots; both adapters stay resident in one session, switched per call.
+   The trained adapters are cached under ``samples/out/adapters/`` (keyed by a hash of the training
+   set-up): a second run reuses them instead of retraining.
+2. Merge: the base is exported once (``lora-export export``); an adapter is folded into its initializers
+   (``lora-export merge``); ``lora-export verify`` checks the merged model against PyTorch's outputs.
+3. Inject: the base graph gets LoRA slots (``lora-export inject``); both adapters stay resident in one
+   session, switched per call, each checked against its PyTorch model.
 
-Run: ``make demo`` or ``python samples/demo.py`` (about 15 s on two CPU cores).
+The ONNX steps run the command line (``python -m lora_export ...``), as a pipeline would.
+Run: ``make demo`` or ``python samples/demo.py``.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,22 +35,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_export import (  # noqa: E402
     LoraConfig,
+    LoraExportError,
     LoraSession,
     attach_lora,
-    export,
-    inject_files,
     load_adapter,
     lora_summary,
     merge_file,
     save_adapter,
 )
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = Path(__file__).resolve().parent
+OUT_DIR = SAMPLES / "out"
+CACHE_DIR = OUT_DIR / "adapters"
+CACHE_STAMP = "demo-cache.json"
 VOCAB = 32
 SEQ = 12
 SHIFT = 3
 STEPS = 300
 LOG_EVERY = 50
+LR = 1e-2
+LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.05)
+# verify's gate for ONNX Runtime vs PyTorch (float32, different kernels): |a - b| <= atol + rtol * |b|.
+RTOL, ATOL = 1e-4, 1e-4
 
 
 def build_base_model(seed: int = 0) -> torch.nn.Module:
@@ -83,11 +101,11 @@ def train_demo(
     print(f"\n== train {name!r}: continue a sequence by +{shift}")
     base = build_base_model()
     model = copy.deepcopy(base)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.05)
+    config = LoraConfig(**LORA)
     attach_lora(model, config)
 
     gen = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     model.train()
     t0 = time.perf_counter()
     for step in range(1, STEPS + 1):
@@ -100,7 +118,7 @@ def train_demo(
     model.eval()
     print(f"trained {STEPS} steps in {time.perf_counter() - t0:.1f}s; {lora_summary(model)['lora_layers']} LoRA layers")
 
-    example = {"input_ids": make_batch(torch.Generator().manual_seed(1), batch=4, shift=shift)["input_ids"]}
+    example = example_inputs(shift)
     with torch.no_grad():
         base_acc = _accuracy(base, example["input_ids"])
         tuned_acc = _accuracy(model, example["input_ids"])
@@ -110,6 +128,73 @@ def train_demo(
     print(f"saved adapter to {adapter_dir}")
     check_reload(base, model, adapter_dir, example)
     return model, adapter_dir, example
+
+
+def example_inputs(shift: int = SHIFT) -> dict[str, torch.Tensor]:
+    return {"input_ids": make_batch(torch.Generator().manual_seed(1), batch=4, shift=shift)["input_ids"]}
+
+
+def export_factory() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """For ``lora-export export demo:export_factory``: the base model and an example input."""
+    return build_base_model(), example_inputs()
+
+
+# -- the adapter cache --------------------------------------------------------------------------
+
+
+def training_key(name: str, shift: int) -> str:
+    """A hash of everything that determines a trained adapter (change any of it and the demo retrains)."""
+    spec = {
+        "name": name,
+        "shift": shift,
+        "vocab": VOCAB,
+        "seq": SEQ,
+        "steps": STEPS,
+        "lr": LR,
+        "lora": LORA,
+        "base_seed": 0,
+        "data_seed": 0,
+        "torch": torch.__version__,
+        # The code that builds the base, makes the data and trains: editing it invalidates the cache too.
+        "code": hashlib.sha256(
+            "".join(inspect.getsource(f) for f in (build_base_model, make_batch, train_demo)).encode()
+        ).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def trained_adapter(name: str, shift: int) -> tuple[torch.nn.Module, Path, dict[str, torch.Tensor]]:
+    """The adapter from the cache when a valid one is there, else trained now and cached."""
+    key = training_key(name, shift)
+    cached = CACHE_DIR / f"{name}-{key}"
+    model = _load_cached(cached, key)
+    if model is not None:
+        print(f"\n== reuse the trained adapter {name!r} from {cached.relative_to(OUT_DIR.parent)} (no retraining)")
+        return model, cached, example_inputs(shift)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = CACHE_DIR / f".{name}-{key}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model, _, example = train_demo(tmp.parent, name=tmp.name, shift=shift)
+    (tmp / CACHE_STAMP).write_text(json.dumps({"key": key, "name": name, "shift": shift}) + "\n")
+    # Published whole (a rename) and only after the reload check passed: a half-written cache is never used.
+    shutil.rmtree(cached, ignore_errors=True)
+    os.replace(tmp, cached)
+    for old in CACHE_DIR.glob(f"{name}-*"):
+        if old != cached:
+            shutil.rmtree(old, ignore_errors=True)  # adapters of an older training set-up
+    return model, cached, example
+
+
+def _load_cached(directory: Path, key: str) -> torch.nn.Module | None:
+    """The LoRA model rebuilt from a cached adapter (base from its seed + the saved adapter), or None."""
+    try:
+        stamp = json.loads((directory / CACHE_STAMP).read_text())
+        if stamp.get("key") != key:
+            return None
+        adapter = load_adapter(directory)
+    except (OSError, ValueError, LoraExportError):
+        return None
+    return attach_lora(build_base_model(), adapter, verbose=False).eval()
 
 
 def _accuracy(model: torch.nn.Module, ids: torch.Tensor) -> float:
@@ -129,7 +214,28 @@ def check_reload(base: torch.nn.Module, trained: torch.nn.Module, adapter_dir: P
     print(f"reloaded adapter matches the trained model (max abs error {err:.1e})")
 
 
-# -- deployment on ONNX -------------------------------------------------------------------------
+# -- deployment on ONNX, through the command line ------------------------------------------------
+
+
+def lora_export(*args: object, json_out: bool = False, cwd: Path = ROOT) -> dict | None:
+    """Run ``python -m lora_export ARGS`` (this checkout's package); stop the demo if it fails."""
+    cmd = [sys.executable, "-m", "lora_export", *map(str, args)] + (["--json"] if json_out else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    shown = " ".join(["lora-export", *(_short(a) for a in args)])
+    print(f"$ {shown}")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if not json_out and proc.stdout.strip():
+        print("\n".join(f"  {line}" for line in proc.stdout.rstrip().splitlines()))
+    if proc.returncode != 0:
+        raise SystemExit(f"lora-export {args[0]} failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    return json.loads(proc.stdout) if json_out else None
+
+
+def _short(arg: object) -> str:
+    text = str(arg)
+    for root in (str(OUT_DIR.parent) + os.sep, str(ROOT) + os.sep):
+        text = text.replace(root, "")
+    return text
 
 
 def _ort_logits(session, ids: torch.Tensor, adapter: str | None = None) -> np.ndarray:
@@ -145,21 +251,33 @@ def _rel_err(got: np.ndarray, want: torch.Tensor) -> float:
 
 
 def export_and_merge(model: torch.nn.Module, adapter_dir: Path, example: dict, out_dir: Path) -> Path:
-    """Export the base once, fold the adapter into its initializers, run it in ONNX Runtime."""
+    """Export the base once, fold the adapter into its initializers, verify it against PyTorch."""
     print("\n== export the base model and merge the adapter into it")
+    base_onnx = out_dir / "base.onnx"
     t0 = time.perf_counter()
-    base_onnx = export(model, example, out_dir / "base.onnx")  # exports the base, never touches `model`
+    # The factory builds the same base (seeded) that the adapters were trained on.
+    lora_export("export", "demo:export_factory", base_onnx, cwd=SAMPLES)
     print(f"exported {base_onnx.name} in {time.perf_counter() - t0:.1f}s")
-    merged = out_dir / f"merged-{adapter_dir.name}.onnx"
-    report = merge_file(base_onnx, adapter_dir, merged)
-    counts = report.to_dict()["counts"]
+    merged = out_dir / "merged-plus3.onnx"
+    report = lora_export("merge", base_onnx, adapter_dir, "-o", merged, json_out=True)
+    counts = report["counts"]
     print(
-        f"merged {counts['merged_weights']} weights into {merged.name} in {report.timings.get('total', 0):.2f}s "
+        f"merged {counts['merged_weights']} weights into {merged.name} in {report['timings_s'].get('total', 0):.2f}s "
         "(same nodes as the base: zero added latency)"
     )
-    sess = ort.InferenceSession(str(merged), providers=["CPUExecutionProvider"])
+    # PyTorch's logits (the LoRA model) are the reference that verify checks the merged model against.
+    first_output = ort.InferenceSession(str(merged), providers=["CPUExecutionProvider"]).get_outputs()[0].name
+    ref = out_dir / "reference-plus3"
+    ref.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         want = model(**example).logits
+    np.save(ref / "logits.npy", want.numpy())
+    np.savez(ref / "inputs.npz", input_ids=example["input_ids"].numpy())
+    lora_export(
+        "verify", merged, "--reference", ref / "logits.npy", "--inputs", ref / "inputs.npz",
+        "--output", first_output, "--rtol", RTOL, "--atol", ATOL,
+    )  # fmt: skip
+    sess = ort.InferenceSession(str(merged), providers=["CPUExecutionProvider"])
     err = _rel_err(_ort_logits(sess, example["input_ids"]), want)
     print(f"merged ONNX vs PyTorch LoRA model: max relative error {err:.1e}")
     return base_onnx
@@ -169,8 +287,8 @@ def inject_and_swap(base_onnx: Path, adapters: dict[str, tuple[torch.nn.Module, 
     """One base graph with LoRA slots; both adapters resident in one session, switched per call."""
     print("\n== inject LoRA slots; serve both adapters from one session")
     served = out_dir / "served"
-    inject_files(base_onnx, [a[1] for a in adapters.values()], served)
-    print(f"wrote {', '.join(sorted(p.name for p in served.iterdir()))}")
+    # NAME=PATH: the files are named plus3.* and plus5.*, whatever the cache folders are called.
+    lora_export("inject", base_onnx, *(f"{name}={a[1]}" for name, a in adapters.items()), "-o", served)
     sess = LoraSession(served / "model.onnx")
     for name in adapters:
         sess.load_adapter(name, served / f"{name}.onnx_adapter")
@@ -178,10 +296,12 @@ def inject_and_swap(base_onnx: Path, adapters: dict[str, tuple[torch.nn.Module, 
         ids = example["input_ids"]
         with torch.no_grad():
             want = model(input_ids=ids).logits
+        got = _ort_logits(sess, ids, name)
+        if not np.allclose(got, want.numpy(), rtol=RTOL, atol=ATOL):
+            raise SystemExit(f"adapter {name!r}: the injected model differs from PyTorch beyond rtol/atol")
         print(
             f"adapter {name!r} in the session vs its PyTorch model: max relative error "
-            f"{_rel_err(_ort_logits(sess, ids, name), want):.1e}; "
-            f"next-token accuracy {_accuracy_np(_ort_logits(sess, ids, name), ids):.0%}"
+            f"{_rel_err(got, want):.1e}; next-token accuracy {_accuracy_np(got, ids):.0%}"
         )
     names = list(adapters)
     ids = adapters[names[0]][2]["input_ids"]
@@ -199,8 +319,8 @@ def inject_and_swap(base_onnx: Path, adapters: dict[str, tuple[torch.nn.Module, 
     rebuild = time.perf_counter() - t0
     print(
         f"per-call latency: same adapter {np.median(same) * 1e3:.2f} ms, alternating adapters "
-        f"{np.median(switched) * 1e3:.2f} ms (a switch is a binding); merge + new session instead: "
-        f"{rebuild * 1e3:.0f} ms"
+        f"{np.median(switched) * 1e3:.2f} ms (a switch is a binding); merge + new session instead "
+        f"(in process): {rebuild * 1e3:.0f} ms"
     )
 
 
@@ -211,12 +331,12 @@ def _accuracy_np(logits: np.ndarray, ids: torch.Tensor) -> float:
 def main() -> None:
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    model3, adapter3, example = train_demo(OUT_DIR, name="plus3", shift=3)
-    model5, adapter5, example5 = train_demo(OUT_DIR, name="plus5", shift=5)
+    model3, adapter3, example = trained_adapter("plus3", shift=3)
+    model5, adapter5, example5 = trained_adapter("plus5", shift=5)
     base_onnx = export_and_merge(model3, adapter3, example, OUT_DIR)
     adapters = {"plus3": (model3, adapter3, example), "plus5": (model5, adapter5, example5)}
     inject_and_swap(base_onnx, adapters, OUT_DIR)
-    print(f"\ndemo done in {time.perf_counter() - t0:.0f}s; files in {OUT_DIR}")
+    print(f"\ndemo done in {time.perf_counter() - t0:.1f}s (wall time); files in {OUT_DIR}")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ def _refused(result, fragment: str, code: int = 2) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert fragment in lines[0], lines[0]
     assert "Traceback" not in result.output
-    assert result.stdout == ""
+    if result.stdout:  # with --json, the error also goes to stdout as one JSON object
+        assert json.loads(result.stdout)["error"] == lines[0][len("error: ") :]
+        assert result.stdout.count("\n") == 1
 
 
 def _no_strays(folder: Path) -> None:
@@ -262,6 +264,7 @@ def test_inject_names_an_adapter_given_as_dot_after_its_folder(setup, tmp_path, 
     result = _invoke("inject", onnx_path, ".", "-o", tmp_path / "served")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "served").iterdir()) == [
+        ".lora-export.json",
         "ad.onnx_adapter",
         "ad.safetensors",
         "model.onnx",

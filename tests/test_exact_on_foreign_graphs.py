@@ -261,3 +261,27 @@ def test_trained_bias_on_a_deduplicated_initializer(gpt2_tied, tmp_path):
     report = merge_file(tied, tmp_path / "adapter", tmp_path / "merged.onnx")
     assert report.replaced
     assert rel_err(run_plain(tmp_path / "merged.onnx", feeds_of(inputs))[0], ref) <= 1e-5
+
+
+@pytest.mark.parametrize("limit", [None, 0], ids=["patched-save", "full-save"])
+def test_private_copy_with_external_data(gpt2_tied, tmp_path, monkeypatch, limit):
+    """A private merged copy is a new tensor: the patched save keeps it inline while small, and past the
+    limit the full external-data save takes over; both give the adapter's model."""
+    import onnx
+
+    from lora_export import patch_save
+
+    if limit is not None:
+        monkeypatch.setattr(patch_save, "INLINE_PATCH_LIMIT", limit)
+    base, make_inputs, tied = gpt2_tied
+    ext = tmp_path / "ext" / "model.onnx"
+    ext.parent.mkdir()
+    onnx.save(onnx.load(str(tied)), str(ext), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    adapter_dir = tmp_path / "adapter"
+    peft_model = _save_peft(base, adapter_dir, r=4, lora_alpha=8, target_modules=["wte"])
+    inputs = make_inputs(6)
+    report = merge_file(ext, adapter_dir, tmp_path / "out" / "merged.onnx")
+    assert report.merged[0]["private_copy_of"] == "model.transformer.wte.weight"
+    assert (
+        rel_err(run_plain(tmp_path / "out" / "merged.onnx", feeds_of(inputs))[0], output_of(peft_model, inputs)) <= 1e-5
+    )

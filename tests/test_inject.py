@@ -57,7 +57,8 @@ def test_gpt2_gemm_with_bias_lora_and_dora(gpt2_case):
 
 def test_conv_grouped_conv_embedding_and_gemm(conv_case):
     _check_case(conv_case, ["all", "dora"])
-    slots = json.loads(onnx.load(str(conv_case.model)).metadata_props[0].value)["slots"]
+    props = {p.key: p.value for p in onnx.load(str(conv_case.model)).metadata_props}
+    slots = json.loads(props[SLOTS_KEY])["slots"]
     assert {s["op"] for s in slots} == {"Conv", "Gather", "Gemm"}
 
 

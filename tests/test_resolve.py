@@ -215,3 +215,28 @@ def test_module_path_helpers():
     assert scope_module_paths(node) == ["lin"]
     node.metadata_props["namespace"] = ": M/model: A/layers.0: B/self_attn: C/q_proj: Linear/linear: aten.linear"
     assert scope_module_paths(node) == ["model.layers.0.self_attn.q_proj"]
+
+
+@pytest.mark.parametrize("case", ["nested-manifest", "ill-typed-manifest", "string-transB"], ids=lambda c: c)
+def test_in_memory_models_are_checked_too(case):
+    """merge_adapter/resolve_targets on an ir.Model built in memory (no load_model): one-line errors or a
+    sound resolution, never a RecursionError/TypeError from inside."""
+    from lora_export.errors import LoraExportError
+
+    w = np.ones((8, 8), dtype=np.float32)
+    weight = ir.Value(name="lin.weight", const_value=ir.tensor(w, name="lin.weight"))
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 8]))
+    attrs = {"transB": "yes"} if case == "string-transB" else {"transB": 1}
+    gemm = ir.node("Gemm", [x, weight], attributes=attrs, name="/lin/Gemm")
+    graph = ir.Graph([x], gemm.outputs, nodes=[gemm], initializers=[weight], opset_imports={"": 18})
+    model = ir.Model(graph, ir_version=10)
+    if case == "nested-manifest":
+        model.metadata_props[MANIFEST_KEY] = "[" * 100000 + "]" * 100000
+    elif case == "ill-typed-manifest":
+        model.metadata_props[MANIFEST_KEY] = json.dumps({"modules": {"lin": 5, "x": {"initializer": [1]}}})
+    try:
+        res = resolve_targets(model, _adapter(_target("lin")))
+    except LoraExportError as e:
+        assert "\n" not in str(e)
+    else:
+        assert res.targets[0].status == "matched"

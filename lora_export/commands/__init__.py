@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import click
 
-COMMANDS: list[click.Command] = []
+from .convert import convert_command
+from .export import export_command
+from .inject import inject_command
+from .inspect import inspect_command
+from .merge import merge_command
+from .verify import verify_command
 
-from .export import export_command  # noqa: E402
-from .inspect import inspect_command  # noqa: E402
-from .verify import verify_command  # noqa: E402
-
-COMMANDS += [export_command, inspect_command, verify_command]
-
-from . import convert, inject, merge  # noqa: E402, F401  (each registers its command)
+COMMANDS: list[click.Command] = [
+    convert_command,
+    export_command,
+    inject_command,
+    inspect_command,
+    merge_command,
+    verify_command,
+]

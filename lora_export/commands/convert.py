@@ -7,7 +7,7 @@ import json
 import click
 
 from ..convert import convert_adapter
-from . import COMMANDS
+from ..terminal import clean
 
 
 @click.command("convert")
@@ -29,9 +29,6 @@ def convert_command(adapter: str, model: str, output: str, only_targets: str | N
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(
-            f"wrote {report['output']}: {len(report['slots_filled'])} slots filled, "
+            f"wrote {clean(report['output'])}: {len(report['slots_filled'])} slots filled, "
             f"{len(report['slots_default'])} left at their defaults"
         )
-
-
-COMMANDS.append(convert_command)

@@ -30,6 +30,7 @@ def export_command(
     from ..errors import LoraExportError
     from ..export_factory import load_factory_module
     from ..onnx_model import check_outputs
+    from ..terminal import clean
     from ..torch_export import export_with_manifest
 
     check_outputs(out)
@@ -50,12 +51,15 @@ def export_command(
         click.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))
         return
     mapped = len(result.manifest["modules"])
-    click.echo(f"wrote {result.path} ({result.exporter} exporter): {mapped} module(s) mapped to initializers")
-    click.echo(f"inputs: {', '.join(result.input_names)}; outputs: {', '.join(result.output_names)}")
-    dims = sorted({f"{name}[{axis}]={dim}" for name, axes in result.dynamic_axes.items() for axis, dim in axes.items()})
+    click.echo(f"wrote {clean(result.path)} ({result.exporter} exporter): {mapped} module(s) mapped to initializers")
+    inputs, outputs = ", ".join(map(clean, result.input_names)), ", ".join(map(clean, result.output_names))
+    click.echo(f"inputs: {inputs}; outputs: {outputs}")
+    dims = sorted(
+        f"{clean(n)}[{axis}]={clean(dim)}" for n, axes in result.dynamic_axes.items() for axis, dim in axes.items()
+    )
     click.echo(f"dynamic dimensions: {', '.join(dims)}" if dims else "fixed shapes (no dynamic dimensions)")
     if result.unmapped:
-        click.echo(f"not found in the graph (folded or unused): {', '.join(result.unmapped)}")
+        click.echo(f"not found in the graph (folded or unused): {', '.join(clean(m) for m in result.unmapped)}")
 
 
 def _refuse_source(source: str | None, out: str) -> None:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
 from ..inject import InjectResult, inject_files
-from . import COMMANDS
+from ..terminal import clean, clean_lines
+from ._progress import progress_bar
 
 
 @click.command("inject")
 @click.argument("base", type=click.Path(dir_okay=False))
-@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, metavar="[NAME=]ADAPTER...")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option(
     "--base-weights",
@@ -35,24 +37,41 @@ def inject_command(
 
     Writes OUTDIR/model.onnx, whose inputs <module>.lora_A / .lora_B (/ .dora_scale) default to the base
     model, and per adapter OUTDIR/<name>.onnx_adapter and OUTDIR/<name>.safetensors to fill them.
+    <name> is the adapter folder's name, or NAME with NAME=ADAPTER. Files an earlier inject wrote into
+    OUTDIR and this one does not (a dropped or renamed adapter) are removed; other files stay.
     """
-    result = inject_files(
-        base, list(adapters), out_dir, base_weights=base_weights, dora=dora, only_targets=only_targets
-    )
+    paths, names = zip(*(parse_named(a) for a in adapters))
+    with progress_bar("writing", as_json) as bar:
+        result = inject_files(
+            base,
+            list(paths),
+            out_dir,
+            base_weights=base_weights,
+            dora=dora,
+            only_targets=only_targets,
+            names=list(names),
+            progress=bar,
+        )
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
-        click.echo(summary(result))
+        click.echo(clean_lines(summary(result)))
+
+
+def parse_named(arg: str) -> tuple[str, str | None]:
+    """``NAME=PATH`` → (PATH, NAME); a plain PATH → (PATH, None). An existing path that contains "="
+    is a plain PATH."""
+    name, sep, path = arg.partition("=")
+    if not sep or os.path.lexists(arg):
+        return arg, None
+    return path, name
 
 
 def summary(result: InjectResult) -> str:
     lines = [f"{len(result.manifest.slots)} LoRA slots:"]
     for module, slot in sorted(result.manifest.slots.items()):
-        lines.append(f"  {module}  {slot.op}  {slot.kind}{'  +DoRA' if slot.dora else ''}")
+        lines.append(f"  {clean(module)}  {clean(slot.op)}  {slot.kind}{'  +DoRA' if slot.dora else ''}")
     if result.manifest.absent:
-        lines.append(f"absent from the graph (no effect): {', '.join(result.manifest.absent)}")
-    lines += [f"wrote {p}" for p in result.files]
+        lines.append(f"absent from the graph (no effect): {', '.join(clean(m) for m in result.manifest.absent)}")
+    lines += [f"wrote {clean(p)}" for p in result.files]
     return "\n".join(lines)
-
-
-COMMANDS.append(inject_command)

@@ -18,6 +18,7 @@ def inspect_command(
 ) -> None:
     """List the weights LoRA can target in MODEL; with ADAPTER, where each of its targets lands."""
     from ..inspect_model import format_report, inspect_model
+    from ..terminal import clean_lines
 
     report = inspect_model(model, adapter, base_weights=base_weights, only_targets=only_targets)
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    click.echo(json.dumps(report, indent=2) if as_json else clean_lines(format_report(report)))

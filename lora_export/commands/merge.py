@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
 from ..merge import MergeReport, merge_file
-from . import COMMANDS
+from ..terminal import clean, clean_lines
+from ._progress import progress_bar
 
 
 @click.command("merge")
@@ -23,6 +23,7 @@ from . import COMMANDS
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply every LoRA delta by this.")
 @click.option("--allow-partial", is_flag=True, help="Merge what matches; skip targets not found in the model.")
 @click.option("--only-targets", metavar="REGEX", help="Merge only the targets whose module path matches REGEX.")
+@click.option("--force", is_flag=True, help="Merge even if the model's history records this adapter as merged.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 def merge_command(
     base: str,
@@ -32,15 +33,17 @@ def merge_command(
     scale: float,
     allow_partial: bool,
     only_targets: str | None,
+    force: bool,
     as_json: bool,
 ) -> None:
     """Merge ADAPTER (a PEFT adapter directory) into BASE.onnx, writing -o OUT.onnx.
 
     The graph is unchanged; only the adapted weights get new values. Targets are found through
     the exporter's manifest, initializer names, node names/scopes, or (with --base-weights) by value.
+    The merge is recorded in OUT's metadata (lora_export.history); merging an adapter the history
+    already holds is refused unless --force.
     """
-    bar = _ProgressBar() if not as_json and sys.stderr.isatty() else None
-    try:
+    with progress_bar("merging", as_json) as bar:
         report = merge_file(
             base,
             adapter,
@@ -50,14 +53,12 @@ def merge_command(
             allow_partial=allow_partial,
             progress=bar,
             only_targets=only_targets,
+            force=force,
         )
-    finally:
-        if bar is not None:
-            bar.close()
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        click.echo(summary(report))
+        click.echo(clean_lines(summary(report)))
 
 
 def summary(report: MergeReport) -> str:
@@ -71,8 +72,10 @@ def summary(report: MergeReport) -> str:
     for e in report.resolution.extras:
         d = e.to_dict()
         rows.append((d["tensor"], d["status"], "replace", d["initializer"] or "-", d["detail"]))
+    # Names come from the files: escaped, so a newline or an escape sequence in one cannot break the table.
+    rows = [tuple(clean(c) for c in row) for row in rows]
     widths = [min(48, max(len(str(row[i])) for row in rows)) for i in range(4)]
-    lines = ["  ".join(str(c)[:w].ljust(w) for c, w in zip(row[:4], widths)) + "  " + str(row[4]) for row in rows]
+    lines = ["  ".join(c[:w].ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
     c = report.to_dict()["counts"]
     lines.append(
         f"merged {c['merged_weights']} weight(s) from {c['targets']} target(s)"
@@ -81,27 +84,9 @@ def summary(report: MergeReport) -> str:
         + (f", replaced {c['replaced_tensors']} tensor(s)" if c["replaced_tensors"] else "")
         + f" in {report.timings.get('total', 0.0):.2f}s"
     )
-    lines.append("wrote " + ", ".join(report.files))
+    if report.repeated:
+        lines.append(f"note: {report.repeated}; merged again (--force)")
+    # --allow-partial: what was left out, and why, one line each.
+    lines += [f"skipped {clean(s['target'])}: {clean(s['reason'])}" for s in report.skipped()]
+    lines.append("wrote " + ", ".join(clean(f) for f in report.files))
     return "\n".join(lines)
-
-
-class _ProgressBar:
-    """A click progress bar on stderr, created on the first callback (when the target count is known)."""
-
-    def __init__(self) -> None:
-        self._bar = None
-        self._done = 0
-
-    def __call__(self, done: int, total: int, name: str) -> None:
-        if self._bar is None:
-            self._bar = click.progressbar(length=total, label="merging", file=sys.stderr, item_show_func=lambda _: name)
-            self._bar.__enter__()
-        self._bar.update(done - self._done)
-        self._done = done
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(None, None, None)
-
-
-COMMANDS.append(merge_command)
