@@ -4,6 +4,9 @@ The caller's model is never touched: we export a deep copy, with any LoRA wrappe
 model is what gets deployed; adapters are merged or injected into the ONNX graph later). Exporters
 rename and re-layout weights (``fc.weight`` becomes a transposed ``val_3``), so the manifest is built
 while the torch model is still in hand: by initializer name first, then by exact value fingerprint.
+
+The exported graph serves: inputs and outputs carry the model's names (``input_ids``, ``logits``), and
+batch and sequence dimensions are dynamic unless the model bakes them in (``export_shapes``).
 """
 
 from __future__ import annotations
@@ -14,9 +17,8 @@ import io
 import json
 import logging
 import os
-import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +28,32 @@ from torch import nn
 
 from .atomic import temp_dir
 from .errors import LoraExportError, first_line
+from .export_factory import load_factory
 from .export_manifest import MANIFEST_KEY, build_manifest
+from .export_shapes import (
+    BATCH,
+    SEQUENCE,
+    InputSpec,
+    axes_keys,
+    dynamic_axes_of,
+    dynamic_shapes_of,
+    graph_axes,
+    input_specs,
+    onnx_serves,
+    output_leaves,
+    propose_axes,
+    rename_dims,
+    signature_order,
+    torch_at_grown,
+    widened,
+)
 from .onnx_model import INLINE_LIMIT_BYTES, initializer_bytes, load_model, save_model
+
+__all__ = ["MANIFEST_KEY", "ExportResult", "base_copy", "export", "export_with_manifest", "load_factory"]
+
+# Opsets each exporter can be asked for (TorchScript's own range; dynamo converts down from its torchlib
+# opset, and the saved model is checked: a conversion that did not happen is an error, not a surprise).
+_OPSETS = {False: (7, 20), True: (7, 23)}
 
 
 @dataclass
@@ -38,6 +64,10 @@ class ExportResult:
     exporter: str
     manifest: dict
     unmapped: list[str] = field(default_factory=list)
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+    #: {input: {axis: dimension name}}: the input dimensions left dynamic (empty: fixed shapes).
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -46,6 +76,9 @@ class ExportResult:
             "mapped": len(self.manifest["modules"]),
             "unmapped": list(self.unmapped),
             "modules": self.manifest["modules"],
+            "inputs": list(self.input_names),
+            "outputs": list(self.output_names),
+            "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in self.dynamic_axes.items()},
         }
 
 
@@ -61,6 +94,7 @@ def export(
     dynamic_shapes: Any = None,
     opset: int | None = None,
     external_data: bool | None = None,
+    dynamic: bool = True,
 ) -> Path:
     """Export the base of ``model`` to ONNX at ``path`` and embed the LoRA target manifest.
 
@@ -68,6 +102,13 @@ def export(
     ``dynamo=False`` uses the TorchScript exporter. ``external_data`` None writes external data only
     when the weights would not fit in one protobuf. The caller's model is not modified (not even its
     training flag); LoRA wrappers are removed from the exported copy, unmerged. Returns the path.
+
+    Inputs are named after ``forward``'s parameters, outputs after the model's output fields (``logits``,
+    ``last_hidden_state``; ``output_0``… for tuples, ``output`` for one tensor); given names win.
+    ``dynamic`` (default): dim 0 of every input is ``batch`` and dim 1 of token inputs ``sequence``,
+    each kept only if the exported model, run at other sizes, agrees with the torch model there.
+    ``dynamic=False`` exports the example's shapes; given ``dynamic_axes``/``dynamic_shapes`` win.
+    ``opset``: exactly that default-domain opset, or an error.
     """
     return export_with_manifest(
         model,
@@ -80,6 +121,7 @@ def export(
         dynamic_shapes=dynamic_shapes,
         opset=opset,
         external_data=external_data,
+        dynamic=dynamic,
     ).path
 
 
@@ -95,6 +137,7 @@ def export_with_manifest(
     dynamic_shapes: Any = None,
     opset: int | None = None,
     external_data: bool | None = None,
+    dynamic: bool = True,
 ) -> ExportResult:
     """``export``, returning the manifest and the targetable modules no initializer was found for."""
     if not isinstance(model, nn.Module):
@@ -102,31 +145,121 @@ def export_with_manifest(
     out = Path(path)
     base = base_copy(model)
     args, kwargs = _split_inputs(example_inputs)
-    if input_names is None and kwargs:
-        # TorchScript would name keyword inputs input.1, input.2 ...; keep the caller's names.
-        input_names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-    options: dict[str, Any] = {"input_names": list(input_names) if input_names else None}
-    if output_names:
-        options["output_names"] = list(output_names)
+    kwargs = signature_order(base, kwargs)
+    opset = _check_opset_request(opset, dynamo)
+    specs = input_specs(base, args, kwargs, list(input_names) if input_names else None)
+    with _quiet():
+        reference = _forward(base, args, kwargs)
+    leaves = output_leaves(reference)
+    out_names = list(output_names) if output_names else (leaves[0] if leaves else None)
+    options: dict[str, Any] = {"input_names": [s.name for s in specs] or None}
+    if out_names:
+        options["output_names"] = out_names
     if opset is not None:
-        options["opset_version"] = int(opset)
+        options["opset_version"] = opset
+    user_shapes = dynamic_axes is not None or dynamic_shapes is not None
     if dynamic_axes is not None:
         options["dynamic_axes"] = dict(dynamic_axes)
     if dynamic_shapes is not None:
         options["dynamic_shapes"] = dynamic_shapes
+    # Proposals, most dynamic first; each is checked at grown shapes, the last (static) is not.
+    attempts: list[bool | None] = [None]
+    if dynamic and not user_shapes:
+        propose_axes(specs)
+        attempts = [True, False, None] if any(SEQUENCE in s.axes.values() for s in specs) else [False, None]
+        if not any(s.axes for s in specs):
+            attempts = [None]
     out.parent.mkdir(parents=True, exist_ok=True)
     # Export into a private folder beside the output so that nothing appears at ``out`` unless
     # the whole export, manifest and save succeed; external data written by torch stays there.
-    with temp_dir(out.parent) as tmp:
-        tmp_model = tmp / "exported.onnx"
-        _run_exporter(base, args, kwargs, tmp_model, dynamo=dynamo, options=options)
+    with temp_dir(out.parent) as tmp, _quiet():
+        for n, attempt in enumerate(attempts):
+            last = n == len(attempts) - 1
+            tmp_model = tmp / f"exported{n}.onnx"
+            trial = _restrict(specs, attempt)
+            targs, tkwargs, opts = args, kwargs, dict(options)
+            wide = widened(args, kwargs, trial) if attempt is not None else None
+            if wide is not None:  # traced at size 2, checked at the example's size 1 below
+                targs, tkwargs, trial = wide
+            if attempt is not None:
+                if dynamo:
+                    shapes = dynamic_shapes_of(base, targs, tkwargs, trial)
+                    opts["dynamic_shapes" if shapes is not None else "dynamic_axes"] = (
+                        shapes if shapes is not None else dynamic_axes_of(trial, None, None)
+                    )
+                else:
+                    traced = leaves if wide is None else output_leaves(_forward(base, targs, tkwargs))
+                    opts["dynamic_axes"] = dynamic_axes_of(trial, out_names, traced[1] if traced else None)
+                # A dimension the torch model itself cannot vary is not worth an export.
+                probe = torch_at_grown(base, targs, tkwargs, trial, {s.name: dict(s.axes) for s in trial})
+                if probe is None:
+                    continue
+            try:
+                _run_exporter(base, targs, tkwargs, tmp_model, dynamo=dynamo, options=opts)
+            except LoraExportError:
+                if last:
+                    raise
+                continue
+            axes = _finish_graph(tmp_model, trial, opset, dynamo)
+            if attempt is None or not axes or last:
+                break
+            if axes_keys(axes) != axes_keys({s.name: s.axes for s in trial}):  # the exporter kept some static
+                probe = torch_at_grown(base, targs, tkwargs, trial, axes)
+            example = {s.name: s.tensor.detach().cpu().numpy() for s in specs}
+            if (
+                probe is not None
+                and onnx_serves(tmp_model, *probe, out_names)
+                and (wide is None or onnx_serves(tmp_model, example, leaves, out_names))
+            ):
+                break
         onnx_model = load_model(tmp_model)
         manifest, unmapped = build_manifest(onnx_model, base)
         onnx_model.metadata_props[MANIFEST_KEY] = json.dumps(manifest, sort_keys=True)
         if external_data is None:
             external_data = initializer_bytes(onnx_model) > INLINE_LIMIT_BYTES
         save_model(onnx_model, out, external=external_data)
-    return ExportResult(out, "dynamo" if dynamo else "torchscript", manifest, unmapped)
+    io_names = ([v.name for v in onnx_model.graph.inputs], [v.name for v in onnx_model.graph.outputs])
+    return ExportResult(out, "dynamo" if dynamo else "torchscript", manifest, unmapped, *io_names, axes)
+
+
+def _restrict(specs: list[InputSpec], attempt: bool | None) -> list[InputSpec]:
+    """The proposal for one attempt: True all axes, False batch only, None none."""
+    keep = {True: (BATCH, SEQUENCE), False: (BATCH,), None: ()}[attempt]
+    return [InputSpec(s.name, s.param, s.tensor, {a: v for a, v in s.axes.items() if v in keep}) for s in specs]
+
+
+def _forward(model: nn.Module, args: tuple, kwargs: dict | None) -> Any:
+    try:
+        with torch.no_grad():
+            return model(*args, **(kwargs or {}))
+    except Exception as e:  # noqa: BLE001 - the user's model raises anything
+        raise LoraExportError(f"export failed: the model fails on its example inputs ({_cause(e)})") from None
+
+
+def _check_opset_request(opset: int | None, dynamo: bool) -> int | None:
+    if opset is None:
+        return None
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise LoraExportError(f"opset must be an integer, got {opset!r}")
+    low, high = _OPSETS[dynamo]
+    if not low <= opset <= high:
+        which = "dynamo" if dynamo else "TorchScript"
+        raise LoraExportError(f"cannot export opset {opset}: the {which} exporter supports opsets {low} to {high}")
+    return opset
+
+
+def _finish_graph(path: Path, specs: list[InputSpec], opset: int | None, dynamo: bool) -> dict:
+    """Check the produced opset, name the dynamic dimensions; returns {input: {axis: dim name}}."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    produced = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and produced != opset:
+        which = "dynamo" if dynamo else "TorchScript"
+        raise LoraExportError(f"cannot export opset {opset}: the {which} exporter produced opset {produced}")
+    if dynamo and rename_dims(proto, specs):
+        onnx.save(proto, str(path))
+    return graph_axes(proto)
 
 
 def base_copy(model: nn.Module) -> nn.Module:
@@ -178,45 +311,69 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple, dict | None]:
     )
 
 
-_FAILURE_LOGGERS = ("torch._subclasses.fake_tensor", "torch.export._trace", "torch._export", "torch.fx.experimental")
+_QUIET_LOGGERS = ("torch", "onnxscript", "onnx_ir", "onnx", "transformers")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No warnings and no log lines from torch, the ONNX tools or transformers while exporting: their
+    messages are not actionable for our users, and a failure is reported in one line anyway."""
+    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in _QUIET_LOGGERS]
+    loggers = [logging.getLogger(n) for n in {*names, *_QUIET_LOGGERS}]
+    levels = [(lg, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in levels:
+            lg.setLevel(level)
 
 
 def _run_exporter(
     model: nn.Module, args: tuple, kwargs: dict | None, path: Path, *, dynamo: bool, options: dict
 ) -> None:
-    # torch prints progress to stdout; keep stdout clean for --json output. Its registry also logs a
-    # warning per torchvision op it cannot find, which says nothing about the user's model.
+    # torch prints progress to stdout; keep stdout clean for --json output.
     sink = io.StringIO()
-    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    # A failing torch.export logs the failure's traceback (fake tensors, the tracer) on stderr before
-    # raising; the exception is reported in one line below, so those logs are only noise.
-    quiet = {name: logging.CRITICAL for name in _FAILURE_LOGGERS}
-    quiet[registry_log.name] = logging.ERROR
-    levels = {name: logging.getLogger(name).level for name in quiet}
-    for name, lvl in quiet.items():
-        logging.getLogger(name).setLevel(lvl)
     try:
-        with contextlib.redirect_stdout(sink), torch.no_grad(), warnings.catch_warnings():
-            # torch.export's own deprecation notices are not actionable for our users.
-            warnings.simplefilter("ignore", FutureWarning)
+        with contextlib.redirect_stdout(sink), torch.no_grad():
             if dynamo:
                 program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, verbose=False, **options)
                 program.save(str(path))
             else:
                 options = {k: v for k, v in options.items() if k != "dynamic_shapes"}
-                # The TorchScript exporter takes keyword inputs as a trailing dict in ``args``.
-                ts_args = (*args, kwargs) if kwargs else args
-                torch.onnx.export(model, ts_args, str(path), dynamo=False, verbose=False, **options)
+                with _positional(model, args, kwargs) as ts_args:
+                    torch.onnx.export(model, ts_args, str(path), dynamo=False, verbose=False, **options)
     except LoraExportError:
         raise
     except Exception as e:  # noqa: BLE001 - exporters raise anything from anywhere
         which = "dynamo" if dynamo else "TorchScript"
         raise LoraExportError(f"{which} export failed: {_cause(e)}") from None
-    finally:
-        for name, lvl in levels.items():
-            logging.getLogger(name).setLevel(lvl)
     if not path.is_file():
         raise LoraExportError("export failed: the exporter wrote no model")
+
+
+@contextlib.contextmanager
+def _positional(model: nn.Module, args: tuple, kwargs: dict | None) -> Iterator[tuple]:
+    """TorchScript traces positional tensors only, and would pass a trailing dict's keys by position
+    (clashing with decorated HF forwards): give the private copy a forward taking keyword tensors in order."""
+    if not kwargs:
+        yield args
+        return
+    tensors = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    fixed = {k: v for k, v in kwargs.items() if k not in tensors}
+    forward, n = model.forward, len(args)
+
+    def positional_forward(*values):
+        return forward(*values[:n], **fixed, **dict(zip(tensors, values[n:])))
+
+    model.forward = positional_forward
+    try:
+        yield (*args, *(kwargs[k] for k in tensors))
+    finally:
+        del model.forward
 
 
 def _cause(e: BaseException) -> str:
@@ -228,35 +385,3 @@ def _cause(e: BaseException) -> str:
     if root is not e:
         text += f" (caused by {type(root).__name__}: {first_line(root)})"
     return text
-
-
-def load_factory(spec: str) -> tuple[nn.Module, Any, dict]:
-    """Call ``module:function`` (importable from the current directory) → (model, inputs, export kwargs)."""
-    module_name, sep, func_name = spec.partition(":")
-    if not sep or not module_name or not func_name:
-        raise LoraExportError(f"expected MODULE:FUNCTION, got {spec!r}")
-    import importlib
-
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        mod = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - user code raises anything while importing
-        raise LoraExportError(f"cannot import {module_name!r}: {type(e).__name__}: {first_line(e)}") from None
-    func = mod
-    for part in func_name.split("."):
-        func = getattr(func, part, None)
-        if func is None:
-            raise LoraExportError(f"{module_name!r} has no attribute {func_name!r}")
-    if not callable(func):
-        raise LoraExportError(f"{spec} is not callable")
-    try:
-        result = func()
-    except Exception as e:  # noqa: BLE001
-        raise LoraExportError(f"{spec}() failed: {type(e).__name__}: {first_line(e)}") from None
-    if not isinstance(result, tuple) or len(result) not in (2, 3):
-        raise LoraExportError(f"{spec}() must return (model, example_inputs) or (model, example_inputs, kwargs)")
-    model, inputs = result[0], result[1]
-    kwargs = dict(result[2]) if len(result) == 3 and result[2] else {}
-    return model, inputs, kwargs

@@ -1,0 +1,329 @@
+"""What an exported model's inputs, outputs and dimensions are called, and which dimensions may vary.
+
+Names follow the model, as Optimum does: inputs after ``forward``'s parameters (keyword examples keep
+their keys), outputs after the model's output fields (``logits``, ``last_hidden_state``, dict keys;
+``output_0`` … for tuples, ``output`` for a single tensor). Dimension 0 of every tensor input is
+``batch``; dimension 1 of a token-like input (``input_ids``, ``attention_mask`` …) is ``sequence``.
+A dimension is only proposed here: the caller exports, then ``check_shapes`` runs the ONNX model at
+other sizes against the torch model, and a dimension the model bakes in is exported static instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+BATCH, SEQUENCE = "batch", "sequence"
+TOKEN_INPUTS = frozenset(
+    {
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+        "position_ids",
+        "decoder_input_ids",
+        "decoder_attention_mask",
+        "decoder_position_ids",
+        "labels",
+        "special_tokens_mask",
+        "global_attention_mask",
+    }
+)
+# How much each dimension grows when the exported model is checked at another shape.
+_GROWTH = {BATCH: 1, SEQUENCE: 3}
+
+
+@dataclass
+class InputSpec:
+    """One tensor input of the exported graph: its ONNX name, the forward parameter it feeds, its example."""
+
+    name: str
+    param: str
+    tensor: torch.Tensor
+    axes: dict[int, str] = field(default_factory=dict)
+
+
+def forward_params(model: nn.Module) -> inspect.Signature | None:
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def signature_order(model: nn.Module, kwargs: dict | None) -> dict | None:
+    """Keyword inputs in ``forward``'s parameter order (torch.export orders the graph's inputs so),
+    the ones ``**kwargs`` takes after them in the caller's order."""
+    sig = forward_params(model)
+    if not kwargs or sig is None:
+        return kwargs
+    order = {name: i for i, name in enumerate(sig.parameters)}
+    return dict(sorted(kwargs.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+def input_specs(model: nn.Module, args: tuple, kwargs: dict | None, names: list[str] | None) -> list[InputSpec]:
+    """The tensor inputs in graph order (positional, then keyword), named after ``forward`` unless ``names``."""
+    sig = forward_params(model)
+    positional = []
+    if sig is not None:
+        for p in sig.parameters.values():
+            if p.kind is p.VAR_POSITIONAL:
+                break
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                positional.append(p.name)
+    specs = []
+    for i, value in enumerate(args):
+        if isinstance(value, torch.Tensor):
+            param = positional[i] if i < len(positional) else f"input_{i}"
+            specs.append(InputSpec(param, param, value))
+    for key, value in (kwargs or {}).items():
+        if isinstance(value, torch.Tensor):
+            specs.append(InputSpec(key, key, value))
+    for spec, name in zip(specs, names or ()):
+        spec.name = name
+    return specs
+
+
+def propose_axes(specs: list[InputSpec], *, sequence: bool = True) -> None:
+    """Mark dim 0 of each input ``batch`` and dim 1 of token-like inputs ``sequence`` (not empty ones;
+    a size of 1 is traced at 2, see ``widened``)."""
+    for spec in specs:
+        t, axes = spec.tensor, {}
+        if t.ndim >= 1 and t.shape[0] >= 1:
+            axes[0] = BATCH
+        if sequence and t.ndim >= 2 and t.shape[1] >= 1 and _token_like(spec):
+            axes[1] = SEQUENCE
+        spec.axes = axes
+
+
+def _token_like(spec: InputSpec) -> bool:
+    if spec.param in TOKEN_INPUTS or spec.name in TOKEN_INPUTS:
+        return True
+    # Integer (or boolean) 2-D inputs are token ids or masks in any model that takes tokens.
+    return spec.tensor.ndim == 2 and not spec.tensor.is_floating_point() and not spec.tensor.is_complex()
+
+
+def dynamic_axes_of(specs: list[InputSpec], out_names: list[str] | None, outputs: list[torch.Tensor] | None) -> dict:
+    """TorchScript ``dynamic_axes``: the inputs' axes, and output axes whose size matches a dynamic size."""
+    axes = {s.name: dict(s.axes) for s in specs if s.axes}
+    sizes = {}
+    for s in specs:
+        for axis, label in s.axes.items():
+            sizes.setdefault(label, int(s.tensor.shape[axis]))
+    if out_names and outputs and len(out_names) == len(outputs):
+        for name, t in zip(out_names, outputs):
+            found = {}
+            if t.ndim >= 1 and sizes.get(BATCH) == t.shape[0]:
+                found[0] = BATCH
+            if t.ndim >= 2 and sizes.get(SEQUENCE) == t.shape[1]:
+                found[1] = SEQUENCE
+            if found:
+                axes[name] = found
+    return axes
+
+
+def dynamic_shapes_of(model: nn.Module, args: tuple, kwargs: dict | None, specs: list[InputSpec]) -> Any:
+    """torch.export ``dynamic_shapes`` (``Dim.AUTO`` on the proposed axes), keyed by ``forward``'s parameters.
+
+    ``Dim.AUTO`` lets torch.export keep a dimension static when the model's code fixes it; the symbols it
+    makes are renamed to ``batch``/``sequence`` in the saved graph (``rename_dims``)."""
+    auto = torch.export.Dim.AUTO
+    by_param = {s.param: {a: auto for a in s.axes} or None for s in specs}
+    sig = forward_params(model)
+    if sig is None:
+        return None
+    try:
+        bound = sig.bind(*args, **(kwargs or {}))
+    except TypeError:
+        return None
+    shapes: dict[str, Any] = {}
+    for i, (param, value) in enumerate(bound.arguments.items()):
+        kind = sig.parameters[param].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            shapes[param] = {k: (by_param.get(k) if isinstance(v, torch.Tensor) else None) for k, v in value.items()}
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            start = i
+            shapes[param] = tuple(
+                by_param.get(f"input_{start + j}") if isinstance(v, torch.Tensor) else None for j, v in enumerate(value)
+            )
+        else:
+            shapes[param] = by_param.get(param) if isinstance(value, torch.Tensor) else None
+    return shapes
+
+
+def rename_dims(proto, specs: list[InputSpec]) -> dict[str, str]:
+    """Rename the exporter's dimension symbols on the proposed input axes to ``batch``/``sequence``.
+
+    Works on an ``onnx.ModelProto`` in place (inputs, outputs, value_info); returns {old symbol: new name}."""
+    mapping: dict[str, str] = {}
+    by_name = {vi.name: vi for vi in proto.graph.input}
+    for spec in specs:
+        vi = by_name.get(spec.name)
+        if vi is None:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        for axis, label in spec.axes.items():
+            if axis < len(dims) and dims[axis].dim_param:
+                symbol = dims[axis].dim_param
+                # torch.export may give each input's batch its own symbol; one name says they are equal.
+                mapping.setdefault(symbol, label)
+    if not mapping:
+        return {}
+    pattern = re.compile(r"\b(" + "|".join(re.escape(s) for s in sorted(mapping, key=len, reverse=True)) + r")\b")
+    for vi in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        if not vi.type.HasField("tensor_type"):
+            continue
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = pattern.sub(lambda m: mapping[m.group(1)], dim.dim_param)
+    return mapping
+
+
+def graph_axes(proto) -> dict[str, dict[int, str]]:
+    """The saved graph's symbolic input dimensions: {input: {axis: dim_param}}."""
+    found: dict[str, dict[int, str]] = {}
+    for vi in proto.graph.input:
+        if vi.type.HasField("tensor_type"):
+            for axis, dim in enumerate(vi.type.tensor_type.shape.dim):
+                if dim.dim_param:
+                    found.setdefault(vi.name, {})[axis] = dim.dim_param
+    return found
+
+
+# -- outputs -----------------------------------------------------------------------------------
+
+
+class _Unnamed(Exception):
+    pass
+
+
+def output_leaves(out: Any) -> tuple[list[str], list[torch.Tensor]] | None:
+    """Names and tensors of the model's outputs in the exporters' flattening order; None if unnameable."""
+    names: list[str] = []
+    tensors: list[torch.Tensor] = []
+
+    def walk(value: Any, name: str) -> None:
+        if value is None:
+            return
+        if isinstance(value, torch.Tensor):
+            names.append(name)
+            tensors.append(value)
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(v, f"{name}_{k}")
+        elif isinstance(value, (tuple, list)):
+            for i, v in enumerate(value):
+                walk(v, f"{name}_{i}")
+        else:  # a cache object or anything else the exporters would flatten their own way
+            raise _Unnamed
+
+    try:
+        if isinstance(out, torch.Tensor):
+            walk(out, "output")
+        elif isinstance(out, Mapping):
+            for k, v in out.items():
+                walk(v, str(k))
+        elif isinstance(out, (tuple, list)):
+            for i, v in enumerate(out):
+                walk(v, f"output_{i}")
+        else:
+            return None
+    except _Unnamed:
+        return None
+    return names, tensors
+
+
+# -- checking the exported shapes ----------------------------------------------------------------
+
+
+def grown(args: tuple, kwargs: dict | None, specs: list[InputSpec], axes: dict[str, dict[int, str]], size=None):
+    """The example inputs with each dynamic dimension resized (values repeated cyclically along it) to
+    ``size(label, old)``, by default grown a little. Returns (args, kwargs, {input name: new tensor})."""
+    size = size or (lambda label, old: old + _GROWTH[label])
+    new_size = {}
+    for s in specs:
+        for axis, label in s.axes.items():
+            if axis in axes.get(s.name, {}):
+                new_size.setdefault(label, size(label, int(s.tensor.shape[axis])))
+    replaced = {}
+    for s in specs:
+        t = s.tensor
+        for axis, label in s.axes.items():
+            if axis in axes.get(s.name, {}) and t.shape[axis] != new_size[label]:
+                index = torch.arange(new_size[label]) % t.shape[axis]
+                t = t.index_select(axis, index.to(t.device))
+        replaced[id(s.tensor)] = (s.name, t)
+    new_args = tuple(replaced[id(a)][1] if id(a) in replaced else a for a in args)
+    new_kwargs = {k: replaced[id(v)][1] if id(v) in replaced else v for k, v in (kwargs or {}).items()}
+    return new_args, new_kwargs, dict(replaced.values())
+
+
+def widened(args: tuple, kwargs: dict | None, specs: list[InputSpec]):
+    """Trace inputs for a proposal: a proposed dimension of size 1 is repeated to 2 (exporters specialize
+    sizes 0 and 1). Returns (args, kwargs, specs over the new tensors) or None when nothing is widened."""
+    if all(s.tensor.shape[a] >= 2 for s in specs for a in s.axes):
+        return None
+    axes = {s.name: dict(s.axes) for s in specs}
+    new_args, new_kwargs, tensors = grown(args, kwargs, specs, axes, size=lambda label, old: max(old, 2))
+    return new_args, new_kwargs, [InputSpec(s.name, s.param, tensors[s.name], dict(s.axes)) for s in specs]
+
+
+def outputs_agree(actual: list[np.ndarray], expected: list[torch.Tensor], rel: float = 1e-3) -> bool:
+    """Loose agreement: a baked-in shape gives errors or garbage, not rounding differences."""
+    if len(actual) != len(expected):
+        return False
+    for a, e in zip(actual, expected):
+        e = e.detach().cpu().numpy()
+        if a.shape != e.shape:
+            return False
+        if not np.issubdtype(e.dtype, np.floating):
+            if not np.array_equal(a, e):
+                return False
+            continue
+        scale = float(np.abs(e).max()) if e.size else 0.0
+        if e.size and float(np.abs(a.astype(np.float64) - e).max()) > rel * scale + 1e-6:
+            return False
+    return True
+
+
+def axes_keys(axes: dict) -> dict:
+    """{input: set of axes}, for comparing a proposal with what a graph kept."""
+    return {k: set(v) for k, v in axes.items() if v}
+
+
+def torch_at_grown(base: nn.Module, args: tuple, kwargs: dict | None, specs: list[InputSpec], axes: dict):
+    """(ONNX feeds, torch output leaves) with the ``axes`` grown; None when torch fails there."""
+    new_args, new_kwargs, tensors = grown(args, kwargs, specs, axes)
+    feeds = {name: t.detach().cpu().numpy() for name, t in tensors.items()}
+    try:
+        with torch.no_grad():
+            return feeds, output_leaves(base(*new_args, **new_kwargs))
+    except Exception:  # noqa: BLE001 - the model's code fixes this size
+        return None
+
+
+def onnx_serves(path: Path, feeds: dict, leaves, out_names: list[str] | None) -> bool:
+    """Does the exported model, run at grown dynamic dimensions, agree with the torch model there?"""
+    import onnxruntime as ort
+
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        wanted = {i.name for i in sess.get_inputs()}
+        results = sess.run(None, {k: v for k, v in feeds.items() if k in wanted})
+    except Exception:  # noqa: BLE001 - a dimension the export baked in fails in ONNX Runtime
+        return False
+    if leaves is None:
+        return True  # nothing to compare against by structure; the graph ran at the new shape
+    names = [o.name for o in sess.get_outputs()]
+    expected = dict(zip(out_names or leaves[0], leaves[1]))
+    if set(names) <= set(expected):
+        return outputs_agree(results, [expected[n] for n in names])
+    return outputs_agree(results, leaves[1])
