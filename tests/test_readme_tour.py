@@ -30,13 +30,13 @@ def test_tour_blocks_are_files_or_commands():
 
 def test_readme_tour_runs(tmp_path):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.pop("PYTHONPATH", None)
-    env["PYTHONPATH"] = str(tmp_path)
-    for lang, code in tour_blocks(README.read_text(encoding="utf-8")):
-        if lang == "python":
-            name = code.splitlines()[0][2:].strip()
-            (tmp_path / name).write_text(code, encoding="utf-8")
-            continue
+    # The package under test (not whatever an editable install points at), and the tour's own files.
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(README.parent)])
+    blocks = tour_blocks(README.read_text(encoding="utf-8"))
+    # The files first (the text may run a script before showing it), then the commands in order.
+    for code in (code for lang, code in blocks if lang == "python"):
+        (tmp_path / code.splitlines()[0][2:].strip()).write_text(code, encoding="utf-8")
+    for code in (code for lang, code in blocks if lang == "bash"):
         res = subprocess.run(
             ["bash", "-e", "-o", "pipefail", "-c", code],
             cwd=tmp_path,
