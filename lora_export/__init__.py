@@ -4,8 +4,6 @@ from typing import TYPE_CHECKING
 
 from ._version import __version__ as __version__
 from .adapter import Adapter, LoraTarget
-from .config import LoraConfig
-from .convert import convert_adapter
 from .errors import (
     AdapterError,
     ConfigError,
@@ -16,17 +14,20 @@ from .errors import (
     TargetError,
     VerificationError,
 )
-from .inject import InjectResult, inject_adapters, inject_files
-from .merge import MergeReport, merge_adapter, merge_file
-from .peft_format import load_adapter, save_adapter_files
-from .resolve import Resolution, ResolvedTarget, resolve_targets
-from .session import LoraSession
-from .verify import VerifyReport, verify_models
+from .formats.peft import load_adapter, save_adapter_files
+from .graph.convert import convert_adapter
+from .graph.inject import InjectResult, inject_adapters, inject_files
+from .graph.merge import MergeReport, merge_adapter, merge_file
+from .graph.resolve import Resolution, ResolvedTarget, resolve_targets
+from .runtime.session import LoraSession
+from .runtime.verify import VerifyReport, verify_models
+from .training.config import LoraConfig
 
 if TYPE_CHECKING:
     # The torch-dependent API, as type checkers and IDEs see it; at run time ``__getattr__`` imports it on
     # first use (keep in step with _TORCH_API).
-    from .attach import (
+    from .exporting.exporter import export, export_with_manifest
+    from .training.attach import (
         adapter_from_model,
         attach_lora,
         lora_layers,
@@ -37,28 +38,27 @@ if TYPE_CHECKING:
         unmerge_lora,
         unwrap,
     )
-    from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
-    from .loraplus import loraplus_param_groups
-    from .torch_export import export, export_with_manifest
+    from .training.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+    from .training.loraplus import loraplus_param_groups
 
 # The training API needs torch; import it on first use so torch-free users (ONNX stages) stay light.
 _TORCH_API = {
-    "adapter_from_model": "attach",
-    "attach_lora": "attach",
-    "lora_layers": "attach",
-    "lora_summary": "attach",
-    "merge_lora": "attach",
-    "remove_lora": "attach",
-    "save_adapter": "attach",
-    "unmerge_lora": "attach",
-    "unwrap": "attach",
-    "export": "torch_export",
-    "export_with_manifest": "torch_export",
-    "LoraConv": "layers",
-    "LoraEmbedding": "layers",
-    "LoraLayer": "layers",
-    "LoraLinear": "layers",
-    "loraplus_param_groups": "loraplus",
+    "adapter_from_model": "training.attach",
+    "attach_lora": "training.attach",
+    "lora_layers": "training.attach",
+    "lora_summary": "training.attach",
+    "merge_lora": "training.attach",
+    "remove_lora": "training.attach",
+    "save_adapter": "training.attach",
+    "unmerge_lora": "training.attach",
+    "unwrap": "training.attach",
+    "export": "exporting.exporter",
+    "export_with_manifest": "exporting.exporter",
+    "LoraConv": "training.layers",
+    "LoraEmbedding": "training.layers",
+    "LoraLayer": "training.layers",
+    "LoraLinear": "training.layers",
+    "loraplus_param_groups": "training.loraplus",
 }
 
 

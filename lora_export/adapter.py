@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import LoraConfig
 from .delta import lora_delta
 from .errors import AdapterError, ShapeError, TargetError
+from .training.config import LoraConfig
 
 KINDS = ("linear", "conv", "embedding")
 
@@ -135,7 +135,7 @@ class Adapter:
         """
         if not pattern:
             return self
-        from .patterns import search
+        from .training.patterns import search
 
         targets = {k: t for k, t in self.targets.items() if search(pattern, k, "--only-targets")}
         if not targets:

@@ -50,7 +50,7 @@ def peft_reference(base: nn.Module, seed: int = 1, **config) -> nn.Module:
 
 def copy_from_peft(ours: nn.Module, peft_model: nn.Module, adapter: str = "default") -> None:
     """Copy each PEFT LoRA layer's tensors into our wrapper at the same module path."""
-    from lora_export.attach import lora_layers
+    from lora_export.training.attach import lora_layers
 
     inner = peft_model.base_model.model
     layers = lora_layers(ours)

@@ -13,7 +13,7 @@ from inject_fixtures import conv_case_fixture, llama_case_fixture, rel_err  # no
 
 from lora_export import LoraSession, ShapeError, TargetError, convert_adapter
 from lora_export.cli import cli
-from lora_export.peft_format import load_adapter
+from lora_export.formats.peft import load_adapter
 
 TOL = 1e-5
 

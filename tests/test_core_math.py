@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lora_export import LoraConfig, LoraTarget
 from lora_export.delta import dora_scale, lora_delta, merged_weight
 from lora_export.errors import ConfigError, ShapeError
-from lora_export.safetensors_io import read_safetensors, write_safetensors
+from lora_export.formats.safetensors import read_safetensors, write_safetensors
 
 rng = np.random.default_rng(1234)
 

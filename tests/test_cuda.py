@@ -9,7 +9,7 @@ import pytest
 from inject_fixtures import llama_case_fixture, rel_err  # noqa: F401
 
 from lora_export import LoraSession
-from lora_export.session import cuda_works
+from lora_export.runtime.session import cuda_works
 
 pytestmark = [
     pytest.mark.cuda,

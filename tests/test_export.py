@@ -19,7 +19,7 @@ from torch import nn
 import lora_export
 from lora_export.cli import cli
 from lora_export.errors import LoraExportError
-from lora_export.torch_export import MANIFEST_KEY, export_with_manifest
+from lora_export.exporting.exporter import MANIFEST_KEY, export_with_manifest
 
 
 class MLP(nn.Module):

@@ -23,8 +23,8 @@ from torch import nn
 import lora_export
 from lora_export import LoraSession
 from lora_export.cli import cli
-from lora_export.inject import inject_files
-from lora_export.torch_export import export_with_manifest
+from lora_export.exporting.exporter import export_with_manifest
+from lora_export.graph.inject import inject_files
 
 SHAPES = [(1, 5), (3, 9), (2, 17)]  # batch × sequence, none of them the export example's 2 × 7
 TOL = 1e-5
@@ -327,7 +327,7 @@ def test_cli_prints_no_torch_warnings(factory_file, extra):
     """A real process (warnings written below Python's sys.stderr count too): torch's warnings, log lines
     and progress must not reach the terminal. The in-process CLI tests check sys.stderr for dynamo."""
     proc = subprocess.run(
-        [sys.executable, "-m", "lora_export.cli", "export", f"{factory_file}:build", "w.onnx", "--json", *extra],
+        [sys.executable, "-m", "lora_export", "export", f"{factory_file}:build", "w.onnx", "--json", *extra],
         capture_output=True,
         text=True,
         timeout=300,

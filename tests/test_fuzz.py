@@ -24,11 +24,11 @@ from robust_fixtures import conv_model, tiny_model, write_adapter, write_conv_ad
 
 from lora_export import LoraConfig, load_adapter, merge_file
 from lora_export.errors import LoraExportError
-from lora_export.inject import inject_files
-from lora_export.inspect_model import inspect_model
-from lora_export.onnx_model import load_model
-from lora_export.resolve import resolve_targets
-from lora_export.safetensors_io import read_safetensors
+from lora_export.formats.safetensors import read_safetensors
+from lora_export.graph.inject import inject_files
+from lora_export.graph.inspect import inspect_model
+from lora_export.graph.model_io import load_model
+from lora_export.graph.resolve import resolve_targets
 
 FAST = settings(
     max_examples=60,
@@ -215,7 +215,7 @@ _ARRAYS = st.tuples(
 
 
 def _adapter_tensors_case(root: Path, entries: dict, config: dict) -> None:
-    from lora_export.safetensors_io import write_safetensors
+    from lora_export.formats.safetensors import write_safetensors
 
     directory = _fresh(root, "tensors")
     shutil.copy(root / "adapter" / "adapter_config.json", directory)
@@ -405,8 +405,8 @@ def injected(workdir):
 
 
 def _slots_case(root: Path, injected: onnx.ModelProto, data: st.DataObject, session: bool) -> None:
-    from lora_export.convert import convert_adapter
-    from lora_export.session import LoraSession
+    from lora_export.graph.convert import convert_adapter
+    from lora_export.runtime.session import LoraSession
 
     proto = onnx.ModelProto()
     proto.CopyFrom(injected)

@@ -12,7 +12,7 @@ from torch import nn
 
 import lora_export
 from lora_export.cli import cli
-from lora_export.inspect_model import inspect_model
+from lora_export.graph.inspect import inspect_model
 
 
 class Net(nn.Module):
@@ -34,7 +34,7 @@ MODULES = {"emb", "conv", "fc", "out"}
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     from lora_export import LoraConfig, attach_lora, save_adapter
-    from lora_export.safetensors_io import write_safetensors
+    from lora_export.formats.safetensors import write_safetensors
 
     root = tmp_path_factory.mktemp("inspect")
     torch.manual_seed(0)

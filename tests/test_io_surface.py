@@ -25,13 +25,13 @@ from click.testing import CliRunner
 
 from lora_export import Adapter, LoraConfig, LoraTarget, save_adapter_files
 from lora_export.cli import cli
-from lora_export.convert import convert_adapter
 from lora_export.errors import AdapterError, LoraExportError, ModelError
-from lora_export.inject import inject_files
-from lora_export.merge import merge_file
-from lora_export.onnx_model import load_model, save_model
-from lora_export.staging import STAGE_PREFIX
-from lora_export.verify import save_reference
+from lora_export.files.staging import STAGE_PREFIX
+from lora_export.graph.convert import convert_adapter
+from lora_export.graph.inject import inject_files
+from lora_export.graph.merge import merge_file
+from lora_export.graph.model_io import load_model, save_model
+from lora_export.runtime.verify import save_reference
 
 IN, OUT, R = 32, 24, 2
 REPO = Path(__file__).resolve().parent.parent
@@ -254,7 +254,7 @@ def test_merge_output_fifo_is_refused(tmp_path, no_hang):
 
 
 def test_merge_output_device_is_refused(tmp_path, monkeypatch):
-    import lora_export.file_checks as fc
+    import lora_export.files.checks as fc
 
     fake = tmp_path / "dev-null"
     real_stat = os.stat
@@ -368,7 +368,7 @@ def test_inject_carries_over_files_it_does_not_write(tmp_path):
 
 
 def test_inject_swap_without_renameat2_still_replaces_the_whole_folder(tmp_path, monkeypatch):
-    from lora_export import staging
+    from lora_export.files import staging
 
     monkeypatch.setattr(staging, "_renameat2_exchange", lambda a, b: False)
     base, adapter = _base(tmp_path / "b"), _adapter(tmp_path)
@@ -406,9 +406,10 @@ _CHILD = textwrap.dedent(
     import os, signal, sys
     from pathlib import Path
     sys.path.insert(0, {repo!r})
-    from lora_export import inject, staging
-    from lora_export.inject import inject_files
-    from lora_export.merge import merge_file
+    from lora_export.files import staging
+    from lora_export.graph import inject
+    from lora_export.graph.inject import inject_files
+    from lora_export.graph.merge import merge_file
 
     mode, base, adapter, out, kill_at = sys.argv[1:6]
     kill_at = int(kill_at)
@@ -577,7 +578,7 @@ def test_fifo_inputs_are_refused_without_blocking(tmp_path, case, no_hang):
 
 
 def test_session_refuses_a_fifo_model(tmp_path, no_hang):
-    from lora_export.session import LoraSession
+    from lora_export.runtime.session import LoraSession
 
     os.mkfifo(tmp_path / "m.onnx")
     with pytest.raises(LoraExportError, match="FIFO"):

@@ -17,7 +17,7 @@ from onnx_fixtures import export_onnx, file_hashes
 
 from lora_export import Adapter, LoraConfig, LoraTarget, save_adapter_files
 from lora_export.cli import cli
-from lora_export.safetensors_io import read_safetensors, write_safetensors
+from lora_export.formats.safetensors import read_safetensors, write_safetensors
 
 
 @pytest.fixture(scope="module")

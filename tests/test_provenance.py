@@ -23,10 +23,10 @@ from lora_export import Adapter, LoraConfig, LoraTarget, load_adapter, merge_ada
 from lora_export.adapter import adapter_digest, target_digest
 from lora_export.cli import cli
 from lora_export.errors import AdapterError, ModelError
-from lora_export.inject import inject_files
-from lora_export.inspect_model import format_report, inspect_model
-from lora_export.onnx_model import load_model, save_model
-from lora_export.provenance import (
+from lora_export.graph.inject import inject_files
+from lora_export.graph.inspect import format_report, inspect_model
+from lora_export.graph.model_io import load_model, save_model
+from lora_export.graph.provenance import (
     HISTORY_KEY,
     UNREADABLE_KEY,
     HistoryError,

@@ -11,7 +11,7 @@ import pytest
 from inject_fixtures import conv_case_fixture, feeds_of, gpt2_case_fixture, llama_case_fixture, rel_err  # noqa: F401
 
 from lora_export import LoraExportError, LoraSession
-from lora_export.adapter_files import read_adapter_tensors, write_adapter_tensors
+from lora_export.formats.adapter_files import read_adapter_tensors, write_adapter_tensors
 
 TOL = 1e-5
 

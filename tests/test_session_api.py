@@ -25,8 +25,8 @@ from lora_export import (
     LoraSession,
     ShapeError,
 )
-from lora_export.adapter_files import read_adapter_tensors, write_adapter_tensors
 from lora_export.errors import one_line
+from lora_export.formats.adapter_files import read_adapter_tensors, write_adapter_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ["CPUExecutionProvider"]
@@ -175,7 +175,7 @@ def test_adapter_file_error_is_complete(served, tmp_path):
 
 
 def test_session_creation_error_is_complete(tmp_path, monkeypatch):
-    from lora_export import session as session_module
+    from lora_export.runtime import session as session_module
 
     class Boom:
         def __init__(self, *a, **k):
@@ -297,7 +297,7 @@ def test_mypy_sees_the_lazy_api(tmp_path):
         text=True,
         env={**__import__("os").environ, "MYPYPATH": str(ROOT)},
     )
-    assert "config_or_adapter: lora_export.config.LoraConfig" in done.stdout, done.stdout
+    assert "config_or_adapter: lora_export.training.config.LoraConfig" in done.stdout, done.stdout
     assert 'Argument 1 to "save_adapter" has incompatible type' in done.stdout, done.stdout
 
 

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from lora_export import verify_models
 from lora_export.cli import cli
 from lora_export.errors import LoraExportError
-from lora_export.verify import compare, random_inputs
+from lora_export.runtime.verify import compare, random_inputs
 
 
 def _model(path, *, perturb: float = 0.0, output_name: str = "logits", extra_input: bool = False):

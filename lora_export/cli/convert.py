@@ -1,0 +1,34 @@
+"""``lora-export convert``: a later adapter for an already-injected model."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..graph.convert import convert_adapter
+from .terminal import clean
+
+
+@click.command("convert")
+@click.argument("adapter", type=click.Path())
+@click.option("--model", "model", required=True, type=click.Path(dir_okay=False), help="The injected model.onnx.")
+@click.option(
+    "-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="NAME.onnx_adapter or .safetensors"
+)
+@click.option("--only-targets", metavar="REGEX", help="Convert only the targets whose module path matches REGEX.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
+def convert_command(adapter: str, model: str, output: str, only_targets: str | None, as_json: bool) -> None:
+    """Convert ADAPTER (a PEFT adapter directory) into slot tensors for an injected MODEL.
+
+    Names, layouts and dtype follow the model's LoRA inputs; targets or shapes that do not fit are
+    refused. Slots the adapter does not cover keep their defaults (rank 0: no change).
+    """
+    report = convert_adapter(adapter, model, output, only_targets=only_targets)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(
+            f"wrote {clean(report['output'])}: {len(report['slots_filled'])} slots filled, "
+            f"{len(report['slots_default'])} left at their defaults"
+        )

@@ -1,0 +1,24 @@
+"""``lora-export inspect MODEL.onnx [ADAPTER]``: targetable weights and how an adapter resolves."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("adapter", required=False, type=click.Path())
+@click.option("--base-weights", type=click.Path(dir_okay=False), help="The base's .safetensors, for fingerprinting.")
+@click.option("--only-targets", metavar="REGEX", help="Resolve only the targets whose module path matches REGEX.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect_command(
+    model: str, adapter: str | None, base_weights: str | None, only_targets: str | None, as_json: bool
+) -> None:
+    """List the weights LoRA can target in MODEL; with ADAPTER, where each of its targets lands."""
+    from ..graph.inspect import format_report, inspect_model
+    from .terminal import clean_lines
+
+    report = inspect_model(model, adapter, base_weights=base_weights, only_targets=only_targets)
+    click.echo(json.dumps(report, indent=2) if as_json else clean_lines(format_report(report)))

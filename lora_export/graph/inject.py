@@ -1,0 +1,361 @@
+"""Adapter mode: give every targeted weight a swappable LoRA side branch fed by graph inputs.
+
+``inject_adapters`` rewrites an ONNX model in memory: each module targeted by any of the given
+adapters gets y = op(x) + (x·A′)·B′ (DoRA: y = g ⊙ (op(x) + (x·A′)·B′) + bias), with A′, B′ and g as
+optional graph inputs whose defaults (rank 0, g = 1) reproduce the base model. ``inject_files`` writes
+the model and, per adapter, the tensors that fill its slots as ``.onnx_adapter`` and ``.safetensors``.
+See ``slots`` for input names and layouts.
+
+ONNX Runtime runs the rank-0 defaults as they are: MatMul, Gather and Conv (grouped too) all accept a
+zero-sized rank dimension (tested: the injected model without an adapter equals the base model). The
+files also work with plain ONNX Runtime: ``ort.LoraAdapter().Load(path)`` and
+``RunOptions.add_active_adapter``, since the adapter parameter names are the model's input names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from ..adapter import Adapter, target_digest
+from ..errors import AdapterError, ModelError, ShapeError, TargetError
+from ..files.atomic import refuse_overwrite
+from ..files.checks import check_output_file, require_regular_file
+from ..files.staging import STAGE_PREFIX, carry_over, staging_dir, swap_dir
+from ..formats.adapter_files import write_adapter_tensors
+from ..formats.peft import adapter_files, load_adapter
+from ..formats.safetensors import read_safetensors
+from .layouts import get_layout
+from .model_io import external_data_files, load_model, save_model
+from .provenance import append_history, make_record, target_entry
+from .resolve import ResolvedTarget, resolve_targets
+from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
+from .value_match import check_stored_base
+
+MODEL_NAME = "model.onnx"
+
+
+@dataclass
+class InjectResult:
+    """The slots added, the tensors for each adapter (by adapter name), and per-adapter resolution reports."""
+
+    manifest: SlotManifest
+    tensors: dict[str, dict[str, np.ndarray]]
+    reports: dict[str, list[dict]] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    digests: dict[str, str] = field(default_factory=dict)  # adapter name → adapter_digest
+    history: list[dict] = field(default_factory=list)  # the model's lora_export.history after the inject
+
+    def to_dict(self) -> dict:
+        return {
+            "slots": [
+                {"module": s.module, "op": s.op, "kind": s.kind, "inputs": s.inputs, "dtype": s.dtype}
+                for _, s in sorted(self.manifest.slots.items())
+            ],
+            "absent": self.manifest.absent,
+            "adapters": {
+                name: {"tensors": len(t), "sha256": self.digests.get(name), "resolution": self.reports.get(name, [])}
+                for name, t in self.tensors.items()
+            },
+            "history": self.history,
+            "files": [str(p) for p in self.files],
+        }
+
+
+def _resolve_all(
+    model: ir.Model, adapters: Sequence[Adapter], base_weights
+) -> tuple[dict[str, ResolvedTarget], dict[str, list[dict]], set[str]]:
+    """Resolve every adapter; refuse, listing every misfit, if any target cannot be placed."""
+    chosen: dict[str, ResolvedTarget] = {}
+    reports: dict[str, list[dict]] = {}
+    absent: set[str] = set()
+    shape_errors, target_errors = [], []
+    for adapter in adapters:
+        res = resolve_targets(model, adapter, base_weights=base_weights)
+        reports[adapter.name] = res.to_report()
+        if not res.matched and not res.unmatched:
+            target_errors.append(
+                f"{adapter.name}: none of its targets occur in the model (adapter for another model?): "
+                + ", ".join(rt.target.name for rt in res.targets[:4])
+            )
+        for rt in res.targets:
+            name = rt.target.name
+            if rt.status == "absent":
+                absent.add(name)
+            elif rt.status == "unmatched":
+                (shape_errors if rt.found_shape is not None else target_errors).append(
+                    f"{adapter.name}:{name} ({rt.detail})"
+                )
+            elif name in chosen and chosen[name].value is not rt.value:
+                target_errors.append(f"{adapter.name}:{name} (resolves to another weight than in another adapter)")
+            else:
+                check_stored_base(adapter, rt)
+                chosen.setdefault(name, rt)
+    # Across adapters too, a node applies one module: two module paths landing on it are ambiguous.
+    owner: dict[int, str] = {}
+    for name, rt in sorted(chosen.items()):
+        for node in rt.nodes:
+            other = owner.setdefault(id(node), name)
+            if other != name:
+                target_errors.append(
+                    f"{name} (ambiguous: node {node.name!r} is also {other}; choose with --only-targets REGEX)"
+                )
+    if shape_errors:
+        raise ShapeError(f"adapter targets do not fit the model: {_listed(shape_errors)}")
+    if target_errors:
+        raise TargetError(f"adapter targets not found in the model: {_listed(target_errors)}")
+    return chosen, reports, absent - set(chosen)
+
+
+def _listed(errors: list[str], limit: int = 4) -> str:
+    """``a:x, a:y, ... (n more): <the first reason>``: reasons repeat across targets, one is enough."""
+    # Ambiguity first: those targets do occur, and the line should say so.
+    errors = sorted(errors, key=lambda e: "(ambiguous" not in e)
+    labels = [e.split(" (", 1)[0] for e in errors]
+    reason = errors[0].split(" (", 1)[1][:-1] if " (" in errors[0] else ""
+    shown = ", ".join(labels[:limit]) + (f", ... ({len(labels) - limit} more)" if len(labels) > limit else "")
+    return f"{shown}: {reason}" if reason else shown
+
+
+def _slot_input(graph: ir.Graph, name: str, dtype: ir.DataType, shape: list, default: np.ndarray) -> ir.Value:
+    # The declared shape keeps the rank symbolic; the default tensor is the rank-0 instance of it.
+    value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
+    value.const_value = ir.tensor(default, dtype=dtype, name=name)
+    graph.inputs.append(value)
+    graph.register_initializer(value)
+    return value
+
+
+def inject_adapters(
+    model: ir.Model,
+    adapters: Sequence[Adapter],
+    *,
+    base_weights: Mapping[str, np.ndarray] | None = None,
+    dora: bool = False,
+) -> InjectResult:
+    """Add LoRA slots for the union of the adapters' targets to ``model`` (in place).
+
+    A slot gets a DoRA scale input when one of the adapters is DoRA there, or for every slot with
+    ``dora=True`` (so DoRA adapters converted later fit; it defaults to ones, a no-op otherwise).
+    Returns the slot manifest (also stored in ``model.metadata_props``) and each adapter's slot tensors.
+    Each adapter gets an ``inject`` record in the model's ``lora_export.history`` (see ``provenance``); an
+    unreadable history is kept under ``lora_export.history.unreadable`` and restarted.
+    """
+    if not adapters:
+        raise AdapterError("inject needs at least one adapter")
+    names = [a.name for a in adapters]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise AdapterError(f"two adapters share the name {dupes[0]!r}; adapter files are named after them")
+    if SLOTS_KEY in model.metadata_props:
+        raise AdapterError("model already has LoRA slots; inject into the base model (or use convert)")
+    for adapter in adapters:
+        adapter.check_finite()
+        if adapter.extra:
+            raise AdapterError(
+                f"adapter {adapter.name!r} replaces full tensors ({', '.join(sorted(adapter.extra)[:3])}), "
+                "which adapter mode cannot swap; use merge"
+            )
+    chosen, reports, absent = _resolve_all(model, adapters, base_weights)
+    dora_modules = set(chosen) if dora else {t.name for a in adapters for t in a if t.is_dora}
+    slots: dict[str, Slot] = {}
+    for module in sorted(chosen):
+        rt = chosen[module]
+        t = rt.target
+        groups = 1
+        if t.kind == "conv":
+            attr = rt.node.attributes.get("group")
+            groups = attr.as_int() if attr is not None else 1
+        slots[module] = Slot(
+            module=module,
+            kind=t.kind,
+            op=rt.node.op_type,
+            node=rt.node.name,
+            weight=rt.value.name,
+            weight_shape=list(t.weight_shape),
+            dtype=str(rt.value.const_value.dtype.numpy()),
+            a=f"{module}.lora_A",
+            b=f"{module}.lora_B",
+            dora=f"{module}.dora_scale" if module in dora_modules else None,
+            groups=groups,
+        )
+    manifest = SlotManifest(slots, sorted(absent))
+
+    # Tensors first: DoRA's g reads the base weights, which the graph edits below leave untouched anyway.
+    def read_weight(slot: Slot) -> np.ndarray:
+        rt = chosen[slot.module]
+        return rt.layout.read(rt.node)
+
+    tensors = {a.name: adapter_tensors(a, manifest, read_weight) for a in adapters}
+
+    graph = model.graph
+    for module, slot in sorted(slots.items()):
+        rt = chosen[module]
+        dtype = rt.value.const_value.dtype
+        np_dtype = slot.np_dtype
+        a = _slot_input(graph, slot.a, dtype, slot.a_shape(slot.rank_dim), np.zeros(slot.a_shape(0), np_dtype))
+        b = _slot_input(graph, slot.b, dtype, slot.b_shape(slot.rank_dim), np.zeros(slot.b_shape(0), np_dtype))
+        g = None
+        if slot.dora:
+            g = _slot_input(graph, slot.dora, dtype, [slot.out_features], np.ones(slot.out_features, np_dtype))
+        if not rt.nodes:
+            raise TargetError(f"{module}: no node applies its weight")
+        for node in rt.nodes:
+            get_layout(node).add_branch(graph, node, a, b, g)
+    model.metadata_props[SLOTS_KEY] = manifest.to_json()
+    digests = {a.name: a.digest() for a in adapters}
+    records = []
+    for a in adapters:
+        sha = {t.name: target_digest(t) for t in a}
+        rows = reports[a.name]
+        entries = [target_entry(r["target"], r["status"], r["initializer"], sha.get(r["target"])) for r in rows]
+        records.append(make_record("inject", a.name, digests[a.name], targets=entries))
+    history = append_history(model, records, replace_unreadable=True)
+    return InjectResult(manifest, tensors, reports, digests=digests, history=history)
+
+
+def inject_files(
+    base_path: str | os.PathLike,
+    adapter_paths: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    base_weights: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+    dora: bool = False,
+    only_targets: str | None = None,
+    names: Sequence[str | None] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> InjectResult:
+    """``lora-export inject``: OUTDIR/model.onnx (+ external data when the base had it) and, per adapter,
+    OUTDIR/<name>.onnx_adapter and OUTDIR/<name>.safetensors (<name>: ``names[i]`` where given, else the
+    adapter directory's name).
+
+    The whole folder is built beside OUTDIR (files of an existing OUTDIR that this run does not write
+    are linked in) and swapped in as one directory entry: a crash leaves the old folder or the new one.
+    OUTDIR/.lora-export.json lists the files written; a later inject into the same folder removes those
+    of them it no longer writes (an adapter dropped or renamed), and never any other file.
+    ``progress(done, total, file name)`` is called as the files are written.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AdapterError(f"{out_dir} exists and is not a directory")
+    if names is not None and len(names) != len(adapter_paths):
+        raise AdapterError(f"{len(names)} name(s) for {len(adapter_paths)} adapter(s)")
+    names = list(names) if names is not None else [None] * len(adapter_paths)
+    for n in names:
+        if n is not None:
+            check_adapter_name(n)
+    adapters = [load_adapter(p, name=n).select(only_targets) for p, n in zip(adapter_paths, names)]
+    for a, p, n in zip(adapters, adapter_paths, names):
+        if n is None:
+            check_adapter_name(a.name, f" (from the folder {str(p)!r}; name it with NAME=PATH)")
+    outputs = [out_dir / MODEL_NAME, out_dir / f"{MODEL_NAME}.data", out_dir / FILES_MANIFEST]
+    outputs += [out_dir / f"{a.name}{suffix}" for a in adapters for suffix in (".onnx_adapter", ".safetensors")]
+    _refuse_blocked_outputs(outputs)
+    inputs = [Path(base_path), *(f for p in adapter_paths for f in adapter_files(p))]
+    if base_weights is not None and not isinstance(base_weights, Mapping):
+        require_regular_file(base_weights, "base weights", AdapterError)
+        inputs.append(Path(base_weights))
+        base_weights = read_safetensors(base_weights)[0]
+    model = load_model(base_path)
+    # OUTDIR may be the base model's own folder: the new model.onnx (or its data) must not replace an input.
+    refuse_overwrite(outputs, [*inputs, *external_data_files(model, base_path)], ModelError)
+    result = inject_adapters(model, adapters, base_weights=base_weights, dora=dora)
+    # Through a symlinked OUTDIR, replace the folder it points to, not the link.
+    dest = Path(os.path.realpath(out_dir)) if out_dir.is_symlink() else out_dir
+    total = 1 + 2 * len(result.tensors)
+    with staging_dir(dest.parent) as stage:
+        new = stage / "out"
+        os.mkdir(new, 0o777)
+        if progress is not None:
+            progress(0, total, MODEL_NAME)
+        save_model(model, new / MODEL_NAME)
+        done = 1
+        for name, tensors in sorted(result.tensors.items()):
+            for suffix in (".onnx_adapter", ".safetensors"):
+                if progress is not None:
+                    progress(done, total, f"{name}{suffix}")
+                write_adapter_tensors(new / f"{name}{suffix}", tensors, model_version=result.manifest.fingerprint)
+                done += 1
+        produced = sorted(p.name for p in new.iterdir())
+        _write_files_manifest(new / FILES_MANIFEST, produced)
+        if progress is not None:
+            progress(total, total, "")
+        if dest.is_dir():
+            os.chmod(new, stat.S_IMODE(dest.stat().st_mode))
+            # Files this run does not write (adapters converted later, the user's own) stay in the folder;
+            # those an earlier inject wrote and this one does not (stale adapters) are left behind.
+            stale = set(_read_files_manifest(dest / FILES_MANIFEST)) - set(produced)
+            carry_over(dest, new, skip={p.name for p in outputs} | stale)
+        swap_dir(new, dest, stage / "old")
+    result.files = [out_dir / f for f in produced]
+    return result
+
+
+FILES_MANIFEST = ".lora-export.json"
+# Control characters (C0, DEL, C1) and the Unicode line separators: never in a file name we write.
+_BAD_NAME_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def check_adapter_name(name: str, hint: str = "") -> str:
+    """Refuse a name that cannot be a plain file name in OUTDIR (``<name>.onnx_adapter``)."""
+    problem = None
+    if not name:
+        problem = "is empty"
+    elif "/" in name or "\\" in name or (os.altsep and os.altsep in name):
+        problem = "contains a path separator"
+    elif name.startswith("."):
+        problem = "starts with a dot"
+    elif _BAD_NAME_CHARS.search(name):
+        problem = "contains control characters"
+    elif name != name.strip():
+        problem = "starts or ends with white space"
+    if problem:
+        raise AdapterError(f"bad adapter name {name!r}: it {problem}{hint}")
+    return name
+
+
+def _write_files_manifest(path: Path, files: Sequence[str]) -> None:
+    text = json.dumps({"written_by": "lora-export inject", "files": sorted(files)}, indent=2) + "\n"
+    with open(path, "w", encoding="utf-8") as f:  # inside the staging folder: published by the swap
+        f.write(text)
+
+
+def _read_files_manifest(path: Path) -> list[str]:
+    """The file names an earlier inject recorded; nothing when the record is missing or unreadable.
+
+    Only plain names of this folder count: an edited record cannot point the cleanup anywhere else."""
+    try:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > 1 << 20:
+            return []
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return []
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, list):
+        return []
+    return [
+        f
+        for f in files
+        if isinstance(f, str)
+        and f not in ("", ".", "..", FILES_MANIFEST)
+        and "/" not in f
+        and "\\" not in f
+        and "\x00" not in f
+        and not f.startswith(STAGE_PREFIX)
+    ]
+
+
+def _refuse_blocked_outputs(outputs: Sequence[Path]) -> None:
+    """Refuse, before any work, outputs whose name is taken by a folder or a non-regular file."""
+    for out in outputs:
+        if out.is_dir():
+            raise AdapterError(f"cannot write {out}: a folder of that name is in the way")
+        check_output_file(out, AdapterError)

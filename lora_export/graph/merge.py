@@ -1,0 +1,384 @@
+"""Fold a LoRA adapter into an ONNX model's weights: W' = W₀ + ΔW (DoRA: PEFT's merge formula).
+
+``merge_adapter`` is a pure IR transform: the graph (nodes, op types, inputs, outputs) is unchanged and
+only the resolved target initializers get new values, each rounded once into its stored dtype.
+``merge_file`` is the I/O edge: validated load, merge, atomic save with the base's external-data layout.
+Only touched tensors are ever read; onnx-ir keeps the rest memory-mapped and streams them to the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from ..adapter import Adapter, target_digest
+from ..delta import check_mergeable, merged_weight
+from ..errors import AdapterError, ModelError, ShapeError, TargetError
+from ..files.atomic import refuse_overwrite
+from ..files.checks import require_regular_file
+from .consumers import free_name, other_readers, private_copy
+from .layouts import store
+from .model_io import check_outputs, external_data_files, load_model, save_model
+from .patch_save import save_patched, snapshot
+from .provenance import (
+    HistoryError,
+    append_history,
+    extra_entry,
+    make_record,
+    merged_targets,
+    merges_of,
+    read_history,
+    target_entry,
+)
+from .resolve import Resolution, ResolvedTarget, resolve_targets
+from .value_match import check_stored_base
+
+Progress = Callable[[int, int, str], None]  # (done, total, current target name)
+_LIST_MAX = 5
+
+
+@dataclass
+class MergeReport:
+    """What a merge did: how each target resolved, what changed, timings, files written."""
+
+    adapter: str
+    resolution: Resolution
+    merged: list[dict] = field(default_factory=list)
+    replaced: list[dict] = field(default_factory=list)
+    scale: float = 1.0
+    adapter_sha256: str | None = None
+    history: list[dict] = field(default_factory=list)  # the model's lora_export.history after the merge
+    repeated: str | None = None  # why this merge repeats an earlier one (it went ahead with force)
+    timings: dict[str, float] = field(default_factory=dict)
+    base: str | None = None
+    output: str | None = None
+    files: list[str] = field(default_factory=list)
+
+    def skipped(self) -> list[dict]:
+        """Targets and full tensors left out (``allow_partial``), each with the reason."""
+        res = self.resolution
+        out = [{"target": r.target.name, "reason": r.detail or r.status} for r in res.unmatched]
+        out += [{"target": e.key, "reason": e.detail or e.status} for e in res.extras if e.status == "unmatched"]
+        return out
+
+    def to_dict(self) -> dict:
+        res = self.resolution
+        return {
+            "adapter": self.adapter,
+            "adapter_sha256": self.adapter_sha256,
+            "base": self.base,
+            "output": self.output,
+            "files": self.files,
+            "scale": self.scale,
+            "counts": {
+                "targets": len(res.targets),
+                "matched": len(res.matched),
+                "absent": len(res.absent),
+                "unmatched": len(res.unmatched),
+                "merged_weights": len(self.merged),
+                "replaced_tensors": len(self.replaced),
+            },
+            "targets": res.to_report(),
+            "extras": [e.to_dict() for e in res.extras],
+            "merged": self.merged,
+            "replaced": self.replaced,
+            "history": self.history,
+            "repeated": self.repeated,
+            "skipped": self.skipped(),
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+        }
+
+
+def merge_adapter(
+    model: ir.Model,
+    adapter: Adapter,
+    *,
+    base_weights: Mapping[str, np.ndarray] | None = None,
+    scale: float = 1.0,
+    allow_partial: bool = False,
+    compute_dtype: np.dtype | type = np.float32,
+    progress: Progress | None = None,
+    force: bool = False,
+) -> MergeReport:
+    """Fold ``adapter`` (times ``scale``) into ``model`` in place and report what was done.
+
+    Every check that can fail before a weight changes runs first; an error while folding (NaN/Inf
+    in a merged weight, grouped-conv LoRA) leaves ``model`` partly changed, so discard it then.
+    Raises TargetError for unmatched targets unless ``allow_partial``, and always when nothing matches.
+
+    The merge is appended to the model's ``lora_export.history`` (see ``provenance``). An adapter whose
+    digest the history already records as merged is refused (its delta would be added twice) unless
+    ``force``, and so is one sharing a target (same module, same tensors) with an earlier merge (a
+    subset merged again with ``only_targets``); so is a model whose history is unreadable (with ``force``
+    the history then restarts).
+    """
+    if not np.isfinite(scale):
+        raise AdapterError(f"scale must be finite, got {scale}")
+    digest = adapter.digest()
+    target_digests = {t.name: target_digest(t) for t in adapter}
+    repeat = _repeat(model, adapter, digest, target_digests, force)
+    adapter = adapter.scaled(scale)
+    adapter.check_finite()
+    for t in adapter:
+        check_mergeable(t)  # before any weight changes
+    t0 = time.perf_counter()
+    resolution = resolve_targets(model, adapter, base_weights=base_weights)
+    report = MergeReport(adapter=adapter.name, resolution=resolution, scale=float(scale), adapter_sha256=digest)
+    report.timings["resolve"] = time.perf_counter() - t0
+    _check_resolution(resolution, adapter, allow_partial)
+
+    for r in resolution.matched:
+        check_stored_base(adapter, r)  # before any weight changes
+
+    t0 = time.perf_counter()
+    matched = resolution.matched
+    for i, r in enumerate(matched):
+        if progress is not None:
+            progress(i, len(matched), r.target.name)
+        report.merged.append(_fold(model, r, compute_dtype))
+    for e in resolution.extras:
+        if e.status == "matched":
+            report.replaced.append(_replace(model, e, np.asarray(adapter.extra[e.key])))
+    if progress is not None:
+        progress(len(matched), len(matched), "")
+    report.timings["merge"] = time.perf_counter() - t0
+    record = _record(report, digest, target_digests, forced=repeat is not None)
+    report.history = append_history(model, [record], replace_unreadable=force)
+    report.repeated = repeat
+    return report
+
+
+def _repeat(model: ir.Model, adapter: Adapter, digest: str, target_digests: dict[str, str], force: bool) -> str | None:
+    """Why this merge repeats an earlier one (None if it does not); raised as an error unless ``force``.
+
+    A history we cannot read is refused too (unless ``force``): it might hold this adapter.
+    """
+    try:
+        history = read_history(model)
+    except HistoryError as e:
+        if force:
+            return None
+        raise HistoryError(f"{e}; cannot tell what was merged before: use --force to merge anyway") from None
+    why = None
+    done = merges_of(history, digest)
+    if done:
+        n = done[-1]
+        why = (
+            f"adapter {adapter.name!r} is already merged into this model (history record {n}: merge of "
+            f"{history[n - 1]['adapter']!r}, sha256 {digest[:12]})"
+        )
+    else:
+        before = merged_targets(history)
+        again = [(name, before[(name, d)]) for name, d in target_digests.items() if (name, d) in before]
+        if again:
+            name, n = again[0]
+            more = f" and {len(again) - 1} more" if len(again) > 1 else ""
+            why = (
+                f"adapter {adapter.name!r}: target {name}{more} already merged into this model with the same tensors "
+                f"(history record {n}: merge of {history[n - 1]['adapter']!r})"
+            )
+    if why is not None and not force:
+        raise AdapterError(f"{why}; merging it again adds its delta twice: use --force to merge anyway")
+    return why
+
+
+def _record(report: MergeReport, digest: str, target_digests: dict[str, str], forced: bool) -> dict:
+    """The history record of a finished merge: each target's and extra's status and written initializer."""
+    written = {m["target"]: m["initializer"] for m in report.merged}
+    replaced = {r["tensor"]: r["initializer"] for r in report.replaced}
+    res = report.resolution
+    targets = [
+        target_entry(r.target.name, r.status, written.get(r.target.name), target_digests.get(r.target.name))
+        for r in res.targets
+    ]
+    extras = [extra_entry(e.key, e.status, replaced.get(e.key)) for e in res.extras]
+    return make_record(
+        "merge", report.adapter, digest, scale=report.scale, targets=targets, extras=extras, forced=forced
+    )
+
+
+def _check_resolution(res: Resolution, adapter: Adapter, allow_partial: bool) -> None:
+    mismatched = [r for r in res.unmatched if r.found_shape is not None]
+    if mismatched:
+        r = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise ShapeError(
+            f"{r.target.name}: adapter expects a weight of shape {r.target.weight_shape}, "
+            f"the model's is {r.found_shape}{more}"
+        )
+    bad_extra = [e for e in res.extras if e.found_shape is not None]
+    if bad_extra:
+        e = bad_extra[0]
+        raise ShapeError(f"{e.key}: adapter tensor has shape {e.shape}, the model's is {e.found_shape}")
+    ambiguous = [r for r in res.unmatched if r.detail.startswith("ambiguous")]
+    if ambiguous:
+        # Refused whatever --allow-partial says: these targets do occur, we cannot tell where.
+        names = _names(sorted({r.target.name for r in ambiguous}))
+        raise TargetError(f"{len(ambiguous)} target(s) ambiguous: {names}: {ambiguous[0].detail}")
+    if not res.matched:
+        names = _names(r.target.name for r in res.targets)
+        detail = res.targets[0].detail if res.targets else ""
+        raise TargetError(
+            f"none of the adapter's {len(res.targets)} targets ({names}) match a weight in this model "
+            f"(adapter for another model?): {res.targets[0].target.name}: {detail}"
+        )
+    unmatched = [r.target.name for r in res.unmatched] + [e.key for e in res.extras if e.status == "unmatched"]
+    if unmatched and not allow_partial:
+        details = [r.detail for r in res.unmatched] + [e.detail for e in res.extras if e.status == "unmatched"]
+        detail = details[0] if details else ""
+        tail = "" if "--allow-partial" in detail else "; use --allow-partial to merge the rest"
+        raise TargetError(f"{len(unmatched)} target(s) not resolved: {_names(unmatched)}: {detail}{tail}")
+
+
+def _fold(model: ir.Model, r: ResolvedTarget, compute_dtype) -> dict:
+    """Merge one target into its weight (read once, write once, even when its module is called twice).
+
+    A weight other nodes also read (tied weights; equal tensors an exporter deduplicated) must keep its
+    value for them: the target's own nodes get a private merged copy instead.
+    """
+    t = r.target
+    w0 = r.layout.read(r.node)
+    shared = other_readers(r.value, r.nodes)
+    original = r.value.name
+    if shared:
+        r.value = private_copy(model, r.value, r.nodes, f"{t.name}.weight")
+    if t.kind == "linear" and not t.is_dora and w0.flags.f_contiguous and not w0.flags.c_contiguous:
+        # Stored transposed (MatMul's Wᵀ): merge the transposed problem, Wᵀ + AᵀBᵀ, so every array
+        # stays in storage order; strided adds and transposing copies would dominate the merge time.
+        flipped = dataclasses.replace(t, A=t.B.T, B=t.A.T, fan_in_fan_out=False)
+        merged = merged_weight(w0.T, flipped, compute_dtype).T
+    else:
+        merged = merged_weight(w0, t, compute_dtype)
+    if not np.isfinite(merged).all():
+        raise AdapterError(f"{t.name}: the merged weight contains NaN or Inf")
+    r.layout.write(r.node, merged)
+    stored = r.value.const_value
+    if stored.dtype.is_floating_point() and not np.isfinite(stored.numpy().astype(np.float32)).all():
+        raise AdapterError(f"{t.name}: the merged weight overflows {stored.dtype.name} (Inf after rounding)")
+    out = {
+        "target": t.name,
+        "initializer": r.value.name,
+        "dtype": stored.dtype.name,
+        "shape": [int(d) for d in stored.shape],
+        "nodes": [n.name for n in r.nodes],
+    }
+    if shared:
+        out["private_copy_of"] = original
+        out["shared_with"] = shared
+    return out
+
+
+def _replace(model: ir.Model, e, arr: np.ndarray) -> dict:
+    """Write a full replacement tensor; into a private copy when other modules read the same tensor."""
+    out = {"tensor": e.key, "initializer": e.value.name, "shape": list(e.shape)}
+    if e.layout is not None:
+        if e.private:
+            private_copy(model, e.value, e.nodes, e.key)
+        e.layout.write(e.node, arr)
+    elif e.private:
+        # The module's readers get their own initializer; the shared one (and its Identity copies) stays.
+        dtype = e.source.const_value.dtype
+        new = ir.Value(name=free_name(model, e.key), type=e.source.type, shape=e.source.shape)
+        new.const_value = ir.tensor(np.ascontiguousarray(arr).astype(dtype.numpy()), dtype=dtype, name=new.name)
+        (e.source.graph or model.graph).register_initializer(new)
+        for node in e.nodes:
+            for i, inp in enumerate(node.inputs):
+                if inp is e.value:
+                    node.replace_input_with(i, new)
+        out["initializer"], out["private_copy_of"] = new.name, e.value.name
+    else:
+        store(e.value, arr)
+    return out
+
+
+def _names(names, limit: int = _LIST_MAX) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def merge_file(
+    base_path: str | os.PathLike,
+    adapter_or_path: Adapter | str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    base_weights: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+    scale: float = 1.0,
+    allow_partial: bool = False,
+    compute_dtype: np.dtype | type = np.float32,
+    progress: Progress | None = None,
+    external: bool | None = None,
+    only_targets: str | None = None,
+    force: bool = False,
+) -> MergeReport:
+    """Merge an adapter (object, or PEFT adapter directory) into the ONNX model at ``base_path``.
+
+    Writes ``out_path`` (and ``<out>.data`` when the base used external data) atomically: on any
+    error nothing appears there. The inputs are only read. ``base_weights`` (a mapping or a
+    .safetensors path) enables matching weights by value. ``only_targets`` (a regex searched in each
+    target's path) merges part of the adapter, e.g. its encoder targets into an encoder exported alone.
+    ``force`` merges an adapter the model's history records as merged already (see ``merge_adapter``).
+    """
+    from ..formats.peft import adapter_files, load_adapter
+    from ..formats.safetensors import read_safetensors
+
+    t_start = time.perf_counter()
+    check_outputs(out_path)  # a folder or a device as output: refuse before any work
+    base_path, out_path = Path(base_path), Path(out_path)
+    adapter = adapter_or_path if isinstance(adapter_or_path, Adapter) else load_adapter(adapter_or_path)
+    adapter = adapter.select(only_targets)
+    base_weights_path = None
+    if base_weights is not None and not isinstance(base_weights, Mapping):
+        base_weights_path = require_regular_file(base_weights, "base weights", AdapterError)
+        base_weights = read_safetensors(base_weights)[0]
+    # The adapter's and base weights' files are inputs too: the output must not replace them.
+    other_inputs = [] if isinstance(adapter_or_path, Adapter) else adapter_files(adapter_or_path)
+    if base_weights_path is not None:
+        other_inputs.append(Path(base_weights_path))
+    _refuse_overwrite(base_path, out_path, other_inputs=other_inputs)
+    t0 = time.perf_counter()
+    model = load_model(base_path)
+    _refuse_overwrite(base_path, out_path, external_data_files(model, base_path))
+    before = snapshot(model)
+    t_load = time.perf_counter() - t0
+    report = merge_adapter(
+        model,
+        adapter,
+        base_weights=base_weights,
+        scale=scale,
+        allow_partial=allow_partial,
+        compute_dtype=compute_dtype,
+        progress=progress,
+        force=force,
+    )
+    t0 = time.perf_counter()
+    written = None
+    if external is not False and before:
+        written = save_patched(model, base_path, out_path, before)
+    if written is None:
+        written = save_model(model, out_path, external=external)
+    report.timings = {"load": t_load, **report.timings, "save": time.perf_counter() - t0}
+    report.timings["total"] = time.perf_counter() - t_start
+    report.base, report.output = str(base_path), str(out_path)
+    report.files = [str(p) for p in written]
+    return report
+
+
+def _refuse_overwrite(
+    base: Path, out: Path, data_files: set[Path] = frozenset(), other_inputs: Sequence[Path] = ()
+) -> None:
+    """Refuse an output that would overwrite the base model, any file it reads, or another input file."""
+    out_r = out.resolve()
+    out_data = out_r.parent / f"{out_r.name}.data"
+    inputs = {base.resolve(), *data_files}
+    for p in (out_r, out_data):
+        if p in inputs or (p.exists() and any(p.samefile(i) for i in inputs if i.exists())):
+            raise ModelError(f"refusing to write {out}: it would overwrite the input {p.name}")
+    refuse_overwrite([out_r, out_data], other_inputs)

@@ -1,0 +1,284 @@
+"""LoRA slots of an injected model: the manifest stored in the model, and adapter tensors that fill them.
+
+Every injected module gets graph inputs named after its module path (ONNX Runtime's multi-LoRA
+convention: input names are the adapter parameter names):
+
+  ``<module>.lora_A``      A′, linear/embedding (in, r), conv (r, in, *k)
+  ``<module>.lora_B``      B′ = scale·B, linear/embedding (r, out), conv (out, r/groups, 1...)
+  ``<module>.dora_scale``  g = m/‖W₀+ΔW‖ (out,), only for slots a DoRA adapter targets
+
+``r`` is the symbolic dimension ``<module>.rank``; the defaults are rank 0 (and g = 1), which is the
+base model. The manifest (``metadata_props["lora_export.slots"]``, JSON) lets ``convert`` and the
+runtime map a later adapter onto the slots without resolving the graph again.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import ml_dtypes
+import numpy as np
+
+from .. import safejson
+from ..adapter import Adapter, LoraTarget
+from ..delta import dora_scale
+from ..errors import AdapterError, DtypeError, ModelError, ShapeError, TargetError
+from .value_match import check_stored_weight
+
+SLOTS_KEY = "lora_export.slots"
+SLOTS_VERSION = 1
+
+
+@dataclass
+class Slot:
+    """One injected module: where its branch is, which inputs feed it, and the shapes they take."""
+
+    module: str
+    kind: str  # "linear" | "conv" | "embedding"
+    op: str
+    node: str  # the primary node the branch was added to (reads the base weight for DoRA)
+    weight: str  # the base weight's initializer name
+    weight_shape: list[int]  # canonical (LoraTarget.weight_shape) layout
+    dtype: str  # numpy dtype name of A′/B′/g, the base weight's dtype
+    a: str
+    b: str
+    dora: str | None = None
+    groups: int = 1
+
+    @property
+    def inputs(self) -> list[str]:
+        return [n for n in (self.a, self.b, self.dora) if n]
+
+    @property
+    def rank_dim(self) -> str:
+        return f"{self.module}.rank"
+
+    def a_shape(self, rank: int | str) -> list:
+        ws = self.weight_shape
+        if self.kind == "linear":
+            return [ws[1], rank]
+        if self.kind == "embedding":
+            return [ws[0], rank]
+        return [rank, ws[1] * self.groups, *ws[2:]]
+
+    def b_shape(self, rank: int | str) -> list:
+        ws = self.weight_shape
+        if self.kind == "linear":
+            return [rank, ws[0]]
+        if self.kind == "embedding":
+            return [rank, ws[1]]
+        per_group = rank // self.groups if isinstance(rank, int) else f"{rank}/groups"
+        if self.groups == 1:
+            per_group = rank
+        return [ws[0], per_group, *([1] * (len(ws) - 2))]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_shape[1] if self.kind == "embedding" else self.weight_shape[0]
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(ml_dtypes.bfloat16) if self.dtype == "bfloat16" else np.dtype(self.dtype)
+
+
+@dataclass
+class SlotManifest:
+    """All slots of an injected model, plus the adapter modules that do not occur in its graph."""
+
+    slots: dict[str, Slot]
+    absent: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": SLOTS_VERSION,
+                "slots": [asdict(s) for _, s in sorted(self.slots.items())],
+                "absent": sorted(self.absent),
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | None) -> SlotManifest:
+        if not text:
+            raise ModelError("not an injected model: no lora_export.slots metadata (run `lora-export inject`)")
+        try:
+            raw = safejson.loads(text)
+            slots = {d["module"]: Slot(**d) for d in raw["slots"]}
+            # Inside the try: a malformed "absent" is as corrupt as a malformed slot.
+            absent = raw.get("absent", [])
+            if not isinstance(absent, list) or not all(isinstance(m, str) for m in absent):
+                raise TypeError("absent must be a list of module names")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelError(f"corrupt lora_export.slots metadata ({type(e).__name__})") from None
+        for slot in slots.values():
+            problem = _slot_problem(slot)
+            if problem:
+                raise ModelError(
+                    f"corrupt lora_export.slots metadata (slot {safejson.short_repr(slot.module)}: {problem})"
+                )
+        return cls(slots, absent)
+
+    @property
+    def fingerprint(self) -> int:
+        """A 31-bit id of the slot layout, stored as the .onnx_adapter model version."""
+        return zlib.crc32(self.to_json().encode()) & 0x7FFFFFFF
+
+    def input_names(self) -> dict[str, Slot]:
+        return {name: s for s in self.slots.values() for name in s.inputs}
+
+
+def _slot_problem(slot: Slot) -> str | None:
+    """What is ill-typed in a slot parsed from metadata, or None."""
+    for name in ("module", "kind", "op", "node", "weight", "dtype", "a", "b"):
+        if not isinstance(getattr(slot, name), str):
+            return f"{name} is not a string"
+    if slot.dora is not None and not isinstance(slot.dora, str):
+        return "dora is not a string"
+    if slot.kind not in ("linear", "conv", "embedding"):
+        return f"unknown kind {safejson.short_repr(slot.kind)}"
+    ws = slot.weight_shape
+    want_dims = (3, 64) if slot.kind == "conv" else (2, 2)
+    if not isinstance(ws, list) or not all(type(d) is int and 0 < d < 2**62 for d in ws):
+        return "weight_shape is not a list of positive integers"
+    if not want_dims[0] <= len(ws) <= want_dims[1]:
+        return f"weight_shape {safejson.short_repr(ws)} does not fit a {slot.kind} weight"
+    if type(slot.groups) is not int or slot.groups < 1:
+        return "groups is not a positive integer"
+    if not _floating_dtype(slot):
+        return f"unsupported dtype {safejson.short_repr(slot.dtype)}"
+    return None
+
+
+def _floating_dtype(slot: Slot) -> bool:
+    try:
+        return slot.dtype == "bfloat16" or slot.np_dtype.kind == "f"
+    except TypeError:  # a dtype numpy does not know (float8 and other ml_dtypes names)
+        return False
+
+
+def slot_tensors(slot: Slot, t: LoraTarget, w0: Callable[[], np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """A′, B′ (scale folded in, in float32, then cast once) and DoRA's g for one target in ``slot``.
+
+    ``w0`` returns the base weight in canonical layout; only DoRA targets call it.
+    """
+    misfit = slot_misfit(slot, t)
+    if misfit:
+        raise ShapeError(f"{t.name}: {misfit}")
+    if not _floating_dtype(slot):
+        # An integer slot would truncate A′ and B′ (exit 0, wrong outputs); strings cannot hold them at all.
+        raise ModelError(f"{t.name}: the base weight has dtype {slot.dtype}; LoRA slots need a floating-point weight")
+    a = np.asarray(t.A, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below, in one line
+        b = np.asarray(t.B, dtype=np.float32) * np.float32(t.scale)
+    if t.kind == "conv":
+        a_p, b_p = a, b
+    else:
+        # linear B (out, r) and embedding B (dim, r) both become (r, out); A (r, in|num) becomes (in|num, r).
+        a_p, b_p = a.T, b.T
+    dt = slot.np_dtype
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = {slot.a: np.ascontiguousarray(a_p).astype(dt), slot.b: np.ascontiguousarray(b_p).astype(dt)}
+        if t.is_dora:
+            if w0 is None:
+                raise ShapeError(f"{t.name}: DoRA needs the base weight")
+            g = dora_scale(w0(), t.delta(np.float32), t.magnitude, t.kind)
+            out[slot.dora] = np.ascontiguousarray(g).astype(dt)
+    # Scaling and the cast into the slot dtype can overflow what the inputs held; a slot full of Inf or
+    # NaN would make every output NaN at run time, silently.
+    check_finite_tensors(out, f"{t.name}: LoRA tensors scaled and cast to {slot.dtype}")
+    return out
+
+
+def check_finite_tensors(tensors: Mapping[str, np.ndarray], what: str) -> None:
+    """Refuse slot tensors holding NaN or Inf (one line naming the first such tensor)."""
+    for name, arr in tensors.items():
+        arr = np.asarray(arr)
+        if str(arr.dtype) == "bfloat16":
+            arr = arr.astype(np.float32)
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            raise AdapterError(f"{what}: {name} contains NaN or Inf")
+
+
+def slot_misfit(slot: Slot, t: LoraTarget) -> str | None:
+    """Why ``t`` does not fit ``slot``, or None."""
+    if t.kind != slot.kind:
+        return f"{t.kind} adapter for a {slot.kind} slot"
+    if list(t.weight_shape) != list(slot.weight_shape):
+        return f"adapter expects a weight of shape {tuple(t.weight_shape)}, slot has {tuple(slot.weight_shape)}"
+    if t.kind == "conv" and t.groups != slot.groups:
+        return f"adapter's lora_B has groups={t.groups}, slot has groups={slot.groups}"
+    if t.is_dora and not slot.dora:
+        return "DoRA adapter but the slot has no dora_scale input (inject with --dora to reserve one)"
+    return None
+
+
+def adapter_tensors(
+    adapter: Adapter, manifest: SlotManifest, read_weight: Callable[[Slot], np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Every slot tensor for ``adapter``; refuses, naming all misfits, targets without a slot or shapes
+    that do not fit. Modules recorded as absent from the graph are skipped (they change no output)."""
+    if adapter.extra:
+        raise AdapterError(
+            f"adapter {adapter.name!r}: full replacement tensors ({', '.join(sorted(adapter.extra)[:3])}) "
+            "cannot be swapped at run time; use merge"
+        )
+    missing = [t.name for t in adapter if t.name not in manifest.slots and t.name not in manifest.absent]
+    if missing:
+        raise TargetError(f"adapter {adapter.name!r}: targets with no LoRA slot in the model: {', '.join(missing)}")
+    misfits = [
+        f"{t.name} ({m})" for t in adapter if t.name in manifest.slots and (m := slot_misfit(manifest.slots[t.name], t))
+    ]
+    if misfits:
+        raise ShapeError(f"adapter {adapter.name!r} does not fit the model's slots: {'; '.join(misfits)}")
+    tensors: dict[str, np.ndarray] = {}
+    for t in adapter:
+        slot = manifest.slots.get(t.name)
+        if slot is None:
+            continue
+        stored = adapter.stored_base.get(t.name)
+        if stored is not None and read_weight is not None:
+            check_stored_weight(adapter.name, t, stored, read_weight(slot), slot.np_dtype)
+        w0 = (lambda s=slot: read_weight(s)) if read_weight is not None else None
+        tensors.update(slot_tensors(slot, t, w0))
+    return tensors
+
+
+def check_tensors(tensors: Mapping[str, np.ndarray], manifest: SlotManifest, what: str) -> None:
+    """Refuse tensors whose names, dtypes or shapes do not fit the slots (one line naming the misfits)."""
+    by_input = manifest.input_names()
+    unknown = sorted(k for k in tensors if k not in by_input)
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise TargetError(
+            f"{what}: tensors that are not LoRA inputs of this model (adapter for another model?): {shown}"
+        )
+    problems = []
+    wrong_dtype = False
+    for slot in sorted({id(s): s for s in (by_input[k] for k in tensors)}.values(), key=lambda s: s.module):
+        a, b = tensors.get(slot.a), tensors.get(slot.b)
+        if (a is None) != (b is None):
+            problems.append(f"{slot.module} needs both lora_A and lora_B")
+            continue
+        if a is None:
+            continue
+        r = int(a.shape[0] if slot.kind == "conv" else a.shape[-1]) if a.ndim else -1
+        want = {slot.a: slot.a_shape(r), slot.b: slot.b_shape(r)}
+        if slot.dora:
+            want[slot.dora] = [slot.out_features]
+        for name, shape in want.items():
+            arr = tensors.get(name)
+            if arr is None:
+                continue
+            if arr.dtype != slot.np_dtype:
+                problems.append(f"{name} has dtype {arr.dtype}, model expects {slot.dtype}")
+                wrong_dtype = True
+            elif list(arr.shape) != list(shape):
+                problems.append(f"{name} has shape {tuple(arr.shape)}, model expects {tuple(shape)}")
+    if problems:
+        # DtypeError is a ShapeError: callers that catch misfits in general still catch it.
+        raise (DtypeError if wrong_dtype else ShapeError)(f"{what} does not fit the model: {'; '.join(problems)}")

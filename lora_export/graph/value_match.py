@@ -1,0 +1,154 @@
+"""Matching graph tensors to base weights by value, and proving a module absent from a graph.
+
+A base weight W (PyTorch layout) is stored by exporters as W or Wᵀ, rounded into the graph's dtype;
+it may also be packed beside other weights (fused Q/K/V) or quantized. Comparisons sample a few
+entries before reading whole tensors, so unrelated tensors cost almost nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from .module_paths import best_unique, weight_module
+
+_SAMPLES = 16
+
+
+def base_key(module: str, base_weights: Mapping[str, np.ndarray]) -> str | None:
+    """The key of ``module``'s weight in a base state dict (``<module>.weight``, wrapper prefixes tolerated)."""
+    keyed = {m: [k] for k in base_weights if (m := weight_module(k))}
+    key, keys, _ = best_unique(module, keyed)
+    return keys[0] if key is not None else None
+
+
+def _views(w: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
+    views = [w] if w.shape == shape else []
+    if w.ndim == 2 and w.T.shape == shape and w.shape != w.T.shape:
+        views.append(w.T)
+    elif w.ndim == 2 and w.shape == shape and w.shape[0] == w.shape[1]:
+        views.append(w.T)
+    return views
+
+
+def tensor_equals(tensor: ir.TensorProtocol, w: np.ndarray) -> bool:
+    """Whether ``tensor`` holds W or Wᵀ, rounded into its dtype: a sampled check, then the full one."""
+    shape = tuple(int(d) for d in tensor.shape)
+    views = _views(np.asarray(w), shape)
+    if not views or not tensor.dtype.is_floating_point():
+        return False
+    try:
+        stored = tensor.numpy()
+    except Exception:  # noqa: BLE001 - an unreadable tensor is not this weight
+        return False
+    rng = np.random.default_rng(0)
+    idx = tuple(rng.integers(0, s, size=_SAMPLES) for s in shape) if all(shape) else None
+    for v in views:
+        cast = np.asarray(v).astype(stored.dtype, copy=False)
+        if idx is not None and not np.array_equal(stored[idx], cast[idx]):
+            continue
+        if np.array_equal(stored, cast):
+            return True
+    return False
+
+
+def graph_tensors(model: ir.Model) -> Iterator[tuple[str, ir.TensorProtocol]]:
+    """Every constant tensor a graph holds: initializers of every (sub)graph and Constant nodes' values."""
+    for graph in model.graphs():
+        for name, value in graph.initializers.items():
+            if value.const_value is not None:
+                yield name, value.const_value
+        for node in graph:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                attr = node.attributes.get("value")
+                if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                    yield (node.outputs[0].name or node.name or "Constant"), attr.as_tensor()
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+class ValueIndex:
+    """The graph's constant tensors checked against a base state dict: which ones are accounted for."""
+
+    def __init__(self, model: ir.Model, base_weights: Mapping[str, np.ndarray]) -> None:
+        self.base_weights = base_weights
+        self.tensors = list(graph_tensors(model))
+        self._claimed: set[str] | None = None
+
+    def occurs(self, w: np.ndarray) -> str | None:
+        """The name of a graph tensor holding W (or Wᵀ), or None."""
+        for name, tensor in self.tensors:
+            if tensor_equals(tensor, w):
+                return name
+        return None
+
+    @property
+    def claimed(self) -> set[str]:
+        """Names of graph tensors equal to some base weight (or too small to hold a weight matrix)."""
+        if self._claimed is None:
+            by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
+            for w in self.base_weights.values():
+                w = np.asarray(w)
+                by_shape.setdefault(tuple(w.shape), []).append(w)
+                if w.ndim == 2:
+                    by_shape.setdefault(tuple(w.shape[::-1]), []).append(w)
+            claimed = set()
+            for name, tensor in self.tensors:
+                shape = tuple(int(d) for d in tensor.shape)
+                if any(tensor_equals(tensor, w) for w in by_shape.get(shape, [])):
+                    claimed.add(name)
+            self._claimed = claimed
+        return self._claimed
+
+    def unaccounted_for(self, weight_shape: tuple[int, ...]) -> list[str]:
+        """Graph tensors equal to no base weight that could still hold a weight of ``weight_shape``:
+        big enough, and (for float tensors) sharing a dimension with it, or quantized (integer) data."""
+        need = _numel(weight_shape)
+        dims = set(int(d) for d in weight_shape)
+        out = []
+        for name, tensor in self.tensors:
+            shape = tuple(int(d) for d in tensor.shape)
+            numel = _numel(shape)
+            if tensor.dtype.is_floating_point():
+                if numel < need or not dims & set(shape):
+                    continue
+            elif tensor.dtype in (ir.DataType.INT64, ir.DataType.BOOL, ir.DataType.STRING) or numel * 8 < need:
+                # Shapes, indices and masks; packed low-bit formats hold at most 8 values a byte.
+                continue
+            if name not in self.claimed:
+                out.append(name)
+        return out
+
+
+def check_stored_base(adapter, r) -> None:
+    """Refuse a resolved target whose adapter stores a base weight that is not the model's."""
+    stored = adapter.stored_base.get(r.target.name)
+    if stored is not None:
+        check_stored_weight(adapter.name, r.target, stored, r.layout.read(r.node), r.value.const_value.dtype.numpy())
+
+
+def check_stored_weight(adapter_name: str, t, stored: np.ndarray, w0: np.ndarray, dtype: np.dtype) -> None:
+    """Refuse a base weight stored in an adapter (PEFT's ``save_embedding_layers``) that differs from the
+    model's ``w0`` (canonical layout, stored as ``dtype``): the delta was trained against another base,
+    and a stored base is never a replacement."""
+    from ..errors import ShapeError
+
+    canonical = np.asarray(stored).T if t.fan_in_fan_out else np.asarray(stored)
+    if tuple(canonical.shape) != tuple(t.weight_shape):
+        raise ShapeError(
+            f"adapter {adapter_name!r}: {t.name} stores a base weight of shape {tuple(canonical.shape)}, "
+            f"the model's is {tuple(t.weight_shape)} (resized vocabulary?)"
+        )
+    # Compare in the graph's dtype: the exporter rounded the same weight once into it.
+    if not np.array_equal(w0, canonical.astype(dtype).astype(w0.dtype)):
+        raise ShapeError(
+            f"adapter {adapter_name!r}: {t.name} stores a base weight (PEFT saves embedding layers) that differs "
+            "from the model's; the adapter was trained on another base: export that base and merge into it"
+        )

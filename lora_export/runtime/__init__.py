@@ -1,0 +1,1 @@
+"""Serving and checking: LoraSession (per-call adapters), output verification."""

@@ -1,0 +1,420 @@
+"""Serving an injected model: one ONNX Runtime session, many adapters, switched per call.
+
+Adapters are validated once and placed on the session's device once, as OrtValues; each ``run`` binds
+them with IOBinding, so switching adapters costs no copy and no session rebuild. ``adapter=None``
+binds nothing for the LoRA inputs: their rank-0 defaults give the base model.
+
+Cost of the rank-0 branches: none measurable. benchmarks/noadapter_probe.py (220M LLaMA, r=16 q/v, 2-core
+CPU, seq 128, batch 1, 40 interleaved rounds): injected-with-no-adapter / base = 0.986 (quartiles 0.969 to
+1.014); the +2.5% once reported by benchmarks/adapters.py at batch 1 was run-to-run noise.
+
+``base_session=True`` adds a branch-free twin session (``base_path.strip_branches``) that serves
+``adapter=None``. Its large initializers come from the same host memory as the main session's
+(``SessionOptions.add_initializer`` / ``add_external_initializers`` over one set of numpy arrays), but on
+CPU ONNX Runtime prepacks constant MatMul weights per session and its Python API cannot share prepacked
+weights (no PrepackedWeightsContainer), so measured on the 220M model (RSS growth; weights 838 MiB):
+main session alone 1161 MiB; with the twin 2341 MiB (raw weights kept for sharing + two packed copies);
+twin without prepacking ~1650 MiB but 17% slower. The twin is no faster than the rank-0 branches
+(1.002 × base), so it is off by default: it buys nothing on CPU for one more copy of the weights. On CUDA
+it is untested, and the shared arrays stay in host memory (each session copies them to the device).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnxruntime as ort
+
+from ..adapter import Adapter
+from ..errors import AdapterError, DtypeError, LoraExportError, ShapeError, one_line
+from ..files.checks import require_regular_file
+from ..formats.adapter_files import read_adapter_tensors
+from ..formats.peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
+from ..graph.slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, check_finite_tensors, check_tensors
+
+# ONNX Runtime's tensor type names and the numpy dtypes that feed them (nothing is cast: a feed must match).
+_ORT_TYPES = {
+    "tensor(bfloat16)": np.dtype(ml_dtypes.bfloat16),
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(int16)": np.dtype(np.int16),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(uint16)": np.dtype(np.uint16),
+    "tensor(uint32)": np.dtype(np.uint32),
+    "tensor(uint64)": np.dtype(np.uint64),
+    "tensor(bool)": np.dtype(np.bool_),
+}
+_SHOWN = 20  # names listed in an error before "..."
+
+
+def _names(names: Iterable[str]) -> str:
+    names = list(names)
+    shown = ", ".join(names[:_SHOWN])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > _SHOWN else "") if names else "none"
+
+
+@functools.cache
+def cuda_works() -> bool:
+    """True when a session actually runs on the CUDA EP (listed is not enough: its libraries may be missing)."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    # A failed CUDA library load is logged by ORT's process-wide logger, whatever the session's level;
+    # silence it for the probe: falling back to the CPU is the expected outcome on machines without a GPU.
+    ort.set_default_logger_severity(4)
+    try:
+        return _probe_providers(["CUDAExecutionProvider", "CPUExecutionProvider"])[:1] == ["CUDAExecutionProvider"]
+    except Exception:  # noqa: BLE001 - any failure means CUDA is unusable here
+        return False
+    finally:
+        ort.set_default_logger_severity(2)  # ORT's default: warnings and above
+
+
+def _probe_providers(providers: list[str]) -> list[str]:
+    """The providers a one-node session actually gets."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    return ort.InferenceSession(model.SerializeToString(), so, providers=providers).get_providers()
+
+
+class LoraSession:
+    """An ONNX Runtime session over an injected model, with named adapters switched per call.
+
+    ``providers`` defaults to CUDA when it actually works, else CPU. Thread-safe: concurrent ``run``
+    calls each get their own IOBinding; the adapter registry is guarded by a lock.
+
+    ``base_session=True``: ``adapter=None`` runs a branch-free twin session whose initializers share the
+    main session's host memory (see the module docstring for the memory it still costs; off by default).
+    ``base_prepacking=False`` disables ONNX Runtime's weight prepacking in the twin (less memory, slower).
+    With ``base_session=True`` the given ``sess_options`` get the shared initializers (and, with
+    ``base_prepacking=False``, the disable-prepacking entry) added: do not reuse them for other models.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        providers: Sequence[str | tuple[str, dict]] | None = None,
+        sess_options: ort.SessionOptions | None = None,
+        base_session: bool = False,
+        base_prepacking: bool = True,
+    ) -> None:
+        self.model_path = require_regular_file(model_path, "model")
+        if sess_options is None:
+            sess_options = ort.SessionOptions()
+            # LoRA inputs carry default initializers by design; ORT's warning about that is noise.
+            sess_options.log_severity_level = 3
+        if providers is None:
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_works() else ["CPUExecutionProvider"]
+        providers = list(providers)
+        self._shared: dict[str, ort.OrtValue] = {}
+        base_model = None
+        if base_session:
+            base_model, self._shared = self._prepare_base(sess_options)
+        self.session = self._create(self.model_path, sess_options, providers)
+        self.providers = self.session.get_providers()
+        on_cuda = self.providers[0] == "CUDAExecutionProvider"
+        self.device_type, self.device_id = ("cuda", 0) if on_cuda else ("cpu", 0)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.manifest = SlotManifest.from_json(meta.get(SLOTS_KEY))
+        #: The branch-free twin that serves ``adapter=None`` (None: the rank-0 branches serve it).
+        self.base_session: ort.InferenceSession | None = None
+        if base_model is not None:
+            from .base_path import twin_proto
+
+            if not base_prepacking:
+                sess_options.add_session_config_entry("session.disable_prepacking", "1")
+            # The twin's copies are placeholders, filled in place from the same OrtValues.
+            sess_options.add_external_initializers(list(self._shared), list(self._shared.values()))
+            self.base_session = self._create(twin_proto(base_model, self._shared), sess_options, providers)
+            del base_model
+        self._slot_inputs = {n for slot in self.manifest.slots.values() for n in slot.inputs}
+        # ONNX Runtime lists inputs with a default (the LoRA slots) as overridable initializers, not as inputs;
+        # filter both lists anyway, so an older IR that lists them as inputs gives the same split.
+        graph_inputs = self.session.get_inputs() + self.session.get_overridable_initializers()
+        self._inputs = {i.name: i for i in self.session.get_inputs() if i.name not in self._slot_inputs}
+        self._slot_args = {i.name: i for i in graph_inputs if i.name in self._slot_inputs}
+        self._output_args = self.session.get_outputs()
+        self._outputs = [o.name for o in self._output_args]
+        self._adapters: dict[str, dict[str, ort.OrtValue]] = {}
+        self._lock = threading.Lock()
+
+    def _create(self, model, sess_options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(
+                model if isinstance(model, bytes) else str(model), sess_options, providers=providers
+            )
+        except Exception as e:  # noqa: BLE001
+            raise LoraExportError(f"{self.model_path}: cannot create a session ({one_line(e)})") from None
+
+    def _prepare_base(self, sess_options: ort.SessionOptions):
+        """The stripped base model and its large initializers as OrtValues, added to ``sess_options``.
+
+        Both sessions are created from ``sess_options``, so both take those initializers from the same
+        OrtValues instead of loading their own copies.
+        """
+        from ..graph.model_io import load_model
+        from .base_path import shared_initializers, strip_branches
+
+        # Checked like every model we read: external data inside its folder, regular files.
+        model = load_model(self.model_path)
+        strip_branches(model, SlotManifest.from_json(model.metadata_props.get(SLOTS_KEY)))
+        # CPU memory on every provider: add_external_initializers reads host memory (device OrtValues are
+        # not verified there), so on CUDA each session still copies the weights to the device.
+        shared = shared_initializers(model)
+        for name, value in shared.items():
+            sess_options.add_initializer(name, value)
+        return model, shared
+
+    # -- adapters ------------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded adapters."""
+        with self._lock:
+            return sorted(self._adapters)
+
+    @property
+    def slots(self) -> dict[str, Slot]:
+        """The injected modules' LoRA slots by module path (their inputs: ``get_slot_inputs()``)."""
+        return self.manifest.slots
+
+    # -- InferenceSession-like introspection ------------------------------------------------------
+
+    def get_inputs(self) -> list[ort.NodeArg]:
+        """The model's user inputs, as ``InferenceSession.get_inputs`` gives them (no LoRA slot inputs)."""
+        return list(self._inputs.values())
+
+    def get_outputs(self) -> list[ort.NodeArg]:
+        """The model's outputs, as ``InferenceSession.get_outputs`` gives them."""
+        return list(self._output_args)
+
+    def get_slot_inputs(self) -> list[ort.NodeArg]:
+        """The LoRA slot inputs (``<module>.lora_A`` / ``.lora_B`` / ``.dora_scale``); adapters fill them."""
+        return [self._slot_args[n] for n in sorted(self._slot_args)]
+
+    def get_providers(self) -> list[str]:
+        """The execution providers the session actually got, in priority order."""
+        return list(self.providers)
+
+    def get_provider_options(self) -> dict[str, dict[str, str]]:
+        return self.session.get_provider_options()
+
+    def get_modelmeta(self) -> ort.ModelMetadata:
+        """The model's metadata (producer, graph name, ``custom_metadata_map`` with the slot manifest)."""
+        return self.session.get_modelmeta()
+
+    def __repr__(self) -> str:
+        twin = ", base_session" if self.base_session is not None else ""
+        return (
+            f"<LoraSession {str(self.model_path)!r} providers={self.providers} "
+            f"slots={len(self.slots)} adapters={self.adapters}{twin}>"
+        )
+
+    def load_adapter(self, name: str, source: str | os.PathLike | Adapter | Mapping[str, np.ndarray]) -> None:
+        """Validate and place an adapter on the device under ``name``.
+
+        ``source``: a ``.onnx_adapter`` or ``.safetensors`` file of slot tensors, a PEFT adapter directory
+        or ``Adapter`` (converted in memory), or a dict of slot tensors.
+        """
+        if not name or not isinstance(name, str):
+            raise AdapterError("an adapter needs a non-empty name")
+        with self._lock:
+            if name in self._adapters:
+                raise AdapterError(f"an adapter named {name!r} is already loaded (unload it first)")
+        tensors, what = self._tensors_of(source)
+        check_tensors(tensors, self.manifest, what)
+        self._check_dtypes(tensors, what)
+        # Files and dicts come from anywhere: NaN/Inf in a slot would turn every output NaN, silently.
+        check_finite_tensors(tensors, what)
+        values = {k: self._ort_value(v) for k, v in sorted(tensors.items())}
+        with self._lock:
+            if name in self._adapters:
+                raise AdapterError(f"an adapter named {name!r} is already loaded (unload it first)")
+            self._adapters[name] = values
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget an adapter; runs already in flight keep their references and finish normally."""
+        with self._lock:
+            if self._adapters.pop(name, None) is None:
+                raise AdapterError(f"no adapter named {name!r} is loaded")
+
+    def _tensors_of(self, source) -> tuple[dict[str, np.ndarray], str]:
+        if isinstance(source, Mapping):
+            return {k: np.asarray(v) for k, v in source.items()}, "adapter tensors"
+        if isinstance(source, Adapter):
+            return adapter_tensors(source, self.manifest, self._read_weight()), f"adapter {source.name!r}"
+        path = Path(source)
+        # A PEFT adapter: its folder, or one of its files (slot files have other names).
+        if path.is_dir() or path.name in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME):
+            from ..formats.peft import load_adapter
+
+            adapter = load_adapter(path)
+            return adapter_tensors(adapter, self.manifest, self._read_weight()), f"adapter {adapter.name!r}"
+        return read_adapter_tensors(path), str(path)
+
+    def _read_weight(self) -> Callable[[Slot], np.ndarray]:
+        from ..graph.convert import weight_reader
+
+        return weight_reader(self.model_path)
+
+    def _check_dtypes(self, tensors: Mapping[str, np.ndarray], what: str) -> None:
+        # check_tensors compared them with the manifest; the session's own input types are the final word.
+        for k, v in tensors.items():
+            if k not in self._slot_args:
+                raise AdapterError(f"{what}: the model has no input {k!r} (its slot metadata does not match its graph)")
+            want = _ORT_TYPES.get(self._slot_args[k].type)
+            if want is None or v.dtype != want:
+                raise DtypeError(f"{what}: {k} has dtype {v.dtype}, the model expects {self._slot_args[k].type}")
+
+    def _ort_value(self, arr: np.ndarray) -> ort.OrtValue:
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype == ml_dtypes.bfloat16:
+            # ortvalue_from_numpy refuses numpy's opaque bfloat16; hand ORT the bits with the ONNX type. CPU
+            # memory: ORT copies it to the session's device when bound.
+            return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr.view(np.uint16), 16)
+        return ort.OrtValue.ortvalue_from_numpy(arr, self.device_type, self.device_id)
+
+    # -- inference -----------------------------------------------------------------------------
+
+    def run(
+        self,
+        output_names: Sequence[str] | None,
+        feeds: Mapping[str, np.ndarray | ort.OrtValue],
+        adapter: str | None = None,
+        run_options: ort.RunOptions | None = None,
+    ) -> list[np.ndarray]:
+        """``InferenceSession.run`` with the named adapter active (None: the base model).
+
+        ``output_names``: a list of output names, or None (or empty) for all, as in ONNX Runtime.
+        ``feeds``: every user input (``get_inputs()``) as a numpy array (or array-like, or OrtValue) of the
+        model's dtype: nothing is cast. Returns numpy arrays, one per requested output, in the order asked.
+        """
+        names = self._requested_outputs(output_names)
+        bound = self._checked_feeds(feeds)
+        values: dict[str, ort.OrtValue] = {}
+        if adapter is not None:
+            with self._lock:
+                found = self._adapters.get(adapter) if isinstance(adapter, str) else None
+            if found is None:
+                loaded = _names(map(repr, self.adapters))
+                raise AdapterError(f"no adapter named {adapter!r} is loaded (loaded: {loaded})")
+            values = found
+        session = self.session
+        if adapter is None and self.base_session is not None:
+            session = self.base_session
+        binding = session.io_binding()
+        for k, v in bound.items():
+            if isinstance(v, ort.OrtValue):
+                binding.bind_ortvalue_input(k, v)
+            else:
+                binding.bind_cpu_input(k, v)
+        for k, v in values.items():
+            binding.bind_ortvalue_input(k, v)
+        unique = list(dict.fromkeys(names))  # ONNX Runtime allows repeats; a binding holds each output once
+        for name in unique:
+            binding.bind_output(name)
+        try:
+            session.run_with_iobinding(binding, run_options)
+        except Exception as e:  # noqa: BLE001
+            raise LoraExportError(f"inference failed: {one_line(e)}") from None
+        if self.device_type == "cpu":
+            # Zero-copy views of ORT's output buffers; copy_outputs_to_cpu would copy every output once more.
+            results = [v.numpy() for v in binding.get_outputs()]
+        else:
+            results = binding.copy_outputs_to_cpu()
+        if len(unique) == len(names):
+            return results
+        by_name = dict(zip(unique, results))
+        seen: set[str] = set()
+        out = []
+        for name in names:  # a repeated name gets its own copy, as ONNX Runtime's run gives
+            out.append(by_name[name].copy() if name in seen else by_name[name])
+            seen.add(name)
+        return out
+
+    def _requested_outputs(self, output_names) -> list[str]:
+        if output_names is None:
+            return self._outputs
+        if isinstance(output_names, (str, bytes)) or not isinstance(output_names, Iterable):
+            raise LoraExportError(
+                f"output_names must be a list of output names or None, not {type(output_names).__name__} "
+                f"(the model's outputs: {_names(self._outputs)})"
+            )
+        names = list(output_names)
+        if not names:
+            return self._outputs
+        unknown = [n for n in names if not isinstance(n, str) or n not in self._outputs]
+        if unknown:
+            raise LoraExportError(
+                f"unknown output name{'s' if len(unknown) > 1 else ''} {_names(map(repr, unknown))} "
+                f"(the model's outputs: {_names(self._outputs)})"
+            )
+        return names
+
+    def _checked_feeds(self, feeds) -> dict[str, np.ndarray | ort.OrtValue]:
+        """Every user input, present once, of the model's dtype and rank, fixed dimensions matching."""
+        if not isinstance(feeds, Mapping):
+            raise LoraExportError(f"feeds must be a dict of input name to array, not {type(feeds).__name__}")
+        for k in feeds:
+            if k in self._slot_inputs:
+                raise LoraExportError(
+                    f"{k!r} is a LoRA slot input: load its tensors as an adapter (load_adapter) and run with "
+                    "adapter=<name>"
+                )
+            if k not in self._inputs:
+                raise LoraExportError(f"unknown model input {k!r} (the model's inputs: {_names(self._inputs)})")
+        missing = [k for k in self._inputs if k not in feeds]
+        if missing:
+            raise LoraExportError(
+                f"missing model input{'s' if len(missing) > 1 else ''} {_names(map(repr, missing))} "
+                f"(the model's inputs: {_names(self._inputs)})"
+            )
+        bound: dict[str, np.ndarray | ort.OrtValue] = {}
+        for k, v in feeds.items():
+            arg = self._inputs[k]
+            if isinstance(v, ort.OrtValue):
+                given, shape = v.data_type(), list(v.shape())
+                if given != arg.type:
+                    raise DtypeError(f"input {k!r} is a {given} OrtValue, the model expects {arg.type}")
+            else:
+                try:
+                    v = np.asarray(v)
+                except Exception as e:  # noqa: BLE001 - ragged lists and the like
+                    raise LoraExportError(f"input {k!r}: not an array ({one_line(e)})") from None
+                want = _ORT_TYPES.get(arg.type)
+                if want is not None and v.dtype != want:
+                    raise DtypeError(
+                        f"input {k!r} has dtype {v.dtype}, the model expects {want} ({arg.type}); nothing is cast"
+                    )
+                if not v.flags.c_contiguous:
+                    v = np.ascontiguousarray(v)  # keeps 0-d arrays 0-d (ascontiguousarray alone makes them 1-d)
+                shape = list(v.shape)
+            self._check_shape(k, shape, arg.shape)
+            bound[k] = v
+        return bound
+
+    @staticmethod
+    def _check_shape(name: str, shape: list[int], declared: list | None) -> None:
+        if declared is None:
+            return
+        fixed = [d if isinstance(d, int) else (d or "?") for d in declared]
+        if len(shape) != len(declared) or any(
+            isinstance(d, int) and d >= 0 and d != n for d, n in zip(declared, shape)
+        ):
+            raise ShapeError(f"input {name!r} has shape {tuple(shape)}, the model expects {tuple(fixed)}")
