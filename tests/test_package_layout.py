@@ -99,3 +99,23 @@ def test_modules_stay_small():
         str(p.relative_to(ROOT)): n for p in ROOT.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES
     }
     assert not big
+
+
+def test_readme_module_map_matches_the_tree():
+    """Every module in the README's layout table exists, and every module of the package is in it."""
+    import re
+
+    readme = (ROOT.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Layout") :]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    named = {m for row in rows for m in re.findall(r"`([\w/*]+)`", row)}
+    modules = {str(p.relative_to(ROOT).with_suffix("")) for p in ROOT.rglob("*.py") if p.name != "__init__.py"}
+    modules.discard("__main__")
+    listed = set()
+    for name in named:
+        if name.endswith("/*"):
+            listed |= {m for m in modules if m.startswith(name[:-1])}
+        else:
+            assert name in modules, f"README names {name}, which is not a module"
+            listed.add(name)
+    assert modules - listed == set()
