@@ -91,14 +91,14 @@ def make_batch(gen: torch.Generator, batch: int = 32, shift: int = SHIFT) -> dic
 
 
 def train_demo(
-    out_dir: str | Path = OUT_DIR, name: str = "adapter", shift: int = SHIFT
+    out_dir: str | Path = OUT_DIR, name: str = "adapter", shift: int = SHIFT, label: str | None = None
 ) -> tuple[torch.nn.Module, Path, dict[str, torch.Tensor]]:
     """Train LoRA on q_proj/v_proj, save the adapter to ``out_dir/<name>``, check that it reloads.
 
     Returns the trained (LoRA-wrapped, eval-mode) model, the adapter directory and example inputs.
     """
     out_dir = Path(out_dir)
-    print(f"\n== train {name!r}: continue a sequence by +{shift}")
+    print(f"\n== train {label or name!r}: continue a sequence by +{shift}")
     base = build_base_model()
     model = copy.deepcopy(base)
     config = LoraConfig(**LORA)
@@ -163,6 +163,14 @@ def training_key(name: str, shift: int) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _export_key() -> str:
+    import lora_export as package
+
+    code = "".join(inspect.getsource(f) for f in (build_base_model, export_factory))
+    spec = [code, torch.__version__, package.__version__, "dynamo"]
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+
+
 def trained_adapter(name: str, shift: int) -> tuple[torch.nn.Module, Path, dict[str, torch.Tensor]]:
     """The adapter from the cache when a valid one is there, else trained now and cached."""
     key = training_key(name, shift)
@@ -174,7 +182,7 @@ def trained_adapter(name: str, shift: int) -> tuple[torch.nn.Module, Path, dict[
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tmp = CACHE_DIR / f".{name}-{key}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model, _, example = train_demo(tmp.parent, name=tmp.name, shift=shift)
+    model, _, example = train_demo(tmp.parent, name=tmp.name, shift=shift, label=name)
     (tmp / CACHE_STAMP).write_text(json.dumps({"key": key, "name": name, "shift": shift}) + "\n")
     # Published whole (a rename) and only after the reload check passed: a half-written cache is never used.
     shutil.rmtree(cached, ignore_errors=True)
@@ -255,9 +263,17 @@ def export_and_merge(model: torch.nn.Module, adapter_dir: Path, example: dict, o
     print("\n== export the base model and merge the adapter into it")
     base_onnx = out_dir / "base.onnx"
     t0 = time.perf_counter()
-    # The factory builds the same base (seeded) that the adapters were trained on.
-    lora_export("export", "demo:export_factory", base_onnx, cwd=SAMPLES)
-    print(f"exported {base_onnx.name} in {time.perf_counter() - t0:.1f}s")
+    # The factory builds the same base (seeded) that the adapters were trained on; like the adapters, the
+    # export is reused while nothing that determines it changed.
+    stamp = out_dir / "base.onnx.key"
+    key = _export_key()
+    if base_onnx.is_file() and stamp.is_file() and stamp.read_text().strip() == key:
+        print(f"reuse {base_onnx.name}: same base model, exporter and lora-export version (no re-export)")
+    else:
+        stamp.unlink(missing_ok=True)
+        lora_export("export", "demo:export_factory", base_onnx, cwd=SAMPLES)
+        stamp.write_text(key + "\n")
+        print(f"exported {base_onnx.name} in {time.perf_counter() - t0:.1f}s")
     merged = out_dir / "merged-plus3.onnx"
     report = lora_export("merge", base_onnx, adapter_dir, "-o", merged, json_out=True)
     counts = report["counts"]

@@ -336,3 +336,26 @@ def test_cli_prints_no_torch_warnings(factory_file, extra):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert proc.stdout.lstrip().startswith("{")
+
+
+def test_failed_export_is_one_line_in_a_real_process(tmp_path):
+    """torch's C++ side dumps the whole graph to stdout when TorchScript export fails: the user sees one
+    line on stderr and nothing on stdout."""
+    (tmp_path / "unexportable.py").write_text(
+        "import torch\n\n\nclass M(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.lin = torch.nn.Linear(4, 4)\n\n"
+        "    def forward(self, x):\n        return torch.diff(self.lin(x), dim=-1)\n\n\n"
+        "def build():\n    return M(), {'x': torch.randn(2, 4)}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_export", "export", "unexportable.py:build", "m.onnx", "--torchscript"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(lora_export.__file__).parent.parent)},
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1 and "export failed" in proc.stderr
+    assert not (tmp_path / "m.onnx").exists()

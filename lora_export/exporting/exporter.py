@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -335,10 +336,11 @@ def _quiet() -> Iterator[None]:
 def _run_exporter(
     model: nn.Module, args: tuple, kwargs: dict | None, path: Path, *, dynamo: bool, options: dict
 ) -> None:
-    # torch prints progress to stdout; keep stdout clean for --json output.
+    # torch prints progress to stdout, and its C++ side dumps whole graphs there on failure: keep stdout
+    # clean for --json output and the one-line error.
     sink = io.StringIO()
     try:
-        with contextlib.redirect_stdout(sink), torch.no_grad():
+        with _native_stdout_silenced(), contextlib.redirect_stdout(sink), torch.no_grad():
             if dynamo:
                 program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, verbose=False, **options)
                 program.save(str(path))
@@ -353,6 +355,26 @@ def _run_exporter(
         raise LoraExportError(f"{which} export failed: {_cause(e)}") from None
     if not path.is_file():
         raise LoraExportError("export failed: the exporter wrote no model")
+
+
+@contextlib.contextmanager
+def _native_stdout_silenced() -> Iterator[None]:
+    """Point file descriptor 1 at /dev/null for the block (what C++ writes with std::cout), then restore it."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stdout (captured by a test runner): nothing to do
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
 
 
 @contextlib.contextmanager
