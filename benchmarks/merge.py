@@ -81,6 +81,8 @@ def setup(work: Path) -> dict:
     model = LlamaForCausalLM(LlamaConfig(**CONFIG, attn_implementation="eager")).eval()
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(work / "torch_base", safe_serialization=True)
+    # onnx appends to an existing data file: a reused --workdir would grow it with dead bytes on every run.
+    (work / "base.onnx.data").unlink(missing_ok=True)
     _export(model, work / "base.onnx")
     proto = onnx.load(str(work / "base.onnx"))
     onnx.save(proto, str(work / "base.onnx"), save_as_external_data=True, location="base.onnx.data", size_threshold=0)

@@ -48,6 +48,17 @@ def peft_reference(base: nn.Module, seed: int = 1, **config) -> nn.Module:
     return peft_model.eval()
 
 
+def saved_peft_reference(base: nn.Module, path, **config) -> nn.Module:
+    """``peft_reference`` saved with PEFT's own ``save_pretrained`` (its defaults) to ``path``."""
+    import warnings
+
+    peft_model = peft_reference(base, **config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(str(path))
+    return peft_model
+
+
 def copy_from_peft(ours: nn.Module, peft_model: nn.Module, adapter: str = "default") -> None:
     """Copy each PEFT LoRA layer's tensors into our wrapper at the same module path."""
     from lora_export.training.attach import lora_layers

@@ -12,7 +12,7 @@ import onnx_ir as ir
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import output_of, peft_reference
+from conftest import output_of, saved_peft_reference
 from foreign_graphs import run_plain
 from inject_fixtures import feeds_of
 from models import tiny_bert
@@ -23,14 +23,6 @@ from torch import nn
 from lora_export import export, merge_file
 from lora_export.cli import cli
 from lora_export.errors import TargetError
-
-
-def _save_peft(base, path, **config):
-    peft_model = peft_reference(base, **config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model.save_pretrained(str(path))
-    return peft_model
 
 
 def _merge(*args) -> tuple[int, str, str]:
@@ -46,7 +38,7 @@ def bert(tmp_path_factory):
     weights = root / "base.safetensors"
     save_file({k: v.detach().numpy().copy() for k, v in base.state_dict().items()}, str(weights))
     adapter = root / "adapter"
-    peft_model = _save_peft(base, adapter, r=4, lora_alpha=8, target_modules=["query", "value", "dense"])
+    peft_model = saved_peft_reference(base, adapter, r=4, lora_alpha=8, target_modules=["query", "value", "dense"])
     return base, make_inputs, plain, weights, adapter, peft_model
 
 
@@ -186,7 +178,7 @@ def test_packed_and_renamed_projections_are_refused(tmp_path, with_weights):
     x = torch.randn(2, 8)
     np.testing.assert_allclose(run_plain(tmp_path / "model.onnx", {"x": x.numpy()})[0], top(x).detach(), rtol=1e-5)
     adapter = tmp_path / "adapter"
-    _save_peft(top, adapter, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "o_proj"])
+    saved_peft_reference(top, adapter, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "o_proj"])
     extra = []
     if with_weights:
         save_file({k: v.detach().numpy().copy() for k, v in top.state_dict().items()}, str(tmp_path / "w.st"))
@@ -216,7 +208,7 @@ def test_exporter_manifest_proves_absence(tmp_path):
     path = export(net, (x,), tmp_path / "net.onnx", dynamo=False)
     manifest = json.loads(ir.load(path).metadata_props["lora_export.manifest"])
     assert manifest["absent"] == ["pooler"]
-    peft_model = _save_peft(net, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["lin", "pooler"])
+    peft_model = saved_peft_reference(net, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["lin", "pooler"])
     report = merge_file(path, tmp_path / "adapter", tmp_path / "merged.onnx")
     assert [r.target.name for r in report.resolution.absent] == ["pooler"]
     import onnxruntime as ort

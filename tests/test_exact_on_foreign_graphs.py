@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import output_of, peft_reference
+from conftest import output_of, peft_reference, saved_peft_reference
 from foreign_graphs import export_submodule, run_injected, run_plain, tie_lm_head, wrap_in_if
 from inject_fixtures import export_base, feeds_of
 from models import tiny_gpt2, tiny_llama
@@ -31,14 +31,6 @@ def _effect(base_out, ref) -> float:
     return rel_err(np.asarray(base_out), ref)
 
 
-def _save_peft(base, path, **config):
-    peft_model = peft_reference(base, **config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model.save_pretrained(str(path))
-    return peft_model
-
-
 # -- 1. PEFT's default save of embedding / lm_head adapters ------------------------------------------
 
 
@@ -56,7 +48,7 @@ def test_peft_stored_base_weight_never_undoes_the_delta(llama, tmp_path, targets
     weight. merge used to fold the delta and then overwrite it with that stored base."""
     base, make_inputs, onnx_path, _ = llama
     adapter_dir = tmp_path / "adapter"
-    peft_model = _save_peft(base, adapter_dir, r=4, lora_alpha=8, target_modules=targets)
+    peft_model = saved_peft_reference(base, adapter_dir, r=4, lora_alpha=8, target_modules=targets)
     stored = load_file(str(adapter_dir / "adapter_model.safetensors"))
     assert any(k.endswith(".base_layer.weight") for k in stored), "PEFT no longer stores the base layer"
     inputs = make_inputs(7)
@@ -78,7 +70,7 @@ def test_peft_stored_base_weight_that_differs_is_refused(llama, tmp_path):
 
     base, _, onnx_path, _ = llama
     adapter_dir = tmp_path / "adapter"
-    _save_peft(base, adapter_dir, r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    saved_peft_reference(base, adapter_dir, r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
     served = tmp_path / "first"
     inject_files(onnx_path, [adapter_dir], served)
     convert_adapter(adapter_dir, served / "model.onnx", tmp_path / "same.onnx_adapter")
@@ -101,7 +93,7 @@ def test_stored_base_round_trips(tmp_path):
     from lora_export import save_adapter_files
 
     base, _ = tiny_llama()
-    _save_peft(base, tmp_path / "a", r=2, lora_alpha=2, target_modules=["embed_tokens"])
+    saved_peft_reference(base, tmp_path / "a", r=2, lora_alpha=2, target_modules=["embed_tokens"])
     adapter = load_adapter(tmp_path / "a")
     assert list(adapter.stored_base) == ["model.embed_tokens"] and not adapter.extra
     save_adapter_files(adapter, tmp_path / "b")
@@ -133,7 +125,7 @@ def test_tied_weight_changes_only_the_targeted_module(gpt2_tied, tmp_path, confi
     """An adapter on one of two tied modules must not change the other (logits were off by 641)."""
     base, make_inputs, tied = gpt2_tied
     adapter_dir = tmp_path / "adapter"
-    peft_model = _save_peft(base, adapter_dir, r=4, lora_alpha=8, **config)
+    peft_model = saved_peft_reference(base, adapter_dir, r=4, lora_alpha=8, **config)
     inputs = make_inputs(3)
     ref = output_of(peft_model, inputs)
     feeds = feeds_of(inputs)
@@ -178,7 +170,7 @@ def bart(tmp_path_factory):
 
     encoder = export_submodule(base.encoder, make_inputs(0), root / "encoder_model.onnx")
     adapter_dir = root / "adapter"
-    peft_model = _save_peft(base, adapter_dir, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    peft_model = saved_peft_reference(base, adapter_dir, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     inputs = make_inputs(11)
     with torch.no_grad():
         ref = peft_model.get_encoder()(**inputs)[0]
@@ -231,7 +223,9 @@ def merged_decoder(tmp_path_factory):
 def test_if_subgraph_weights_merge_and_inject(merged_decoder, tmp_path, branch):
     base, make_inputs, model = merged_decoder
     adapter_dir = tmp_path / "adapter"
-    peft_model = _save_peft(base, adapter_dir, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    peft_model = saved_peft_reference(
+        base, adapter_dir, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]
+    )
     inputs = make_inputs(5)
     ref = output_of(peft_model, inputs)
     feeds = {**feeds_of(inputs), "use_cache_branch": np.array(branch)}
@@ -278,7 +272,7 @@ def test_private_copy_with_external_data(gpt2_tied, tmp_path, monkeypatch, limit
     ext.parent.mkdir()
     onnx.save(onnx.load(str(tied)), str(ext), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
     adapter_dir = tmp_path / "adapter"
-    peft_model = _save_peft(base, adapter_dir, r=4, lora_alpha=8, target_modules=["wte"])
+    peft_model = saved_peft_reference(base, adapter_dir, r=4, lora_alpha=8, target_modules=["wte"])
     inputs = make_inputs(6)
     report = merge_file(ext, adapter_dir, tmp_path / "out" / "merged.onnx")
     assert report.merged[0]["private_copy_of"] == "model.transformer.wte.weight"
