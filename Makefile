@@ -25,8 +25,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lora_export tests samples benchmarks
-	$(VENV)/bin/ruff format --check lora_export tests samples benchmarks
+	$(VENV)/bin/ruff check lora_export plugins tests samples benchmarks
+	$(VENV)/bin/ruff format --check lora_export plugins tests samples benchmarks
 
 bench: $(STAMP)
 	$(PY) benchmarks/merge.py

@@ -181,7 +181,7 @@ def inject_adapters(
             node=rt.node.name,
             weight=rt.value.name,
             weight_shape=list(t.weight_shape),
-            dtype=str(rt.value.const_value.dtype.numpy()),
+            dtype=str(rt.layout.activation_dtype(rt.node).numpy()),
             a=f"{module}.lora_A",
             b=f"{module}.lora_B",
             dora=f"{module}.dora_scale" if module in dora_modules else None,
@@ -199,7 +199,7 @@ def inject_adapters(
     graph = model.graph
     for module, slot in sorted(slots.items()):
         rt = chosen[module]
-        dtype = rt.value.const_value.dtype
+        dtype = rt.layout.activation_dtype(rt.node)
         np_dtype = slot.np_dtype
         a = _slot_input(graph, slot.a, dtype, slot.a_shape(slot.rank_dim), np.zeros(slot.a_shape(0), np_dtype))
         b = _slot_input(graph, slot.b, dtype, slot.b_shape(slot.rank_dim), np.zeros(slot.b_shape(0), np_dtype))

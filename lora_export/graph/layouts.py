@@ -48,6 +48,22 @@ class OpLayout(ABC):
         """A short human description of how the weight is stored (for ``inspect``)."""
         return self.op_type
 
+    def holds(self, node: ir.Node, w: np.ndarray) -> bool:
+        """Whether the node's weight is the base weight ``w`` (torch layout: W or Wᵀ, in the stored dtype).
+
+        Used to check a name match against ``--base-weights``. Quantized layouts override it (their stored
+        weight is W only up to the quantization error).
+        """
+        from .value_match import tensor_equals
+
+        value = self.weight_value(node)
+        return value is not None and value.const_value is not None and tensor_equals(value.const_value, w)
+
+    def activation_dtype(self, node: ir.Node) -> ir.DataType:
+        """The float dtype of the op's activations, which LoRA slots take: the weight's own dtype here;
+        quantized layouts return their scales' dtype."""
+        return self.weight_value(node).const_value.dtype
+
     def add_branch(
         self, graph: ir.Graph, node: ir.Node, a_value: ir.Value, b_value: ir.Value, dora_scale_value: ir.Value | None
     ) -> None:

@@ -36,7 +36,7 @@ from .layouts import OpLayout, get_layout
 from .model_check import ensure_checked
 from .module_paths import best_unique, name_module_paths, scope_module_paths, weight_module
 from .resolve_extras import ResolvedExtra, named_tensors, resolve_extra
-from .value_match import ValueIndex, base_key, tensor_equals
+from .value_match import ValueIndex, base_key
 
 MANIFEST_KEY = "lora_export.manifest"
 STRATEGIES = ("manifest", "initializer-name", "node-name", "scope", "fingerprint")
@@ -232,7 +232,7 @@ def _by_fingerprint(g: _Graph, t: LoraTarget, w: np.ndarray, key: str):
     hits = []
     for value in g.values.values():
         node, layout, _ = _fit(g, t, value)
-        if node is not None and tensor_equals(value.const_value, w):
+        if node is not None and layout.holds(node, w):
             hits.append((value, node, layout))
     if len(hits) != 1:
         return None
@@ -316,7 +316,7 @@ def _resolve_one(g: _Graph, t: LoraTarget, modules, base_weights) -> ResolvedTar
         steps.insert(0, ("manifest", lambda: (*_by_manifest(g, t, modules), "")))
     for name, step in steps:
         hit, found, why = step()
-        if hit is not None and w is not None and not tensor_equals(hit.value.const_value, w):
+        if hit is not None and w is not None and not hit.layout.holds(hit.node, w):
             # The name fits but the values are another module's: never trust the name over the values.
             reasons.append(f"{name} match {hit.value.name!r} does not hold base weight {key!r}")
             continue
