@@ -15,10 +15,7 @@ import contextlib
 import copy
 import io
 import json
-import logging
 import os
-import sys
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +29,7 @@ from ..files.atomic import temp_dir
 from ..graph.model_io import INLINE_LIMIT_BYTES, initializer_bytes, load_model, save_model
 from .factory import load_factory
 from .manifest import MANIFEST_KEY, build_manifest
+from .quiet import native_stdout_silenced, quiet
 from .shapes import (
     BATCH,
     SEQUENCE,
@@ -149,7 +147,7 @@ def export_with_manifest(
     kwargs = signature_order(base, kwargs)
     opset = _check_opset_request(opset, dynamo)
     specs = input_specs(base, args, kwargs, list(input_names) if input_names else None)
-    with _quiet():
+    with quiet():
         reference = _forward(base, args, kwargs)
     leaves = output_leaves(reference)
     out_names = list(output_names) if output_names else (leaves[0] if leaves else None)
@@ -173,7 +171,7 @@ def export_with_manifest(
     out.parent.mkdir(parents=True, exist_ok=True)
     # Export into a private folder beside the output so that nothing appears at ``out`` unless
     # the whole export, manifest and save succeed; external data written by torch stays there.
-    with temp_dir(out.parent) as tmp, _quiet():
+    with temp_dir(out.parent) as tmp, quiet():
         for n, attempt in enumerate(attempts):
             last = n == len(attempts) - 1
             tmp_model = tmp / f"exported{n}.onnx"
@@ -312,27 +310,6 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple, dict | None]:
     )
 
 
-_QUIET_LOGGERS = ("torch", "onnxscript", "onnx_ir", "onnx", "transformers")
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """No warnings and no log lines from torch, the ONNX tools or transformers while exporting: their
-    messages are not actionable for our users, and a failure is reported in one line anyway."""
-    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in _QUIET_LOGGERS]
-    loggers = [logging.getLogger(n) for n in {*names, *_QUIET_LOGGERS}]
-    levels = [(lg, lg.level) for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL + 1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in levels:
-            lg.setLevel(level)
-
-
 def _run_exporter(
     model: nn.Module, args: tuple, kwargs: dict | None, path: Path, *, dynamo: bool, options: dict
 ) -> None:
@@ -340,7 +317,7 @@ def _run_exporter(
     # clean for --json output and the one-line error.
     sink = io.StringIO()
     try:
-        with _native_stdout_silenced(), contextlib.redirect_stdout(sink), torch.no_grad():
+        with native_stdout_silenced(), contextlib.redirect_stdout(sink), torch.no_grad():
             if dynamo:
                 program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, verbose=False, **options)
                 program.save(str(path))
@@ -355,26 +332,6 @@ def _run_exporter(
         raise LoraExportError(f"{which} export failed: {_cause(e)}") from None
     if not path.is_file():
         raise LoraExportError("export failed: the exporter wrote no model")
-
-
-@contextlib.contextmanager
-def _native_stdout_silenced() -> Iterator[None]:
-    """Point file descriptor 1 at /dev/null for the block (what C++ writes with std::cout), then restore it."""
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # no real stdout (captured by a test runner): nothing to do
-        yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(fd)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-        yield
-    finally:
-        os.dup2(saved, fd)
-        os.close(saved)
-        os.close(devnull)
 
 
 @contextlib.contextmanager
