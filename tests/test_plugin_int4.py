@@ -317,3 +317,67 @@ def test_shared_quantized_weight_refused(bases, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "shared" in lines[0] and "quantized" in lines[0], result.stderr
     assert not out.exists()
+
+
+class _Lin(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(32, 24)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_inject_with_bias_input(plugin, tmp_path, dora):
+    """MatMulNBits with its own bias input (as ORT's fusions make it): LoRA adds after it; DoRA scales the
+    op's output without the bias, which moves after g's Mul."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+
+    torch.manual_seed(0)
+    module = _Lin().eval()
+    w = module.lin.weight.detach().numpy()
+    cfg = DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=False)
+    packed, scales, zp = DefaultWeightOnlyQuantizer(cfg).qbits_block_quant(np.ascontiguousarray(w.T))
+    node = _node_for(packed, scales, zp, 24, 32)
+    with torch.no_grad():
+        module.lin.weight.copy_(torch.from_numpy(plugin.LAYOUT.read(node)))
+    bias = module.lin.bias.detach().numpy()
+    mm = onnx.helper.make_node(
+        "MatMulNBits",
+        ["x", "B", "scales", "zp", "", "bias"],
+        ["y"],
+        domain="com.microsoft",
+        name="/lin/MatMul_Q4",
+        K=32,
+        N=24,
+        bits=4,
+        block_size=BLOCK,
+    )
+    inits = [
+        onnx.numpy_helper.from_array(a, n) for n, a in (("B", packed), ("scales", scales), ("zp", zp), ("bias", bias))
+    ]
+    graph = onnx.helper.make_graph(
+        [mm],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 32])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 24])],
+        inits,
+    )
+    proto = onnx.helper.make_model(
+        graph,
+        ir_version=10,
+        opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("com.microsoft", 1)],
+    )
+    onnx.save(proto, str(tmp_path / "lin.onnx"))
+    x = torch.randn(3, 32)
+    base_out = ort.InferenceSession(str(tmp_path / "lin.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()}
+    )[0]
+    assert _rel(base_out, module(x)) <= 1e-5
+    peft_model = saved_peft_reference(module, tmp_path / "ad", r=4, lora_alpha=8, target_modules=["lin"], use_dora=dora)
+    inject_files(tmp_path / "lin.onnx", [tmp_path / "ad"], tmp_path / "out")
+    sess = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(sess.run(None, {"x": x.numpy()})[0], base_out)
+    tensors = read_adapter_tensors(tmp_path / "out" / "ad.safetensors")
+    assert _rel(sess.run(None, {"x": x.numpy(), **tensors})[0], output_of(peft_model, {"x": x})) <= 1e-5
