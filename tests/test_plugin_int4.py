@@ -381,3 +381,72 @@ def test_inject_with_bias_input(plugin, tmp_path, dora):
     np.testing.assert_array_equal(sess.run(None, {"x": x.numpy()})[0], base_out)
     tensors = read_adapter_tensors(tmp_path / "out" / "ad.safetensors")
     assert _rel(sess.run(None, {"x": x.numpy(), **tensors})[0], output_of(peft_model, {"x": x})) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("zero_points", ["none", "uint8", "float"])
+def test_read_is_ort_dequantization_all_forms(plugin, dtype, zero_points):
+    """read() on synthetic codes: no / packed uint8 / float zero points, fp32 and fp16 scales, three blocks
+    (an odd count: the zero points' last byte is half padding), against ORT applied to the identity."""
+    rng = np.random.default_rng(7)
+    n, k = 24, 48
+    n_blocks = k // BLOCK
+    codes = rng.integers(0, 16, size=(n, k)).astype(np.uint8)
+    arrays = {
+        "B": plugin._pack(codes, 4, n_blocks * BLOCK // 2, 0).reshape(n, n_blocks, -1),
+        "scales": (rng.random(n * n_blocks) * 0.1 - 0.05).astype(dtype),  # the flat (N·n_blocks) form
+    }
+    if zero_points == "uint8":
+        arrays["zp"] = plugin._pack(rng.integers(0, 16, size=(n, n_blocks)).astype(np.uint8), 4, 2, 8).reshape(-1)
+    elif zero_points == "float":
+        arrays["zp"] = (rng.random((n, n_blocks)) * 15).astype(dtype)
+    tt = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    mm = onnx.helper.make_node(
+        "MatMulNBits", ["x", *arrays], ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=BLOCK
+    )
+    graph = onnx.helper.make_graph(
+        [mm],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", tt, [k, k])],
+        [onnx.helper.make_tensor_value_info("y", tt, None)],
+        [onnx.numpy_helper.from_array(a, name) for name, a in arrays.items()],
+    )
+    proto = onnx.helper.make_model(
+        graph,
+        ir_version=10,
+        opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("com.microsoft", 1)],
+    )
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"x": np.eye(k, dtype=dtype)})[0].astype(np.float32).T
+    node = next(iter(ir.from_proto(proto).graph))
+    w = plugin.LAYOUT.read(node)
+    if zero_points == "float" and dtype == np.float32:
+        # q·s − zp·s: a fused multiply-add on some CPUs may differ in the last bit
+        np.testing.assert_allclose(w, y, rtol=2.0**-22, atol=0)
+    else:
+        np.testing.assert_array_equal(w, y)
+    assert plugin.LAYOUT.activation_dtype(node).numpy() == np.dtype(dtype)
+
+
+def test_merge_refuses_float_zero_points_and_reordering_g_idx(plugin):
+    """No requantizer for float zero points (HQQ), no layout for a reordering g_idx: one-line refusals."""
+    from lora_export.errors import ModelError
+
+    rng = np.random.default_rng(3)
+    packed = rng.integers(0, 256, size=(8, 2, 8)).astype(np.uint8)
+    scales = np.full((8, 2), 0.01, np.float32)
+    node = _node_for(packed, scales, np.full((8, 2), 7.5, np.float32), 8, 32)
+    w = plugin.LAYOUT.read(node)
+    with pytest.raises(ModelError, match="float zero points"):
+        plugin.LAYOUT.write(node, w)
+    g_idx = ir.Value(name="g_idx", const_value=ir.tensor(np.arange(32, dtype=np.int32)[::-1].copy(), name="g_idx"))
+    node = _node_for(packed, scales, None, 8, 32)
+    reordered = ir.node(
+        "MatMulNBits",
+        [*node.inputs[:3], None, g_idx],
+        attributes={"K": 32, "N": 8, "bits": 4, "block_size": BLOCK},
+        domain="com.microsoft",
+        name="g",
+    )
+    with pytest.raises(ModelError, match="g_idx"):
+        plugin.LAYOUT.read(reordered)

@@ -156,11 +156,15 @@ class MatMulNBitsLayout(OpLayout):
         codes, scales, zp = self._params(node)
         s = np.repeat(scales.astype(np.float32), bs, axis=1)
         if zp.dtype.kind == "f":
-            # Float zero points: (q − zp) · scale, in float32.
-            q = codes.astype(np.float32) - np.repeat(zp.astype(np.float32), bs, axis=1)
+            # Float zero points: ORT computes q·scale − zp·scale (not (q − zp)·scale), in float32.
+            z = np.repeat(zp.astype(np.float32), bs, axis=1)
+            w = codes.astype(np.float32) * s - z * s
         else:
-            q = (codes.astype(np.int32) - np.repeat(zp.astype(np.int32), bs, axis=1)).astype(np.float32)
-        return np.ascontiguousarray((q * s)[:, :k])
+            w = (codes.astype(np.int32) - np.repeat(zp.astype(np.int32), bs, axis=1)).astype(np.float32) * s
+        if scales.dtype != np.float32:
+            # fp16/bf16 activations: the op's weight is the dequantized value in that dtype.
+            w = w.astype(scales.dtype).astype(np.float32)
+        return np.ascontiguousarray(w[:, :k])
 
     def holds(self, node: ir.Node, w: np.ndarray) -> bool:
         """Whether ``w`` (N, K) or its transpose, rounded to the activation dtype, quantizes to this weight:
