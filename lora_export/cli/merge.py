@@ -84,6 +84,12 @@ def summary(report: MergeReport) -> str:
         + (f", replaced {c['replaced_tensors']} tensor(s)" if c["replaced_tensors"] else "")
         + f" in {report.timings.get('total', 0.0):.2f}s"
     )
+    # What a lossy write (a requantized weight) cost, as its layout summarizes it.
+    lines += [
+        f"{clean(m['target'])}: {clean(m['write']['summary'])}"
+        for m in report.merged
+        if "summary" in m.get("write", {})
+    ]
     if report.repeated:
         lines.append(f"note: {report.repeated}; merged again (--force)")
     # --allow-partial: what was left out, and why, one line each.

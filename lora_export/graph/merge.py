@@ -272,6 +272,11 @@ def _fold(model: ir.Model, r: ResolvedTarget, compute_dtype) -> dict:
     if shared:
         out["private_copy_of"] = original
         out["shared_with"] = shared
+    # A layout that rounds lossily (requantization) may describe what the write cost.
+    write_report = getattr(r.layout, "last_write_report", None)
+    if write_report:
+        out["write"] = dict(write_report)
+        r.layout.last_write_report = None
     return out
 
 
