@@ -193,7 +193,8 @@ def test_dora_on_a_packed_slice_is_refused(case, tmp_path):
         inject_adapters(ir.load(case["base"]), [adapter], base_weights=load_file(str(case["weights"])), dora=True)
     args = ["-o", tmp_path / "inj", "--base-weights", case["weights"], "--dora"]
     code, _, err = _cli("inject", case["base"], case["paths"]["qv_r4"], *args)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "DoRA" in err, err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "DoRA" in err and "q_proj" in err, err
+    assert not (tmp_path / "inj").exists()
 
 
 class _Attn(nn.Module):
@@ -343,3 +344,22 @@ def test_fp16_packed_merge_rounds_once_and_keeps_other_slices(tmp_path):
         # Within half a float16 step of the exact value: one rounding (plus float32 noise far below it).
         half_ulp = np.spacing(np.abs(exact).astype(np.float16)).astype(np.float64) / 2
         assert (np.abs(got.astype(np.float64) - exact) <= half_ulp * (1 + 1e-3)).all()
+
+
+def test_dora_merges_into_packed_slices(tmp_path):
+    """DoRA's merged weight is per output row, and a slice holds whole rows: merge is exact."""
+    torch.manual_seed(0)
+    m = _Attn().eval()
+    _genai_attn(m, tmp_path / "model.onnx")
+    save_file({k: v.detach().numpy().copy() for k, v in m.state_dict().items()}, str(tmp_path / "w.st"))
+    peft_model = peft_reference(m, r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj", "v_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(str(tmp_path / "adapter"))
+    out = tmp_path / "merged.onnx"
+    code, _, err = _cli(
+        "merge", tmp_path / "model.onnx", tmp_path / "adapter", "-o", out, "--base-weights", tmp_path / "w.st"
+    )
+    assert code == 0, err
+    x = torch.randn(2, 8)
+    assert _rel_err(run_plain(out, {"x": x.numpy()})[0], peft_model(x).detach().numpy()) <= 1e-5

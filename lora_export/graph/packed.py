@@ -9,8 +9,10 @@ of a ``MatMul`` (directly or through a Transpose) or ``Gemm``. Zero or several s
 ``PackedSlice`` is the op layout of one such slice: it reads and writes that slice only (merge rounds
 once into the stored dtype; the other slices stay bit-identical), and its LoRA branch pads B′ (r, width)
 with zero columns to (r, total) so the branch output lands in the slice; q, k and v branches of any
-ranks then add onto one packed op. DoRA on a slice is refused. A packed weight read by more than one
-node (shared, or its module called twice) is refused for now.
+ranks then add onto one packed op. DoRA merges into a slice (its norm is per output row, and a slice holds
+whole rows); a DoRA branch is refused (its g would scale the whole packed output). The slice found must
+be the only place W occurs in the graph, and a packed weight read by more than one node (shared, or its
+module called twice) is refused for now.
 """
 
 from __future__ import annotations
@@ -129,13 +131,16 @@ class PackedSlice(OpLayout):
 
     def add_branch(self, graph, node, a_value, b_value, dora_scale_value=None) -> None:
         """y = op(x) + (x·A′)·Pad(B′, columns → [offset, total − offset − width]): the branch lands in the slice."""
+        stem = a_value.name[: -len(".lora_A")] if (a_value.name or "").endswith(".lora_A") else a_value.name
         if dora_scale_value is not None:
-            raise ModelError(f"{node.name or node.op_type}: DoRA on a packed projection slice is not supported")
+            raise ModelError(
+                f"{stem}: DoRA on a packed projection slice ({node.name or node.op_type}) is not supported; "
+                "merge it, or inject without --dora"
+            )
         opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 0))
         if opset < 11:
             raise ModelError(f"{node.name or node.op_type}: a packed slice's branch needs opset >= 11 (Pad)")
         total = self.total(node)
-        stem = a_value.name[: -len(".lora_A")] if (a_value.name or "").endswith(".lora_A") else a_value.name
         pads = np.array([0, self.offset, 0, total - self.offset - self.width], dtype=np.int64)
         pad = ir.node("Pad", [b_value, _const(graph, f"{stem}.packed_pads", pads)], name=f"{stem}/packed_pad")
         pad.outputs[0].name = f"{stem}/packed_B"
