@@ -13,6 +13,7 @@ import difflib
 import numpy as np
 
 from .module_paths import best_unique, strip_wrappers
+from .packed import slice_holder, tiled_by_base
 from .value_match import ValueIndex, base_key
 
 # Ops that hold projections we cannot address one module at a time (packed, fused or quantized).
@@ -36,7 +37,11 @@ def absent_or_why(g, r, proven_absent, base_weights, index: ValueIndex | None) -
         if held_by is not None:
             r.detail = f"its base weight is in the graph as {held_by!r}, but no supported op reads it as {t.kind}"
             return
-        loose = index.unaccounted_for(t.weight_shape)
+        packed_in = slice_holder(index.tensors, np.asarray(base_weights[key]))
+        if packed_in is not None:
+            r.detail = f"its base weight is a slice of packed weight {packed_in!r}, but no supported op reads it"
+            return
+        loose = _unpacked(index, index.unaccounted_for(t.weight_shape))
         if not loose:
             r.status, r.detail = "absent", "its base weight is not in the graph; every graph tensor is accounted for"
             return
@@ -51,7 +56,7 @@ def absent_or_why(g, r, proven_absent, base_weights, index: ValueIndex | None) -
 def _likely_cause(g, t) -> str:
     causes = []
     if g.ops & _FUSED_OPS or any("qkv" in p for p in g.all_module_paths):
-        causes.append("packed/fused projections (one weight holds Q/K/V: needs a packed layout plugin)")
+        causes.append("packed/fused projections (one weight holds Q/K/V: --base-weights matches their slices by value)")
     if g.ops & _QUANTIZED_OPS:
         causes.append("quantized weights (needs a quantized layout plugin)")
     near = difflib.get_close_matches(strip_wrappers(t.name), sorted(g.all_module_paths), n=2, cutoff=0.6)
@@ -63,5 +68,14 @@ def extra_absent(e, base_weights, index: ValueIndex) -> None:
     key = best_unique(e.key, {k: [k] for k in base_weights})[0]
     if key is None:
         return
-    if index.occurs(np.asarray(base_weights[key])) is None and not index.unaccounted_for(e.shape):
+    w = np.asarray(base_weights[key])
+    if index.occurs(w) is not None or slice_holder(index.tensors, w) is not None:
+        return
+    if not _unpacked(index, index.unaccounted_for(e.shape)):
         e.status, e.detail = "absent", "its base tensor is not in the graph, and every graph tensor is accounted for"
+
+
+def _unpacked(index: ValueIndex, names: list[str]) -> list[str]:
+    """``names`` without the packed tensors whose every slice is a base weight (fused Q/K/V, all present)."""
+    tensors = dict(index.tensors)
+    return [n for n in names if not tiled_by_base(tensors[n], index.base_weights)]

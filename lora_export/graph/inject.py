@@ -103,7 +103,7 @@ def _resolve_all(
     owner: dict[int, str] = {}
     for name, rt in sorted(chosen.items()):
         for node in rt.nodes:
-            other = owner.setdefault(id(node), name)
+            other = owner.setdefault((id(node), getattr(rt.layout, "offset", None)), name)
             if other != name:
                 target_errors.append(
                     f"{name} (ambiguous: node {node.name!r} is also {other}; choose with --only-targets REGEX)"
@@ -209,7 +209,8 @@ def inject_adapters(
         if not rt.nodes:
             raise TargetError(f"{module}: no node applies its weight")
         for node in rt.nodes:
-            get_layout(node).add_branch(graph, node, a, b, g)
+            layout = rt.layout if getattr(rt.layout, "per_target", False) else get_layout(node)
+            layout.add_branch(graph, node, a, b, g)
     model.metadata_props[SLOTS_KEY] = manifest.to_json()
     digests = {a.name: a.digest() for a in adapters}
     records = []

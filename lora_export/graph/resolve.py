@@ -8,6 +8,7 @@ MatMul/Gemm, conv ↔ Conv, embedding ↔ Gather) and its canonical weight shape
   node-name         TorchScript node names (``/model/layers.0/q_proj/MatMul``)
   scope             the dynamo exporter's ``pkg.torch.onnx.name_scopes`` / ``namespace`` node metadata
   fingerprint       an initializer equal to the user's base weight W (or Wᵀ)
+  packed            a slice of one packed MatMul/Gemm weight equal to W (or Wᵀ): fused Q/K/V (``packed``)
 
 With base weights, a match found by name must also hold the target's base weight by value. A graph
 name that two targets could both claim (an encoder exported alone names ``layers.0.q_proj``, which
@@ -35,11 +36,12 @@ from .consumers import consumers
 from .layouts import OpLayout, get_layout
 from .model_check import ensure_checked
 from .module_paths import best_unique, name_module_paths, scope_module_paths, weight_module
+from .packed import find_packed, held_elsewhere, packed_readers
 from .resolve_extras import ResolvedExtra, named_tensors, resolve_extra
-from .value_match import ValueIndex, base_key
+from .value_match import ValueIndex, base_key, graph_tensors
 
 MANIFEST_KEY = "lora_export.manifest"
-STRATEGIES = ("manifest", "initializer-name", "node-name", "scope", "fingerprint")
+STRATEGIES = ("manifest", "initializer-name", "node-name", "scope", "fingerprint", "packed")
 
 
 @dataclass
@@ -240,6 +242,18 @@ def _by_fingerprint(g: _Graph, t: LoraTarget, w: np.ndarray, key: str):
     return _matched(t, "fingerprint", value, node, layout, f"values equal base weight {key!r} → {value.name}")
 
 
+def _by_packed(g: _Graph, t: LoraTarget, w: np.ndarray, key: str):
+    """Exactly one slice of one packed weight holds W, and no other graph tensor does (see ``packed``)."""
+    hits = find_packed(g.candidates, t, w)
+    if len(hits) != 1:
+        return None
+    node, layout, value = hits[0]
+    if held_elsewhere(graph_tensors(g.model), w, value):
+        return None
+    end = layout.offset + layout.width
+    return _matched(t, "packed", value, node, layout, f"base weight {key!r} is {value.name}[{layout.offset}:{end}]")
+
+
 def read_manifest(model: ir.Model) -> dict[str, dict]:
     """The ``modules`` map of our exporter's manifest, or {} when absent or unreadable."""
     mods = _manifest(model).get("modules")
@@ -326,7 +340,7 @@ def _resolve_one(g: _Graph, t: LoraTarget, modules, base_weights) -> ResolvedTar
         if why:
             reasons.append(why)
     if w is not None:
-        hit = _by_fingerprint(g, t, w, key)
+        hit = _by_fingerprint(g, t, w, key) or _by_packed(g, t, w, key)
         if hit is not None:
             return hit
     if found_shape is not None:
@@ -341,6 +355,11 @@ def _resolve_one(g: _Graph, t: LoraTarget, modules, base_weights) -> ResolvedTar
 
 def _attach_consumers(r: ResolvedTarget, known_modules: set[str] | None) -> None:
     """The nodes that apply the module, and the weight's other readers (or unmatched if ambiguous)."""
+    if r.strategy == "packed":
+        r.nodes, why = packed_readers(r.value)
+        if why:
+            r.status, r.detail = "unmatched", why
+        return
     try:
         c = consumers(r.value, r.target.name, r.target.kind, r.target.weight_shape, known_modules)
     except TargetError as e:
@@ -360,7 +379,8 @@ def _refuse_shared_claims(results: list[ResolvedTarget], by_value: bool) -> None
     for r in results:
         if r.status == "matched":
             for n in r.nodes:
-                claims.setdefault(id(n), []).append(r)
+                # Packed slices of one node are distinct modules; the same slice twice is not.
+                claims.setdefault((id(n), getattr(r.layout, "offset", None)), []).append(r)
     for rs in claims.values():
         if len(rs) < 2:
             continue
