@@ -1,0 +1,395 @@
+"""int8/uint8 weights as ONNX Runtime's quantizer writes them (``onnxruntime.quantization``).
+
+Two patterns, both with a constant quantized weight Wq stored (in, out), a float scale and an integer zero
+point, per tensor (scalar) or per output channel ((out,), axis 1):
+
+* QDQ (``quantize_static(quant_format=QDQ)``): ``DequantizeLinear(Wq, scale, zp) → MatMul(x, ·)``. The layout
+  is keyed on the DequantizeLinear node (it is the op that reads the weight); its branch attaches to the
+  MatMul's output, or after the output's QuantizeLinear → DequantizeLinear pair when the activations are
+  quantized too, so the LoRA term is not rounded to the (adapter-less) output scale.
+  ORT names these nodes after the weight (``onnx::MatMul_650_DequantizeLinear``), so a TorchScript export
+  carries no module path in them: resolve with ``--base-weights`` (``holds``: dequantized W within scale/2).
+* Dynamic (``quantize_dynamic``): ``DynamicQuantizeLinear(x) → MatMulInteger(x_q, Wq, x_zp, w_zp) → Cast →
+  Mul(·, Mul(x_scale, w_scale))``. Keyed on MatMulInteger (named ``/…/q_proj/MatMul_quant``: resolved by
+  name); the branch takes the float x (DynamicQuantizeLinear's input) and adds to the float output.
+
+merge: dequantize, add ΔW in float32, requantize with the same scheme (dtype, per-tensor/per-channel,
+symmetric or not; scale and zero point recomputed from the merged weight as ORT's quantizer does), rounding
+once. The error is recorded in ``layout.last_write_report``. Quantized tensors shared with other nodes are
+refused (one line): a merge would change the other readers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from lora_export.errors import ModelError
+from lora_export.graph.layouts import OpLayout, register_layout
+
+_INT_TYPES = (ir.DataType.INT8, ir.DataType.UINT8)
+
+
+@dataclass
+class QWeight:
+    """A quantized weight: Wq (in, out), its scale and zero point, and how they broadcast."""
+
+    q: ir.Value
+    scale: ir.Value
+    zero_point: ir.Value | None
+    per_channel: bool
+
+    @property
+    def dtype(self) -> ir.DataType:
+        return self.q.const_value.dtype
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(q int32 (in, out), scale float32 broadcastable, zp int32 broadcastable)."""
+        q = self.q.const_value.numpy().astype(np.int32)
+        scale = self.scale.const_value.numpy().astype(np.float32).reshape(-1)
+        zp = (
+            self.zero_point.const_value.numpy().astype(np.int32).reshape(-1)
+            if self.zero_point is not None
+            else np.zeros(1, np.int32)
+        )
+        if not self.per_channel:
+            scale, zp = scale.reshape(()), zp.reshape(())
+        return q, scale, zp
+
+    def dequantized(self) -> np.ndarray:
+        """W (in, out) as float32, exactly as DequantizeLinear computes it."""
+        q, scale, zp = self.arrays()
+        return ((q - zp).astype(np.float32) * scale).astype(np.float32)
+
+    def scheme(self) -> dict:
+        _, _, zp = self.arrays()
+        mid = 0 if self.dtype == ir.DataType.INT8 else 128
+        return {
+            "dtype": self.dtype.name.lower(),
+            "granularity": "per-channel" if self.per_channel else "per-tensor",
+            "symmetric": bool(np.all(zp == mid)) or self.zero_point is None,
+        }
+
+    def check_private(self, readers: list[ir.Node], what: str) -> None:
+        """Refuse when Wq, its scale or zero point is read by any node but ``readers``."""
+        own = {id(n) for n in readers}
+        for v in (self.q, self.scale, self.zero_point):
+            if v is None:
+                continue
+            others = [u.node for u in v.uses() if id(u.node) not in own]
+            if others or v.is_graph_output():
+                who = f"{others[0].op_type} {others[0].name!r}" if others else "a graph output"
+                raise ModelError(
+                    f"{what}: quantized tensor {v.name!r} is shared with {who}; a LoRA change would change it too "
+                    "(requantize without weight sharing)"
+                )
+
+
+def _const(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None
+
+
+def _qweight(q: ir.Value | None, scale: ir.Value | None, zp: ir.Value | None, axis: int) -> QWeight | None:
+    """A QWeight when the tensors are a 2-D int8/uint8 weight with a per-tensor or per-output-channel scale."""
+    if not (_const(q) and _const(scale)) or (zp is not None and not _const(zp)):
+        return None
+    if q.const_value.dtype not in _INT_TYPES or len(q.const_value.shape) != 2:
+        return None
+    if not scale.const_value.dtype.is_floating_point():
+        return None
+    if zp is not None and zp.const_value.dtype != q.const_value.dtype:
+        return None
+    out = int(q.const_value.shape[1])
+    n = int(np.prod([int(d) for d in scale.const_value.shape], dtype=np.int64))
+    if len(scale.const_value.shape) == 0 or (n == 1 and len(scale.const_value.shape) == 1 and out != 1):
+        per_channel = False
+    elif len(scale.const_value.shape) == 1 and n == out and axis in (1, -1):
+        per_channel = True
+    else:
+        return None
+    if zp is not None and int(np.prod([int(d) for d in zp.const_value.shape], dtype=np.int64)) != n:
+        return None
+    return QWeight(q, scale, zp, per_channel)
+
+
+def _limits(dtype: ir.DataType, symmetric: bool) -> tuple[int, int]:
+    if dtype == ir.DataType.INT8:
+        return (-127, 127) if symmetric else (-128, 127)
+    return 0, 255
+
+
+def requantize(qw: QWeight, stored: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantize ``stored`` (in, out) with ``qw``'s scheme, as onnxruntime's quantizer computes scale and zero point.
+
+    Returns (q in the weight's dtype, scale in the scale's dtype, zero point in the weight's dtype), shaped
+    like the stored tensors.
+    """
+    scheme = qw.scheme()
+    symmetric = scheme["symmetric"]
+    qmin, qmax = _limits(qw.dtype, symmetric)
+    axis = 0 if qw.per_channel else None
+    lo = np.minimum(stored.min(axis=axis), 0).astype(np.float32)
+    hi = np.maximum(stored.max(axis=axis), 0).astype(np.float32)
+    if qw.zero_point is None:
+        # No zero point input: zero stays 0; the scale covers what a zero point of 0 can.
+        zp = np.zeros_like(lo, dtype=np.float32)
+        span = np.maximum(np.abs(lo), hi) if qw.dtype == ir.DataType.INT8 else hi
+        scale = (span / np.float32(qmax)).astype(np.float32)
+    elif symmetric:
+        absmax = np.maximum(np.abs(lo), hi)
+        lo, hi = -absmax, absmax
+        scale = ((hi - lo) / np.float32(qmax - qmin)).astype(np.float32)
+        zp = np.round(np.float32((qmin + qmax) / 2.0)) * np.ones_like(scale)
+    else:
+        scale = ((hi - lo) / np.float32(qmax - qmin)).astype(np.float32)
+    scale = np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)
+    if qw.zero_point is not None and not symmetric:
+        zp = np.clip(np.round(qmin - lo / scale), qmin, qmax)
+    # The scale as stored (fp16 scales round here) is the one DequantizeLinear will use.
+    scale_dtype = qw.scale.const_value.dtype.numpy()
+    scale = scale.astype(scale_dtype)
+    q = np.clip(np.rint(stored / scale.astype(np.float32)) + zp, qmin, qmax)
+    int_dtype = qw.dtype.numpy()
+    scale_shape = tuple(int(d) for d in qw.scale.const_value.shape)
+    return q.astype(int_dtype), scale.reshape(scale_shape), zp.astype(int_dtype)
+
+
+def _store(value: ir.Value, arr: np.ndarray) -> None:
+    old = value.const_value
+    shape = tuple(int(d) for d in old.shape)
+    value.const_value = ir.tensor(np.ascontiguousarray(arr.reshape(shape)), dtype=old.dtype, name=old.name)
+
+
+def write_quantized(qw: QWeight, canonical: np.ndarray) -> dict:
+    """Requantize a canonical (out, in) weight into ``qw``'s tensors; returns the requantization report."""
+    before = qw.dequantized()
+    merged = np.asarray(canonical, dtype=np.float32).T
+    q, scale, zp = requantize(qw, merged)
+    _store(qw.q, q)
+    _store(qw.scale, scale)
+    if qw.zero_point is not None:
+        _store(qw.zero_point, zp)
+    after = qw.dequantized()
+    err = after - merged
+    delta = merged - before
+    delta_norm = float(np.linalg.norm(delta))
+    return {
+        **qw.scheme(),
+        "requant_max_abs": float(np.abs(err).max()) if err.size else 0.0,
+        "requant_rel_frobenius": float(np.linalg.norm(err) / max(float(np.linalg.norm(merged)), 1e-30)),
+        # 1 − ‖realized ΔW − ΔW‖ / ‖ΔW‖: 1 when the whole LoRA change survives requantization, ≤ 0 when lost.
+        "delta_kept": 1.0 - float(np.linalg.norm((after - before) - delta)) / delta_norm if delta_norm else 1.0,
+    }
+
+
+def _holds(qw: QWeight, w: np.ndarray) -> bool:
+    """Whether dequantized Wq is ``w`` (torch (out, in) or stored (in, out)) within half a quantization step."""
+    w = np.asarray(w, dtype=np.float32)
+    deq = qw.dequantized()
+    _, scale, _ = qw.arrays()
+    bound = np.abs(scale) * np.float32(0.5 * (1 + 1e-3)) + np.float32(1e-7)
+    for cand in (w.T, w):
+        if cand.shape == deq.shape and bool(np.all(np.abs(cand - deq) <= bound)):
+            return True
+    return False
+
+
+def _single_use(value: ir.Value) -> ir.Node | None:
+    uses = list(value.uses())
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    return uses[0].node
+
+
+def _is(node: ir.Node | None, op_type: str) -> bool:
+    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
+
+
+# -- QDQ: DequantizeLinear(Wq) → MatMul ---------------------------------------------------------------
+
+
+class DequantizeLinearLayout(OpLayout):
+    """DequantizeLinear of a constant int8/uint8 weight (in, out) feeding a MatMul's B input."""
+
+    op_type = "DequantizeLinear"
+    kind = "linear"
+
+    def __init__(self) -> None:
+        self.last_write_report: dict | None = None
+
+    def _parse(self, node: ir.Node) -> tuple[QWeight, list[ir.Node]] | None:
+        if "block_size" in node.attributes and node.attributes["block_size"].as_int() != 0:
+            return None
+        ins = list(node.inputs) + [None] * (3 - len(node.inputs))
+        axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 1
+        qw = _qweight(ins[0], ins[1], ins[2], axis)
+        if qw is None:
+            return None
+        users = [u for u in node.outputs[0].uses()]
+        if not users or any(not _is(u.node, "MatMul") or u.idx != 1 for u in users):
+            return None
+        if any(_const(u.node.inputs[0]) for u in users):
+            return None
+        return qw, [u.node for u in users]
+
+    def weight_value(self, node: ir.Node) -> ir.Value | None:
+        parsed = self._parse(node)
+        return parsed[0].q if parsed else None
+
+    def weight_shape(self, node: ir.Node) -> tuple[int, ...] | None:
+        parsed = self._parse(node)
+        if parsed is None:
+            return None
+        fan_in, fan_out = (int(d) for d in parsed[0].q.const_value.shape)
+        return fan_out, fan_in
+
+    def _checked(self, node: ir.Node) -> tuple[QWeight, ir.Node]:
+        qw, matmuls = self._parse(node)
+        qw.check_private([node], node.name or "DequantizeLinear")
+        if len(matmuls) != 1 or node.outputs[0].is_graph_output():
+            raise ModelError(
+                f"{node.name or 'DequantizeLinear'}: its dequantized weight feeds {len(matmuls)} MatMuls; "
+                "a LoRA change would change them all"
+            )
+        return qw, matmuls[0]
+
+    def read(self, node: ir.Node) -> np.ndarray:
+        return self._checked(node)[0].dequantized().T
+
+    def write(self, node: ir.Node, canonical: np.ndarray) -> None:
+        qw, _ = self._checked(node)
+        self.last_write_report = write_quantized(qw, canonical)
+
+    def describe(self, node: ir.Node) -> str:
+        parsed = self._parse(node)
+        if parsed is None:
+            return "DequantizeLinear"
+        s = parsed[0].scheme()
+        return f"QDQ {s['dtype']} {s['granularity']}{' symmetric' if s['symmetric'] else ''} Wᵀ(in,out) → MatMul"
+
+    def holds(self, node: ir.Node, w: np.ndarray) -> bool:
+        parsed = self._parse(node)
+        return parsed is not None and _holds(parsed[0], w)
+
+    def activation_dtype(self, node: ir.Node) -> ir.DataType:
+        return self._parse(node)[0].scale.const_value.dtype
+
+    def add_branch(self, graph, node, a_value, b_value, dora_scale_value=None) -> None:
+        from lora_export.graph.branches import _finish, _prefix
+
+        _, matmul = self._checked(node)
+        prefix = _prefix(graph, matmul, a_value)
+        x = matmul.inputs[0]
+        h = ir.node("MatMul", [x, a_value], name=f"{prefix}/lora_A")
+        d = ir.node("MatMul", [h.outputs[0], b_value], name=f"{prefix}/lora_B")
+        # Quantized activations: y → QuantizeLinear → DequantizeLinear. Add after the pair, in float, so the
+        # LoRA term is neither rounded to nor clipped by an output scale calibrated without it.
+        anchor, base = matmul, matmul.outputs[0]
+        ql = _single_use(base)
+        if _is(ql, "QuantizeLinear"):
+            dql = _single_use(ql.outputs[0])
+            if _is(dql, "DequantizeLinear"):
+                anchor, base = dql, dql.outputs[0]
+        _finish(graph, anchor, base, d.outputs[0], [h, d], dora_scale_value, None, None, prefix)
+
+
+# -- dynamic: DynamicQuantizeLinear → MatMulInteger → Cast → Mul(scales) --------------------------------
+
+
+@dataclass
+class _Dynamic:
+    qw: QWeight
+    x: ir.Value  # the float input of DynamicQuantizeLinear
+    scales_mul: ir.Node  # Mul(x_scale, w_scale)
+    out_mul: ir.Node  # Mul(Cast(MatMulInteger), scales): the float output
+
+
+class MatMulIntegerLayout(OpLayout):
+    """MatMulInteger(DynamicQuantizeLinear(x), Wq (in, out), x_zp, w_zp) → Cast → Mul(x_scale·w_scale)."""
+
+    op_type = "MatMulInteger"
+    kind = "linear"
+
+    def __init__(self) -> None:
+        self.last_write_report: dict | None = None
+
+    def _parse(self, node: ir.Node) -> _Dynamic | None:
+        ins = list(node.inputs) + [None] * (4 - len(node.inputs))
+        a, b, _, b_zp = ins
+        dql = a.producer() if a is not None else None
+        if not _is(dql, "DynamicQuantizeLinear") or dql.outputs[0] is not a:
+            return None
+        cast = _single_use(node.outputs[0])
+        if not _is(cast, "Cast"):
+            return None
+        out_mul = _single_use(cast.outputs[0])
+        if not _is(out_mul, "Mul"):
+            return None
+        scales = out_mul.inputs[1] if out_mul.inputs[0] is cast.outputs[0] else out_mul.inputs[0]
+        scales_mul = scales.producer() if scales is not None else None
+        if not _is(scales_mul, "Mul") or dql.outputs[1] not in scales_mul.inputs:
+            return None
+        w_scale = scales_mul.inputs[1] if scales_mul.inputs[0] is dql.outputs[1] else scales_mul.inputs[0]
+        qw = _qweight(b, w_scale, b_zp, 1)
+        if qw is None:
+            return None
+        return _Dynamic(qw, dql.inputs[0], scales_mul, out_mul)
+
+    def weight_value(self, node: ir.Node) -> ir.Value | None:
+        parsed = self._parse(node)
+        return parsed.qw.q if parsed else None
+
+    def weight_shape(self, node: ir.Node) -> tuple[int, ...] | None:
+        parsed = self._parse(node)
+        if parsed is None:
+            return None
+        fan_in, fan_out = (int(d) for d in parsed.qw.q.const_value.shape)
+        return fan_out, fan_in
+
+    def _checked(self, node: ir.Node) -> _Dynamic:
+        p = self._parse(node)
+        what = node.name or "MatMulInteger"
+        p.qw.check_private([node, p.scales_mul], what)
+        if len(list(p.scales_mul.outputs[0].uses())) != 1:
+            raise ModelError(f"{what}: its scale product {p.scales_mul.outputs[0].name!r} is shared with other nodes")
+        return p
+
+    def read(self, node: ir.Node) -> np.ndarray:
+        return self._checked(node).qw.dequantized().T
+
+    def write(self, node: ir.Node, canonical: np.ndarray) -> None:
+        self.last_write_report = write_quantized(self._checked(node).qw, canonical)
+
+    def describe(self, node: ir.Node) -> str:
+        p = self._parse(node)
+        if p is None:
+            return "MatMulInteger"
+        s = p.qw.scheme()
+        return f"dynamic {s['dtype']} {s['granularity']}{' symmetric' if s['symmetric'] else ''} MatMulInteger"
+
+    def holds(self, node: ir.Node, w: np.ndarray) -> bool:
+        p = self._parse(node)
+        return p is not None and _holds(p.qw, w)
+
+    def activation_dtype(self, node: ir.Node) -> ir.DataType:
+        return self._parse(node).qw.scale.const_value.dtype
+
+    def add_branch(self, graph, node, a_value, b_value, dora_scale_value=None) -> None:
+        from lora_export.graph.branches import _finish, _prefix
+
+        p = self._checked(node)
+        prefix = _prefix(graph, node, a_value)
+        h = ir.node("MatMul", [p.x, a_value], name=f"{prefix}/lora_A")
+        d = ir.node("MatMul", [h.outputs[0], b_value], name=f"{prefix}/lora_B")
+        _finish(graph, p.out_mul, p.out_mul.outputs[0], d.outputs[0], [h, d], dora_scale_value, None, None, prefix)
+
+
+LAYOUTS = (DequantizeLinearLayout(), MatMulIntegerLayout())
+
+
+def register() -> None:
+    """Entry point ``lora_export.op_layouts: int8``; idempotent."""
+    for layout in LAYOUTS:
+        register_layout(layout, replace=True)
