@@ -12,6 +12,8 @@ point, per tensor (scalar) or per output channel ((out,), axis 1):
 * Dynamic (``quantize_dynamic``): ``DynamicQuantizeLinear(x) → MatMulInteger(x_q, Wq, x_zp, w_zp) → Cast →
   Mul(·, Mul(x_scale, w_scale))``. Keyed on MatMulInteger (named ``/…/q_proj/MatMul_quant``: resolved by
   name); the branch takes the float x (DynamicQuantizeLinear's input) and adds to the float output.
+  An ORT-optimized file holds the same as one ``com.microsoft`` node: ``DynamicQuantizeMatMul(x, Wq, w_scale,
+  w_zp, bias)`` or ``MatMulIntegerToFloat(x_q, Wq, x_scale, w_scale, x_zp, w_zp, bias)``; both are handled.
 
 merge: dequantize, add ΔW in float32, requantize with the same scheme (dtype, per-tensor/per-channel,
 symmetric or not; scale and zero point recomputed from the merged weight as ORT's quantizer does), rounding
@@ -22,6 +24,7 @@ refused (one line): a merge would change the other readers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
@@ -386,7 +389,106 @@ class MatMulIntegerLayout(OpLayout):
         _finish(graph, p.out_mul, p.out_mul.outputs[0], d.outputs[0], [h, d], dora_scale_value, None, None, prefix)
 
 
-LAYOUTS = (DequantizeLinearLayout(), MatMulIntegerLayout())
+# -- ORT's fused forms (what an ORT-optimized model file holds, com.microsoft domain) ------------------
+
+
+class _FusedLayout(OpLayout):
+    """Base for one node holding the whole dynamic pattern: float output, weight Wq (in, out) at input 1."""
+
+    domain = "com.microsoft"
+    kind = "linear"
+    _scale_index: ClassVar[int]
+    _zp_index: ClassVar[int]
+
+    def __init__(self) -> None:
+        self.last_write_report: dict | None = None
+
+    def _float_input(self, node: ir.Node) -> ir.Value | None:
+        raise NotImplementedError
+
+    def _qw(self, node: ir.Node) -> QWeight | None:
+        ins = list(node.inputs) + [None] * (8 - len(node.inputs))
+        if ins[0] is None or _const(ins[0]):
+            return None
+        return _qweight(ins[1], ins[self._scale_index], ins[self._zp_index], 1)
+
+    def weight_value(self, node: ir.Node) -> ir.Value | None:
+        qw = self._qw(node)
+        return qw.q if qw else None
+
+    def weight_shape(self, node: ir.Node) -> tuple[int, ...] | None:
+        qw = self._qw(node)
+        if qw is None:
+            return None
+        fan_in, fan_out = (int(d) for d in qw.q.const_value.shape)
+        return fan_out, fan_in
+
+    def _checked(self, node: ir.Node) -> QWeight:
+        qw = self._qw(node)
+        qw.check_private([node], node.name or self.op_type)
+        return qw
+
+    def read(self, node: ir.Node) -> np.ndarray:
+        return self._checked(node).dequantized().T
+
+    def write(self, node: ir.Node, canonical: np.ndarray) -> None:
+        self.last_write_report = write_quantized(self._checked(node), canonical)
+
+    def describe(self, node: ir.Node) -> str:
+        qw = self._qw(node)
+        if qw is None:
+            return self.op_type
+        s = qw.scheme()
+        return f"dynamic {s['dtype']} {s['granularity']}{' symmetric' if s['symmetric'] else ''} {self.op_type}"
+
+    def holds(self, node: ir.Node, w: np.ndarray) -> bool:
+        qw = self._qw(node)
+        return qw is not None and _holds(qw, w)
+
+    def activation_dtype(self, node: ir.Node) -> ir.DataType:
+        return self._qw(node).scale.const_value.dtype
+
+    def add_branch(self, graph, node, a_value, b_value, dora_scale_value=None) -> None:
+        from lora_export.graph.branches import _finish, _prefix
+
+        self._checked(node)
+        x = self._float_input(node)
+        if x is None:
+            raise ModelError(
+                f"{node.name or self.op_type}: its input is quantized ahead of time (no float activation to branch "
+                "from); merge instead"
+            )
+        prefix = _prefix(graph, node, a_value)
+        h = ir.node("MatMul", [x, a_value], name=f"{prefix}/lora_A")
+        d = ir.node("MatMul", [h.outputs[0], b_value], name=f"{prefix}/lora_B")
+        _finish(graph, node, node.outputs[0], d.outputs[0], [h, d], dora_scale_value, None, None, prefix)
+
+
+class DynamicQuantizeMatMulLayout(_FusedLayout):
+    """com.microsoft DynamicQuantizeMatMul(x, Wq, w_scale, w_zp, bias): ORT's fusion of the dynamic pattern."""
+
+    op_type = "DynamicQuantizeMatMul"
+    _scale_index, _zp_index = 2, 3
+
+    def _float_input(self, node: ir.Node) -> ir.Value | None:
+        return node.inputs[0]
+
+
+class MatMulIntegerToFloatLayout(_FusedLayout):
+    """com.microsoft MatMulIntegerToFloat(x_q, Wq, x_scale, w_scale, x_zp, w_zp, bias) after DynamicQuantizeLinear."""
+
+    op_type = "MatMulIntegerToFloat"
+    _scale_index, _zp_index = 3, 5
+
+    def _float_input(self, node: ir.Node) -> ir.Value | None:
+        a = node.inputs[0]
+        dql = a.producer() if a is not None else None
+        if _is(dql, "DynamicQuantizeLinear") and dql.outputs[0] is a and node.inputs[2] is dql.outputs[1]:
+            return dql.inputs[0]
+        return None
+
+
+LAYOUTS = (DequantizeLinearLayout(), MatMulIntegerLayout(), DynamicQuantizeMatMulLayout(), MatMulIntegerToFloatLayout())
 
 
 def register() -> None:
