@@ -371,6 +371,44 @@ def test_dynamic_inject_branch_contribution_is_x_delta(tmp_path, fused):
     assert rel_err(with_adapter - no_adapter, expected) <= 1e-4  # the difference of two outputs: fp32 cancellation
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_dynamic_inject_dora_scales_the_branch_and_not_the_bias(tmp_path, fused):
+    torch.manual_seed(0)
+    net = _Net().eval()
+    x = torch.randn(3, 16)
+    export_base(net, {"x": x}, tmp_path / "base.onnx")
+    quantize_dynamic(str(tmp_path / "base.onnx"), str(tmp_path / "q.onnx"), per_channel=True)
+    qpath = tmp_path / "q.onnx"
+    if fused:
+        qpath = tmp_path / "q_opt.onnx"
+        _ort_optimized(tmp_path / "q.onnx", qpath)
+    peft_model = peft_reference(net, seed=3, r=2, lora_alpha=4, target_modules=["out"], use_dora=True)
+    peft_model.save_pretrained(str(tmp_path / "ad"))
+    inject_files(qpath, [tmp_path / "ad"], tmp_path / "inj")
+    m = onnx.load(str(tmp_path / "inj" / "model.onnx"))
+    lora_a = next(n for n in m.graph.node if n.name.endswith("/lora_A"))
+    m.graph.output.append(onnx.helper.make_tensor_value_info(lora_a.input[0], onnx.TensorProto.FLOAT, None))
+    onnx.save(m, str(tmp_path / "probe.onnx"))
+    feeds = {"x": x.numpy()}
+    no_adapter, h = _session(tmp_path / "probe.onnx").run(None, feeds)
+    assert np.array_equal(no_adapter, _run(qpath, feeds))
+    y = _session(tmp_path / "inj" / "model.onnx").run(
+        None, {**feeds, **read_adapter_tensors(tmp_path / "inj" / "ad.safetensors")}
+    )[0]
+    # PEFT's DoRA on the dequantized base W0: g/‖W0 + ΔW‖ ⊙ (W0·h + ΔW·h) + b, with W0·h as the graph computes it.
+    mod = peft_model.base_model.model.out
+    delta = (mod.lora_B["default"].weight @ mod.lora_A["default"].weight).detach().numpy() * mod.scaling["default"]
+    inits = _inits(qpath)
+    stem = next(k for k in inits if k.endswith("_quantized") and inits[k].shape == (8, 8))[: -len("_quantized")]
+    q, sc, zp = (inits[stem + s] for s in ("_quantized", "_scale", "_zero_point"))
+    w0 = ((q.astype(np.int32) - zp.astype(np.int32)) * sc).astype(np.float32).T
+    g = mod.lora_magnitude_vector["default"].weight.detach().numpy().reshape(-1)
+    norm = g / np.linalg.norm(w0 + delta, axis=1)
+    bias = net.out.bias.detach().numpy()
+    expected = norm * (no_adapter - bias + h @ delta.T) + bias
+    assert rel_err(y, expected) <= 1e-4
+
+
 def test_fused_dynamic_merge_equals_unfused_merge(llama, tmp_path):
     root, base, _ = llama
     from lora_export import merge_file

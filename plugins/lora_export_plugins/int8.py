@@ -399,6 +399,7 @@ class _FusedLayout(OpLayout):
     kind = "linear"
     _scale_index: ClassVar[int]
     _zp_index: ClassVar[int]
+    _bias_index: ClassVar[int]
 
     def __init__(self) -> None:
         self.last_write_report: dict | None = None
@@ -461,14 +462,20 @@ class _FusedLayout(OpLayout):
         prefix = _prefix(graph, node, a_value)
         h = ir.node("MatMul", [x, a_value], name=f"{prefix}/lora_A")
         d = ir.node("MatMul", [h.outputs[0], b_value], name=f"{prefix}/lora_B")
-        _finish(graph, node, node.outputs[0], d.outputs[0], [h, d], dora_scale_value, None, None, prefix)
+        bias = None
+        if dora_scale_value is not None and len(node.inputs) > self._bias_index:
+            # DoRA scales W·x + ΔW·x, not the bias: the fused bias moves out, after g's Mul (as for Gemm).
+            bias = node.inputs[self._bias_index]
+            if bias is not None:
+                node.replace_input_with(self._bias_index, None)
+        _finish(graph, node, node.outputs[0], d.outputs[0], [h, d], dora_scale_value, bias, None, prefix)
 
 
 class DynamicQuantizeMatMulLayout(_FusedLayout):
     """com.microsoft DynamicQuantizeMatMul(x, Wq, w_scale, w_zp, bias): ORT's fusion of the dynamic pattern."""
 
     op_type = "DynamicQuantizeMatMul"
-    _scale_index, _zp_index = 2, 3
+    _scale_index, _zp_index, _bias_index = 2, 3, 4
 
     def _float_input(self, node: ir.Node) -> ir.Value | None:
         return node.inputs[0]
@@ -478,7 +485,7 @@ class MatMulIntegerToFloatLayout(_FusedLayout):
     """com.microsoft MatMulIntegerToFloat(x_q, Wq, x_scale, w_scale, x_zp, w_zp, bias) after DynamicQuantizeLinear."""
 
     op_type = "MatMulIntegerToFloat"
-    _scale_index, _zp_index = 3, 5
+    _scale_index, _zp_index, _bias_index = 3, 5, 6
 
     def _float_input(self, node: ir.Node) -> ir.Value | None:
         a = node.inputs[0]
