@@ -12,6 +12,7 @@ import difflib
 
 import numpy as np
 
+from .layouts import registered_layouts
 from .module_paths import best_unique, strip_wrappers
 from .packed import slice_holder, tiled_by_base
 from .value_match import ValueIndex, base_key
@@ -57,8 +58,15 @@ def _likely_cause(g, t) -> str:
     causes = []
     if g.ops & _FUSED_OPS or any("qkv" in p for p in g.all_module_paths):
         causes.append("packed/fused projections (one weight holds Q/K/V: --base-weights matches their slices by value)")
-    if g.ops & _QUANTIZED_OPS:
-        causes.append("quantized weights (needs a quantized layout plugin)")
+    quantized = g.ops & _QUANTIZED_OPS
+    if quantized:
+        known = {op for _, op in registered_layouts()}
+        # With a plugin for the op the weight could be read; only its absence cannot be proven by value.
+        causes.append(
+            "quantized weights (no base weight matches their integers, so absence cannot be proven)"
+            if quantized <= known
+            else "quantized weights (needs a quantized layout plugin)"
+        )
     near = difflib.get_close_matches(strip_wrappers(t.name), sorted(g.all_module_paths), n=2, cutoff=0.6)
     causes.append("renamed in the graph" + (f" (closest: {', '.join(near)})" if near else "") + " or not in it")
     return "; or ".join(causes)
