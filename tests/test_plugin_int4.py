@@ -207,7 +207,7 @@ def test_merge_requantizes_like_ort_and_reports(bases, tmp_path, plugin, symmetr
     src = quantized[symmetric]
     deq = _dequantized_torch(base, src)
     peft_model = saved_peft_reference(deq, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=TARGETS)
-    report = merge_file(src, tmp_path / "adapter", tmp_path / "merged.onnx")
+    report = merge_file(src, tmp_path / "adapter", tmp_path / "merged.onnx", requantize=True)
     assert len(report.merged) == 4
     _, old_nodes = _nbits_nodes(src)
     _, new_nodes = _nbits_nodes(tmp_path / "merged.onnx")
@@ -258,7 +258,7 @@ def test_base_weights_resolve_by_value(bases, tmp_path, plugin):
     src = quantized[False]
     weights = {k: v.detach().numpy() for k, v in base.state_dict().items()}
     saved_peft_reference(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=TARGETS)
-    report = merge_file(src, tmp_path / "adapter", tmp_path / "named.onnx", base_weights=weights)
+    report = merge_file(src, tmp_path / "adapter", tmp_path / "named.onnx", base_weights=weights, requantize=True)
     assert {r.strategy for r in report.resolution.targets} == {"node-name"}
     _, nodes = _nbits_nodes(src)
     q0 = nodes["model.layers.0.self_attn.q_proj"]
@@ -270,9 +270,12 @@ def test_base_weights_resolve_by_value(bases, tmp_path, plugin):
         node.name = f"n{i}"
     anonymous = tmp_path / "anonymous.onnx"
     ir.save(model, str(anonymous))
-    report = merge_file(anonymous, tmp_path / "adapter", tmp_path / "anon-merged.onnx", base_weights=weights)
+    report = merge_file(
+        anonymous, tmp_path / "adapter", tmp_path / "anon-merged.onnx", base_weights=weights, requantize=True
+    )
     assert {r.strategy for r in report.resolution.targets} == {"fingerprint"}
-    by_name = {m["target"]: m["initializer"] for m in merge_file(src, tmp_path / "adapter", tmp_path / "x.onnx").merged}
+    named = merge_file(src, tmp_path / "adapter", tmp_path / "x.onnx", requantize=True)
+    by_name = {m["target"]: m["initializer"] for m in named.merged}
     assert {m["target"]: m["initializer"] for m in report.merged} == by_name
 
 
@@ -280,7 +283,16 @@ def test_cli_merge_and_inject(bases, tmp_path):
     base, make_inputs, _, quantized = bases
     saved_peft_reference(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=TARGETS)
     result = CliRunner().invoke(
-        cli, ["merge", str(quantized[True]), str(tmp_path / "adapter"), "-o", str(tmp_path / "m.onnx"), "--json"]
+        cli,
+        [
+            "merge",
+            "--requantize",
+            str(quantized[True]),
+            str(tmp_path / "adapter"),
+            "-o",
+            str(tmp_path / "m.onnx"),
+            "--json",
+        ],
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -288,7 +300,7 @@ def test_cli_merge_and_inject(bases, tmp_path):
     assert report["targets"][0]["layout"].startswith("MatMulNBits int4")
     assert all(0 < m["write"]["delta_kept"] for m in report["merged"])
     result = CliRunner().invoke(
-        cli, ["merge", str(quantized[True]), str(tmp_path / "adapter"), "-o", str(tmp_path / "h.onnx")]
+        cli, ["merge", "--requantize", str(quantized[True]), str(tmp_path / "adapter"), "-o", str(tmp_path / "h.onnx")]
     )
     assert result.exit_code == 0, result.output
     assert "requantized" in result.stdout
@@ -312,7 +324,7 @@ def test_shared_quantized_weight_refused(bases, tmp_path):
     ir.save(model, str(shared))
     saved_peft_reference(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
     out = tmp_path / "m.onnx"
-    result = CliRunner().invoke(cli, ["merge", str(shared), str(tmp_path / "adapter"), "-o", str(out)])
+    result = CliRunner().invoke(cli, ["merge", "--requantize", str(shared), str(tmp_path / "adapter"), "-o", str(out)])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "shared" in lines[0] and "quantized" in lines[0], result.stderr
@@ -450,3 +462,14 @@ def test_merge_refuses_float_zero_points_and_reordering_g_idx(plugin):
     )
     with pytest.raises(ModelError, match="g_idx"):
         plugin.LAYOUT.read(reordered)
+
+
+def test_merge_into_quantized_weights_needs_requantize(bases, tmp_path):
+    """Exit 0 means exact: a merge that requantizes (lossy) happens only when asked; inject is the exact path."""
+    base, _, _, quantized = bases
+    saved_peft_reference(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=TARGETS)
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(cli, ["merge", str(quantized[True]), str(tmp_path / "adapter"), "-o", str(out)])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "--requantize" in result.stderr and "inject" in result.stderr
+    assert not out.exists()

@@ -207,7 +207,9 @@ def test_qdq_unresolved_without_base_weights_by_name(qdq, tmp_path):
     )
     assert res.exit_code == 0, res.output
     merged = tmp_path / "m.onnx"
-    res = CliRunner().invoke(cli, ["merge", str(qdq["weight_only"]), str(qdq["adapter"]), "-o", str(merged), *bw])
+    res = CliRunner().invoke(
+        cli, ["merge", "--requantize", str(qdq["weight_only"]), str(qdq["adapter"]), "-o", str(merged), *bw]
+    )
     assert res.exit_code == 0, res.output
     # Merged = PEFT up to the requantization of the merged weights.
     assert rel_err(_run(merged, qdq["feeds"]), qdq["ref"]) < 0.05
@@ -234,6 +236,7 @@ def test_qdq_merge_requantizes_and_reports(qdq, tmp_path):
         merged,
         base_weights=qdq["base_weights"],
         only_targets=r"layers\.1\.self_attn\.q_proj$",
+        requantize=True,
     )
     before, after = _deq_weights(qdq["weight_only"]), _deq_weights(merged)
     changed = [k for k in before if not np.array_equal(before[k], after[k])]
@@ -268,7 +271,7 @@ def test_dynamic_merge_equals_ort_quantizing_the_merged_weights(llama, tmp_path,
     peft_model = peft_reference(base, seed=6, r=4, lora_alpha=8, target_modules=TARGETS)
     peft_model.save_pretrained(str(tmp_path / "ad"))
     merged = tmp_path / "merged.onnx"
-    result = merge_file(qpath, tmp_path / "ad", merged)
+    result = merge_file(qpath, tmp_path / "ad", merged, requantize=True)
     q0, q1 = _inits(qpath), _inits(merged)
     # Independent: write deq(W0) + ΔW into the float model and quantize it with ORT's own quantizer.
     m = onnx.load(str(root / "base.onnx"))
@@ -417,8 +420,8 @@ def test_fused_dynamic_merge_equals_unfused_merge(llama, tmp_path):
     ops = _ort_optimized(qpath, tmp_path / "opt.onnx")
     assert {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"} <= ops
     peft_reference(base, seed=4, r=4, lora_alpha=8, target_modules=TARGETS).save_pretrained(str(tmp_path / "ad"))
-    merge_file(qpath, tmp_path / "ad", tmp_path / "m.onnx")
-    merge_file(tmp_path / "opt.onnx", tmp_path / "ad", tmp_path / "m_opt.onnx")
+    merge_file(qpath, tmp_path / "ad", tmp_path / "m.onnx", requantize=True)
+    merge_file(tmp_path / "opt.onnx", tmp_path / "ad", tmp_path / "m_opt.onnx", requantize=True)
     q0, a, b = _inits(qpath), _inits(tmp_path / "m.onnx"), _inits(tmp_path / "m_opt.onnx")
     changed = [k for k in q0 if k.endswith("_quantized") and k in a and not np.array_equal(q0[k], a[k])]
     assert len(changed) == 2 * len(TARGETS)
@@ -434,7 +437,9 @@ def test_cli_merge_and_inject_dynamic(llama, tmp_path):
     quantize_dynamic(str(root / "base.onnx"), str(qpath))
     peft_reference(base, seed=2, r=2, lora_alpha=4, target_modules=["q_proj"]).save_pretrained(str(tmp_path / "ad"))
     runner = CliRunner()
-    res = runner.invoke(cli, ["merge", str(qpath), str(tmp_path / "ad"), "-o", str(tmp_path / "m.onnx")])
+    res = runner.invoke(
+        cli, ["merge", "--requantize", str(qpath), str(tmp_path / "ad"), "-o", str(tmp_path / "m.onnx")]
+    )
     assert res.exit_code == 0, res.output
     res = runner.invoke(cli, ["inject", str(qpath), str(tmp_path / "ad"), "-o", str(tmp_path / "inj"), "--json"])
     assert res.exit_code == 0, res.output
@@ -464,7 +469,7 @@ def test_shared_quantized_weight_is_refused_in_one_line(tmp_path):
     onnx.save(q, str(tmp_path / "shared.onnx"))
     peft_reference(net, seed=2, r=2, lora_alpha=4, target_modules=["fc1"]).save_pretrained(str(tmp_path / "ad"))
     runner = CliRunner()
-    for cmd in (["merge", "-o", str(tmp_path / "m.onnx")], ["inject", "-o", str(tmp_path / "inj")]):
+    for cmd in (["merge", "--requantize", "-o", str(tmp_path / "m.onnx")], ["inject", "-o", str(tmp_path / "inj")]):
         res = runner.invoke(cli, [cmd[0], str(tmp_path / "shared.onnx"), str(tmp_path / "ad"), *cmd[1:]])
         assert res.exit_code == 2, res.output
         assert len(res.output.strip().splitlines()) == 1 and "shared" in res.output, res.output

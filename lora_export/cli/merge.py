@@ -24,6 +24,9 @@ from .terminal import clean, clean_lines
 @click.option("--allow-partial", is_flag=True, help="Merge what matches; skip targets not found in the model.")
 @click.option("--only-targets", metavar="REGEX", help="Merge only the targets whose module path matches REGEX.")
 @click.option("--force", is_flag=True, help="Merge even if the model's history records this adapter as merged.")
+@click.option(
+    "--requantize", is_flag=True, help="Merge into quantized weights by requantizing them (lossy; error reported)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 def merge_command(
     base: str,
@@ -34,6 +37,7 @@ def merge_command(
     allow_partial: bool,
     only_targets: str | None,
     force: bool,
+    requantize: bool,
     as_json: bool,
 ) -> None:
     """Merge ADAPTER (a PEFT adapter directory) into BASE.onnx, writing -o OUT.onnx.
@@ -54,6 +58,7 @@ def merge_command(
             progress=bar,
             only_targets=only_targets,
             force=force,
+            requantize=requantize,
         )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

@@ -27,6 +27,8 @@ class OpLayout(ABC):
     op_type: ClassVar[str]
     domain: ClassVar[str] = ""
     kind: ClassVar[str]  # the LoraTarget kind this op can carry: "linear", "conv" or "embedding"
+    # True when ``write`` cannot store W₀ + ΔW exactly (requantization): merge then needs --requantize.
+    lossy_write: ClassVar[bool] = False
 
     @abstractmethod
     def weight_value(self, node: ir.Node) -> ir.Value | None:

@@ -106,6 +106,7 @@ def merge_adapter(
     compute_dtype: np.dtype | type = np.float32,
     progress: Progress | None = None,
     force: bool = False,
+    requantize: bool = False,
 ) -> MergeReport:
     """Fold ``adapter`` (times ``scale``) into ``model`` in place and report what was done.
 
@@ -118,6 +119,9 @@ def merge_adapter(
     ``force``, and so is one sharing a target (same module, same tensors) with an earlier merge (a
     subset merged again with ``only_targets``); so is a model whose history is unreadable (with ``force``
     the history then restarts).
+
+    Quantized weights (plugin layouts with ``lossy_write``) can only take W₀ + ΔW by requantizing, which
+    rounds the whole weight again: refused unless ``requantize`` (inject serves them exactly instead).
     """
     if not np.isfinite(scale):
         raise AdapterError(f"scale must be finite, got {scale}")
@@ -136,6 +140,13 @@ def merge_adapter(
 
     for r in resolution.matched:
         check_stored_base(adapter, r)  # before any weight changes
+    lossy = [r for r in resolution.matched if getattr(r.layout, "lossy_write", False)]
+    if lossy and not requantize:
+        names = _names(f"{r.target.name} ({r.node.op_type})" for r in lossy)
+        raise TargetError(
+            f"{len(lossy)} target(s) are quantized weights: {names}; a merge requantizes them (lossy, the error "
+            "is reported per target): pass --requantize to accept that, or use inject (exact)"
+        )
 
     t0 = time.perf_counter()
     matched = resolution.matched
@@ -322,6 +333,7 @@ def merge_file(
     external: bool | None = None,
     only_targets: str | None = None,
     force: bool = False,
+    requantize: bool = False,
 ) -> MergeReport:
     """Merge an adapter (object, or PEFT adapter directory) into the ONNX model at ``base_path``.
 
@@ -362,6 +374,7 @@ def merge_file(
         compute_dtype=compute_dtype,
         progress=progress,
         force=force,
+        requantize=requantize,
     )
     t0 = time.perf_counter()
     written = None

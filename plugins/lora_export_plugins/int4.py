@@ -70,6 +70,7 @@ class MatMulNBitsLayout(OpLayout):
     op_type = "MatMulNBits"
     domain = "com.microsoft"
     kind = "linear"
+    lossy_write = True  # merge requantizes: only with --requantize
 
     def __init__(self) -> None:
         # The last write's requantization error (``merge`` adds it to the target's report entry).

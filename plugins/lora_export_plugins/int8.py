@@ -48,6 +48,7 @@ class DequantizeLinearLayout(OpLayout):
 
     op_type = "DequantizeLinear"
     kind = "linear"
+    lossy_write = True  # merge requantizes: only with --requantize
 
     def __init__(self) -> None:
         self.last_write_report: dict | None = None
@@ -144,6 +145,7 @@ class MatMulIntegerLayout(OpLayout):
 
     op_type = "MatMulInteger"
     kind = "linear"
+    lossy_write = True  # merge requantizes: only with --requantize
 
     def __init__(self) -> None:
         self.last_write_report: dict | None = None
@@ -227,6 +229,7 @@ class _FusedLayout(OpLayout):
 
     domain = "com.microsoft"
     kind = "linear"
+    lossy_write = True  # merge requantizes: only with --requantize
     _scale_index: ClassVar[int]
     _zp_index: ClassVar[int]
     _bias_index: ClassVar[int]
