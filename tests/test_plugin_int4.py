@@ -19,7 +19,7 @@ from conftest import output_of, saved_peft_reference
 from models import tiny_llama
 from onnx_fixtures import export_onnx, run_onnx
 
-from lora_export import merge_file
+from lora_export import load_adapter, merge_file
 from lora_export.cli import cli
 from lora_export.formats.adapter_files import read_adapter_tensors
 from lora_export.graph.inject import inject_files
@@ -473,3 +473,15 @@ def test_merge_into_quantized_weights_needs_requantize(bases, tmp_path):
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "--requantize" in result.stderr and "inject" in result.stderr
     assert not out.exists()
+
+
+def test_stored_base_of_a_quantized_head_is_recognized(bases, tmp_path):
+    """PEFT stores lm_head's float base weight; the int4 lm_head holds it up to quantization: not "another base"."""
+    base, _, _, quantized = bases
+    saved_peft_reference(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"])
+    assert load_adapter(tmp_path / "adapter").stored_base, "PEFT no longer stores lm_head's base layer"
+    args = [str(quantized[True]), str(tmp_path / "adapter")]
+    result = CliRunner().invoke(cli, ["inject", *args, "-o", str(tmp_path / "inj")])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["merge", "--requantize", *args, "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output

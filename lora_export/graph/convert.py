@@ -23,6 +23,7 @@ from ..formats.peft import adapter_files, load_adapter
 from .layouts import get_layout
 from .model_io import load_model
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
+from .value_match import quantized_holds
 
 
 def read_manifest(model_path: str | os.PathLike) -> SlotManifest:
@@ -45,15 +46,24 @@ def weight_reader(model_path: str | os.PathLike) -> Callable[[Slot], np.ndarray]
     """
     cache: dict[str, dict[str, ir.Node]] = {}
 
-    def read(slot: Slot) -> np.ndarray:
+    def located(slot: Slot):
         if "nodes" not in cache:
             cache["nodes"] = {n.name: n for n in load_model(model_path).graph.all_nodes() if n.name}
         node = cache["nodes"].get(slot.node)
         layout = get_layout(node) if node is not None else None
         if layout is None or layout.weight_value(node) is None:
             raise ModelError(f"{model_path}: the base weight of slot {slot.module} (node {slot.node!r}) is missing")
+        return node, layout
+
+    def read(slot: Slot) -> np.ndarray:
+        node, layout = located(slot)
         return layout.read(node)
 
+    def holds(slot: Slot, w: np.ndarray) -> bool:
+        node, layout = located(slot)
+        return quantized_holds(layout, node, w)
+
+    read.holds = holds  # type: ignore[attr-defined]
     return read
 
 

@@ -38,7 +38,7 @@ from .model_io import external_data_files, load_model, save_model
 from .provenance import append_history, make_record, target_entry
 from .resolve import ResolvedTarget, resolve_targets
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
-from .value_match import check_stored_base
+from .value_match import check_stored_base, quantized_holds
 
 MODEL_NAME = "model.onnx"
 
@@ -193,6 +193,12 @@ def inject_adapters(
     def read_weight(slot: Slot) -> np.ndarray:
         rt = chosen[slot.module]
         return rt.layout.read(rt.node)
+
+    def holds(slot: Slot, w: np.ndarray) -> bool:
+        rt = chosen[slot.module]
+        return quantized_holds(rt.layout, rt.node, w)
+
+    read_weight.holds = holds  # type: ignore[attr-defined]
 
     tensors = {a.name: adapter_tensors(a, manifest, read_weight) for a in adapters}
 

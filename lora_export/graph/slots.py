@@ -241,7 +241,8 @@ def adapter_tensors(
         if slot is None:
             continue
         stored = adapter.stored_base.get(t.name)
-        if stored is not None and read_weight is not None:
+        quantized_ok = getattr(read_weight, "holds", None)
+        if stored is not None and read_weight is not None and not (quantized_ok and quantized_ok(slot, stored)):
             check_stored_weight(adapter.name, t, stored, read_weight(slot), slot.np_dtype)
         w0 = (lambda s=slot: read_weight(s)) if read_weight is not None else None
         tensors.update(slot_tensors(slot, t, w0))

@@ -130,8 +130,18 @@ class ValueIndex:
 def check_stored_base(adapter, r) -> None:
     """Refuse a resolved target whose adapter stores a base weight that is not the model's."""
     stored = adapter.stored_base.get(r.target.name)
-    if stored is not None:
-        check_stored_weight(adapter.name, r.target, stored, r.layout.read(r.node), r.value.const_value.dtype.numpy())
+    if stored is None:
+        return
+    if quantized_holds(r.layout, r.node, stored):
+        return
+    check_stored_weight(adapter.name, r.target, stored, r.layout.read(r.node), r.value.const_value.dtype.numpy())
+
+
+def quantized_holds(layout, node, stored: np.ndarray) -> bool:
+    """Whether a quantized weight (a ``lossy_write`` layout) holds the float base weight ``stored`` up to its
+    rounding, as the layout judges; False for exact layouts (they compare bit for bit instead)."""
+    stored = np.asarray(stored)
+    return bool(getattr(layout, "lossy_write", False) and stored.ndim == 2 and layout.holds(node, stored))
 
 
 def check_stored_weight(adapter_name: str, t, stored: np.ndarray, w0: np.ndarray, dtype: np.dtype) -> None:
