@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import ml_dtypes
@@ -32,35 +32,12 @@ import numpy as np
 import onnxruntime as ort
 
 from ..adapter import Adapter
-from ..errors import AdapterError, DtypeError, LoraExportError, ShapeError, one_line
+from ..errors import AdapterError, DtypeError, LoraExportError, one_line
 from ..files.checks import require_regular_file
 from ..formats.adapter_files import read_adapter_tensors
 from ..formats.peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
 from ..graph.slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, check_finite_tensors, check_tensors
-
-# ONNX Runtime's tensor type names and the numpy dtypes that feed them (nothing is cast: a feed must match).
-_ORT_TYPES = {
-    "tensor(bfloat16)": np.dtype(ml_dtypes.bfloat16),
-    "tensor(float)": np.dtype(np.float32),
-    "tensor(float16)": np.dtype(np.float16),
-    "tensor(double)": np.dtype(np.float64),
-    "tensor(int8)": np.dtype(np.int8),
-    "tensor(int16)": np.dtype(np.int16),
-    "tensor(int32)": np.dtype(np.int32),
-    "tensor(int64)": np.dtype(np.int64),
-    "tensor(uint8)": np.dtype(np.uint8),
-    "tensor(uint16)": np.dtype(np.uint16),
-    "tensor(uint32)": np.dtype(np.uint32),
-    "tensor(uint64)": np.dtype(np.uint64),
-    "tensor(bool)": np.dtype(np.bool_),
-}
-_SHOWN = 20  # names listed in an error before "..."
-
-
-def _names(names: Iterable[str]) -> str:
-    names = list(names)
-    shown = ", ".join(names[:_SHOWN])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > _SHOWN else "") if names else "none"
+from .feeds import ORT_TYPES, checked_feeds, listed, requested_outputs
 
 
 @functools.cache
@@ -278,7 +255,7 @@ class LoraSession:
         for k, v in tensors.items():
             if k not in self._slot_args:
                 raise AdapterError(f"{what}: the model has no input {k!r} (its slot metadata does not match its graph)")
-            want = _ORT_TYPES.get(self._slot_args[k].type)
+            want = ORT_TYPES.get(self._slot_args[k].type)
             if want is None or v.dtype != want:
                 raise DtypeError(f"{what}: {k} has dtype {v.dtype}, the model expects {self._slot_args[k].type}")
 
@@ -305,14 +282,14 @@ class LoraSession:
         ``feeds``: every user input (``get_inputs()``) as a numpy array (or array-like, or OrtValue) of the
         model's dtype: nothing is cast. Returns numpy arrays, one per requested output, in the order asked.
         """
-        names = self._requested_outputs(output_names)
-        bound = self._checked_feeds(feeds)
+        names = requested_outputs(output_names, self._outputs)
+        bound = checked_feeds(feeds, self._inputs, self._slot_inputs)
         values: dict[str, ort.OrtValue] = {}
         if adapter is not None:
             with self._lock:
                 found = self._adapters.get(adapter) if isinstance(adapter, str) else None
             if found is None:
-                loaded = _names(map(repr, self.adapters))
+                loaded = listed(map(repr, self.adapters))
                 raise AdapterError(f"no adapter named {adapter!r} is loaded (loaded: {loaded})")
             values = found
         session = self.session
@@ -347,74 +324,3 @@ class LoraSession:
             out.append(by_name[name].copy() if name in seen else by_name[name])
             seen.add(name)
         return out
-
-    def _requested_outputs(self, output_names) -> list[str]:
-        if output_names is None:
-            return self._outputs
-        if isinstance(output_names, (str, bytes)) or not isinstance(output_names, Iterable):
-            raise LoraExportError(
-                f"output_names must be a list of output names or None, not {type(output_names).__name__} "
-                f"(the model's outputs: {_names(self._outputs)})"
-            )
-        names = list(output_names)
-        if not names:
-            return self._outputs
-        unknown = [n for n in names if not isinstance(n, str) or n not in self._outputs]
-        if unknown:
-            raise LoraExportError(
-                f"unknown output name{'s' if len(unknown) > 1 else ''} {_names(map(repr, unknown))} "
-                f"(the model's outputs: {_names(self._outputs)})"
-            )
-        return names
-
-    def _checked_feeds(self, feeds) -> dict[str, np.ndarray | ort.OrtValue]:
-        """Every user input, present once, of the model's dtype and rank, fixed dimensions matching."""
-        if not isinstance(feeds, Mapping):
-            raise LoraExportError(f"feeds must be a dict of input name to array, not {type(feeds).__name__}")
-        for k in feeds:
-            if k in self._slot_inputs:
-                raise LoraExportError(
-                    f"{k!r} is a LoRA slot input: load its tensors as an adapter (load_adapter) and run with "
-                    "adapter=<name>"
-                )
-            if k not in self._inputs:
-                raise LoraExportError(f"unknown model input {k!r} (the model's inputs: {_names(self._inputs)})")
-        missing = [k for k in self._inputs if k not in feeds]
-        if missing:
-            raise LoraExportError(
-                f"missing model input{'s' if len(missing) > 1 else ''} {_names(map(repr, missing))} "
-                f"(the model's inputs: {_names(self._inputs)})"
-            )
-        bound: dict[str, np.ndarray | ort.OrtValue] = {}
-        for k, v in feeds.items():
-            arg = self._inputs[k]
-            if isinstance(v, ort.OrtValue):
-                given, shape = v.data_type(), list(v.shape())
-                if given != arg.type:
-                    raise DtypeError(f"input {k!r} is a {given} OrtValue, the model expects {arg.type}")
-            else:
-                try:
-                    v = np.asarray(v)
-                except Exception as e:  # noqa: BLE001 - ragged lists and the like
-                    raise LoraExportError(f"input {k!r}: not an array ({one_line(e)})") from None
-                want = _ORT_TYPES.get(arg.type)
-                if want is not None and v.dtype != want:
-                    raise DtypeError(
-                        f"input {k!r} has dtype {v.dtype}, the model expects {want} ({arg.type}); nothing is cast"
-                    )
-                if not v.flags.c_contiguous:
-                    v = np.ascontiguousarray(v)  # keeps 0-d arrays 0-d (ascontiguousarray alone makes them 1-d)
-                shape = list(v.shape)
-            self._check_shape(k, shape, arg.shape)
-            bound[k] = v
-        return bound
-
-    @staticmethod
-    def _check_shape(name: str, shape: list[int], declared: list | None) -> None:
-        if declared is None:
-            return
-        fixed = [d if isinstance(d, int) else (d or "?") for d in declared]
-        if len(shape) != len(declared) or any(
-            isinstance(d, int) and d >= 0 and d != n for d, n in zip(declared, shape)
-        ):
-            raise ShapeError(f"input {name!r} has shape {tuple(shape)}, the model expects {tuple(fixed)}")
