@@ -17,7 +17,8 @@ from .errors import (
 from .formats.peft import load_adapter, save_adapter_files
 from .graph.convert import convert_adapter
 from .graph.inject import InjectResult, inject_adapters, inject_files
-from .graph.merge import MergeReport, merge_adapter, merge_file
+from .graph.merge import merge_adapter, merge_file
+from .graph.merge_report import MergeReport
 from .graph.resolve import Resolution, ResolvedTarget, resolve_targets
 from .runtime.session import LoraSession
 from .runtime.verify import VerifyReport, verify_models

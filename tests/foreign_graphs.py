@@ -110,3 +110,31 @@ def run_injected(model: Path, adapter_file: Path | None, feeds: dict[str, np.nda
 
 def run_plain(model: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return run_injected(model, None, feeds)
+
+
+def packed_attention(attn: nn.Module, path: Path, prefix: str = "/attn", gemm: bool = False) -> Path:
+    """The onnxruntime-genai builder's attention layout for a module with q/k/v/o ``nn.Linear`` (8 → 8):
+    q/k/v packed into one ``<prefix>/qkv_proj`` MatMul (or Gemm transB=1, stored (out, in)), then Split,
+    ``q·k + v``, and ``<prefix>/o_proj``. Input ``x`` (2, 8), output ``y``."""
+    wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach().numpy()
+    wqkv = wqkv.copy() if gemm else wqkv.T.copy()
+    wo = attn.o_proj.weight.detach().numpy().T.copy()
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 8]))
+    qkv_w = ir.Value(name="qkv_proj.MatMul.weight", const_value=ir.tensor(wqkv, name="qkv_proj.MatMul.weight"))
+    o_w = ir.Value(name="o_proj.MatMul.weight", const_value=ir.tensor(wo, name="o_proj.MatMul.weight"))
+    split = ir.Value(name="split", const_value=ir.tensor(np.array([8, 8, 8], dtype=np.int64), name="split"))
+    if gemm:
+        mm = ir.node("Gemm", [x, qkv_w], attributes={"transB": 1}, name=f"{prefix}/qkv_proj/Gemm")
+    else:
+        mm = ir.node("MatMul", [x, qkv_w], name=f"{prefix}/qkv_proj/MatMul")
+    sp = ir.node("Split", [mm.outputs[0], split], attributes={"axis": -1}, num_outputs=3, name=f"{prefix}/Split")
+    q, k, v = sp.outputs
+    mul = ir.node("Mul", [q, k], name=f"{prefix}/Mul")
+    add = ir.node("Add", [mul.outputs[0], v], name=f"{prefix}/Add")
+    out = ir.node("MatMul", [add.outputs[0], o_w], name=f"{prefix}/o_proj/MatMul")
+    out.outputs[0].name = "y"
+    graph = ir.Graph(
+        [x], out.outputs, nodes=[mm, sp, mul, add, out], initializers=[qkv_w, o_w, split], opset_imports={"": 18}
+    )
+    ir.save(ir.Model(graph, ir_version=10), path)
+    return path

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import output_of, saved_peft_reference
-from foreign_graphs import run_plain
+from foreign_graphs import packed_attention, run_plain
 from inject_fixtures import feeds_of
 from models import tiny_bert
 from onnx_fixtures import export_onnx
@@ -152,26 +152,7 @@ class _Top(nn.Module):
 def _genai_style(top: _Top, path) -> None:
     """The onnxruntime-genai builder's layout: q/k/v packed into one ``attn/qkv_proj`` MatMul, ``attn``
     where the model says ``self_attn``."""
-    a = top.model.layers[0].self_attn
-    wqkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach().numpy().T.copy()
-    wo = a.o_proj.weight.detach().numpy().T.copy()
-    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 8]))
-    qkv_w = ir.Value(name="qkv_proj.MatMul.weight", const_value=ir.tensor(wqkv, name="qkv_proj.MatMul.weight"))
-    o_w = ir.Value(name="o_proj.MatMul.weight", const_value=ir.tensor(wo, name="o_proj.MatMul.weight"))
-    split = ir.Value(name="split", const_value=ir.tensor(np.array([8, 8, 8], dtype=np.int64), name="split"))
-    mm = ir.node("MatMul", [x, qkv_w], name="/model/layers.0/attn/qkv_proj/MatMul")
-    sp = ir.node(
-        "Split", [mm.outputs[0], split], attributes={"axis": -1}, num_outputs=3, name="/model/layers.0/attn/Split"
-    )
-    q, k, v = sp.outputs
-    mul = ir.node("Mul", [q, k], name="/model/layers.0/attn/Mul")
-    add = ir.node("Add", [mul.outputs[0], v], name="/model/layers.0/attn/Add")
-    out = ir.node("MatMul", [add.outputs[0], o_w], name="/model/layers.0/attn/o_proj/MatMul")
-    out.outputs[0].name = "y"
-    graph = ir.Graph(
-        [x], out.outputs, nodes=[mm, sp, mul, add, out], initializers=[qkv_w, o_w, split], opset_imports={"": 18}
-    )
-    ir.save(ir.Model(graph, ir_version=10), path)
+    packed_attention(top.model.layers[0].self_attn, path, prefix="/model/layers.0/attn")
 
 
 @pytest.mark.parametrize("with_weights", [False, True], ids=["names", "base-weights"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import output_of, peft_reference
-from foreign_graphs import run_injected, run_plain
+from foreign_graphs import packed_attention, run_injected, run_plain
 from inject_fixtures import REF_SEED, export_base, feeds_of
 from models import tiny_llama
 from safetensors.numpy import save_file
@@ -209,27 +209,7 @@ class _Attn(nn.Module):
 
 def _genai_attn(m: _Attn, path, gemm: bool = False) -> None:
     """q/k/v packed into one MatMul (or Gemm transB=1, stored (out, in)), Split, then o_proj."""
-    parts = [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight]
-    wqkv = torch.cat(parts).detach().numpy()
-    wqkv = wqkv.copy() if gemm else wqkv.T.copy()
-    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 8]))
-    qkv_w = ir.Value(name="qkv.weight", const_value=ir.tensor(wqkv, name="qkv.weight"))
-    o_w = ir.Value(name="o.weight", const_value=ir.tensor(m.o_proj.weight.detach().numpy().T.copy(), name="o.weight"))
-    split = ir.Value(name="split", const_value=ir.tensor(np.array([8, 8, 8], dtype=np.int64), name="split"))
-    if gemm:
-        mm = ir.node("Gemm", [x, qkv_w], attributes={"transB": 1}, name="/attn/qkv_proj/Gemm")
-    else:
-        mm = ir.node("MatMul", [x, qkv_w], name="/attn/qkv_proj/MatMul")
-    sp = ir.node("Split", [mm.outputs[0], split], attributes={"axis": -1}, num_outputs=3, name="/attn/Split")
-    q, k, v = sp.outputs
-    mul = ir.node("Mul", [q, k], name="/attn/Mul")
-    add = ir.node("Add", [mul.outputs[0], v], name="/attn/Add")
-    out = ir.node("MatMul", [add.outputs[0], o_w], name="/attn/o_proj/MatMul")
-    out.outputs[0].name = "y"
-    graph = ir.Graph(
-        [x], out.outputs, nodes=[mm, sp, mul, add, out], initializers=[qkv_w, o_w, split], opset_imports={"": 18}
-    )
-    ir.save(ir.Model(graph, ir_version=10), path)
+    packed_attention(m, path, gemm=gemm)
 
 
 @pytest.mark.parametrize("gemm", [False, True], ids=["matmul", "gemm-transB"])
@@ -263,7 +243,7 @@ def test_shared_packed_weight_is_refused(tmp_path):
     m = _Attn().eval()
     _genai_attn(m, tmp_path / "model.onnx")
     model = ir.load(tmp_path / "model.onnx")
-    w = model.graph.initializers["qkv.weight"]
+    w = model.graph.initializers["qkv_proj.MatMul.weight"]
     extra = ir.node("MatMul", [model.graph.inputs[0], w], name="/other/MatMul")
     model.graph.append(extra)
     model.graph.outputs.append(extra.outputs[0])
@@ -297,7 +277,7 @@ def test_a_slice_held_twice_is_not_guessed(tmp_path, where):
     model = ir.load(tmp_path / "model.onnx")
     graph = model.graph
     if where == "second-packed-weight":
-        w = graph.initializers["qkv.weight"]
+        w = graph.initializers["qkv_proj.MatMul.weight"]
         copy = ir.Value(name="qkv.copy", const_value=ir.tensor(w.const_value.numpy().copy(), name="qkv.copy"))
         graph.register_initializer(copy)
         extra = ir.node("MatMul", [graph.inputs[0], copy], name="/other/MatMul")
@@ -329,11 +309,11 @@ def test_fp16_packed_merge_rounds_once_and_keeps_other_slices(tmp_path):
     for v in model.graph.initializers.values():
         if v.const_value.dtype == ir.DataType.FLOAT:
             v.const_value = ir.tensor(v.const_value.numpy().astype(np.float16), name=v.name)
-    before = model.graph.initializers["qkv.weight"].const_value.numpy().copy()
+    before = model.graph.initializers["qkv_proj.MatMul.weight"].const_value.numpy().copy()
     adapter = _qv_adapter(m, tmp_path)
     weights = {k: v.detach().numpy().copy() for k, v in m.state_dict().items()}
     merge_adapter(model, adapter, base_weights=weights)
-    after = model.graph.initializers["qkv.weight"].const_value.numpy()
+    after = model.graph.initializers["qkv_proj.MatMul.weight"].const_value.numpy()
     assert after.dtype == np.float16
     np.testing.assert_array_equal(after[:, 8:16], before[:, 8:16])
     for name, cols in (("q_proj", slice(0, 8)), ("v_proj", slice(16, 24))):

@@ -337,19 +337,33 @@ def _ort_optimized(src: Path, dst: Path) -> set[str]:
     return {n.op_type for n in onnx.load(str(dst)).graph.node}
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_dynamic_inject_branch_contribution_is_x_delta(tmp_path, fused):
+def _dynamic_net(tmp_path: Path, fused: bool) -> tuple[torch.nn.Module, torch.Tensor, Path]:
+    """_Net, its input, and the path of its dynamic int8 quantization (optionally as ORT's optimizer saves it)."""
     torch.manual_seed(0)
     net = _Net().eval()
     x = torch.randn(3, 16)
     export_base(net, {"x": x}, tmp_path / "base.onnx")
     quantize_dynamic(str(tmp_path / "base.onnx"), str(tmp_path / "q.onnx"), per_channel=True)
     qpath = tmp_path / "q.onnx"
-    op = "MatMulInteger"
     if fused:
         qpath = tmp_path / "q_opt.onnx"
         ops = _ort_optimized(tmp_path / "q.onnx", qpath)
         assert "MatMulInteger" not in ops and ops & {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"}, ops
+    return net, x, qpath
+
+
+def _probe_layer_input(injected: Path, probe: Path) -> None:
+    """A copy of the injected model that also outputs the LoRA branch's input h (the layer's float input)."""
+    m = onnx.load(str(injected))
+    lora_a = next(n for n in m.graph.node if n.name.endswith("/lora_A"))
+    m.graph.output.append(onnx.helper.make_tensor_value_info(lora_a.input[0], onnx.TensorProto.FLOAT, None))
+    onnx.save(m, str(probe))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_dynamic_inject_branch_contribution_is_x_delta(tmp_path, fused):
+    net, x, qpath = _dynamic_net(tmp_path, fused)
+    op = "MatMulInteger"
     peft_model = peft_reference(net, seed=3, r=2, lora_alpha=4, target_modules=["out"])
     peft_model.save_pretrained(str(tmp_path / "ad"))
     result = inject_files(qpath, [tmp_path / "ad"], tmp_path / "inj")
@@ -358,10 +372,7 @@ def test_dynamic_inject_branch_contribution_is_x_delta(tmp_path, fused):
     sess = _session(tmp_path / "inj" / "model.onnx")
     feeds = {"x": x.numpy()}
     # The layer's input h = relu(fc(x)) as the quantized graph computes it: read it as an extra output.
-    m = onnx.load(str(tmp_path / "inj" / "model.onnx"))
-    lora_a = next(n for n in m.graph.node if n.name.endswith("/lora_A"))
-    m.graph.output.append(onnx.helper.make_tensor_value_info(lora_a.input[0], onnx.TensorProto.FLOAT, None))
-    onnx.save(m, str(tmp_path / "probe.onnx"))
+    _probe_layer_input(tmp_path / "inj" / "model.onnx", tmp_path / "probe.onnx")
     no_adapter, h = _session(tmp_path / "probe.onnx").run(None, feeds)
     assert np.array_equal(no_adapter, _run(qpath, feeds))  # (b) exact base
     tensors = read_adapter_tensors(tmp_path / "inj" / "ad.safetensors")
@@ -375,22 +386,11 @@ def test_dynamic_inject_branch_contribution_is_x_delta(tmp_path, fused):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_dynamic_inject_dora_scales_the_branch_and_not_the_bias(tmp_path, fused):
-    torch.manual_seed(0)
-    net = _Net().eval()
-    x = torch.randn(3, 16)
-    export_base(net, {"x": x}, tmp_path / "base.onnx")
-    quantize_dynamic(str(tmp_path / "base.onnx"), str(tmp_path / "q.onnx"), per_channel=True)
-    qpath = tmp_path / "q.onnx"
-    if fused:
-        qpath = tmp_path / "q_opt.onnx"
-        _ort_optimized(tmp_path / "q.onnx", qpath)
+    net, x, qpath = _dynamic_net(tmp_path, fused)
     peft_model = peft_reference(net, seed=3, r=2, lora_alpha=4, target_modules=["out"], use_dora=True)
     peft_model.save_pretrained(str(tmp_path / "ad"))
     inject_files(qpath, [tmp_path / "ad"], tmp_path / "inj")
-    m = onnx.load(str(tmp_path / "inj" / "model.onnx"))
-    lora_a = next(n for n in m.graph.node if n.name.endswith("/lora_A"))
-    m.graph.output.append(onnx.helper.make_tensor_value_info(lora_a.input[0], onnx.TensorProto.FLOAT, None))
-    onnx.save(m, str(tmp_path / "probe.onnx"))
+    _probe_layer_input(tmp_path / "inj" / "model.onnx", tmp_path / "probe.onnx")
     feeds = {"x": x.numpy()}
     no_adapter, h = _session(tmp_path / "probe.onnx").run(None, feeds)
     assert np.array_equal(no_adapter, _run(qpath, feeds))

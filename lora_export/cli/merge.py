@@ -6,7 +6,8 @@ import json
 
 import click
 
-from ..graph.merge import MergeReport, merge_file
+from ..graph.merge import merge_file
+from ..graph.merge_report import MergeReport
 from ._progress import progress_bar
 from .terminal import clean, clean_lines
 
