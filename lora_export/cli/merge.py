@@ -28,6 +28,11 @@ from .terminal import clean, clean_lines
 @click.option(
     "--requantize", is_flag=True, help="Merge into quantized weights by requantizing them (lossy; error reported)."
 )
+@click.option(
+    "--into-float",
+    is_flag=True,
+    help="Merge into quantized weights by making their ops float MatMuls on the dequantized weight (exact).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 def merge_command(
     base: str,
@@ -39,6 +44,7 @@ def merge_command(
     only_targets: str | None,
     force: bool,
     requantize: bool,
+    into_float: bool,
     as_json: bool,
 ) -> None:
     """Merge ADAPTER (a PEFT adapter directory) into BASE.onnx, writing -o OUT.onnx.
@@ -60,6 +66,7 @@ def merge_command(
             only_targets=only_targets,
             force=force,
             requantize=requantize,
+            into_float=into_float,
         )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -95,6 +102,10 @@ def summary(report: MergeReport) -> str:
         f"{clean(m['target'])}: {clean(m['write']['summary'])}"
         for m in report.merged
         if "summary" in m.get("write", {})
+    ]
+    lines += [
+        f"converted {clean(c['node'])} ({clean(c['layout'])}) into float {clean(c['into'])} ({c['dtype']})"
+        for c in report.converted
     ]
     if report.repeated:
         lines.append(f"note: {report.repeated}; merged again (--force)")

@@ -35,6 +35,7 @@ from ..formats.peft import adapter_files, load_adapter
 from ..formats.safetensors import read_safetensors
 from .layouts import get_layout
 from .model_io import external_data_files, load_model, save_model
+from .packed_names import GenaiDims, read_genai_config
 from .provenance import append_history, make_record, target_entry
 from .resolve import ResolvedTarget, resolve_targets
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
@@ -71,7 +72,7 @@ class InjectResult:
 
 
 def _resolve_all(
-    model: ir.Model, adapters: Sequence[Adapter], base_weights
+    model: ir.Model, adapters: Sequence[Adapter], base_weights, genai_dims=None
 ) -> tuple[dict[str, ResolvedTarget], dict[str, list[dict]], set[str]]:
     """Resolve every adapter; refuse, listing every misfit, if any target cannot be placed."""
     chosen: dict[str, ResolvedTarget] = {}
@@ -79,7 +80,7 @@ def _resolve_all(
     absent: set[str] = set()
     shape_errors, target_errors = [], []
     for adapter in adapters:
-        res = resolve_targets(model, adapter, base_weights=base_weights)
+        res = resolve_targets(model, adapter, base_weights=base_weights, genai_dims=genai_dims)
         reports[adapter.name] = res.to_report()
         if not res.matched and not res.unmatched:
             target_errors.append(
@@ -140,12 +141,14 @@ def inject_adapters(
     *,
     base_weights: Mapping[str, np.ndarray] | None = None,
     dora: bool = False,
+    genai_dims: GenaiDims | None = None,
 ) -> InjectResult:
     """Add LoRA slots for the union of the adapters' targets to ``model`` (in place).
 
     A slot gets a DoRA scale input when one of the adapters is DoRA there, or for every slot with
     ``dora=True`` (so DoRA adapters converted later fit; it defaults to ones, a no-op otherwise).
     Returns the slot manifest (also stored in ``model.metadata_props``) and each adapter's slot tensors.
+    ``genai_dims``: the onnxruntime-genai config's attention widths (names-based packed slices).
     Each adapter gets an ``inject`` record in the model's ``lora_export.history`` (see ``provenance``); an
     unreadable history is kept under ``lora_export.history.unreadable`` and restarted.
     """
@@ -164,7 +167,7 @@ def inject_adapters(
                 f"adapter {adapter.name!r} replaces full tensors ({', '.join(sorted(adapter.extra)[:3])}), "
                 "which adapter mode cannot swap; use merge"
             )
-    chosen, reports, absent = _resolve_all(model, adapters, base_weights)
+    chosen, reports, absent = _resolve_all(model, adapters, base_weights, genai_dims)
     dora_modules = set(chosen) if dora else {t.name for a in adapters for t in a if t.is_dora}
     slots: dict[str, Slot] = {}
     for module in sorted(chosen):
@@ -274,7 +277,8 @@ def inject_files(
     model = load_model(base_path)
     # OUTDIR may be the base model's own folder: the new model.onnx (or its data) must not replace an input.
     refuse_overwrite(outputs, [*inputs, *external_data_files(model, base_path)], ModelError)
-    result = inject_adapters(model, adapters, base_weights=base_weights, dora=dora)
+    genai_dims = read_genai_config(base_path)
+    result = inject_adapters(model, adapters, base_weights=base_weights, dora=dora, genai_dims=genai_dims)
     # Through a symlinked OUTDIR, replace the folder it points to, not the link.
     dest = Path(os.path.realpath(out_dir)) if out_dir.is_symlink() else out_dir
     total = 1 + 2 * len(result.tensors)

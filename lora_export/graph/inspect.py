@@ -127,7 +127,9 @@ def inspect_model(
 
         require_regular_file(base_weights, "base weights")
         weights = read_safetensors(base_weights)[0]
-    resolution = resolve_targets(model, loaded, base_weights=weights)
+    from .packed_names import read_genai_config
+
+    resolution = resolve_targets(model, loaded, base_weights=weights, genai_dims=read_genai_config(path))
     report["adapter"] = str(adapter)
     report["adapter_sha256"] = digest
     report["already_merged"] = _already_merged(report.get("history") or [], loaded, digest)

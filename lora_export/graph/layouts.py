@@ -66,6 +66,24 @@ class OpLayout(ABC):
         quantized layouts return their scales' dtype."""
         return self.weight_value(node).const_value.dtype
 
+    # -- optional, for lossy (quantized) layouts --------------------------------------------------
+
+    def value_bounds(self, node: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
+        """(read(node), per-entry bound) such that a float weight W quantizes to this node's weight only if
+        |W − read(node)| ≤ bound everywhere; lets a packed slice of a quantized weight be found by value.
+        None: not supported (exact layouts compare bit for bit instead)."""
+        return None
+
+    def write_rows(self, node: ir.Node, start: int, rows: np.ndarray) -> None:
+        """Store canonical rows [start, start + len(rows)) only, every other row bit-identical (a packed
+        slice of a quantized weight)."""
+        raise NotImplementedError(f"{self.op_type}: cannot write part of its weight")
+
+    def to_float(self, model: ir.Model, node: ir.Node) -> ir.Node:
+        """``merge --into-float``: replace ``node`` by a float MatMul holding ``read(node)`` in
+        ``activation_dtype(node)`` (see ``float_convert``) and return it."""
+        raise ModelError(f"{self.op_type} {node.name!r}: no float form (--into-float); use --requantize or inject")
+
     def add_branch(
         self, graph: ir.Graph, node: ir.Node, a_value: ir.Value, b_value: ir.Value, dora_scale_value: ir.Value | None
     ) -> None:

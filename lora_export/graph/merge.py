@@ -19,13 +19,15 @@ import onnx_ir as ir
 
 from ..adapter import Adapter, target_digest
 from ..delta import check_mergeable, merged_weight
-from ..errors import AdapterError, ModelError, ShapeError, TargetError
+from ..errors import AdapterError, ConfigError, ModelError, ShapeError, TargetError
 from ..files.atomic import refuse_overwrite
 from ..files.checks import require_regular_file
 from .consumers import free_name, other_readers, private_copy
+from .float_convert import convert_lossy
 from .layouts import store
 from .merge_report import MergeReport
 from .model_io import check_outputs, external_data_files, load_model, save_model
+from .packed_names import GenaiDims, read_genai_config
 from .patch_save import save_patched, snapshot
 from .provenance import (
     HistoryError,
@@ -55,6 +57,8 @@ def merge_adapter(
     progress: Progress | None = None,
     force: bool = False,
     requantize: bool = False,
+    into_float: bool = False,
+    genai_dims: GenaiDims | None = None,
 ) -> MergeReport:
     """Fold ``adapter`` (times ``scale``) into ``model`` in place and report what was done.
 
@@ -69,8 +73,12 @@ def merge_adapter(
     the history then restarts).
 
     Quantized weights (plugin layouts with ``lossy_write``) can only take W₀ + ΔW by requantizing, which
-    rounds the whole weight again: refused unless ``requantize`` (inject serves them exactly instead).
+    rounds the whole weight again: refused unless ``requantize`` (inject serves them exactly instead), or
+    ``into_float``: their ops become float MatMuls on the dequantized weight + ΔW (exact; ``report.converted``).
+    ``genai_dims``: the onnxruntime-genai config's attention widths (names-based packed slices).
     """
+    if requantize and into_float:
+        raise ConfigError("--requantize and --into-float exclude each other: pick one")
     if not np.isfinite(scale):
         raise AdapterError(f"scale must be finite, got {scale}")
     digest = adapter.digest()
@@ -81,7 +89,7 @@ def merge_adapter(
     for t in adapter:
         check_mergeable(t)  # before any weight changes
     t0 = time.perf_counter()
-    resolution = resolve_targets(model, adapter, base_weights=base_weights)
+    resolution = resolve_targets(model, adapter, base_weights=base_weights, genai_dims=genai_dims)
     report = MergeReport(adapter=adapter.name, resolution=resolution, scale=float(scale), adapter_sha256=digest)
     report.timings["resolve"] = time.perf_counter() - t0
     _check_resolution(resolution, adapter, allow_partial)
@@ -89,12 +97,15 @@ def merge_adapter(
     for r in resolution.matched:
         check_stored_base(adapter, r)  # before any weight changes
     lossy = [r for r in resolution.matched if getattr(r.layout, "lossy_write", False)]
-    if lossy and not requantize:
+    if lossy and not (requantize or into_float):
         names = _names(f"{r.target.name} ({r.node.op_type})" for r in lossy)
         raise TargetError(
             f"{len(lossy)} target(s) are quantized weights: {names}; a merge requantizes them (lossy, the error "
-            "is reported per target): pass --requantize to accept that, or use inject (exact)"
+            "is reported per target): pass --requantize to accept that, --into-float to make them float MatMuls "
+            "(exact), or use inject (exact)"
         )
+    if lossy and into_float:
+        report.converted = convert_lossy(model, resolution.matched)
 
     t0 = time.perf_counter()
     matched = resolution.matched
@@ -282,6 +293,7 @@ def merge_file(
     only_targets: str | None = None,
     force: bool = False,
     requantize: bool = False,
+    into_float: bool = False,
 ) -> MergeReport:
     """Merge an adapter (object, or PEFT adapter directory) into the ONNX model at ``base_path``.
 
@@ -295,6 +307,8 @@ def merge_file(
     from ..formats.safetensors import read_safetensors
 
     t_start = time.perf_counter()
+    if requantize and into_float:
+        raise ConfigError("--requantize and --into-float exclude each other: pick one")
     check_outputs(out_path)  # a folder or a device as output: refuse before any work
     base_path, out_path = Path(base_path), Path(out_path)
     adapter = adapter_or_path if isinstance(adapter_or_path, Adapter) else load_adapter(adapter_or_path)
@@ -323,6 +337,8 @@ def merge_file(
         progress=progress,
         force=force,
         requantize=requantize,
+        into_float=into_float,
+        genai_dims=read_genai_config(base_path),
     )
     t0 = time.perf_counter()
     written = None

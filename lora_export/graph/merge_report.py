@@ -15,6 +15,7 @@ class MergeReport:
     resolution: Resolution
     merged: list[dict] = field(default_factory=list)
     replaced: list[dict] = field(default_factory=list)
+    converted: list[dict] = field(default_factory=list)  # quantized ops made float MatMuls (--into-float)
     scale: float = 1.0
     adapter_sha256: str | None = None
     history: list[dict] = field(default_factory=list)  # the model's lora_export.history after the merge
@@ -52,6 +53,7 @@ class MergeReport:
             "extras": [e.to_dict() for e in res.extras],
             "merged": self.merged,
             "replaced": self.replaced,
+            "converted": self.converted,
             "history": self.history,
             "repeated": self.repeated,
             "skipped": self.skipped(),

@@ -8,7 +8,9 @@ MatMul/Gemm, conv ↔ Conv, embedding ↔ Gather) and its canonical weight shape
   node-name         TorchScript node names (``/model/layers.0/q_proj/MatMul``)
   scope             the dynamo exporter's ``pkg.torch.onnx.name_scopes`` / ``namespace`` node metadata
   fingerprint       an initializer equal to the user's base weight W (or Wᵀ)
-  packed            a slice of one packed MatMul/Gemm weight equal to W (or Wᵀ): fused Q/K/V (``packed``)
+  packed            a slice of one packed MatMul/Gemm weight equal to W (or Wᵀ): fused Q/K/V (``packed``),
+                    or of one quantized weight holding W up to its rounding (``packed_quant``)
+  genai-name        the onnxruntime-genai builder's names, packed slices of proven widths (``packed_names``)
 
 With base weights, a match found by name must also hold the target's base weight by value. A graph
 name that two targets could both claim (an encoder exported alone names ``layers.0.q_proj``, which
@@ -37,11 +39,14 @@ from .layouts import OpLayout, get_layout
 from .model_check import ensure_checked
 from .module_paths import best_unique, name_module_paths, scope_module_paths, weight_module
 from .packed import find_packed, held_elsewhere, packed_readers
+from .packed_names import STRATEGY as GENAI
+from .packed_names import GenaiDims, by_genai_names, is_genai
+from .packed_quant import find_packed_quantized
 from .resolve_extras import ResolvedExtra, named_tensors, resolve_extra
 from .value_match import ValueIndex, base_key, graph_tensors
 
 MANIFEST_KEY = "lora_export.manifest"
-STRATEGIES = ("manifest", "initializer-name", "node-name", "scope", "fingerprint", "packed")
+STRATEGIES = ("manifest", "initializer-name", "node-name", "scope", GENAI, "fingerprint", "packed")
 
 
 @dataclass
@@ -159,6 +164,8 @@ class _Graph:
         self.by_scope = self._index(scope_module_paths)
         self.all_module_paths = set(self.by_node_name) | set(self.by_scope) | set(self.by_weight_name)
         self.ops = {n.op_type for n in _all_nodes(model)}
+        self.bounds: dict[int, tuple | None] = {}  # quantized weights' value bounds, computed once
+        self.genai: tuple[GenaiDims | None, dict[str, int]] | None = None  # builder naming: (dims, widths)
 
     def _index(self, paths_of: Callable[[ir.Node], list[str]]) -> dict[str, list[ir.Value]]:
         index: dict[str, list[ir.Value]] = {}
@@ -245,13 +252,20 @@ def _by_fingerprint(g: _Graph, t: LoraTarget, w: np.ndarray, key: str):
 def _by_packed(g: _Graph, t: LoraTarget, w: np.ndarray, key: str):
     """Exactly one slice of one packed weight holds W, and no other graph tensor does (see ``packed``)."""
     hits = find_packed(g.candidates, t, w)
-    if len(hits) != 1:
+    quantized, whole = find_packed_quantized(g.candidates, t, w, g.bounds)
+    hits += quantized
+    if len(hits) != 1 or whole:
         return None
     node, layout, value = hits[0]
     if held_elsewhere(graph_tensors(g.model), w, value):
         return None
     end = layout.offset + layout.width
     return _matched(t, "packed", value, node, layout, f"base weight {key!r} is {value.name}[{layout.offset}:{end}]")
+
+
+def _by_genai(g: _Graph, t: LoraTarget):
+    hit, found, why = by_genai_names(g, t, *g.genai)
+    return (_matched(t, GENAI, *hit) if hit is not None else None), found, why
 
 
 def read_manifest(model: ir.Model) -> dict[str, dict]:
@@ -292,10 +306,14 @@ def resolve_targets(
     adapter: Adapter,
     *,
     base_weights: Mapping[str, np.ndarray] | None = None,
+    genai_dims: GenaiDims | None = None,
 ) -> Resolution:
-    """Find the weight each target of ``adapter`` adapts in ``model`` (see the module docstring)."""
+    """Find the weight each target of ``adapter`` adapts in ``model`` (see the module docstring);
+    ``genai_dims``: the attention widths of the onnxruntime-genai config beside the model, if any."""
     ensure_checked(model)
     g = _Graph(model)
+    if is_genai(model, genai_dims):
+        g.genai = (genai_dims, {t.name: int(t.weight_shape[0]) for t in adapter})
     manifest = _manifest(model)
     modules = manifest.get("modules") if isinstance(manifest.get("modules"), dict) else {}
     proven_absent = manifest.get("absent", [])
@@ -328,6 +346,8 @@ def _resolve_one(g: _Graph, t: LoraTarget, modules, base_weights) -> ResolvedTar
     ]
     if modules:
         steps.insert(0, ("manifest", lambda: (*_by_manifest(g, t, modules), "")))
+    if g.genai is not None:
+        steps.append((GENAI, lambda: _by_genai(g, t)))
     for name, step in steps:
         hit, found, why = step()
         if hit is not None and w is not None and not hit.layout.holds(hit.node, w):
@@ -355,7 +375,7 @@ def _resolve_one(g: _Graph, t: LoraTarget, modules, base_weights) -> ResolvedTar
 
 def _attach_consumers(r: ResolvedTarget, known_modules: set[str] | None) -> None:
     """The nodes that apply the module, and the weight's other readers (or unmatched if ambiguous)."""
-    if r.strategy == "packed":
+    if r.strategy in ("packed", GENAI):
         r.nodes, why = packed_readers(r.value)
         if why:
             r.status, r.detail = "unmatched", why

@@ -167,36 +167,45 @@ class MatMulNBitsLayout(OpLayout):
             w = w.astype(scales.dtype).astype(np.float32)
         return np.ascontiguousarray(w[:, :k])
 
-    def holds(self, node: ir.Node, w: np.ndarray) -> bool:
-        """Whether ``w`` (N, K) or its transpose, rounded to the activation dtype, quantizes to this weight:
-        within half a step of deq(B) per entry, a whole step where the code is clamped at 0 or 2^bits − 1."""
+    def value_bounds(self, node: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
+        """(deq(B) (N, K), per-entry bound): a float weight W quantizes to this node's codes only if
+        |W − deq| ≤ bound entrywise: half a step, a whole step where the code is clamped at 0 or 2^bits − 1
+        (the symmetric scheme maps the block's largest magnitude of the other sign past the top code)."""
         dims = self._dims(node)
         if dims is None:
-            return False
-        n, k, bits, bs = dims
-        w = np.asarray(w)
-        # Like the core's value match: W, or Wᵀ as exporters store it (both for a square W).
-        views = [v for v in ((w, w.T) if w.ndim == 2 else ()) if v.shape == (n, k)]
-        if not views:
-            return False
+            return None
+        _n, k, bits, bs = dims
         try:
             deq = self.read(node)
             codes, scales, _ = self._params(node)
         except (ModelError, ValueError, TypeError):
-            return False
+            return None
         step = np.abs(np.repeat(scales.astype(np.float32), bs, axis=1))[:, :k]
         codes = codes[:, :k]
         clamped = (codes == 0) | (codes == (1 << bits) - 1)
-        bound = np.where(clamped, 1.0, 0.5) * step * (1 + 1e-3) + 1e-30
+        return deq, np.where(clamped, 1.0, 0.5) * step * (1 + 1e-3) + 1e-30
+
+    def holds(self, node: ir.Node, w: np.ndarray) -> bool:
+        """Whether ``w`` (N, K) or its transpose, rounded to the activation dtype, quantizes to this weight
+        (within ``value_bounds``)."""
+        shape = self.weight_shape(node)
+        w = np.asarray(w)
+        # Like the core's value match: W, or Wᵀ as exporters store it (both for a square W).
+        views = [v for v in ((w, w.T) if w.ndim == 2 else ()) if v.shape == shape]
+        bounds = self.value_bounds(node) if views else None
+        if bounds is None:
+            return False
+        deq, bound = bounds
         dtype = self.activation_dtype(node).numpy()
         return any(bool(np.all(np.abs(v.astype(dtype).astype(np.float32) - deq) <= bound)) for v in views)
 
     # -- merge: requantize ---------------------------------------------------------------------
 
     def quantize(self, node: ir.Node, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """ORT's blockwise quantization of canonical ``w`` (N, K) with the node's block size and scheme:
-        (codes (N, n_blocks·bs) uint8, scales (N, n_blocks) in the scales' dtype, zero points or None)."""
-        n, k, bits, bs = self._checked(node)
+        """ORT's blockwise quantization of canonical ``w`` (rows, K) with the node's block size and scheme:
+        (codes (rows, n_blocks·bs) uint8, scales (rows, n_blocks) in the scales' dtype, zero points or None)."""
+        _, k, bits, bs = self._checked(node)
+        n = int(np.shape(w)[0])  # any rows: each output column is quantized on its own
         n_blocks = -(-k // bs)
         qmax = (1 << bits) - 1
         blocks = np.zeros((n, n_blocks * bs), dtype=np.float32)
@@ -224,6 +233,11 @@ class MatMulNBitsLayout(OpLayout):
         return codes, scales, None if symmetric else zp.astype(np.uint8)
 
     def write(self, node: ir.Node, canonical: np.ndarray) -> None:
+        self.write_rows(node, 0, canonical)
+
+    def write_rows(self, node: ir.Node, start: int, rows: np.ndarray) -> None:
+        """Requantize output columns [start, start + len(rows)) only (a packed slice): blocks run along K
+        per column, so every other column's codes, scales and zero points stay bit-identical."""
         self.last_write_report = None
         n, k, bits, bs = self._checked(node)
         if self._float_zp(node):
@@ -232,35 +246,38 @@ class MatMulNBitsLayout(OpLayout):
             )
         self._refuse_shared(node)
         n_blocks = -(-k // bs)
-        w = np.asarray(canonical, dtype=np.float32)
-        old = self.read(node)
+        w = np.asarray(rows, dtype=np.float32)
+        part = slice(start, start + w.shape[0])
+        if w.ndim != 2 or w.shape[1] != k or part.stop > n or start < 0:
+            raise ModelError(f"MatMulNBits {node.name!r}: rows [{start}:{part.stop}] of width {k} do not fit (N={n})")
+        old = self.read(node)[part]
         codes, scales, zp = self.quantize(node, w)
         b_value, s_value, zp_value = _const(node, _B), _const(node, _SCALES), _const(node, _ZP)
-        store(b_value, _pack(codes, bits, n_blocks * bs * bits // 8, 0).reshape(n, n_blocks, -1))
-        store(s_value, scales.reshape(tuple(int(d) for d in s_value.const_value.shape)))
+        b = b_value.const_value.numpy().reshape(n, -1).copy()
+        b[part] = _pack(codes, bits, b.shape[1], 0)
+        store(b_value, b.reshape(tuple(int(d) for d in b_value.const_value.shape)))
+        s_all = s_value.const_value.numpy().reshape(n, n_blocks).copy()
+        s_all[part] = scales
+        store(s_value, s_all.reshape(tuple(int(d) for d in s_value.const_value.shape)))
         if zp is not None:
-            per_col = -(-n_blocks * bits // 8)
-            packed = _pack(zp, bits, per_col, 1 << (bits - 1))
-            store(zp_value, packed.reshape(tuple(int(d) for d in zp_value.const_value.shape)))
-        new = self.read(node)
-        delta = w.astype(np.float64) - old
-        err = new.astype(np.float64) - w
-        w_norm = float(np.linalg.norm(w))
-        d_norm = float(np.linalg.norm(delta))
-        report = {
-            "scheme": f"int{bits} block {bs} {'symmetric' if zp is None else 'asymmetric'}",
-            "max_abs_error": float(np.abs(err).max()) if err.size else 0.0,
-            "rel_frobenius_error": float(np.linalg.norm(err) / w_norm) if w_norm else 0.0,
-            "delta_kept": float(np.linalg.norm(new.astype(np.float64) - old) / d_norm) if d_norm else 1.0,
-            # The direction matters too: how far the change that landed is from ΔW, relative to ΔW.
-            "delta_error": float(np.linalg.norm(new.astype(np.float64) - old - delta) / d_norm) if d_norm else 0.0,
-        }
-        report["summary"] = (
-            f"requantized {report['scheme']}: max abs error {report['max_abs_error']:.3g}, relative Frobenius error "
-            f"{report['rel_frobenius_error']:.3g}, ‖deq(new) − deq(old)‖/‖ΔW‖ {report['delta_kept']:.3g}, "
-            f"‖deq(new) − deq(old) − ΔW‖/‖ΔW‖ {report['delta_error']:.3g}"
+            z_all = zp_value.const_value.numpy().reshape(n, -1).copy()
+            z_all[part] = _pack(zp, bits, z_all.shape[1], 1 << (bits - 1))
+            store(zp_value, z_all.reshape(tuple(int(d) for d in zp_value.const_value.shape)))
+        new = self.read(node)[part]
+        self.last_write_report = requantization_report(
+            f"int{bits} block {bs} {'symmetric' if zp is None else 'asymmetric'}", w, old, new
         )
-        self.last_write_report = report
+
+    def to_float(self, model: ir.Model, node: ir.Node) -> ir.Node:
+        """``merge --into-float``: a float MatMul on deq(B)ᵀ in the activations' dtype (+ the bias input),
+        exactly the weight this node applies (for accuracy_level 0; a higher level also rounds x)."""
+        from lora_export.graph.float_convert import replace_with_matmul
+
+        self._checked(node)
+        self._refuse_shared(node)
+        dtype = self.activation_dtype(node)
+        w = self.read(node).T.astype(dtype.numpy())
+        return replace_with_matmul(model, node, node.inputs[_A], w, dtype, _input(node, _BIAS))
 
     def _refuse_shared(self, node: ir.Node) -> None:
         """B, scales and zero points must be read only by MatMulNBits nodes applying this same weight."""
@@ -300,6 +317,27 @@ class MatMulNBitsLayout(OpLayout):
             bias = node.inputs[_BIAS]
             node.replace_input_with(_BIAS, None)
         _finish(graph, node, node.outputs[0], d.outputs[0], [h, d], dora_scale_value, bias, None, prefix)
+
+
+def requantization_report(scheme: str, w: np.ndarray, old: np.ndarray, new: np.ndarray) -> dict:
+    """What requantizing cost: ``w`` = deq(old) + ΔW asked for, deq(new) stored."""
+    delta = w.astype(np.float64) - old
+    err = new.astype(np.float64) - w
+    w_norm, d_norm = float(np.linalg.norm(w)), float(np.linalg.norm(delta))
+    report = {
+        "scheme": scheme,
+        "max_abs_error": float(np.abs(err).max()) if err.size else 0.0,
+        "rel_frobenius_error": float(np.linalg.norm(err) / w_norm) if w_norm else 0.0,
+        "delta_kept": float(np.linalg.norm(new.astype(np.float64) - old) / d_norm) if d_norm else 1.0,
+        # The direction matters too: how far the change that landed is from ΔW, relative to ΔW.
+        "delta_error": float(np.linalg.norm(new.astype(np.float64) - old - delta) / d_norm) if d_norm else 0.0,
+    }
+    report["summary"] = (
+        f"requantized {scheme}: max abs error {report['max_abs_error']:.3g}, relative Frobenius error "
+        f"{report['rel_frobenius_error']:.3g}, ‖deq(new) − deq(old)‖/‖ΔW‖ {report['delta_kept']:.3g}, "
+        f"‖deq(new) − deq(old) − ΔW‖/‖ΔW‖ {report['delta_error']:.3g}"
+    )
+    return report
 
 
 LAYOUT = MatMulNBitsLayout()
