@@ -372,3 +372,22 @@ def test_read_tensors_match_the_slots(case, tmp_path):
     tensors = read_adapter_tensors(tmp_path / "inj" / "qv.safetensors")
     q = next(v for k, v in tensors.items() if k.endswith("layers.0.self_attn.q_proj.lora_B"))
     assert q.shape == (2, 32)
+
+
+def test_other_slices_stay_bit_identical_whatever_quantized_them(case, tmp_path, plugin):
+    """k's codes as another quantizer might leave them (no code at the range's end, so requantizing deq(k)
+    would pick another scale): a q/v merge must not touch them."""
+    model = ir.load(str(case["root"] / "int4" / "model.onnx"))
+    node = next(n for n in model.graph if n.name == QKV0)
+    b = node.inputs[1].const_value.numpy().copy()
+    codes = plugin._unpack(b.reshape(64, -1), 4, 32)
+    codes[32:48][codes[32:48] == 0] = 1
+    b = plugin._pack(codes, 4, b.shape[1] * b.shape[2], 0).reshape(b.shape)
+    node.inputs[1].const_value = ir.tensor(b, name=node.inputs[1].name)
+    ir.save(model, str(tmp_path / "k.onnx"))
+    w0 = plugin.LAYOUT.read(node)
+    weights = case["root"] / "base.safetensors"
+    merge_file(tmp_path / "k.onnx", case["root"] / "qv", tmp_path / "m.onnx", base_weights=weights, requantize=True)
+    after = next(n for n in ir.load(str(tmp_path / "m.onnx")).graph if n.name == QKV0)
+    np.testing.assert_array_equal(after.inputs[1].const_value.numpy()[32:48], b[32:48])
+    np.testing.assert_array_equal(plugin.LAYOUT.read(after)[32:48], w0[32:48])

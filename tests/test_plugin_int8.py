@@ -258,6 +258,31 @@ def test_qdq_merge_requantizes_and_reports(qdq, tmp_path):
     assert np.isfinite(y).all()
 
 
+def test_qdq_merge_into_float_is_exact(qdq, tmp_path):
+    """--into-float: each targeted DequantizeLinear goes, its MatMul reads deq(Wq) + ΔW in float: exact vs PEFT on
+    the dequantized weights (QLoRA); untargeted weights stay quantized."""
+    from lora_export import merge_file
+
+    merged = tmp_path / "merged.onnx"
+    report = merge_file(qdq["weight_only"], qdq["adapter"], merged, base_weights=qdq["base_weights"], into_float=True)
+    assert len(report.converted) == 2 * len(TARGETS)
+    assert {c["op"] for c in report.converted} == {"DequantizeLinear"} and {c["into"] for c in report.converted}
+    ops = [n.op_type for n in onnx.load(str(merged)).graph.node]
+    assert ops.count("DequantizeLinear") == len(_deq_weights(qdq["weight_only"])) - 2 * len(TARGETS)
+    assert rel_err(_run(merged, qdq["feeds"]), qdq["ref"]) <= TOL
+
+
+def test_dynamic_into_float_is_refused_in_one_line(llama, tmp_path):
+    root, base, _ = llama
+    dyn = tmp_path / "dyn.onnx"
+    quantize_dynamic(str(root / "base.onnx"), str(dyn), weight_type=QuantType.QInt8)
+    peft_reference(base, seed=3, r=2, lora_alpha=4, target_modules=["q_proj"]).save_pretrained(str(tmp_path / "a"))
+    out = tmp_path / "m.onnx"
+    res = CliRunner().invoke(cli, ["merge", str(dyn), str(tmp_path / "a"), "-o", str(out), "--into-float"])
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.output
+    assert "--into-float" in res.stderr and "inject" in res.stderr and not out.exists()
+
+
 # -- dynamic (MatMulInteger) -------------------------------------------------------------------------
 
 

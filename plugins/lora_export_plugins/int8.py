@@ -110,6 +110,25 @@ class DequantizeLinearLayout(OpLayout):
     def activation_dtype(self, node: ir.Node) -> ir.DataType:
         return self._parse(node)[0].scale.const_value.dtype
 
+    def to_float(self, model: ir.Model, node: ir.Node) -> ir.Node:
+        """``merge --into-float``: the MatMul reads the dequantized weight (in the scale's dtype) as a float
+        initializer instead of DequantizeLinear's output; returns the MatMul."""
+        from lora_export.graph.float_convert import float_names
+
+        qw, matmul = self._checked(node)
+        dtype = self.activation_dtype(node)
+        _, wname = float_names(model, node, qw.q)
+        w = ir.Value(name=wname, const_value=ir.tensor(qw.dequantized().astype(dtype.numpy()), dtype=dtype, name=wname))
+        graph = node.graph
+        graph.register_initializer(w)
+        matmul.replace_input_with(1, w)
+        inputs = [v for v in node.inputs if v is not None]
+        graph.remove(node, safe=True)
+        for v in inputs:
+            if v.const_value is not None and not v.uses() and not v.is_graph_output() and v.name in graph.initializers:
+                del graph.initializers[v.name]
+        return matmul
+
     def add_branch(self, graph, node, a_value, b_value, dora_scale_value=None) -> None:
         from lora_export.graph.branches import _finish, _prefix
 
