@@ -19,7 +19,8 @@ import numpy as np
 import onnx_ir as ir
 
 from .layouts import OpLayout
-from .packed import PackedSlice
+from .packed import PackedSlice, find_packed, held_elsewhere
+from .value_match import graph_tensors
 
 _SAMPLES = 8
 
@@ -115,3 +116,17 @@ def find_packed_quantized(
                 else:
                     hits.append((node, QuantPackedSlice(layout, off, out_t), value))
     return hits, whole
+
+
+def the_packed_slice(model: ir.Model, candidates: list, t, w: np.ndarray, cache: dict) -> tuple | None:
+    """The one (node, slice layout, value) whose weight holds ``w`` as a slice, exactly (float) or within its
+    rounding (quantized), when no other weight holds it whole or as a slice and no other graph tensor holds
+    it; else None (nothing is guessed)."""
+    hits = find_packed(candidates, t, w)
+    quantized, whole = find_packed_quantized(candidates, t, w, cache)
+    hits += quantized
+    if len(hits) != 1 or whole:
+        return None
+    if held_elsewhere(graph_tensors(model), w, hits[0][2]):
+        return None
+    return hits[0]

@@ -38,12 +38,12 @@ from .consumers import consumers
 from .layouts import OpLayout, get_layout
 from .model_check import ensure_checked
 from .module_paths import best_unique, name_module_paths, scope_module_paths, weight_module
-from .packed import find_packed, held_elsewhere, packed_readers
+from .packed import packed_readers
 from .packed_names import STRATEGY as GENAI
 from .packed_names import GenaiDims, by_genai_names, is_genai
-from .packed_quant import find_packed_quantized
+from .packed_quant import the_packed_slice
 from .resolve_extras import ResolvedExtra, named_tensors, resolve_extra
-from .value_match import ValueIndex, base_key, graph_tensors
+from .value_match import ValueIndex, base_key
 
 MANIFEST_KEY = "lora_export.manifest"
 STRATEGIES = ("manifest", "initializer-name", "node-name", "scope", GENAI, "fingerprint", "packed")
@@ -251,14 +251,10 @@ def _by_fingerprint(g: _Graph, t: LoraTarget, w: np.ndarray, key: str):
 
 def _by_packed(g: _Graph, t: LoraTarget, w: np.ndarray, key: str):
     """Exactly one slice of one packed weight holds W, and no other graph tensor does (see ``packed``)."""
-    hits = find_packed(g.candidates, t, w)
-    quantized, whole = find_packed_quantized(g.candidates, t, w, g.bounds)
-    hits += quantized
-    if len(hits) != 1 or whole:
+    hit = the_packed_slice(g.model, g.candidates, t, w, g.bounds)
+    if hit is None:
         return None
-    node, layout, value = hits[0]
-    if held_elsewhere(graph_tensors(g.model), w, value):
-        return None
+    node, layout, value = hit
     end = layout.offset + layout.width
     return _matched(t, "packed", value, node, layout, f"base weight {key!r} is {value.name}[{layout.offset}:{end}]")
 
