@@ -391,3 +391,57 @@ def test_other_slices_stay_bit_identical_whatever_quantized_them(case, tmp_path,
     after = next(n for n in ir.load(str(tmp_path / "m.onnx")).graph if n.name == QKV0)
     np.testing.assert_array_equal(after.inputs[1].const_value.numpy()[32:48], b[32:48])
     np.testing.assert_array_equal(plugin.LAYOUT.read(after)[32:48], w0[32:48])
+
+
+def test_into_float_keeps_fp16_and_the_bias(plugin, tmp_path):
+    """fp16 scales: the float MatMul's weight is fp16, deq(Wq) + ΔW rounded once; the bias input follows as an
+    Add; the output keeps its name."""
+    import onnx
+    import torch
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 24)
+    cfg = DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=False)
+    w0 = np.ascontiguousarray(lin.weight.detach().numpy().T)
+    b, scales, zp = DefaultWeightOnlyQuantizer(cfg).qbits_block_quant(w0)
+    bias = lin.bias.detach().numpy().astype(np.float16)
+    arrays = {"B": b, "scales": scales.astype(np.float16), "zp": zp, "bias": bias}
+    mm = onnx.helper.make_node(
+        "MatMulNBits", ["x", "B", "scales", "zp", "", "bias"], ["y"], domain="com.microsoft", name="/lin/MatMul_Q4",
+        K=32, N=24, bits=4, block_size=BLOCK,
+    )  # fmt: skip
+    f16 = onnx.TensorProto.FLOAT16
+    graph = onnx.helper.make_graph(
+        [mm], "g", [onnx.helper.make_tensor_value_info("x", f16, [3, 32])],
+        [onnx.helper.make_tensor_value_info("y", f16, [3, 24])],
+        [onnx.numpy_helper.from_array(a, n) for n, a in arrays.items()],
+    )  # fmt: skip
+    opsets = [onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(onnx.helper.make_model(graph, ir_version=10, opset_imports=opsets), str(tmp_path / "lin.onnx"))
+    node = next(iter(ir.load(str(tmp_path / "lin.onnx")).graph))
+    deq = plugin.LAYOUT.read(node)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(deq))
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = torch.nn.Sequential()
+    wrapped.add_module("lin", lin)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(wrapped, LoraConfig(r=2, lora_alpha=4, target_modules=["lin"]))
+    torch.nn.init.normal_(pm.base_model.model.lin.lora_B["default"].weight, std=0.1)
+    pm.save_pretrained(str(tmp_path / "ad"))
+    report = merge_file(tmp_path / "lin.onnx", tmp_path / "ad", tmp_path / "m.onnx", into_float=True)
+    converted = [(c["node"], c["into"], c["dtype"]) for c in report.converted]
+    assert converted == [("/lin/MatMul_Q4", "/lin/MatMul", "FLOAT16")]
+    merged = ir.load(str(tmp_path / "m.onnx"))
+    assert [n.op_type for n in merged.graph] == ["MatMul", "Add"] and merged.graph.outputs[0].name == "y"
+    (t,) = list(load_adapter(tmp_path / "ad"))
+    expected = merged_weight(deq, t, np.float32).astype(np.float16)
+    w = next(iter(merged.graph)).inputs[1].const_value.numpy()
+    np.testing.assert_array_equal(w, expected.T)
+    x = np.random.default_rng(1).normal(size=(3, 32)).astype(np.float16)
+    y = run_plain(tmp_path / "m.onnx", {"x": x})[0]
+    ref = x.astype(np.float32) @ expected.astype(np.float32).T + arrays["bias"].astype(np.float32)
+    np.testing.assert_allclose(y.astype(np.float32), ref, rtol=1e-2, atol=1e-2)
