@@ -283,6 +283,10 @@ def named(case, tmp_path):
         (tmp_path / name).mkdir()
         model = ir.load(str(case["root"] / name / "model.onnx"))
         model.producer_name = "onnxruntime-genai"
+        for node in model.graph:  # the builder's name for o_proj: attn/o_proj, not self_attn/o_proj
+            node.name = (
+                (node.name or "").replace("/model/model/", "/model/").replace("/self_attn/o_proj/", "/attn/o_proj/")
+            )
         out[name] = tmp_path / name / "model.onnx"
         ir.save(model, str(out[name]))
     return out
@@ -300,8 +304,10 @@ def test_names_with_genai_config(case, named, tmp_path, kind):
     got = run_injected(tmp_path / "inj" / "model.onnx", tmp_path / "inj" / "gu.onnx_adapter", case["feeds"])[0]
     assert _rel(got, refs["gu"]) <= 1e-5
     flag = "--into-float" if kind == "int4" else "--force"
-    code, _, err = _cli("merge", named[kind], root / "qkvo", "-o", tmp_path / "m.onnx", flag)
+    code, stdout, err = _cli("merge", named[kind], root / "qkvo", "-o", tmp_path / "m.onnx", flag, "--json")
     assert code == 0, err
+    o_proj = [t for t in json.loads(stdout)["targets"] if t["target"].endswith("o_proj")]
+    assert len(o_proj) == 2 and all(t["strategy"] == "genai-name" and "/attn/o_proj/" in t["node"] for t in o_proj)
     assert _rel(run_plain(tmp_path / "m.onnx", case["feeds"])[0], refs["qkvo"]) <= 1e-5
 
 
