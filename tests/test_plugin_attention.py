@@ -15,13 +15,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import output_of, peft_reference
-from foreign_graphs import run_injected, run_plain
+from foreign_graphs import packed_attention, run_injected, run_plain
 from inject_fixtures import REF_SEED, export_base, feeds_of
 from lora_export_plugins import attention
 from models import tiny_bert
 from safetensors.numpy import save_file
 
 from lora_export.cli import cli
+from lora_export.runtime.session import LoraSession
 
 ADAPTERS = {
     # q, k, v of different ranks in one Attention op; dense (MatMuls beside SkipLayerNorm/BiasGelu) by name.
@@ -147,6 +148,11 @@ def test_inject_shares_one_attention_op_across_ranks(case, tmp_path):
     for name in ("qkvd", "v_r3"):
         got = run_injected(model, out_dir / f"{name}.onnx_adapter", case["feeds"])[0]
         assert _rel_err(got, case["refs"][name]) <= 1e-5, name
+    # LoraSession with the branch-free twin: the effective-weight chains are stripped, the twin is the base.
+    sess = LoraSession(model, providers=["CPUExecutionProvider"], base_session=True)
+    sess.load_adapter("qkvd", case["paths"]["qkvd"])
+    assert _rel_err(sess.run(None, case["feeds"], adapter="qkvd")[0], case["refs"]["qkvd"]) <= 1e-5
+    np.testing.assert_array_equal(sess.run(None, case["feeds"])[0], case["outs"]["attn"])
     slots = json.loads(ir.load(model).metadata_props["lora_export.slots"])["slots"]
     q = next(s for s in slots if s["module"].endswith("layer.0.attention.self.query"))
     k = next(s for s in slots if s["module"].endswith("layer.0.attention.self.key"))
@@ -196,3 +202,39 @@ def test_biases_packed_into_multi_head_attention_are_refused(case, tmp_path, wit
     code, _, err = _cli("merge", case["root"] / "mha.onnx", case["paths"]["qvd_bias"], "-o", out, *bw)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "attention.self.query.bias" in err and not out.exists()
+
+
+class _QKV(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (torch.nn.Linear(8, 8, bias=False) for _ in range(4))
+
+    def forward(self, x):
+        return self.o_proj(self.q_proj(x) * self.k_proj(x) + self.v_proj(x))
+
+
+def test_twin_session_strips_genai_packed_slice_branches(tmp_path):
+    """The branch-free twin also finds a genai ``qkv_proj`` slice's branch, whose B′ goes through a Pad."""
+    torch.manual_seed(0)
+    m = _QKV().eval()
+    packed_attention(m, tmp_path / "model.onnx")
+    save_file({k: v.detach().numpy().copy() for k, v in m.state_dict().items()}, str(tmp_path / "w.st"))
+    peft_model = peft_reference(m, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(str(tmp_path / "adapter"))
+    out = tmp_path / "inj"
+    code, _, err = _cli(
+        "inject", tmp_path / "model.onnx", tmp_path / "adapter", "-o", out, "--base-weights", tmp_path / "w.st"
+    )
+    assert code == 0, err
+    sess = LoraSession(out / "model.onnx", providers=["CPUExecutionProvider"], base_session=True)
+    sess.load_adapter("a", out / "adapter.onnx_adapter")
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        ref, base = peft_model(x).numpy(), m(x).numpy()
+    assert _rel_err(sess.run(None, {"x": x.numpy()}, adapter="a")[0], ref) <= 1e-5
+    np.testing.assert_array_equal(
+        sess.run(None, {"x": x.numpy()})[0], run_plain(tmp_path / "model.onnx", {"x": x.numpy()})[0]
+    )
+    assert _rel_err(sess.run(None, {"x": x.numpy()})[0], base) <= 1e-6
