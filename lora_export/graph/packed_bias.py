@@ -100,7 +100,9 @@ def _place(e, r, bias: ir.Value, base: np.ndarray | None) -> None:
         e.detail = f"packed bias {bias.name!r} is read by other nodes than {r.node.name!r}; not supported"
     elif e.shape != (layout.width,):
         e.detail = f"adapter tensor has shape {e.shape}, the module's packed slice holds {layout.width}"
-    elif base is None or base.shape != stored.shape or not np.array_equal(stored, base.astype(stored.dtype)):
+    elif base is None:
+        e.detail = f"no base bias for it in --base-weights (its weight is a slice of {r.value.name!r})"
+    elif base.shape != stored.shape or not np.array_equal(stored, base.astype(stored.dtype)):
         e.detail = f"the slice of packed bias {bias.name!r} beside {r.target.name} does not hold its base bias"
     else:
         e.status, e.strategy, e.value, e.node, e.layout = "matched", "packed", bias, r.node, layout
