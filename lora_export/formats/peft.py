@@ -22,6 +22,7 @@ from ..files.atomic import atomic_write_text
 from ..files.checks import require_regular_file
 from ..training.config import LoraConfig
 from .safetensors import read_safetensors, write_safetensors
+from .variants import variant_loader
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -57,7 +58,8 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> Adapter:
         raise AdapterError(f"cannot read {cfg_path}: {e}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{cfg_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    config = LoraConfig.from_peft_dict(raw)
+    loader = variant_loader(raw.get("peft_type") if isinstance(raw, dict) else None)
+    config = None if loader is not None else LoraConfig.from_peft_dict(raw)
 
     if path.is_file():
         weights = path
@@ -71,7 +73,10 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> Adapter:
     tensors = _read_pickle_safely(weights) if weights.suffix == ".bin" else read_safetensors(weights)[0]
     # abspath, not resolve: "." or "x/.." need a real name (output files are named after it), but a
     # symlinked adapter folder keeps the name the user gave it.
-    return adapter_from_state_dict(tensors, config, name=name or Path(os.path.abspath(directory)).name)
+    name = name or Path(os.path.abspath(directory)).name
+    if loader is not None:
+        return loader(raw, tensors, name)
+    return adapter_from_state_dict(tensors, config, name=name)
 
 
 def adapter_files(path: str | os.PathLike) -> list[Path]:

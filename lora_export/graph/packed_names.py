@@ -33,10 +33,10 @@ from pathlib import Path
 import onnx_ir as ir
 
 from .. import safejson
-from .layouts import GemmLayout, MatMulLayout, OpLayout
+from .layouts import OpLayout
 from .module_paths import strip_wrappers
-from .packed import PackedSlice
-from .packed_quant import QuantPackedSlice, packable
+from .packed import PackedSlice, packable
+from .packed_quant import QuantPackedSlice, quant_packable
 
 PRODUCER = "onnxruntime-genai"
 CONFIG_NAME = "genai_config.json"
@@ -141,8 +141,8 @@ def by_genai_names(g, t, dims: GenaiDims | None, adapter_shapes: dict[str, int])
 
 
 def _slice(layout: OpLayout, offset: int, width: int) -> PackedSlice | None:
-    if type(layout) in (MatMulLayout, GemmLayout):
-        return PackedSlice(layout, offset, width)
     if packable(layout):
+        return PackedSlice(layout, offset, width)
+    if quant_packable(layout):
         return QuantPackedSlice(layout, offset, width)
     return None

@@ -25,7 +25,7 @@ from .value_match import graph_tensors
 _SAMPLES = 8
 
 
-def packable(layout: OpLayout) -> bool:
+def quant_packable(layout: OpLayout) -> bool:
     """Whether a lossy layout can hold packed slices (bounds to find them, row writes to merge them)."""
     return (
         getattr(layout, "lossy_write", False)
@@ -97,7 +97,7 @@ def find_packed_quantized(
     views = [v for v in (np.asarray(w), np.asarray(w).T) if v.shape == (out_t, n_in)][:1]
     seen = set()
     for node, layout, value in candidates:
-        if not packable(layout) or id(value) in seen:
+        if not quant_packable(layout) or id(value) in seen:
             continue
         seen.add(id(value))
         shape = layout.weight_shape(node)
