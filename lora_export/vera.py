@@ -56,7 +56,9 @@ class VeraConfig(LoraConfig):
         if self.bias == "vera_only":
             self.bias = "lora_only"
         if self.rank_pattern or self.alpha_pattern or self.use_rslora or self.use_dora:
-            raise ConfigError("VeRA has one rank and no alpha: rank_pattern, alpha_pattern, rsLoRA and DoRA do not apply")
+            raise ConfigError(
+                "VeRA has one rank and no alpha: rank_pattern, alpha_pattern, rsLoRA and DoRA do not apply"
+            )
         key = self.projection_prng_key
         if not isinstance(key, int) or isinstance(key, bool) or not 0 <= key < 2**63:
             raise ConfigError(f"projection_prng_key must be a non-negative integer, got {key!r}")
@@ -198,7 +200,9 @@ def vera_target(
 
     out = int(vectors.lambda_b.shape[0])
     if vectors.lambda_d.shape != (projection.r,):
-        raise ShapeError(f"{name}: vera_lambda_d has shape {vectors.lambda_d.shape}, the projections' rank is {projection.r}")
+        raise ShapeError(
+            f"{name}: vera_lambda_d has shape {vectors.lambda_d.shape}, the projections' rank is {projection.r}"
+        )
     if in_features > projection.max_in or out > projection.max_out:
         raise ShapeError(
             f"{name}: a layer of {in_features} → {out} features exceeds the VeRA projections "
@@ -223,27 +227,28 @@ def placeholder_target(name: str, vectors: VeraVectors, r: int, fan_in_fan_out: 
 def bind(adapter: Adapter, in_features: Mapping[str, int]) -> Adapter:
     """``adapter`` with its VeRA targets compiled for the given layer input sizes (by target path).
 
-    A no-op for plain LoRA adapters and bound VeRA ones. Without stored projections, the sizes of every
-    target (not only a selected few) are needed: PEFT sizes A for the largest of them.
+    A no-op for plain LoRA adapters and bound VeRA ones. Targets without a size stay unbound placeholders
+    (they fit no weight, so the ONNX stages treat them as not found: absent with proof, else an error).
+    Without stored projections the sizes of every layer are needed: PEFT sizes A for the largest of them.
     """
     rec = adapter.vera
     if rec is None or rec.bound:
         return adapter
-    need = list(rec.vectors) if rec.projection is None else list(adapter.targets)
-    missing = [p for p in need if p not in in_features]
-    if missing:
-        why = "regenerating projections (save_projection=false) needs every layer's size" if rec.projection is None else ""
-        raise AdapterError(
-            f"adapter {adapter.name!r}: VeRA layer sizes unknown for {', '.join(missing[:4])}" + (f"; {why}" if why else "")
-        )
     projection = rec.projection
     if projection is None:
+        missing = [p for p in rec.vectors if p not in in_features]
+        if missing:
+            raise AdapterError(
+                f"adapter {adapter.name!r}: VeRA saved without its projections (save_projection=false): "
+                f"regenerating them needs every layer's size, unknown for {', '.join(missing[:4])}"
+            )
         max_in = max(int(in_features[p]) for p in rec.vectors)
         max_out = max(int(v.lambda_b.shape[0]) for v in rec.vectors.values())
         projection = generate_projection(rec.key, rec.r, max_in, max_out)
-    sizes = {p: int(in_features[p]) for p in adapter.targets}
+    sizes = {p: int(in_features[p]) for p in adapter.targets if p in in_features}
     targets = {
-        p: vera_target(p, projection, rec.vectors[p], sizes[p], t.fan_in_fan_out) for p, t in adapter.targets.items()
+        p: vera_target(p, projection, rec.vectors[p], sizes[p], t.fan_in_fan_out) if p in sizes else t
+        for p, t in adapter.targets.items()
     }
     record = dataclasses.replace(rec, projection=projection, in_features={**rec.in_features, **sizes})
     return dataclasses.replace(adapter, targets=targets, vera=record)

@@ -56,7 +56,8 @@ def load_vera(raw: dict[str, Any], tensors: dict[str, np.ndarray], name: str) ->
             raise AdapterError(f"adapter {name!r}: {path} has no {' or '.join(missing)}")
         if p["d"].shape != (config.r,):
             raise AdapterError(
-                f"adapter {name!r}: {path}.vera_lambda_d has shape {p['d'].shape} but adapter_config.json says r={config.r}"
+                f"adapter {name!r}: {path}.vera_lambda_d has shape {p['d'].shape} "
+                f"but adapter_config.json says r={config.r}"
             )
         vectors[path] = VeraVectors(p["d"], p["b"])
     projection = None
@@ -67,7 +68,9 @@ def load_vera(raw: dict[str, Any], tensors: dict[str, np.ndarray], name: str) ->
             )
         projection = VeraProjection(config.projection_prng_key, shared["A"], shared["B"])
         if projection.r != config.r:
-            raise AdapterError(f"adapter {name!r}: vera_A has rank {projection.r} but adapter_config.json says r={config.r}")
+            raise AdapterError(
+                f"adapter {name!r}: vera_A has rank {projection.r} but adapter_config.json says r={config.r}"
+            )
     record = VeraRecord(
         key=config.projection_prng_key,
         r=config.r,

@@ -17,8 +17,8 @@ from torch import nn
 from ..adapter import Adapter
 from ..errors import ConfigError, ShapeError, TargetError
 from ..formats.peft import save_adapter_files
-from .config import LoraConfig, closest_names
 from ..vera import VeraConfig
+from .config import LoraConfig, closest_names
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, _hf_conv1d_type
 from .vera import vera_layer, vera_projections, vera_record
 

@@ -78,7 +78,9 @@ class VeraLinear(LoraLinear):
             ("vera_lambda_b", self.vera_lambda_b, vectors.lambda_b),
         ):
             if tuple(param.shape) != tuple(arr.shape):
-                raise ShapeError(f"{name}: adapter {what} has shape {tuple(arr.shape)}, the model needs {tuple(param.shape)}")
+                raise ShapeError(
+                    f"{name}: adapter {what} has shape {tuple(arr.shape)}, the model needs {tuple(param.shape)}"
+                )
             with torch.no_grad():
                 param.copy_(torch.from_numpy(np.ascontiguousarray(arr)).to(param.dtype))
 
