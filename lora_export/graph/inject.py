@@ -41,7 +41,8 @@ from .provenance import append_history, make_record, target_entry
 from .resolve import ResolvedTarget, resolve_targets
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
 from .value_match import check_stored_base, quantized_holds
-from .vera_slots import bind_to_graph, branch_factors, common_projection, projection_values, vera_slot_fields
+from .vera_bind import bind_to_graph
+from .vera_slots import branch_factors, common_projection, projection_values, vera_slot_fields
 
 MODEL_NAME = "model.onnx"
 

@@ -117,7 +117,7 @@ def inspect_model(
         return report
     from ..formats.peft import load_adapter
     from .resolve import resolve_targets
-    from .vera_slots import bind_to_graph
+    from .vera_bind import bind_to_graph
 
     loaded = load_adapter(adapter).select(only_targets)
     weights = None

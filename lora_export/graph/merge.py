@@ -39,7 +39,7 @@ from .provenance import (
 )
 from .resolve import Resolution, ResolvedTarget, resolve_targets
 from .value_match import check_stored_base
-from .vera_slots import bind_to_graph
+from .vera_bind import bind_to_graph
 
 Progress = Callable[[int, int, str], None]  # (done, total, current target name)
 _LIST_MAX = 5

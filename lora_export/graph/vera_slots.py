@@ -1,8 +1,8 @@
-"""VeRA in the ONNX stages: layer sizes from the graph, and inject's vector-only slots.
+"""VeRA in adapter mode: inject's vector-only slots, and layer sizes from an injected model's slots.
 
-A VeRA adapter file lacks its layers' input sizes; ``bind_to_graph`` finds them the way resolution finds
-weights (by name, or in ``base_weights``), ``bind_to_slots`` in an injected model's slot manifest. Bound,
-a VeRA adapter is plain canonical LoRA: merge and the usual slots need nothing else.
+A VeRA adapter file lacks its layers' input sizes; ``bind_to_slots`` reads them from an injected model's
+slot manifest (``vera_bind`` from a graph). Bound, a VeRA adapter is plain canonical LoRA: merge and the
+usual slots need nothing else.
 
 Vector-only slots (inject, when every adapter is VeRA over the same projections): the graph holds ONE
 copy of the shared projections as initializers, ``lora_export.vera_A`` = Aᵀ (max_in, r) and
@@ -26,49 +26,10 @@ import onnx_ir as ir
 
 from ..adapter import Adapter
 from ..errors import AdapterError, ModelError, TargetError
-from ..vera import VeraProjection, bind, placeholder_target
-from .value_match import base_key
+from ..vera import VeraProjection, bind
 
 A_NAME = "lora_export.vera_A"
 B_NAME = "lora_export.vera_B"
-
-
-def bind_to_graph(model: ir.Model, adapter: Adapter, base_weights: Mapping[str, np.ndarray] | None = None) -> Adapter:
-    """``adapter`` compiled for the layer sizes of ``model`` (a no-op unless it is an unbound VeRA adapter)."""
-    rec = adapter.vera
-    if rec is None or rec.bound:
-        return adapter
-    # Regenerated projections are sized for every layer of the adapter, not only the selected ones.
-    paths = list(rec.vectors) if rec.projection is None else list(adapter.targets)
-    fan = adapter.config.fan_in_fan_out
-    sizes: dict[str, int] = {}
-    for path in paths:
-        key = base_key(path, base_weights) if base_weights else None
-        if key is not None and np.ndim(base_weights[key]) == 2:
-            shape = np.shape(base_weights[key])
-            sizes[path] = int(shape[0] if fan else shape[1])
-    rest = [p for p in paths if p not in sizes]
-    if rest:
-        from .resolve import resolve_targets
-
-        # Placeholders (A′ of width 0) fit no weight: resolution reports the shape it found by name.
-        probe = Adapter(
-            targets={p: placeholder_target(p, rec.vectors[p], rec.r, fan) for p in rest},
-            config=adapter.config,
-            name=adapter.name,
-        )
-        for rt in resolve_targets(model, probe).targets:
-            out = int(rec.vectors[rt.target.name].lambda_b.shape[0])
-            if rt.found_shape is not None and len(rt.found_shape) == 2 and int(rt.found_shape[0]) == out:
-                sizes[rt.target.name] = int(rt.found_shape[1])
-    if rec.projection is None and any(p not in sizes for p in paths):
-        missing = [p for p in paths if p not in sizes]
-        raise TargetError(
-            f"adapter {adapter.name!r}: VeRA saved without its projections (save_projection=false); regenerating "
-            f"them needs every layer's size, and {', '.join(missing[:4])} has no weight of its output size found "
-            "by name: pass --base-weights, or re-save the adapter with save_projection=True"
-        )
-    return bind(adapter, sizes)
 
 
 def bind_to_slots(adapter: Adapter, slots: Mapping[str, Any]) -> Adapter:
