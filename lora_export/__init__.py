@@ -23,6 +23,7 @@ from .graph.resolve import Resolution, ResolvedTarget, resolve_targets
 from .runtime.session import LoraSession
 from .runtime.verify import VerifyReport, verify_models
 from .training.config import LoraConfig
+from .vera import VeraConfig
 
 if TYPE_CHECKING:
     # The torch-dependent API, as type checkers and IDEs see it; at run time ``__getattr__`` imports it on
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     )
     from .training.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
     from .training.loraplus import loraplus_param_groups
+    from .training.vera import VeraLinear
 
 # The training API needs torch; import it on first use so torch-free users (ONNX stages) stay light.
 _TORCH_API = {
@@ -60,6 +62,7 @@ _TORCH_API = {
     "LoraLayer": "training.layers",
     "LoraLinear": "training.layers",
     "loraplus_param_groups": "training.loraplus",
+    "VeraLinear": "training.vera",
 }
 
 
@@ -82,6 +85,8 @@ __all__ = [
     "ConfigError",
     "DtypeError",
     "LoraConfig",
+    "VeraConfig",
+    "VeraLinear",
     "LoraExportError",
     "LoraTarget",
     "MergeReport",

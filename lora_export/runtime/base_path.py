@@ -63,6 +63,9 @@ def _reads(node: ir.Node, b: ir.Value, pads: list[ir.Node]) -> bool:
 
 def strip_branches(model: ir.Model, manifest: SlotManifest) -> None:
     """Remove every LoRA/DoRA branch and slot input of ``manifest`` from ``model`` (in place)."""
+    if manifest.vera is not None:
+        # VeRA's vector slots default to rank 0 too: the twin would buy nothing for its copy of the weights.
+        raise ModelError("base_session=True is not supported for VeRA-injected models (no adapter costs nothing)")
     graph = model.graph
     inputs = {v.name: v for v in graph.inputs}
     doomed: list[ir.Node] = []
