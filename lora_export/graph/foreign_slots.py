@@ -32,11 +32,10 @@ from ..errors import AdapterError, ModelError, ShapeError, TargetError
 from .module_paths import best_unique
 from .slots import check_finite_tensors
 
-# <module>.lora_A[.<adapter or op name>].weight; ".quant.weight" (int4 adapter tensors) is recognized to refuse it.
-_LORA_NAME = re.compile(
-    r"^(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.(?!quant\.)(?P<seg>[A-Za-z0-9_]+))?(?P<quant>\.quant)?"
-    r"\.(?P<part>weight|scale|zero_point)$"
-)
+# <module>.lora_A[.<adapter or op name>].weight. Other names with a lora_A/lora_B segment (int4 adapter tensors:
+# Olive's ".quant.weight"/".quant.scale", the genai builder's "weight_Q4"/"weight_scales") are refused by name.
+_LORA_NAME = re.compile(r"^(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.(?P<seg>[A-Za-z0-9_]+))?\.weight$")
+_LORA_SEGMENT = re.compile(r"(^|[./])lora_[AB]([./]|$)")
 # Module names exporters write differently from the PyTorch model (onnxruntime-genai's builder: ``attn``).
 _SEGMENT_ALIASES = {"attn": "self_attn"}
 
@@ -53,6 +52,7 @@ class ForeignSlot:
     in_features: int
     out_features: int
     rank: int | None  # fixed by the model, or None when the rank dimension is symbolic
+    rank_dims: list[str]  # the symbolic rank dimensions' names (ORT holds equal names to one size per run)
     dtype: str
     graph_scale: float  # the constant factor the graph applies to the branch (1.0: none)
     zero_default: bool  # both inputs default to rank 0 or zeros: leaving them out is "no adapter"
@@ -61,7 +61,7 @@ class ForeignSlot:
 def lora_input_names(model: ir.Model) -> list[str]:
     """Names of graph inputs and initializers that look like PEFT/Olive/genai LoRA weights."""
     names = [v.name for v in model.graph.inputs] + list(model.graph.initializers)
-    return sorted({n for n in names if n and _LORA_NAME.match(n)})
+    return sorted({n for n in names if n and _LORA_SEGMENT.search(n)})
 
 
 def read_foreign_slots(model: ir.Model) -> dict[str, ForeignSlot]:
@@ -74,10 +74,10 @@ def read_foreign_slots(model: ir.Model) -> dict[str, ForeignSlot]:
     pairs: dict[str, dict[str, str]] = {}
     for name in lora_input_names(model):
         m = _LORA_NAME.match(name)
-        if m["quant"] or m["part"] != "weight":
+        if m is None or m["seg"] == "quant":
             raise ModelError(
-                f"LoRA input {name!r} is a quantized adapter tensor (int4 .quant.weight/.scale); "
-                "converting into quantized adapter inputs is not supported: export the model with float LoRA inputs"
+                f"LoRA input {name!r} is not a float weight named <module>.lora_A|B[.<name>].weight (int4 adapter "
+                "tensors are not supported): export the model with float LoRA inputs"
             )
         if name not in inputs:
             raise ModelError(
@@ -181,6 +181,7 @@ def _read_slot(module: str, a: ir.Value, b: ir.Value) -> ForeignSlot:
         raise ModelError(f"{what}: lora_A/lora_B are not 2-D inputs with a known shape")
     (in_f, r_a) = shape_a[::-1] if a_t else shape_a
     (r_b, out_f) = shape_b[::-1] if b_t else shape_b
+    rank_dims = sorted({str(d) for d in (_rank_dim(a, a_t, 1), _rank_dim(b, b_t, 0)) if d is not None})
     if not isinstance(in_f, int) or not isinstance(out_f, int):
         raise ModelError(f"{what}: the input and output sizes of lora_A/lora_B are not fixed")
     if isinstance(r_a, int) != isinstance(r_b, int) or (isinstance(r_a, int) and r_a != r_b):
@@ -200,6 +201,7 @@ def _read_slot(module: str, a: ir.Value, b: ir.Value) -> ForeignSlot:
         in_features=in_f,
         out_features=out_f,
         rank=r_a if isinstance(r_a, int) else None,
+        rank_dims=rank_dims,
         dtype=str(np.dtype(dtype)),
         graph_scale=scale,
         zero_default=_zero(a) and _zero(b),
@@ -219,6 +221,11 @@ def _dims(v: ir.Value) -> tuple | None:
     if v.shape is None or len(v.shape) != 2:
         return None
     return tuple(d if isinstance(d, int) else None for d in v.shape)
+
+
+def _rank_dim(v: ir.Value, transposed: bool, index: int) -> str | None:
+    d = v.shape[1 - index if transposed else index]
+    return d.value if isinstance(d, ir.SymbolicDim) and d.value else None
 
 
 def _zero(v: ir.Value) -> bool:
@@ -268,29 +275,28 @@ def foreign_tensors(adapter: Adapter, slots: dict[str, ForeignSlot]) -> tuple[di
             "cannot be swapped at run time; use merge"
         )
     chosen = match_targets(adapter, slots)
-    misfits, tensors = [], {}
-    for t in adapter:
-        slot = chosen[t.name]
-        why = _misfit(slot, t)
-        if why:
-            misfits.append(f"{t.name} ({why})")
-            continue
-        rank = slot.rank if slot.rank is not None else t.rank
-        a = np.zeros((slot.in_features, rank), np.float64)
-        b = np.zeros((rank, slot.out_features), np.float64)
-        a[:, : t.rank] = np.asarray(t.A, np.float64).T
-        # The graph multiplies by its own constant: B carries s_adapter/s_graph so the product is s_adapter·BA.
-        b[: t.rank] = np.asarray(t.B, np.float64).T * (float(t.scale) / slot.graph_scale)
-        tensors.update(_stored(slot, a, b))
+    misfits = [f"{t.name} ({why})" for t in adapter if (why := _misfit(chosen[t.name], t))]
     if misfits:
         raise ShapeError(f"adapter {adapter.name!r} does not fit the model's LoRA inputs: {'; '.join(misfits)}")
-    covered = {s.module for s in chosen.values()}
-    zeroed = []
-    for slot in slots.values():
-        if slot.module not in covered and not slot.zero_default:
-            rank = slot.rank or 0
-            tensors.update(_stored(slot, np.zeros((slot.in_features, rank)), np.zeros((rank, slot.out_features))))
-            zeroed.append(slot.module)
+    by_module = {chosen[t.name].module: t for t in adapter}
+    ranks = _ranks(slots, {m: t.rank for m, t in by_module.items()})
+    tensors, zeroed = {}, []
+    for module, slot in sorted(slots.items()):
+        rank = ranks.get(module)
+        if rank is None:  # not covered and free to keep its default: "no adapter"
+            continue
+        a = np.zeros((slot.in_features, rank), np.float64)
+        b = np.zeros((rank, slot.out_features), np.float64)
+        t = by_module.get(module)
+        if t is None:
+            zeroed.append(module)
+        else:
+            # Zero columns of A / rows of B past the adapter's rank add exactly nothing.
+            a[:, : t.rank] = np.asarray(t.A, np.float64).T
+            # The graph multiplies by its own constant: B carries s_adapter/s_graph so the product is s_adapter·BA.
+            b[: t.rank] = np.asarray(t.B, np.float64).T * (float(t.scale) / slot.graph_scale)
+        tensors.update(_stored(slot, a, b))
+    covered = set(by_module)
     check_finite_tensors(tensors, f"adapter {adapter.name!r}: LoRA tensors scaled and cast")
     summary = {
         "slots_filled": sorted(covered),
@@ -299,6 +305,29 @@ def foreign_tensors(adapter: Adapter, slots: dict[str, ForeignSlot]) -> tuple[di
         "graph_scales": {s.module: s.graph_scale for s in slots.values() if s.graph_scale != 1.0},
     }
     return tensors, summary
+
+
+def _ranks(slots: dict[str, ForeignSlot], wanted: dict[str, int]) -> dict[str, int]:
+    """The rank written per slot. Slots sharing a symbolic rank name (Olive names them all ``lora_r``) must get
+    one rank in a run: the largest any of them needs, the others padded with zeros. Slots left out keep their
+    defaults only when no written slot shares their rank name and the defaults are "no adapter"."""
+    groups: list[set[str]] = []
+    for module, slot in slots.items():
+        linked = [g for g in groups if any(set(slots[m].rank_dims) & set(slot.rank_dims) for m in g)]
+        merged = {module}.union(*linked)
+        groups = [g for g in groups if g not in linked] + [merged]
+    ranks: dict[str, int] = {}
+    for group in groups:
+        for module in group:
+            slot = slots[module]
+            if slot.rank is not None:
+                if module in wanted or not slot.zero_default:
+                    ranks[module] = slot.rank
+                continue
+            needed = [wanted[m] for m in group if m in wanted]
+            if needed or not slot.zero_default:
+                ranks[module] = max(needed, default=0)
+    return ranks
 
 
 def _misfit(slot: ForeignSlot, t) -> str | None:
