@@ -35,6 +35,7 @@ from ..formats.adapter_files import write_adapter_tensors
 from ..formats.peft import adapter_files, load_adapter
 from ..formats.safetensors import read_safetensors
 from ..vera import projection_entry
+from .genai_folder import genai_side_files, write_genai_side_files
 from .layouts import get_layout
 from .model_io import external_data_files, load_model, save_model
 from .provenance import append_history, make_record, target_entry
@@ -259,7 +260,9 @@ def inject_files(
 
     The whole folder is built beside OUTDIR (files of an existing OUTDIR that this run does not write
     are linked in) and swapped in as one directory entry: a crash leaves the old folder or the new one.
-    OUTDIR/.lora-export.json lists the files written; a later inject into the same folder removes those
+    A base in an onnxruntime-genai folder (``genai_config.json`` naming it) brings that folder's other files
+    along, the config pointing at OUTDIR/model.onnx (``genai_folder``). OUTDIR/.lora-export.json lists the
+    files written; a later inject into the same folder removes those
     of them it no longer writes (an adapter dropped or renamed), and never any other file.
     ``progress(done, total, file name)`` is called as the files are written.
     """
@@ -286,7 +289,12 @@ def inject_files(
         base_weights = read_safetensors(base_weights)[0]
     model = load_model(base_path)
     # OUTDIR may be the base model's own folder: the new model.onnx (or its data) must not replace an input.
-    refuse_overwrite(outputs, [*inputs, *external_data_files(model, base_path)], ModelError)
+    base_data = external_data_files(model, base_path)
+    refuse_overwrite(outputs, [*inputs, *base_data], ModelError)
+    # An onnxruntime-genai folder: its genai_config.json and tokenizer files go along (see genai_folder).
+    genai = genai_side_files(base_path, {p.name for p in outputs} | {p.name for p in base_data})
+    if genai is not None and Path(os.path.realpath(out_dir)) == Path(base_path).resolve().parent:
+        raise ModelError(f"{out_dir} is the base model's onnxruntime-genai folder: inject into another folder")
     result = inject_adapters(model, adapters, base_weights=base_weights, dora=dora)
     # Through a symlinked OUTDIR, replace the folder it points to, not the link.
     dest = Path(os.path.realpath(out_dir)) if out_dir.is_symlink() else out_dir
@@ -297,6 +305,8 @@ def inject_files(
         if progress is not None:
             progress(0, total, MODEL_NAME)
         save_model(model, new / MODEL_NAME)
+        if genai is not None:
+            write_genai_side_files(genai, new, MODEL_NAME)
         done = 1
         for name, tensors in sorted(result.tensors.items()):
             for suffix in (".onnx_adapter", ".safetensors"):
