@@ -15,7 +15,10 @@ import numpy as np
 from ..adapter import Adapter
 
 # peft_type (upper case) -> "module:function", relative to this package.
-_LOADERS: dict[str, str] = {}
+_LOADERS: dict[str, str] = {
+    "DELTA_LORA": "delta_lora:load_delta_lora",  # our own format (see formats/delta_lora)
+    "LORA_DROP": "lora_drop:load_lora_drop",  # our own format (see formats/lora_drop)
+}
 
 Loader = Callable[[dict[str, Any], dict[str, np.ndarray], str], Adapter]
 
