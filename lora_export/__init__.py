@@ -14,6 +14,7 @@ from .errors import (
     TargetError,
     VerificationError,
 )
+from .formats.init_conversion import convert_init_adapter
 from .formats.peft import load_adapter, save_adapter_files
 from .graph.convert import convert_adapter
 from .graph.inject import InjectResult, inject_adapters, inject_files
@@ -39,7 +40,9 @@ if TYPE_CHECKING:
         unmerge_lora,
         unwrap,
     )
+    from .training.delta_lora import DeltaLora
     from .training.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+    from .training.lora_drop import LoraDropPlan, apply_lora_drop, lora_importance
     from .training.loraplus import loraplus_param_groups
 
 # The training API needs torch; import it on first use so torch-free users (ONNX stages) stay light.
@@ -60,6 +63,10 @@ _TORCH_API = {
     "LoraLayer": "training.layers",
     "LoraLinear": "training.layers",
     "loraplus_param_groups": "training.loraplus",
+    "DeltaLora": "training.delta_lora",
+    "LoraDropPlan": "training.lora_drop",
+    "apply_lora_drop": "training.lora_drop",
+    "lora_importance": "training.lora_drop",
 }
 
 
@@ -117,6 +124,11 @@ __all__ = [
     "InjectResult",
     "LoraSession",
     "convert_adapter",
+    "convert_init_adapter",
+    "DeltaLora",
+    "LoraDropPlan",
+    "apply_lora_drop",
+    "lora_importance",
     "inject_adapters",
     "inject_files",
 ]
