@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from models import tiny_llama
 from onnx_fixtures import export_onnx, run_onnx
 
-from lora_export import ConfigError, LoraSession, attach_lora, inject_files, load_adapter, merge_file
+from lora_export import ConfigError, LoraExportError, LoraSession, attach_lora, inject_files, load_adapter, merge_file
 from lora_export.cli import cli
 from lora_export.formats.safetensors import read_safetensors
 
@@ -192,3 +192,19 @@ def test_rslora_with_patterns_converts_exactly(base, tmp_path):
     assert result.exit_code == 0, result.output
     assert {t.rank for t in load_adapter(out)} == {4, 8}
     _check_exact(out, model, onnx_path, ref, fresh, tmp_path)
+
+
+def test_dora_magnitude_carries_over(base, tmp_path):
+    # DoRA normalises W_res + s·B·A, which is W + ΔW: the converted adapter keeps m and stays exact.
+    _, model, make_inputs, onnx_path = base
+    ref, fresh = _train_with_peft(model, make_inputs, "pissa", tmp_path, use_dora=True)
+    out = tmp_path / "converted"
+    result = CliRunner().invoke(
+        cli, ["convert-init", str(tmp_path / "trained"), "--initial", str(tmp_path / "init_copy"), "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert load_adapter(out).is_dora
+    _check_exact(out, model, onnx_path, ref, fresh, tmp_path)
+    # PEFT's own conversion drops the magnitudes: refused, never merged without them.
+    with pytest.raises(LoraExportError, match="lora_magnitude_vector"):
+        load_adapter(tmp_path / "peft_converted")

@@ -230,3 +230,26 @@ def test_inject_beside_a_plain_adapter_keeps_own_slots(trained, tmp_path):
     sess.load_adapter("plain", out / "plain.onnx_adapter")
     assert _rel(sess.run(None, feeds, adapter="drop")[0], trained["ref"]) <= TOL
     assert _rel(sess.run(None, feeds, adapter="plain")[0], plain_ref) <= TOL
+
+
+def test_corrupt_sharing_in_slot_metadata_is_refused():
+    from lora_export import ModelError
+    from lora_export.graph.slots import Slot, SlotManifest
+
+    def slot(module, shape):
+        return Slot(module, "linear", "MatMul", f"n_{module}", f"w_{module}", shape, "float32", "g.lora_A", "g.lora_B")
+
+    good = SlotManifest({"x": slot("x", [4, 8]), "y": slot("y", [4, 8])})
+    assert SlotManifest.from_json(good.to_json()).sharing() == {"g.lora_A": ["x", "y"]}
+    assert good.slots["x"].rank_dim == "g.rank" and good.slots["x"].shared
+    bad = SlotManifest({"x": slot("x", [4, 8]), "y": slot("y", [4, 6])})
+    with pytest.raises(ModelError, match="share"):
+        SlotManifest.from_json(bad.to_json())
+
+
+def test_half_shared_parameters_are_refused(tmp_path):
+    model = attach_lora(_llama4(), LoraConfig(r=2, target_modules=["q_proj"]), verbose=False)
+    a, b = model.get_submodule(Q.format(0)), model.get_submodule(Q.format(1))
+    b.lora_A = a.lora_A  # A shared, B not: no format holds that
+    with pytest.raises(TargetError, match="share lora_A but not lora_B"):
+        save_adapter(model, tmp_path / "x")
