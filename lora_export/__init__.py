@@ -14,6 +14,7 @@ from .errors import (
     TargetError,
     VerificationError,
 )
+from .formats.init_conversion import convert_init_adapter
 from .formats.peft import load_adapter, save_adapter_files
 from .graph.convert import convert_adapter
 from .graph.inject import InjectResult, inject_adapters, inject_files
@@ -40,7 +41,9 @@ if TYPE_CHECKING:
         unmerge_lora,
         unwrap,
     )
+    from .training.delta_lora import DeltaLora
     from .training.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+    from .training.lora_drop import LoraDropPlan, apply_lora_drop, lora_importance
     from .training.loraplus import loraplus_param_groups
     from .training.vera import VeraLinear
 
@@ -63,6 +66,10 @@ _TORCH_API = {
     "LoraLinear": "training.layers",
     "loraplus_param_groups": "training.loraplus",
     "VeraLinear": "training.vera",
+    "DeltaLora": "training.delta_lora",
+    "LoraDropPlan": "training.lora_drop",
+    "apply_lora_drop": "training.lora_drop",
+    "lora_importance": "training.lora_drop",
 }
 
 
@@ -122,6 +129,11 @@ __all__ = [
     "InjectResult",
     "LoraSession",
     "convert_adapter",
+    "convert_init_adapter",
+    "DeltaLora",
+    "LoraDropPlan",
+    "apply_lora_drop",
+    "lora_importance",
     "inject_adapters",
     "inject_files",
 ]

@@ -43,6 +43,21 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> Adapter:
     (``adapter_model.safetensors``) with the config beside it. A pickle-based ``adapter_model.bin`` is
     read only through ``torch.load(weights_only=True)``.
     """
+    raw, tensors, name = read_adapter_raw(path, name)
+    loader = variant_loader(raw.get("peft_type") if isinstance(raw, dict) else None)
+    if loader is not None:
+        return loader(raw, tensors, name)
+    return adapter_from_state_dict(tensors, LoraConfig.from_peft_dict(raw), name=name)
+
+
+def read_adapter_raw(
+    path: str | os.PathLike, name: str | None = None, check_config=None
+) -> tuple[object, dict[str, np.ndarray], str]:
+    """An adapter folder's parsed adapter_config.json (any JSON value), its tensors, and its name.
+
+    ``check_config(raw)`` runs before the weights are read (the config's errors come first); by
+    default, plain LoRA configs are parsed (and refused) there.
+    """
     path = Path(path)
     if not path.exists():
         raise AdapterError(f"adapter not found: {path}")
@@ -59,8 +74,10 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> Adapter:
         raise AdapterError(f"cannot read {cfg_path}: {e}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{cfg_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    loader = variant_loader(raw.get("peft_type") if isinstance(raw, dict) else None)
-    config = None if loader is not None else LoraConfig.from_peft_dict(raw)
+    if check_config is not None:
+        check_config(raw)
+    elif variant_loader(raw.get("peft_type") if isinstance(raw, dict) else None) is None:
+        LoraConfig.from_peft_dict(raw)
 
     if path.is_file():
         weights = path
@@ -75,9 +92,7 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> Adapter:
     # abspath, not resolve: "." or "x/.." need a real name (output files are named after it), but a
     # symlinked adapter folder keeps the name the user gave it.
     name = name or Path(os.path.abspath(directory)).name
-    if loader is not None:
-        return loader(raw, tensors, name)
-    return adapter_from_state_dict(tensors, config, name=name)
+    return raw, tensors, name
 
 
 def adapter_files(path: str | os.PathLike) -> list[Path]:
@@ -233,6 +248,14 @@ def save_adapter_files(
     if directory.exists() and not directory.is_dir():
         raise AdapterError(f"{directory} exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
+    write_safetensors(directory / WEIGHTS_NAME, adapter_state_dict(adapter), metadata={"format": "pt"})
+    cfg = adapter.config.to_peft_dict(base_model_name_or_path)
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def adapter_state_dict(adapter: Adapter) -> dict[str, np.ndarray]:
+    """The adapter's tensors under PEFT's keys (every target its own; PEFT's format has no sharing)."""
     # VeRA: λ vectors (and the shared projections), never the compiled A′/B′.
     tensors: dict[str, np.ndarray] = peft_tensors(adapter) if adapter.vera is not None else {}
     for t in adapter.targets.values() if adapter.vera is None else ():
@@ -255,7 +278,4 @@ def save_adapter_files(
         owner, _, leaf = k.rpartition(".")
         # PEFT keeps a wrapped module's own parameters under its base_layer.
         tensors[PREFIX + (f"{owner}.base_layer.{leaf}" if owner in adapter.targets else k)] = v
-    write_safetensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-    cfg = adapter.config.to_peft_dict(base_model_name_or_path)
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    return directory
+    return tensors

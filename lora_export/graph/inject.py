@@ -40,7 +40,7 @@ from .layouts import get_layout
 from .model_io import external_data_files, load_model, save_model
 from .provenance import append_history, make_record, target_entry
 from .resolve import ResolvedTarget, resolve_targets
-from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
+from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, slot_stems
 from .value_match import check_stored_base, quantized_holds
 from .vera_bind import bind_to_graph
 from .vera_slots import branch_factors, common_projection, projection_values, vera_slot_fields
@@ -175,6 +175,7 @@ def inject_adapters(
     shared = None if dora else common_projection(adapters)
     chosen, reports, absent = _resolve_all(model, adapters, base_weights)
     dora_modules = set(chosen) if dora else {t.name for a in adapters for t in a if t.is_dora}
+    stems = slot_stems(sorted(chosen), adapters)
     slots: dict[str, Slot] = {}
     for module in sorted(chosen):
         rt = chosen[module]
@@ -191,8 +192,8 @@ def inject_adapters(
             weight=rt.value.name,
             weight_shape=list(t.weight_shape),
             dtype=str(rt.layout.activation_dtype(rt.node).numpy()),
-            a=f"{module}.lora_A",
-            b=f"{module}.lora_B",
+            a=f"{stems[module]}.lora_A",
+            b=f"{stems[module]}.lora_B",
             dora=f"{module}.dora_scale" if module in dora_modules else None,
             groups=groups,
         )
@@ -214,12 +215,20 @@ def inject_adapters(
     tensors = {a.name: adapter_tensors(a, manifest, read_weight) for a in adapters}
 
     graph = model.graph
+    taken = {v.name for v in graph.inputs} | set(graph.initializers)
+    clash = sorted({n for s in slots.values() for n in s.inputs} & taken)
+    if clash:
+        raise ModelError(f"the model already has a value named {clash[0]!r}, which a LoRA slot input needs")
+    made: dict[str, ir.Value] = {}  # a shared group's inputs are made once, for its first module
     for module, slot in sorted(slots.items()):
         rt = chosen[module]
         dtype = rt.layout.activation_dtype(rt.node)
         np_dtype = slot.np_dtype
-        a = _slot_input(graph, slot.a, dtype, slot.a_shape(slot.rank_dim), np.zeros(slot.a_shape(0), np_dtype))
-        b = _slot_input(graph, slot.b, dtype, slot.b_shape(slot.rank_dim), np.zeros(slot.b_shape(0), np_dtype))
+        if slot.a not in made:
+            a_shape, b_shape = slot.a_shape(slot.rank_dim), slot.b_shape(slot.rank_dim)
+            made[slot.a] = _slot_input(graph, slot.a, dtype, a_shape, np.zeros(slot.a_shape(0), np_dtype))
+            made[slot.b] = _slot_input(graph, slot.b, dtype, b_shape, np.zeros(slot.b_shape(0), np_dtype))
+        a, b = made[slot.a], made[slot.b]
         if slot.vera:  # λ_d, λ_b → the branch's A′, B′ (λ_b defaults to 0 and λ_d to rank 0: the base)
             out_f, in_f = slot.weight_shape
             a, b = branch_factors(graph, module, in_f, out_f, a, b, projection_values(graph, shared, dtype))

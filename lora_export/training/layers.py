@@ -18,6 +18,10 @@ from ..adapter import LoraTarget
 from ..delta import check_mergeable, dora_scale, expand_channel, lora_delta, merged_weight
 from ..errors import ShapeError
 
+# Set on each LoRA layer of a group that shares one LoRA (LoRA-drop): the group's name, after which the
+# adapter file's tensors and the injected model's slot inputs are named.
+SHARED_GROUP_ATTR = "shared_group"
+
 
 def _hf_conv1d_type() -> type | None:
     try:
