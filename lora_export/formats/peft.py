@@ -11,6 +11,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Container
 from pathlib import Path
 
 import numpy as np
@@ -249,11 +250,17 @@ def save_adapter_files(
             tensors[f"{key}.lora_magnitude_vector"] = mag
     for path, w in adapter.stored_base.items():
         tensors[f"{PREFIX}{path}{_BASE_WEIGHT}"] = w
-    for k, v in adapter.extra.items():
-        owner, _, leaf = k.rpartition(".")
-        # PEFT keeps a wrapped module's own parameters under its base_layer.
-        tensors[PREFIX + (f"{owner}.base_layer.{leaf}" if owner in adapter.targets else k)] = v
+    tensors.update(full_tensor_items(adapter.extra, adapter.targets))
     write_safetensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     cfg = adapter.config.to_peft_dict(base_model_name_or_path)
     atomic_write_text(directory / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return directory
+
+
+def full_tensor_items(extra: dict[str, np.ndarray], targets: Container[str]) -> dict[str, np.ndarray]:
+    """Full replacement tensors under PEFT's keys: a wrapped module's own parameters sit under its base_layer."""
+    out = {}
+    for k, v in extra.items():
+        owner, _, leaf = k.rpartition(".")
+        out[PREFIX + (f"{owner}.base_layer.{leaf}" if owner in targets else k)] = v
+    return out

@@ -15,7 +15,9 @@ import numpy as np
 from ..adapter import Adapter
 
 # peft_type (upper case) -> "module:function", relative to this package.
-_LOADERS: dict[str, str] = {}
+_LOADERS: dict[str, str] = {
+    "ADALORA": "peft_adalora:load_adalora",
+}
 
 Loader = Callable[[dict[str, Any], dict[str, np.ndarray], str], Adapter]
 

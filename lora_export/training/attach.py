@@ -21,6 +21,9 @@ from .config import LoraConfig, closest_names
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, _hf_conv1d_type
 
 _CONFIG_ATTR = "_lora_export_config"
+# A training variant with its own adapter form (AdaLoRA): an object with ``finish_adapter(adapter) -> Adapter``
+# (the canonical adapter of its layers) and ``save(model, directory, base) -> Path`` (its PEFT format).
+VARIANT_ATTR = "_lora_export_variant"
 
 
 def _wrapper_for(module: nn.Module) -> type[LoraLayer] | None:
@@ -243,14 +246,19 @@ def adapter_from_model(model: nn.Module, name: str = "adapter") -> Adapter:
     if any(m.merged for m in layers.values()):
         raise TargetError("model has merged LoRA layers; call unmerge_lora before exporting the adapter")
     config = getattr(model, _CONFIG_ATTR, None) or LoraConfig(r=next(iter(layers.values())).r)
-    targets = {n: m.to_target(n) for n, m in layers.items()}
+    # A layer may compile to no target at all (AdaLoRA pruned to rank 0): it changes nothing.
+    targets = {n: t for n, m in layers.items() if (t := m.to_target(n)) is not None}
+    if not targets:
+        raise TargetError("every LoRA layer was pruned to rank 0: the adapter would not change the model")
     if any(t.fan_in_fan_out for t in targets.values()) and not config.fan_in_fan_out:
         config = dataclasses.replace(config, fan_in_fan_out=True)
     if any(t.is_dora for t in targets.values()) and not config.use_dora:
         config = dataclasses.replace(config, use_dora=True)
     params = _plain_parameters(model)
     extra = {k: params[k].detach().to("cpu", torch.float32).numpy().copy() for k in _extra_names(model, config)}
-    return Adapter(targets=targets, config=config, extra=extra, name=name)
+    adapter = Adapter(targets=targets, config=config, extra=extra, name=name)
+    variant = getattr(model, VARIANT_ATTR, None)
+    return adapter if variant is None else variant.finish_adapter(adapter)
 
 
 def save_adapter(
@@ -270,6 +278,9 @@ def save_adapter(
         base = os.fspath(base)
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"base_model_name_or_path must be a string or a path, not {type(base).__name__}")
+    variant = getattr(model, VARIANT_ATTR, None)
+    if variant is not None:
+        return variant.save(model, directory, base)
     return save_adapter_files(adapter_from_model(model, name=Path(directory).name), directory, base)
 
 
@@ -296,8 +307,9 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
             layer.unmerge()
         if name:
             _set_module(model, name, layer.base_layer)
-    if hasattr(model, _CONFIG_ATTR):
-        delattr(model, _CONFIG_ATTR)
+    for attr in (_CONFIG_ATTR, VARIANT_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model
 
 
