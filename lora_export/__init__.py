@@ -22,12 +22,14 @@ from .graph.merge_report import MergeReport
 from .graph.resolve import Resolution, ResolvedTarget, resolve_targets
 from .runtime.session import LoraSession
 from .runtime.verify import VerifyReport, verify_models
+from .training.adalora_config import AdaLoraConfig
 from .training.config import LoraConfig
 
 if TYPE_CHECKING:
     # The torch-dependent API, as type checkers and IDEs see it; at run time ``__getattr__`` imports it on
     # first use (keep in step with _TORCH_API).
     from .exporting.exporter import export, export_with_manifest
+    from .training.adalora import AdaLoraLinear, RankAllocator, attach_adalora, orth_regularization
     from .training.attach import (
         adapter_from_model,
         attach_lora,
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
         unwrap,
     )
     from .training.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+    from .training.lora_fa import attach_lora_fa, freeze_lora_a, saved_activation_bytes
     from .training.loraplus import loraplus_param_groups
 
 # The training API needs torch; import it on first use so torch-free users (ONNX stages) stay light.
@@ -60,6 +63,13 @@ _TORCH_API = {
     "LoraLayer": "training.layers",
     "LoraLinear": "training.layers",
     "loraplus_param_groups": "training.loraplus",
+    "AdaLoraLinear": "training.adalora",
+    "RankAllocator": "training.adalora",
+    "attach_adalora": "training.adalora",
+    "orth_regularization": "training.adalora",
+    "attach_lora_fa": "training.lora_fa",
+    "freeze_lora_a": "training.lora_fa",
+    "saved_activation_bytes": "training.lora_fa",
 }
 
 
@@ -77,6 +87,14 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AdaLoraConfig",
+    "AdaLoraLinear",
+    "RankAllocator",
+    "attach_adalora",
+    "orth_regularization",
+    "attach_lora_fa",
+    "freeze_lora_a",
+    "saved_activation_bytes",
     "Adapter",
     "AdapterError",
     "ConfigError",

@@ -212,7 +212,9 @@ def _train_both(arch: str, root):
         ref.base_model.update_and_allocate(step)
         opt.zero_grad()
         peft_pattern = ref.peft_config["default"].rank_pattern or {}
-        records.append((step, budget, allocator.ranks(), {k.split(".lora_E")[0]: sum(v) for k, v in peft_pattern.items()}))
+        records.append(
+            (step, budget, allocator.ranks(), {k.split(".lora_E")[0]: sum(v) for k, v in peft_pattern.items()})
+        )
         for path, layer in adalora_layers(ours).items():
             peft_e = ref.base_model.model.get_submodule(path).lora_E["default"]
             assert torch.equal(layer.lora_E, peft_e), (step, path)  # same triplets zeroed
