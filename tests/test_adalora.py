@@ -17,7 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import assert_rel_close, output_of
-from models import randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
+from models import conv_embed_net, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
 from lora_export import AdapterError, ConfigError, LoraSession, TargetError, attach_lora, load_adapter, save_adapter
 from lora_export.cli import cli
@@ -347,3 +347,62 @@ def test_loader_refusals(trained, tmp_path):
     for i, (changes, error, message) in enumerate(cases):
         with pytest.raises(error, match=message):
             load_adapter(_edit_config(root / "peft", tmp_path / str(i), **changes))
+
+
+def test_gradients_and_own_training_run_match_peft_s_schedule():
+    """Our layers' gradients are PEFT's; trained on their own, the budget reaches target_r on schedule."""
+    base, _ = tiny_llama()
+    targets = MODELS["llama"][1]
+    ref = peft_adalora(base, target_modules=targets, **SCHEDULE)
+    randomize_lora(ref, seed=5)
+    ours = attach_adalora(copy.deepcopy(base), AdaLoraConfig(target_modules=targets, **SCHEDULE), verbose=False)
+    copy_from_peft(ours, ref)
+    ref.base_model(**batch(0)).loss.backward()
+    (ours(**batch(0)).loss + orth_regularization(ours)).backward()
+    for path, layer in adalora_layers(ours).items():
+        peft_layer = ref.base_model.model.get_submodule(path)
+        for part in ("lora_A", "lora_B", "lora_E"):
+            assert_rel_close(getattr(layer, part).grad, getattr(peft_layer, part)["default"].grad)
+
+    model = attach_adalora(copy.deepcopy(base), AdaLoraConfig(target_modules=targets, **SCHEDULE), verbose=False)
+    allocator = RankAllocator(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    for step in range(SCHEDULE["total_step"]):
+        (model(**batch(step)).loss + orth_regularization(model)).backward()
+        opt.step()
+        budget = allocator.update_and_allocate(step)
+        opt.zero_grad()
+        want, prune = allocator.budget(step)
+        assert budget == want
+        if prune or step == SCHEDULE["total_step"] - SCHEDULE["tfinal"]:
+            assert sum(allocator.ranks().values()) == budget, step
+    assert sum(allocator.ranks().values()) == 2 * len(targets) * 2  # target_r x 6 targets
+    for layer in adalora_layers(model).values():
+        assert (layer.lora_E[~layer.rank_mask] == 0).all()
+
+
+def test_conv2d_adalora_is_refused_not_misread(tmp_path):
+    """PEFT's Conv2d AdaLoRA stores A flattened (r, in·k·k): it cannot be told from a Linear's, so every stage
+    refuses it by shape rather than guess a kernel layout."""
+    from lora_export import ShapeError
+
+    base, make_inputs = conv_embed_net()
+    ref = peft_adalora(base, target_modules=["conv"], init_r=4, target_r=2, total_step=10, tinit=1, tfinal=1)
+    randomize_lora(ref, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref.save_pretrained(str(tmp_path / "conv"))
+    adapter = load_adapter(tmp_path / "conv")
+    with pytest.raises(ShapeError):
+        attach_lora(copy.deepcopy(base), adapter, verbose=False)
+    export_with_manifest(base, make_inputs(0), tmp_path / "base.onnx", dynamo=False)
+    runner = CliRunner()
+    merge = runner.invoke(
+        cli, ["merge", str(tmp_path / "base.onnx"), str(tmp_path / "conv"), "-o", str(tmp_path / "m.onnx")]
+    )
+    inject = runner.invoke(
+        cli, ["inject", str(tmp_path / "base.onnx"), str(tmp_path / "conv"), "-o", str(tmp_path / "s")]
+    )
+    for res in (merge, inject):
+        assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "m.onnx").exists()

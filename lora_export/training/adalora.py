@@ -30,7 +30,16 @@ from ..adapter import Adapter, LoraTarget
 from ..errors import TargetError
 from ..formats.peft_adalora import compile_svd_target, pinned_config, save_adalora_files
 from .adalora_config import AdaLoraConfig, budget_schedule
-from .attach import VARIANT_ATTR, _extra_names, _plain_parameters, _set_module, attach_lora, lora_layers, remove_lora
+from .attach import (
+    _CONFIG_ATTR,
+    VARIANT_ATTR,
+    _extra_names,
+    _plain_parameters,
+    _set_module,
+    attach_lora,
+    lora_layers,
+    remove_lora,
+)
 from .layers import LoraLinear, _np
 
 
@@ -109,7 +118,7 @@ class _AdaLoraState:
         if any(m.fan_in_fan_out for m in layers.values()):
             config = dataclasses.replace(config, fan_in_fan_out=True)  # as PEFT records Conv1D targets
         params = _plain_parameters(model)
-        lora_cfg = getattr(model, "_lora_export_config", None) or config.lora_config()
+        lora_cfg = getattr(model, _CONFIG_ATTR, None) or config.lora_config()
         extra = {k: _np(params[k]) for k in _extra_names(model, lora_cfg)}
         triplets = {n: m.kept_triplets() for n, m in layers.items()}
         return save_adalora_files(directory, triplets, config.to_peft_dict(pattern, base), extra)
