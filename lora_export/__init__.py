@@ -24,6 +24,7 @@ from .runtime.session import LoraSession
 from .runtime.verify import VerifyReport, verify_models
 from .training.adalora_config import AdaLoraConfig
 from .training.config import LoraConfig
+from .vera import VeraConfig
 
 if TYPE_CHECKING:
     # The torch-dependent API, as type checkers and IDEs see it; at run time ``__getattr__`` imports it on
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from .training.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
     from .training.lora_fa import attach_lora_fa, freeze_lora_a, saved_activation_bytes
     from .training.loraplus import loraplus_param_groups
+    from .training.vera import VeraLinear
 
 # The training API needs torch; import it on first use so torch-free users (ONNX stages) stay light.
 _TORCH_API = {
@@ -70,6 +72,7 @@ _TORCH_API = {
     "attach_lora_fa": "training.lora_fa",
     "freeze_lora_a": "training.lora_fa",
     "saved_activation_bytes": "training.lora_fa",
+    "VeraLinear": "training.vera",
 }
 
 
@@ -100,6 +103,8 @@ __all__ = [
     "ConfigError",
     "DtypeError",
     "LoraConfig",
+    "VeraConfig",
+    "VeraLinear",
     "LoraExportError",
     "LoraTarget",
     "MergeReport",

@@ -17,12 +17,16 @@ import dataclasses
 import hashlib
 import struct
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .delta import lora_delta
 from .errors import AdapterError, ShapeError, TargetError
 from .training.config import LoraConfig
+
+if TYPE_CHECKING:
+    from .vera import VeraRecord
 
 KINDS = ("linear", "conv", "embedding")
 
@@ -104,6 +108,8 @@ class Adapter:
     ``bias="all"|"lora_only"``, ``modules_to_save``), keyed by parameter path (``classifier.weight``).
     ``stored_base`` holds base weights saved beside the LoRA tensors (PEFT's ``save_embedding_layers``),
     keyed by target path in the torch layout: a record of the base, never a replacement.
+    ``vera`` (VeRA adapters only, see ``vera``): the shared projections and per-target λ vectors that the
+    targets were compiled from, kept for inject's vector-only slots; merge reads only the targets.
     """
 
     targets: dict[str, LoraTarget]
@@ -111,6 +117,7 @@ class Adapter:
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     name: str = "adapter"
     stored_base: dict[str, np.ndarray] = field(default_factory=dict)
+    vera: VeraRecord | None = None
 
     def __iter__(self):
         return iter(self.targets.values())
@@ -174,6 +181,7 @@ class Adapter:
             "rslora": self.config.use_rslora,
             "kinds": sorted({t.kind for t in self.targets.values()}),
             "extra_tensors": sorted(self.extra),
+            **({"vera_projection_prng_key": self.vera.key} if self.vera is not None else {}),
         }
 
 

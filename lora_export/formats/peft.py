@@ -22,6 +22,7 @@ from ..errors import AdapterError, ConfigError
 from ..files.atomic import atomic_write_text
 from ..files.checks import require_regular_file
 from ..training.config import LoraConfig
+from ..vera import peft_tensors
 from .safetensors import read_safetensors, write_safetensors
 from .variants import variant_loader
 
@@ -233,8 +234,9 @@ def save_adapter_files(
     if directory.exists() and not directory.is_dir():
         raise AdapterError(f"{directory} exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, np.ndarray] = {}
-    for t in adapter.targets.values():
+    # VeRA: λ vectors (and the shared projections), never the compiled A′/B′.
+    tensors: dict[str, np.ndarray] = peft_tensors(adapter) if adapter.vera is not None else {}
+    for t in adapter.targets.values() if adapter.vera is None else ():
         key = PREFIX + t.name
         if t.kind == "embedding":
             tensors[f"{key}.lora_embedding_A"] = t.A

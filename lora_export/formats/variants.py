@@ -17,6 +17,7 @@ from ..adapter import Adapter
 # peft_type (upper case) -> "module:function", relative to this package.
 _LOADERS: dict[str, str] = {
     "ADALORA": "peft_adalora:load_adalora",
+    "VERA": "peft_vera:load_vera",
 }
 
 Loader = Callable[[dict[str, Any], dict[str, np.ndarray], str], Adapter]

@@ -14,6 +14,7 @@ files also work with plain ONNX Runtime: ``ort.LoraAdapter().Load(path)`` and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -33,12 +34,15 @@ from ..files.staging import STAGE_PREFIX, carry_over, staging_dir, swap_dir
 from ..formats.adapter_files import write_adapter_tensors
 from ..formats.peft import adapter_files, load_adapter
 from ..formats.safetensors import read_safetensors
+from ..vera import projection_entry
 from .layouts import get_layout
 from .model_io import external_data_files, load_model, save_model
 from .provenance import append_history, make_record, target_entry
 from .resolve import ResolvedTarget, resolve_targets
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
 from .value_match import check_stored_base, quantized_holds
+from .vera_bind import bind_to_graph
+from .vera_slots import branch_factors, common_projection, projection_values, vera_slot_fields
 
 MODEL_NAME = "model.onnx"
 
@@ -145,6 +149,8 @@ def inject_adapters(
 
     A slot gets a DoRA scale input when one of the adapters is DoRA there, or for every slot with
     ``dora=True`` (so DoRA adapters converted later fit; it defaults to ones, a no-op otherwise).
+    When every adapter is VeRA over the same projections (and not ``dora``), the slots are VeRA's
+    vector-only slots (``vera_slots``); VeRA adapters with other company get the usual LoRA slots.
     Returns the slot manifest (also stored in ``model.metadata_props``) and each adapter's slot tensors.
     Each adapter gets an ``inject`` record in the model's ``lora_export.history`` (see ``provenance``); an
     unreadable history is kept under ``lora_export.history.unreadable`` and restarted.
@@ -164,6 +170,8 @@ def inject_adapters(
                 f"adapter {adapter.name!r} replaces full tensors ({', '.join(sorted(adapter.extra)[:3])}), "
                 "which adapter mode cannot swap; use merge"
             )
+    adapters = [bind_to_graph(model, a, base_weights) for a in adapters]
+    shared = None if dora else common_projection(adapters)
     chosen, reports, absent = _resolve_all(model, adapters, base_weights)
     dora_modules = set(chosen) if dora else {t.name for a in adapters for t in a if t.is_dora}
     slots: dict[str, Slot] = {}
@@ -187,7 +195,9 @@ def inject_adapters(
             dora=f"{module}.dora_scale" if module in dora_modules else None,
             groups=groups,
         )
-    manifest = SlotManifest(slots, sorted(absent))
+        if shared is not None:
+            slots[module] = dataclasses.replace(slots[module], **vera_slot_fields(module))
+    manifest = SlotManifest(slots, sorted(absent), projection_entry(shared) if shared is not None else None)
 
     # Tensors first: DoRA's g reads the base weights, which the graph edits below leave untouched anyway.
     def read_weight(slot: Slot) -> np.ndarray:
@@ -209,6 +219,9 @@ def inject_adapters(
         np_dtype = slot.np_dtype
         a = _slot_input(graph, slot.a, dtype, slot.a_shape(slot.rank_dim), np.zeros(slot.a_shape(0), np_dtype))
         b = _slot_input(graph, slot.b, dtype, slot.b_shape(slot.rank_dim), np.zeros(slot.b_shape(0), np_dtype))
+        if slot.vera:  # λ_d, λ_b → the branch's A′, B′ (λ_b defaults to 0 and λ_d to rank 0: the base)
+            out_f, in_f = slot.weight_shape
+            a, b = branch_factors(graph, module, in_f, out_f, a, b, projection_values(graph, shared, dtype))
         g = None
         if slot.dora:
             g = _slot_input(graph, slot.dora, dtype, [slot.out_features], np.ones(slot.out_features, np_dtype))

@@ -117,9 +117,9 @@ def inspect_model(
         return report
     from ..formats.peft import load_adapter
     from .resolve import resolve_targets
+    from .vera_bind import bind_to_graph
 
     loaded = load_adapter(adapter).select(only_targets)
-    digest = loaded.digest()
     weights = None
     if base_weights is not None:
         from ..files.checks import require_regular_file
@@ -127,6 +127,8 @@ def inspect_model(
 
         require_regular_file(base_weights, "base weights")
         weights = read_safetensors(base_weights)[0]
+    loaded = bind_to_graph(model, loaded, weights)  # VeRA: A′ needs each layer's input size
+    digest = loaded.digest()
     resolution = resolve_targets(model, loaded, base_weights=weights)
     report["adapter"] = str(adapter)
     report["adapter_sha256"] = digest

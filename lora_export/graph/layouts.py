@@ -29,6 +29,10 @@ class OpLayout(ABC):
     kind: ClassVar[str]  # the LoraTarget kind this op can carry: "linear", "conv" or "embedding"
     # True when ``write`` cannot store W₀ + ΔW exactly (requantization): merge then needs --requantize.
     lossy_write: ClassVar[bool] = False
+    # True for an op whose weight is always several projections side by side along its output axis (ONNX
+    # Runtime's fused ``Attention``: q|k|v): targets resolve only to slices of it, by value (``packed``).
+    # Such a layout subclasses MatMulLayout or GemmLayout (their storage orientation is its own).
+    packed_weight: ClassVar[bool] = False
 
     @abstractmethod
     def weight_value(self, node: ir.Node) -> ir.Value | None:
@@ -60,6 +64,11 @@ class OpLayout(ABC):
 
         value = self.weight_value(node)
         return value is not None and value.const_value is not None and tensor_equals(value.const_value, w)
+
+    def packed_bias(self, node: ir.Node) -> ir.Value | None:
+        """For a ``packed_weight`` op that adds its own bias (Attention's input 2): the initializer holding it,
+        laid out along the weight's output axis, so a target's bias is the slice of its weight's rows; else None."""
+        return None
 
     def activation_dtype(self, node: ir.Node) -> ir.DataType:
         """The float dtype of the op's activations, which LoRA slots take: the weight's own dtype here;

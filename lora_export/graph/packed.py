@@ -13,6 +13,9 @@ ranks then add onto one packed op. DoRA merges into a slice (its norm is per out
 whole rows); a DoRA branch is refused (its g would scale the whole packed output). The slice found must
 be the only place W occurs in the graph, and a packed weight read by more than one node (shared, or its
 module called twice) is refused for now.
+
+Layouts with ``packed_weight`` (plugins: ONNX Runtime's fused ``Attention``) are searched the same way; their
+``add_branch`` receives the padded B′ and decides how the branch reaches the op (see the plugin).
 """
 
 from __future__ import annotations
@@ -155,6 +158,14 @@ def held_elsewhere(tensors: Iterable[tuple[str, ir.TensorProtocol]], w: np.ndarr
     return any(tensor_equals(t, w) for _, t in others) or slice_holder(others, w) is not None
 
 
+def packable(layout: OpLayout) -> bool:
+    """Whether a layout's weight may hold packed parts: plain MatMul/Gemm, or a ``packed_weight`` layout built
+    on them (ONNX Runtime's fused Attention, a plugin); quantized and other layouts are not read by value."""
+    if type(layout) in (MatMulLayout, GemmLayout):
+        return True
+    return layout.packed_weight and isinstance(layout, (MatMulLayout, GemmLayout))
+
+
 def find_packed(candidates: Iterable[tuple[ir.Node, OpLayout, ir.Value]], t, w: np.ndarray) -> list[tuple]:
     """Every (node, PackedSlice, value) whose weight holds ``t``'s base weight ``w`` as a proper slice;
     one entry per distinct (weight, offset)."""
@@ -163,7 +174,7 @@ def find_packed(candidates: Iterable[tuple[ir.Node, OpLayout, ir.Value]], t, w: 
     if t.kind != "linear" or np.ndim(w) != 2 or not np.ptp(np.asarray(w, dtype=np.float64)):
         return []  # a constant weight proves nothing by value
     for node, layout, value in candidates:
-        if type(layout) not in (MatMulLayout, GemmLayout):
+        if not packable(layout):
             continue
         shape = layout.weight_shape(node)
         if shape is None or shape[1] != n_in or shape[0] <= out_t:

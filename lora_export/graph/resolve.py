@@ -37,6 +37,7 @@ from .layouts import OpLayout, get_layout
 from .model_check import ensure_checked
 from .module_paths import best_unique, name_module_paths, scope_module_paths, weight_module
 from .packed import find_packed, held_elsewhere, packed_readers
+from .packed_bias import place_packed_biases
 from .resolve_extras import ResolvedExtra, named_tensors, resolve_extra
 from .value_match import ValueIndex, base_key, graph_tensors
 
@@ -310,6 +311,7 @@ def resolve_targets(
     for r in not_found:
         absent_or_why(g, r, proven_absent, base_weights, index)
     extras = [resolve_extra(g, key, tuple(np.shape(arr))) for key, arr in sorted(adapter.extra.items())]
+    place_packed_biases(results, extras, base_weights, index.tensors if index is not None else [])
     for e in extras:
         if e.unnamed and index is not None:
             extra_absent(e, base_weights, index)

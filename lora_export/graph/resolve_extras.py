@@ -108,6 +108,12 @@ def _by_readers(key, shape, value: ir.Value, source: ir.Value, owner: str, why: 
     if unnamed and (own or foreign):
         detail = f"{value.name!r} is read by {_who(foreign or own)} and unnamed nodes; cannot tell which are {owner}"
         return ResolvedExtra(key, shape, "unmatched", detail=detail)
+    if len(unnamed) > 1 and not own:
+        # ONNX Runtime's optimizer drops equal initializers but one (zero biases of every layer), and its fused
+        # ops (BiasGelu, SkipLayerNormalization) carry no module names: which reader is the module's own?
+        who = _who(unnamed)
+        detail = f"{value.name!r} is read by {who}, which no name attributes to a module; cannot tell which are {owner}"
+        return ResolvedExtra(key, shape, "unmatched", detail=detail)
     own = own or unnamed
     if not own:
         detail = f"{value.name!r} is read only by other modules' nodes ({_who(foreign or copies)})"

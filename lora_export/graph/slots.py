@@ -7,6 +7,9 @@ convention: input names are the adapter parameter names):
   ``<module>.lora_B``      B′ = scale·B, linear/embedding (r, out), conv (out, r/groups, 1...)
   ``<module>.dora_scale``  g = m/‖W₀+ΔW‖ (out,), only for slots a DoRA adapter targets
 
+VeRA's vector-only slots take ``<module>.vera_lambda_d`` (r) and ``<module>.vera_lambda_b`` (out) instead of
+A′/B′ (``vera_slots``); the manifest's ``vera`` entry names the shared projections they need.
+
 ``r`` is the symbolic dimension ``<module>.rank``; the defaults are rank 0 (and g = 1), which is the
 base model. The manifest (``metadata_props["lora_export.slots"]``, JSON) lets ``convert`` and the
 runtime map a later adapter onto the slots without resolving the graph again.
@@ -27,6 +30,7 @@ from ..adapter import Adapter, LoraTarget
 from ..delta import dora_scale
 from ..errors import AdapterError, DtypeError, ModelError, ShapeError, TargetError
 from .value_match import check_stored_weight
+from .vera_slots import bind_to_slots, vector_tensors
 
 SLOTS_KEY = "lora_export.slots"
 SLOTS_VERSION = 1
@@ -47,6 +51,7 @@ class Slot:
     b: str
     dora: str | None = None
     groups: int = 1
+    vera: bool = False  # a VeRA vector-only slot: a and b are λ_d (r,) and λ_b (out,)
 
     @property
     def inputs(self) -> list[str]:
@@ -58,6 +63,8 @@ class Slot:
 
     def a_shape(self, rank: int | str) -> list:
         ws = self.weight_shape
+        if self.vera:
+            return [rank]
         if self.kind == "linear":
             return [ws[1], rank]
         if self.kind == "embedding":
@@ -66,6 +73,8 @@ class Slot:
 
     def b_shape(self, rank: int | str) -> list:
         ws = self.weight_shape
+        if self.vera:
+            return [ws[0]]
         if self.kind == "linear":
             return [rank, ws[0]]
         if self.kind == "embedding":
@@ -90,17 +99,15 @@ class SlotManifest:
 
     slots: dict[str, Slot]
     absent: list[str] = field(default_factory=list)
+    vera: dict | None = None  # VeRA vector slots: the shared projections' key, r, sizes and sha256
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "version": SLOTS_VERSION,
-                "slots": [asdict(s) for _, s in sorted(self.slots.items())],
-                "absent": sorted(self.absent),
-            },
-            sort_keys=True,
-            separators=(",", ":"),
-        )
+        # Fields at their defaults stay out, so models injected before VeRA keep their manifest bytes.
+        slots = [{k: v for k, v in asdict(s).items() if k != "vera" or v} for _, s in sorted(self.slots.items())]
+        raw = {"version": SLOTS_VERSION, "slots": slots, "absent": sorted(self.absent)}
+        if self.vera is not None:
+            raw["vera"] = self.vera
+        return json.dumps(raw, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | None) -> SlotManifest:
@@ -113,6 +120,9 @@ class SlotManifest:
             absent = raw.get("absent", [])
             if not isinstance(absent, list) or not all(isinstance(m, str) for m in absent):
                 raise TypeError("absent must be a list of module names")
+            vera = raw.get("vera")
+            if vera is not None and not _vera_entry_ok(vera):
+                raise TypeError("vera must describe the shared projections")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ModelError(f"corrupt lora_export.slots metadata ({type(e).__name__})") from None
         for slot in slots.values():
@@ -121,7 +131,9 @@ class SlotManifest:
                 raise ModelError(
                     f"corrupt lora_export.slots metadata (slot {safejson.short_repr(slot.module)}: {problem})"
                 )
-        return cls(slots, absent)
+        if any(s.vera for s in slots.values()) != (vera is not None):
+            raise ModelError("corrupt lora_export.slots metadata (VeRA slots without their projections)")
+        return cls(slots, absent, vera)
 
     @property
     def fingerprint(self) -> int:
@@ -132,6 +144,15 @@ class SlotManifest:
         return {name: s for s in self.slots.values() for name in s.inputs}
 
 
+def _vera_entry_ok(v: object) -> bool:
+    ints = ("key", "r", "max_in", "max_out")
+    return (
+        isinstance(v, dict)
+        and all(type(v.get(k)) is int and v[k] >= 0 for k in ints)
+        and isinstance(v.get("sha256"), str)
+    )
+
+
 def _slot_problem(slot: Slot) -> str | None:
     """What is ill-typed in a slot parsed from metadata, or None."""
     for name in ("module", "kind", "op", "node", "weight", "dtype", "a", "b"):
@@ -139,6 +160,8 @@ def _slot_problem(slot: Slot) -> str | None:
             return f"{name} is not a string"
     if slot.dora is not None and not isinstance(slot.dora, str):
         return "dora is not a string"
+    if not isinstance(slot.vera, bool) or (slot.vera and (slot.kind != "linear" or slot.dora)):
+        return "vera is not a flag of a linear slot"
     if slot.kind not in ("linear", "conv", "embedding"):
         return f"unknown kind {safejson.short_repr(slot.kind)}"
     ws = slot.weight_shape
@@ -227,6 +250,9 @@ def adapter_tensors(
             f"adapter {adapter.name!r}: full replacement tensors ({', '.join(sorted(adapter.extra)[:3])}) "
             "cannot be swapped at run time; use merge"
         )
+    if manifest.vera is not None:
+        return vector_tensors(adapter, manifest, check_finite_tensors)
+    adapter = bind_to_slots(adapter, manifest.slots)
     missing = [t.name for t in adapter if t.name not in manifest.slots and t.name not in manifest.absent]
     if missing:
         raise TargetError(f"adapter {adapter.name!r}: targets with no LoRA slot in the model: {', '.join(missing)}")
@@ -268,6 +294,9 @@ def check_tensors(tensors: Mapping[str, np.ndarray], manifest: SlotManifest, wha
         if a is None:
             continue
         r = int(a.shape[0] if slot.kind == "conv" else a.shape[-1]) if a.ndim else -1
+        if slot.vera and r != manifest.vera["r"]:
+            problems.append(f"{slot.a} has rank {r}, the model's VeRA projections have r={manifest.vera['r']}")
+            continue
         want = {slot.a: slot.a_shape(r), slot.b: slot.b_shape(r)}
         if slot.dora:
             want[slot.dora] = [slot.out_features]

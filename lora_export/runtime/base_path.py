@@ -1,7 +1,8 @@
 """The branch-free base model inside an injected model, for a twin session that serves ``adapter=None``.
 
 ``strip_branches`` undoes what ``branches.py`` added, found through the graph rather than node names:
-from each slot's A′ input, the A′ op, the B′ op (and Gemm's α Mul) down to the ``Add(base, delta)``;
+from each slot's A′ input, the A′ op, the B′ op (and Gemm's α Mul) down to the ``Add(base, delta)`` (a
+packed slice's B′ through its Pad; ONNX Runtime's Attention: one ``MatMul(A′, Pad(B′))`` added to its weight);
 from DoRA's g input, its optional Reshape and the ``Mul(·, g)``. Those nodes go and their consumers read
 the base op's output again. What stays is exactly the base computation: a Gemm bias that DoRA moved out
 of the Gemm stays as its separate Add (same numbers, one more node).
@@ -47,8 +48,24 @@ def _replace(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     ir.convenience.replace_all_uses_with(old, new)
 
 
+def _reads(node: ir.Node, b: ir.Value, pads: list[ir.Node]) -> bool:
+    """Whether ``node`` reads B′, directly or through the Pad that places it in a packed slice (then the Pad
+    joins ``pads``)."""
+    if b in node.inputs:
+        return True
+    for v in node.inputs:
+        pad = v.producer() if v is not None else None
+        if pad is not None and pad.op_type == "Pad" and pad.inputs[0] is b and len(list(v.uses())) == 1:
+            pads.append(pad)
+            return True
+    return False
+
+
 def strip_branches(model: ir.Model, manifest: SlotManifest) -> None:
     """Remove every LoRA/DoRA branch and slot input of ``manifest`` from ``model`` (in place)."""
+    if manifest.vera is not None:
+        # VeRA's vector slots default to rank 0 too: the twin would buy nothing for its copy of the weights.
+        raise ModelError("base_session=True is not supported for VeRA-injected models (no adapter costs nothing)")
     graph = model.graph
     inputs = {v.name: v for v in graph.inputs}
     doomed: list[ir.Node] = []
@@ -58,11 +75,14 @@ def strip_branches(model: ir.Model, manifest: SlotManifest) -> None:
             raise ModelError(f"{module}: slot inputs {slot.a}/{slot.b} are not graph inputs")
         for use in list(a.uses()):
             node_a = use.node
-            chain = [node_a]
-            node = _only_use(node_a.outputs[0], module)  # B′ op
-            chain.append(node)
-            if b not in node.inputs:
-                raise ModelError(f"{module}: {node.name!r} does not read {slot.b}")
+            chain, pads = [node_a], []
+            node = node_a
+            if not _reads(node_a, b, pads):  # A′·Pad(B′) in one op: an effective packed weight (plugins)
+                node = _only_use(node_a.outputs[0], module)  # B′ op
+                chain.append(node)
+                if not _reads(node, b, pads):
+                    raise ModelError(f"{module}: {node.name!r} does not read {slot.b}")
+            doomed.extend(pads)
             node = _only_use(node.outputs[0], module)
             if node.op_type == "Mul":  # Gemm's alpha
                 chain.append(node)

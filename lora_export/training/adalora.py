@@ -63,6 +63,10 @@ class AdaLoraLinear(LoraLinear):
             nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
             nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """P, Λ and Q."""
+        return [self.lora_A, self.lora_B, self.lora_E]
+
     def _lora_weight(self) -> torch.Tensor:
         return self.lora_B @ (self.lora_A * self.lora_E)
 
@@ -143,7 +147,7 @@ def attach_adalora(model: nn.Module, config: AdaLoraConfig, *, verbose: bool = T
         ada = AdaLoraLinear(layer.base_layer, config.init_r, config.scale, config.lora_dropout)
         ada.reset_lora("default")
         _set_module(model, name, ada)
-        for p in (ada.lora_A, ada.lora_B, ada.lora_E):
+        for p in ada.trainable_parameters():
             p.requires_grad_(True)
     setattr(model, VARIANT_ATTR, _AdaLoraState(config))
     if verbose:

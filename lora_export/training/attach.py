@@ -17,8 +17,10 @@ from torch import nn
 from ..adapter import Adapter
 from ..errors import ConfigError, ShapeError, TargetError
 from ..formats.peft import save_adapter_files
+from ..vera import VeraConfig
 from .config import LoraConfig, closest_names
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, _hf_conv1d_type
+from .vera import vera_layer, vera_projections, vera_record
 
 _CONFIG_ATTR = "_lora_export_config"
 # A training variant with its own adapter form (AdaLoRA): an object with ``finish_adapter(adapter) -> Adapter``
@@ -84,6 +86,7 @@ def attach_lora(model: nn.Module, config_or_adapter: LoraConfig | Adapter, *, ve
     With a ``LoraConfig`` the targets come from its patterns and the LoRA weights are freshly
     initialised; with an ``Adapter`` (from ``load_adapter``) its module paths, ranks, scales and weights
     are used, and its extra tensors (trained biases, modules_to_save) are copied in.
+    A ``VeraConfig`` (or a VeRA adapter) attaches VeRA layers instead (``training.vera``).
     Returns ``model``; prints the trainable-parameter summary when ``verbose``.
     """
     if lora_layers(model):
@@ -117,8 +120,18 @@ def attach_lora(model: nn.Module, config_or_adapter: LoraConfig | Adapter, *, ve
                 f"target_modules {spec!r} matched no module" + (f"; closest names: {', '.join(hint)}" if hint else "")
             )
 
+    shared = None
+    if isinstance(config, VeraConfig):
+        shared, adapter = vera_projections(modules, targets, config, adapter)
     for name in targets:
         module = modules[name]
+        if shared is not None:
+            layer = vera_layer(module, shared, config)
+            layer.reset_lora(config.init)
+            if adapter is not None:
+                layer.load_vectors(adapter.vera.vectors[name], name)
+            _set_module(model, name, layer)
+            continue
         cls = _wrapper_for(module)
         if cls is None:
             raise TargetError(
@@ -209,9 +222,8 @@ def _mark_trainable(model: nn.Module, config: LoraConfig) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in lora_layers(model).values():
-        for p in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
-            if p is not None:
-                p.requires_grad_(True)
+        for p in layer.trainable_parameters():
+            p.requires_grad_(True)
     params = _plain_parameters(model)
     for name in _extra_names(model, config):
         params[name].requires_grad_(True)
@@ -256,7 +268,8 @@ def adapter_from_model(model: nn.Module, name: str = "adapter") -> Adapter:
         config = dataclasses.replace(config, use_dora=True)
     params = _plain_parameters(model)
     extra = {k: params[k].detach().to("cpu", torch.float32).numpy().copy() for k in _extra_names(model, config)}
-    adapter = Adapter(targets=targets, config=config, extra=extra, name=name)
+    vera = vera_record(layers, config) if isinstance(config, VeraConfig) else None
+    adapter = Adapter(targets=targets, config=config, extra=extra, name=name, vera=vera)
     variant = getattr(model, VARIANT_ATTR, None)
     return adapter if variant is None else variant.finish_adapter(adapter)
 

@@ -69,6 +69,10 @@ class LoraLayer(nn.Module):
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters training updates: A, B and, for DoRA, the magnitude."""
+        return [p for p in (self.lora_A, self.lora_B, self.lora_magnitude) if p is not None]
+
     def _lora_weight(self) -> torch.Tensor:
         """B·A in the layout of ``_weight_torch_layout`` (unscaled), as PEFT's DoRA computes it."""
         raise NotImplementedError
