@@ -23,6 +23,7 @@ from .graph.merge_report import MergeReport
 from .graph.resolve import Resolution, ResolvedTarget, resolve_targets
 from .runtime.session import LoraSession
 from .runtime.verify import VerifyReport, verify_models
+from .training.adalora_config import AdaLoraConfig
 from .training.config import LoraConfig
 from .vera import VeraConfig
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     # The torch-dependent API, as type checkers and IDEs see it; at run time ``__getattr__`` imports it on
     # first use (keep in step with _TORCH_API).
     from .exporting.exporter import export, export_with_manifest
+    from .training.adalora import AdaLoraLinear, RankAllocator, attach_adalora, orth_regularization
     from .training.attach import (
         adapter_from_model,
         attach_lora,
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from .training.delta_lora import DeltaLora
     from .training.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
     from .training.lora_drop import LoraDropPlan, apply_lora_drop, lora_importance
+    from .training.lora_fa import attach_lora_fa, freeze_lora_a, saved_activation_bytes
     from .training.loraplus import loraplus_param_groups
     from .training.vera import VeraLinear
 
@@ -65,6 +68,13 @@ _TORCH_API = {
     "LoraLayer": "training.layers",
     "LoraLinear": "training.layers",
     "loraplus_param_groups": "training.loraplus",
+    "AdaLoraLinear": "training.adalora",
+    "RankAllocator": "training.adalora",
+    "attach_adalora": "training.adalora",
+    "orth_regularization": "training.adalora",
+    "attach_lora_fa": "training.lora_fa",
+    "freeze_lora_a": "training.lora_fa",
+    "saved_activation_bytes": "training.lora_fa",
     "VeraLinear": "training.vera",
     "DeltaLora": "training.delta_lora",
     "LoraDropPlan": "training.lora_drop",
@@ -87,6 +97,14 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AdaLoraConfig",
+    "AdaLoraLinear",
+    "RankAllocator",
+    "attach_adalora",
+    "orth_regularization",
+    "attach_lora_fa",
+    "freeze_lora_a",
+    "saved_activation_bytes",
     "Adapter",
     "AdapterError",
     "ConfigError",

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Container
 from pathlib import Path
 
 import numpy as np
@@ -274,8 +275,14 @@ def adapter_state_dict(adapter: Adapter) -> dict[str, np.ndarray]:
             tensors[f"{key}.lora_magnitude_vector"] = mag
     for path, w in adapter.stored_base.items():
         tensors[f"{PREFIX}{path}{_BASE_WEIGHT}"] = w
-    for k, v in adapter.extra.items():
-        owner, _, leaf = k.rpartition(".")
-        # PEFT keeps a wrapped module's own parameters under its base_layer.
-        tensors[PREFIX + (f"{owner}.base_layer.{leaf}" if owner in adapter.targets else k)] = v
+    tensors.update(full_tensor_items(adapter.extra, adapter.targets))
     return tensors
+
+
+def full_tensor_items(extra: dict[str, np.ndarray], targets: Container[str]) -> dict[str, np.ndarray]:
+    """Full replacement tensors under PEFT's keys: a wrapped module's own parameters sit under its base_layer."""
+    out = {}
+    for k, v in extra.items():
+        owner, _, leaf = k.rpartition(".")
+        out[PREFIX + (f"{owner}.base_layer.{leaf}" if owner in targets else k)] = v
+    return out

@@ -23,6 +23,9 @@ from .layers import SHARED_GROUP_ATTR, LoraConv, LoraEmbedding, LoraLayer, LoraL
 from .vera import vera_layer, vera_projections, vera_record
 
 _CONFIG_ATTR = "_lora_export_config"
+# A training variant with its own adapter form (AdaLoRA): an object with ``finish_adapter(adapter) -> Adapter``
+# (the canonical adapter of its layers) and ``save(model, directory, base) -> Path`` (its PEFT format).
+VARIANT_ATTR = "_lora_export_variant"
 
 
 def _wrapper_for(module: nn.Module) -> type[LoraLayer] | None:
@@ -302,8 +305,11 @@ def collect_adapter(model: nn.Module, name: str = "adapter") -> Adapter:
     if any(m.merged for m in layers.values()):
         raise TargetError("model has merged LoRA layers; call unmerge_lora before exporting the adapter")
     config = getattr(model, _CONFIG_ATTR, None) or LoraConfig(r=next(iter(layers.values())).r)
-    targets = {n: m.to_target(n) for n, m in layers.items()}
-    shared = _shared_groups(layers)
+    # A layer may compile to no target at all (AdaLoRA pruned to rank 0): it changes nothing.
+    targets = {n: t for n, m in layers.items() if (t := m.to_target(n)) is not None}
+    if not targets:
+        raise TargetError("every LoRA layer was pruned to rank 0: the adapter would not change the model")
+    shared = _shared_groups({n: layers[n] for n in targets})
     for members in shared.values():
         first = targets[members[0]]  # one array for the whole group, as in the model
         targets.update({m: dataclasses.replace(targets[m], A=first.A, B=first.B) for m in members})
@@ -314,7 +320,9 @@ def collect_adapter(model: nn.Module, name: str = "adapter") -> Adapter:
     params = _plain_parameters(model)
     extra = {k: params[k].detach().to("cpu", torch.float32).numpy().copy() for k in _extra_names(model, config)}
     vera = vera_record(layers, config) if isinstance(config, VeraConfig) else None
-    return Adapter(targets=targets, config=config, extra=extra, name=name, vera=vera, shared=shared)
+    adapter = Adapter(targets=targets, config=config, extra=extra, name=name, vera=vera, shared=shared)
+    variant = getattr(model, VARIANT_ATTR, None)
+    return adapter if variant is None else variant.finish_adapter(adapter)
 
 
 def save_adapter(
@@ -335,6 +343,9 @@ def save_adapter(
         base = os.fspath(base)
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"base_model_name_or_path must be a string or a path, not {type(base).__name__}")
+    variant = getattr(model, VARIANT_ATTR, None)
+    if variant is not None:
+        return variant.save(model, directory, base)
     adapter = adapter_from_model(model, name=Path(directory).name)
     if adapter.shared:  # PEFT's format cannot hold one LoRA for several modules: the LoRA-drop format can
         from ..formats.lora_drop import save_lora_drop_files
@@ -366,8 +377,9 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
             layer.unmerge()
         if name:
             _set_module(model, name, layer.base_layer)
-    if hasattr(model, _CONFIG_ATTR):
-        delattr(model, _CONFIG_ATTR)
+    for attr in (_CONFIG_ATTR, VARIANT_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model
 
 
