@@ -14,6 +14,7 @@ from .errors import (
     TargetError,
     VerificationError,
 )
+from .formats.init_conversion import convert_init_adapter
 from .formats.peft import load_adapter, save_adapter_files
 from .graph.convert import convert_adapter
 from .graph.inject import InjectResult, inject_adapters, inject_files
@@ -22,12 +23,15 @@ from .graph.merge_report import MergeReport
 from .graph.resolve import Resolution, ResolvedTarget, resolve_targets
 from .runtime.session import LoraSession
 from .runtime.verify import VerifyReport, verify_models
+from .training.adalora_config import AdaLoraConfig
 from .training.config import LoraConfig
+from .vera import VeraConfig
 
 if TYPE_CHECKING:
     # The torch-dependent API, as type checkers and IDEs see it; at run time ``__getattr__`` imports it on
     # first use (keep in step with _TORCH_API).
     from .exporting.exporter import export, export_with_manifest
+    from .training.adalora import AdaLoraLinear, RankAllocator, attach_adalora, orth_regularization
     from .training.attach import (
         adapter_from_model,
         attach_lora,
@@ -39,8 +43,12 @@ if TYPE_CHECKING:
         unmerge_lora,
         unwrap,
     )
+    from .training.delta_lora import DeltaLora
     from .training.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+    from .training.lora_drop import LoraDropPlan, apply_lora_drop, lora_importance
+    from .training.lora_fa import attach_lora_fa, freeze_lora_a, saved_activation_bytes
     from .training.loraplus import loraplus_param_groups
+    from .training.vera import VeraLinear
 
 # The training API needs torch; import it on first use so torch-free users (ONNX stages) stay light.
 _TORCH_API = {
@@ -60,6 +68,18 @@ _TORCH_API = {
     "LoraLayer": "training.layers",
     "LoraLinear": "training.layers",
     "loraplus_param_groups": "training.loraplus",
+    "AdaLoraLinear": "training.adalora",
+    "RankAllocator": "training.adalora",
+    "attach_adalora": "training.adalora",
+    "orth_regularization": "training.adalora",
+    "attach_lora_fa": "training.lora_fa",
+    "freeze_lora_a": "training.lora_fa",
+    "saved_activation_bytes": "training.lora_fa",
+    "VeraLinear": "training.vera",
+    "DeltaLora": "training.delta_lora",
+    "LoraDropPlan": "training.lora_drop",
+    "apply_lora_drop": "training.lora_drop",
+    "lora_importance": "training.lora_drop",
 }
 
 
@@ -77,11 +97,21 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AdaLoraConfig",
+    "AdaLoraLinear",
+    "RankAllocator",
+    "attach_adalora",
+    "orth_regularization",
+    "attach_lora_fa",
+    "freeze_lora_a",
+    "saved_activation_bytes",
     "Adapter",
     "AdapterError",
     "ConfigError",
     "DtypeError",
     "LoraConfig",
+    "VeraConfig",
+    "VeraLinear",
     "LoraExportError",
     "LoraTarget",
     "MergeReport",
@@ -117,6 +147,11 @@ __all__ = [
     "InjectResult",
     "LoraSession",
     "convert_adapter",
+    "convert_init_adapter",
+    "DeltaLora",
+    "LoraDropPlan",
+    "apply_lora_drop",
+    "lora_importance",
     "inject_adapters",
     "inject_files",
 ]

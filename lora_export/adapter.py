@@ -17,12 +17,16 @@ import dataclasses
 import hashlib
 import struct
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .delta import lora_delta
 from .errors import AdapterError, ShapeError, TargetError
 from .training.config import LoraConfig
+
+if TYPE_CHECKING:
+    from .vera import VeraRecord
 
 KINDS = ("linear", "conv", "embedding")
 
@@ -104,6 +108,12 @@ class Adapter:
     ``bias="all"|"lora_only"``, ``modules_to_save``), keyed by parameter path (``classifier.weight``).
     ``stored_base`` holds base weights saved beside the LoRA tensors (PEFT's ``save_embedding_layers``),
     keyed by target path in the torch layout: a record of the base, never a replacement.
+    ``vera`` (VeRA adapters only, see ``vera``): the shared projections and per-target λ vectors that the
+    targets were compiled from, kept for inject's vector-only slots; merge reads only the targets.
+    ``shared`` names groups of targets that hold one LoRA between them (LoRA-drop): group name → module
+    paths, every member with equal A, B, scale, kind and layout. Each member still has its own target
+    (merge needs nothing more); adapter mode gives a group one pair of slot inputs, ``<group>.lora_A`` /
+    ``<group>.lora_B``, and its files hold that pair once.
     """
 
     targets: dict[str, LoraTarget]
@@ -111,6 +121,20 @@ class Adapter:
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     name: str = "adapter"
     stored_base: dict[str, np.ndarray] = field(default_factory=dict)
+    vera: VeraRecord | None = None
+    shared: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.shared:
+            self.shared = {g: tuple(members) for g, members in self.shared.items()}
+            check_shared(self)
+
+    def shared_group(self, module: str) -> str | None:
+        """The shared group ``module`` belongs to, or None."""
+        for group, members in self.shared.items():
+            if module in members:
+                return group
+        return None
 
     def __iter__(self):
         return iter(self.targets.values())
@@ -140,11 +164,13 @@ class Adapter:
         targets = {k: t for k, t in self.targets.items() if search(pattern, k, "--only-targets")}
         if not targets:
             raise TargetError(f"--only-targets {pattern!r} matches none of adapter {self.name!r}'s targets")
+        shared = {g: tuple(m for m in ms if m in targets) for g, ms in self.shared.items()}
         return dataclasses.replace(
             self,
             targets=targets,
             extra={k: v for k, v in self.extra.items() if search(pattern, k, "--only-targets")},
             stored_base={k: v for k, v in self.stored_base.items() if k in targets},
+            shared={g: ms for g, ms in shared.items() if ms},
         )
 
     def digest(self) -> str:
@@ -174,7 +200,44 @@ class Adapter:
             "rslora": self.config.use_rslora,
             "kinds": sorted({t.kind for t in self.targets.values()}),
             "extra_tensors": sorted(self.extra),
+            **({"vera_projection_prng_key": self.vera.key} if self.vera is not None else {}),
         }
+
+
+def check_shared(adapter: Adapter) -> None:
+    """Refuse shared groups that name unknown targets, overlap, or whose members differ in their LoRA."""
+    seen: dict[str, str] = {}
+    for group, members in adapter.shared.items():
+        if not isinstance(group, str) or not group or not members:
+            raise AdapterError(f"adapter {adapter.name!r}: shared group {group!r} is unnamed or empty")
+        first = None
+        for m in members:
+            t = adapter.targets.get(m)
+            if t is None:
+                raise AdapterError(f"adapter {adapter.name!r}: shared group {group!r} names {m!r}, which is no target")
+            if m in seen:
+                raise AdapterError(f"adapter {adapter.name!r}: {m} is in two shared groups ({seen[m]}, {group})")
+            seen[m] = group
+            if first is None:
+                first = t
+            elif not _same_lora(first, t):
+                raise AdapterError(
+                    f"adapter {adapter.name!r}: shared group {group!r}: {m} and {first.name} hold different LoRA "
+                    "tensors, scales or layouts"
+                )
+
+
+def _same_lora(a: LoraTarget, b: LoraTarget) -> bool:
+    return (
+        a.kind == b.kind
+        and a.fan_in_fan_out == b.fan_in_fan_out
+        and a.scale == b.scale
+        and a.weight_shape == b.weight_shape
+        and a.A.shape == b.A.shape
+        and a.B.shape == b.B.shape
+        and (a.A is b.A or np.array_equal(a.A, b.A))
+        and (a.B is b.B or np.array_equal(a.B, b.B))
+    )
 
 
 DIGEST_VERSION = b"lora-export adapter digest v1\n"

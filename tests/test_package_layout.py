@@ -119,3 +119,19 @@ def test_readme_module_map_matches_the_tree():
             assert name in modules, f"README names {name}, which is not a module"
             listed.add(name)
     assert modules - listed == set()
+
+
+def test_no_merge_conflict_markers():
+    """A half-resolved merge leaves markers that neither Python nor Markdown reject."""
+    import re
+
+    repo = ROOT.parent
+    files = [
+        repo / "README.md",
+        repo / "pyproject.toml",
+        *repo.glob("lora_export/**/*.py"),
+        *repo.glob("plugins/**/*.py"),
+    ]
+    files += [*repo.glob("tests/*.py"), *repo.glob("samples/*.py"), *repo.glob("benchmarks/*.py")]
+    marker = re.compile(r"^(<{7} |>{7} |={7}$)", re.M)
+    assert [str(f.relative_to(repo)) for f in files if marker.search(f.read_text(encoding="utf-8"))] == []

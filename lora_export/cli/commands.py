@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .convert import convert_command
+from .convert_init import convert_init_command
 from .export import export_command
 from .inject import inject_command
 from .inspect import inspect_command
@@ -13,6 +14,7 @@ from .verify import verify_command
 
 COMMANDS: list[click.Command] = [
     convert_command,
+    convert_init_command,
     export_command,
     inject_command,
     inspect_command,

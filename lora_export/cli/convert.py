@@ -22,13 +22,18 @@ def convert_command(adapter: str, model: str, output: str, only_targets: str | N
     """Convert ADAPTER (a PEFT adapter directory) into slot tensors for an injected MODEL.
 
     Names, layouts and dtype follow the model's LoRA inputs; targets or shapes that do not fit are
-    refused. Slots the adapter does not cover keep their defaults (rank 0: no change).
+    refused. Slots the adapter does not cover keep their defaults (rank 0: no change). MODEL may also be a
+    LoRA-input model made by Olive or onnxruntime-genai: names, layouts and a scale kept in its graph are
+    read from the graph.
     """
     report = convert_adapter(adapter, model, output, only_targets=only_targets)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
+        zeroed = f", {len(report['slots_zeroed'])} zeroed" if report.get("slots_zeroed") else ""
+        scales = sorted(set(report.get("graph_scales", {}).values()))
+        scaled = f" (B rescaled for the graph's scale {', '.join(f'{s:g}' for s in scales)})" if scales else ""
         click.echo(
             f"wrote {clean(report['output'])}: {len(report['slots_filled'])} slots filled, "
-            f"{len(report['slots_default'])} left at their defaults"
+            f"{len(report['slots_default'])} left at their defaults{zeroed}{scaled}"
         )

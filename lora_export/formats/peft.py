@@ -11,6 +11,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Container
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from ..errors import AdapterError, ConfigError
 from ..files.atomic import atomic_write_text
 from ..files.checks import require_regular_file
 from ..training.config import LoraConfig
+from ..vera import peft_tensors
 from .safetensors import read_safetensors, write_safetensors
 from .variants import variant_loader
 
@@ -42,6 +44,21 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> Adapter:
     (``adapter_model.safetensors``) with the config beside it. A pickle-based ``adapter_model.bin`` is
     read only through ``torch.load(weights_only=True)``.
     """
+    raw, tensors, name = read_adapter_raw(path, name)
+    loader = variant_loader(raw.get("peft_type") if isinstance(raw, dict) else None)
+    if loader is not None:
+        return loader(raw, tensors, name)
+    return adapter_from_state_dict(tensors, LoraConfig.from_peft_dict(raw), name=name)
+
+
+def read_adapter_raw(
+    path: str | os.PathLike, name: str | None = None, check_config=None
+) -> tuple[object, dict[str, np.ndarray], str]:
+    """An adapter folder's parsed adapter_config.json (any JSON value), its tensors, and its name.
+
+    ``check_config(raw)`` runs before the weights are read (the config's errors come first); by
+    default, plain LoRA configs are parsed (and refused) there.
+    """
     path = Path(path)
     if not path.exists():
         raise AdapterError(f"adapter not found: {path}")
@@ -58,8 +75,10 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> Adapter:
         raise AdapterError(f"cannot read {cfg_path}: {e}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{cfg_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    loader = variant_loader(raw.get("peft_type") if isinstance(raw, dict) else None)
-    config = None if loader is not None else LoraConfig.from_peft_dict(raw)
+    if check_config is not None:
+        check_config(raw)
+    elif variant_loader(raw.get("peft_type") if isinstance(raw, dict) else None) is None:
+        LoraConfig.from_peft_dict(raw)
 
     if path.is_file():
         weights = path
@@ -74,9 +93,7 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> Adapter:
     # abspath, not resolve: "." or "x/.." need a real name (output files are named after it), but a
     # symlinked adapter folder keeps the name the user gave it.
     name = name or Path(os.path.abspath(directory)).name
-    if loader is not None:
-        return loader(raw, tensors, name)
-    return adapter_from_state_dict(tensors, config, name=name)
+    return raw, tensors, name
 
 
 def adapter_files(path: str | os.PathLike) -> list[Path]:
@@ -232,8 +249,17 @@ def save_adapter_files(
     if directory.exists() and not directory.is_dir():
         raise AdapterError(f"{directory} exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, np.ndarray] = {}
-    for t in adapter.targets.values():
+    write_safetensors(directory / WEIGHTS_NAME, adapter_state_dict(adapter), metadata={"format": "pt"})
+    cfg = adapter.config.to_peft_dict(base_model_name_or_path)
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def adapter_state_dict(adapter: Adapter) -> dict[str, np.ndarray]:
+    """The adapter's tensors under PEFT's keys (every target its own; PEFT's format has no sharing)."""
+    # VeRA: λ vectors (and the shared projections), never the compiled A′/B′.
+    tensors: dict[str, np.ndarray] = peft_tensors(adapter) if adapter.vera is not None else {}
+    for t in adapter.targets.values() if adapter.vera is None else ():
         key = PREFIX + t.name
         if t.kind == "embedding":
             tensors[f"{key}.lora_embedding_A"] = t.A
@@ -249,11 +275,14 @@ def save_adapter_files(
             tensors[f"{key}.lora_magnitude_vector"] = mag
     for path, w in adapter.stored_base.items():
         tensors[f"{PREFIX}{path}{_BASE_WEIGHT}"] = w
-    for k, v in adapter.extra.items():
+    tensors.update(full_tensor_items(adapter.extra, adapter.targets))
+    return tensors
+
+
+def full_tensor_items(extra: dict[str, np.ndarray], targets: Container[str]) -> dict[str, np.ndarray]:
+    """Full replacement tensors under PEFT's keys: a wrapped module's own parameters sit under its base_layer."""
+    out = {}
+    for k, v in extra.items():
         owner, _, leaf = k.rpartition(".")
-        # PEFT keeps a wrapped module's own parameters under its base_layer.
-        tensors[PREFIX + (f"{owner}.base_layer.{leaf}" if owner in adapter.targets else k)] = v
-    write_safetensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-    cfg = adapter.config.to_peft_dict(base_model_name_or_path)
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    return directory
+        out[PREFIX + (f"{owner}.base_layer.{leaf}" if owner in targets else k)] = v
+    return out

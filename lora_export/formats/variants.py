@@ -15,7 +15,12 @@ import numpy as np
 from ..adapter import Adapter
 
 # peft_type (upper case) -> "module:function", relative to this package.
-_LOADERS: dict[str, str] = {}
+_LOADERS: dict[str, str] = {
+    "ADALORA": "peft_adalora:load_adalora",
+    "VERA": "peft_vera:load_vera",
+    "DELTA_LORA": "delta_lora:load_delta_lora",  # our own format (see formats/delta_lora)
+    "LORA_DROP": "lora_drop:load_lora_drop",  # our own format (see formats/lora_drop)
+}
 
 Loader = Callable[[dict[str, Any], dict[str, np.ndarray], str], Adapter]
 

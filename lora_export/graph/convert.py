@@ -2,7 +2,8 @@
 
 The injected model's slot manifest says which inputs exist, their layouts and dtype; the adapter's
 targets are mapped by module path. Misfits are refused, all named in one line. An adapter may cover a
-subset of the slots: the others keep their rank-0 defaults.
+subset of the slots: the others keep their rank-0 defaults. Models with LoRA inputs made by other tools
+(Olive, onnxruntime-genai) have no manifest: their slots are read from the graph (``foreign_slots``).
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ from ..files.atomic import refuse_overwrite
 from ..files.checks import check_output_file, require_regular_file
 from ..formats.adapter_files import ADAPTER_SUFFIXES, write_adapter_tensors
 from ..formats.peft import adapter_files, load_adapter
+from .foreign_slots import foreign_tensors, lora_input_names, read_foreign_slots, slots_fingerprint
 from .layouts import get_layout
 from .model_io import load_model
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
 from .value_match import quantized_holds
 
 
-def read_manifest(model_path: str | os.PathLike) -> SlotManifest:
-    """The slot manifest of an injected model (metadata only; weights are not read)."""
+def _metadata(model_path: str | os.PathLike) -> dict[str, str]:
     import onnx
 
     require_regular_file(model_path, "model", ModelError)
@@ -35,8 +36,12 @@ def read_manifest(model_path: str | os.PathLike) -> SlotManifest:
         proto = onnx.load(str(model_path), load_external_data=False)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"{model_path}: not a readable ONNX model ({type(e).__name__})") from None
-    meta = {p.key: p.value for p in proto.metadata_props}
-    return SlotManifest.from_json(meta.get(SLOTS_KEY))
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def read_manifest(model_path: str | os.PathLike) -> SlotManifest:
+    """The slot manifest of an injected model (metadata only; weights are not read)."""
+    return SlotManifest.from_json(_metadata(model_path).get(SLOTS_KEY))
 
 
 def weight_reader(model_path: str | os.PathLike) -> Callable[[Slot], np.ndarray]:
@@ -75,7 +80,11 @@ def convert_adapter(
     only_targets: str | None = None,
 ) -> dict:
     """Write ``adapter``'s slot tensors for the injected model at ``model_path`` to ``out_path``
-    (.onnx_adapter or .safetensors, by suffix). Returns a summary."""
+    (.onnx_adapter or .safetensors, by suffix). Returns a summary.
+
+    A model without lora_export's slot manifest but with LoRA inputs made by another tool (Olive's
+    ExtractAdapters, onnxruntime-genai's builder) gets tensors named, laid out and scaled as its graph
+    consumes them (``foreign_slots``; the summary then has ``"foreign": true`` and the graph's scales)."""
     check_output_file(out_path, AdapterError)
     out_path = Path(out_path)
     if out_path.suffix not in ADAPTER_SUFFIXES:
@@ -88,6 +97,8 @@ def convert_adapter(
         refuse_overwrite([out_path], [Path(model_path)])
     adapter = adapter.select(only_targets)
     adapter.check_finite()
+    if SLOTS_KEY not in _metadata(model_path):
+        return _convert_foreign(adapter, model_path, out_path)
     manifest = read_manifest(model_path)
     tensors = adapter_tensors(adapter, manifest, weight_reader(model_path))
     write_adapter_tensors(out_path, tensors, model_version=manifest.fingerprint)
@@ -99,3 +110,15 @@ def convert_adapter(
         "slots_default": sorted(set(manifest.slots) - set(covered)),
         "tensors": len(tensors),
     }
+
+
+def _convert_foreign(adapter: Adapter, model_path: str | os.PathLike, out_path: Path) -> dict:
+    """convert for a model with LoRA inputs made by another tool (Olive, onnxruntime-genai): see foreign_slots."""
+    model = load_model(model_path)
+    if not lora_input_names(model):
+        # Neither ours nor anyone's LoRA inputs: the usual line for a model that was never injected.
+        read_manifest(model_path)
+    slots = read_foreign_slots(model)
+    tensors, summary = foreign_tensors(adapter, slots)
+    write_adapter_tensors(out_path, tensors, model_version=slots_fingerprint(slots))
+    return {"adapter": adapter.name, "output": str(out_path), "foreign": True, **summary, "tensors": len(tensors)}

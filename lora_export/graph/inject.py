@@ -14,6 +14,7 @@ files also work with plain ONNX Runtime: ``ort.LoraAdapter().Load(path)`` and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -33,13 +34,17 @@ from ..files.staging import STAGE_PREFIX, carry_over, staging_dir, swap_dir
 from ..formats.adapter_files import write_adapter_tensors
 from ..formats.peft import adapter_files, load_adapter
 from ..formats.safetensors import read_safetensors
+from ..vera import projection_entry
+from .genai_folder import genai_side_files, write_genai_side_files
 from .layouts import get_layout
 from .model_io import external_data_files, load_model, save_model
 from .packed_names import GenaiDims, read_genai_config
 from .provenance import append_history, make_record, target_entry
 from .resolve import ResolvedTarget, resolve_targets
-from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
+from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, slot_stems
 from .value_match import check_stored_base, quantized_holds
+from .vera_bind import bind_to_graph
+from .vera_slots import branch_factors, common_projection, projection_values, vera_slot_fields
 
 MODEL_NAME = "model.onnx"
 
@@ -147,6 +152,8 @@ def inject_adapters(
 
     A slot gets a DoRA scale input when one of the adapters is DoRA there, or for every slot with
     ``dora=True`` (so DoRA adapters converted later fit; it defaults to ones, a no-op otherwise).
+    When every adapter is VeRA over the same projections (and not ``dora``), the slots are VeRA's
+    vector-only slots (``vera_slots``); VeRA adapters with other company get the usual LoRA slots.
     Returns the slot manifest (also stored in ``model.metadata_props``) and each adapter's slot tensors.
     ``genai_dims``: the onnxruntime-genai config's attention widths (names-based packed slices).
     Each adapter gets an ``inject`` record in the model's ``lora_export.history`` (see ``provenance``); an
@@ -167,8 +174,11 @@ def inject_adapters(
                 f"adapter {adapter.name!r} replaces full tensors ({', '.join(sorted(adapter.extra)[:3])}), "
                 "which adapter mode cannot swap; use merge"
             )
+    adapters = [bind_to_graph(model, a, base_weights) for a in adapters]
+    shared = None if dora else common_projection(adapters)
     chosen, reports, absent = _resolve_all(model, adapters, base_weights, genai_dims)
     dora_modules = set(chosen) if dora else {t.name for a in adapters for t in a if t.is_dora}
+    stems = slot_stems(sorted(chosen), adapters)
     slots: dict[str, Slot] = {}
     for module in sorted(chosen):
         rt = chosen[module]
@@ -185,12 +195,14 @@ def inject_adapters(
             weight=rt.value.name,
             weight_shape=list(t.weight_shape),
             dtype=str(rt.layout.activation_dtype(rt.node).numpy()),
-            a=f"{module}.lora_A",
-            b=f"{module}.lora_B",
+            a=f"{stems[module]}.lora_A",
+            b=f"{stems[module]}.lora_B",
             dora=f"{module}.dora_scale" if module in dora_modules else None,
             groups=groups,
         )
-    manifest = SlotManifest(slots, sorted(absent))
+        if shared is not None:
+            slots[module] = dataclasses.replace(slots[module], **vera_slot_fields(module))
+    manifest = SlotManifest(slots, sorted(absent), projection_entry(shared) if shared is not None else None)
 
     # Tensors first: DoRA's g reads the base weights, which the graph edits below leave untouched anyway.
     def read_weight(slot: Slot) -> np.ndarray:
@@ -206,12 +218,23 @@ def inject_adapters(
     tensors = {a.name: adapter_tensors(a, manifest, read_weight) for a in adapters}
 
     graph = model.graph
+    taken = {v.name for v in graph.inputs} | set(graph.initializers)
+    clash = sorted({n for s in slots.values() for n in s.inputs} & taken)
+    if clash:
+        raise ModelError(f"the model already has a value named {clash[0]!r}, which a LoRA slot input needs")
+    made: dict[str, ir.Value] = {}  # a shared group's inputs are made once, for its first module
     for module, slot in sorted(slots.items()):
         rt = chosen[module]
         dtype = rt.layout.activation_dtype(rt.node)
         np_dtype = slot.np_dtype
-        a = _slot_input(graph, slot.a, dtype, slot.a_shape(slot.rank_dim), np.zeros(slot.a_shape(0), np_dtype))
-        b = _slot_input(graph, slot.b, dtype, slot.b_shape(slot.rank_dim), np.zeros(slot.b_shape(0), np_dtype))
+        if slot.a not in made:
+            a_shape, b_shape = slot.a_shape(slot.rank_dim), slot.b_shape(slot.rank_dim)
+            made[slot.a] = _slot_input(graph, slot.a, dtype, a_shape, np.zeros(slot.a_shape(0), np_dtype))
+            made[slot.b] = _slot_input(graph, slot.b, dtype, b_shape, np.zeros(slot.b_shape(0), np_dtype))
+        a, b = made[slot.a], made[slot.b]
+        if slot.vera:  # λ_d, λ_b → the branch's A′, B′ (λ_b defaults to 0 and λ_d to rank 0: the base)
+            out_f, in_f = slot.weight_shape
+            a, b = branch_factors(graph, module, in_f, out_f, a, b, projection_values(graph, shared, dtype))
         g = None
         if slot.dora:
             g = _slot_input(graph, slot.dora, dtype, [slot.out_features], np.ones(slot.out_features, np_dtype))
@@ -249,7 +272,9 @@ def inject_files(
 
     The whole folder is built beside OUTDIR (files of an existing OUTDIR that this run does not write
     are linked in) and swapped in as one directory entry: a crash leaves the old folder or the new one.
-    OUTDIR/.lora-export.json lists the files written; a later inject into the same folder removes those
+    A base in an onnxruntime-genai folder (``genai_config.json`` naming it) brings that folder's other files
+    along, the config pointing at OUTDIR/model.onnx (``genai_folder``). OUTDIR/.lora-export.json lists the
+    files written; a later inject into the same folder removes those
     of them it no longer writes (an adapter dropped or renamed), and never any other file.
     ``progress(done, total, file name)`` is called as the files are written.
     """
@@ -276,7 +301,12 @@ def inject_files(
         base_weights = read_safetensors(base_weights)[0]
     model = load_model(base_path)
     # OUTDIR may be the base model's own folder: the new model.onnx (or its data) must not replace an input.
-    refuse_overwrite(outputs, [*inputs, *external_data_files(model, base_path)], ModelError)
+    base_data = external_data_files(model, base_path)
+    refuse_overwrite(outputs, [*inputs, *base_data], ModelError)
+    # An onnxruntime-genai folder: its genai_config.json and tokenizer files go along (see genai_folder).
+    genai = genai_side_files(base_path, {p.name for p in outputs} | {p.name for p in base_data})
+    if genai is not None and Path(os.path.realpath(out_dir)) == Path(base_path).resolve().parent:
+        raise ModelError(f"{out_dir} is the base model's onnxruntime-genai folder: inject into another folder")
     genai_dims = read_genai_config(base_path)
     result = inject_adapters(model, adapters, base_weights=base_weights, dora=dora, genai_dims=genai_dims)
     # Through a symlinked OUTDIR, replace the folder it points to, not the link.
@@ -288,6 +318,8 @@ def inject_files(
         if progress is not None:
             progress(0, total, MODEL_NAME)
         save_model(model, new / MODEL_NAME)
+        if genai is not None:
+            write_genai_side_files(genai, new, MODEL_NAME)
         done = 1
         for name, tensors in sorted(result.tensors.items()):
             for suffix in (".onnx_adapter", ".safetensors"):

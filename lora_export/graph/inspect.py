@@ -117,9 +117,9 @@ def inspect_model(
         return report
     from ..formats.peft import load_adapter
     from .resolve import resolve_targets
+    from .vera_bind import bind_to_graph
 
     loaded = load_adapter(adapter).select(only_targets)
-    digest = loaded.digest()
     weights = None
     if base_weights is not None:
         from ..files.checks import require_regular_file
@@ -129,6 +129,8 @@ def inspect_model(
         weights = read_safetensors(base_weights)[0]
     from .packed_names import read_genai_config
 
+    loaded = bind_to_graph(model, loaded, weights)  # VeRA: A′ needs each layer's input size
+    digest = loaded.digest()
     resolution = resolve_targets(model, loaded, base_weights=weights, genai_dims=read_genai_config(path))
     report["adapter"] = str(adapter)
     report["adapter_sha256"] = digest

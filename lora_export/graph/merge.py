@@ -41,6 +41,7 @@ from .provenance import (
 )
 from .resolve import Resolution, ResolvedTarget, resolve_targets
 from .value_match import check_stored_base
+from .vera_bind import bind_to_graph
 
 Progress = Callable[[int, int, str], None]  # (done, total, current target name)
 _LIST_MAX = 5
@@ -81,6 +82,7 @@ def merge_adapter(
         raise ConfigError("--requantize and --into-float exclude each other: pick one")
     if not np.isfinite(scale):
         raise AdapterError(f"scale must be finite, got {scale}")
+    adapter = bind_to_graph(model, adapter, base_weights)  # VeRA: A′ needs each layer's input size
     digest = adapter.digest()
     target_digests = {t.name: target_digest(t) for t in adapter}
     repeat = _repeat(model, adapter, digest, target_digests, force)

@@ -7,16 +7,22 @@ convention: input names are the adapter parameter names):
   ``<module>.lora_B``      B′ = scale·B, linear/embedding (r, out), conv (out, r/groups, 1...)
   ``<module>.dora_scale``  g = m/‖W₀+ΔW‖ (out,), only for slots a DoRA adapter targets
 
+VeRA's vector-only slots take ``<module>.vera_lambda_d`` (r) and ``<module>.vera_lambda_b`` (out) instead of
+A′/B′ (``vera_slots``); the manifest's ``vera`` entry names the shared projections they need.
+
 ``r`` is the symbolic dimension ``<module>.rank``; the defaults are rank 0 (and g = 1), which is the
-base model. The manifest (``metadata_props["lora_export.slots"]``, JSON) lets ``convert`` and the
-runtime map a later adapter onto the slots without resolving the graph again.
+base model. Modules whose adapters share one LoRA (``Adapter.shared``, LoRA-drop) share one pair of
+inputs named after the group, ``<group>.lora_A`` / ``<group>.lora_B`` (rank ``<group>.rank``): several
+slots then read the same two inputs, and an adapter file holds them once. The manifest
+(``metadata_props["lora_export.slots"]``, JSON) lets ``convert`` and the runtime map a later adapter
+onto the slots without resolving the graph again.
 """
 
 from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import ml_dtypes
@@ -27,6 +33,7 @@ from ..adapter import Adapter, LoraTarget
 from ..delta import dora_scale
 from ..errors import AdapterError, DtypeError, ModelError, ShapeError, TargetError
 from .value_match import check_stored_weight
+from .vera_slots import bind_to_slots, vector_tensors
 
 SLOTS_KEY = "lora_export.slots"
 SLOTS_VERSION = 1
@@ -47,6 +54,7 @@ class Slot:
     b: str
     dora: str | None = None
     groups: int = 1
+    vera: bool = False  # a VeRA vector-only slot: a and b are λ_d (r,) and λ_b (out,)
 
     @property
     def inputs(self) -> list[str]:
@@ -54,10 +62,19 @@ class Slot:
 
     @property
     def rank_dim(self) -> str:
-        return f"{self.module}.rank"
+        # Named after the A input: slots that share inputs share their rank dimension too.
+        stem = self.a[: -len(".lora_A")] if self.a.endswith(".lora_A") else self.module
+        return f"{stem}.rank"
+
+    @property
+    def shared(self) -> bool:
+        """Whether the slot reads a shared group's inputs (named after the group, not the module)."""
+        return self.a != f"{self.module}.lora_A"
 
     def a_shape(self, rank: int | str) -> list:
         ws = self.weight_shape
+        if self.vera:
+            return [rank]
         if self.kind == "linear":
             return [ws[1], rank]
         if self.kind == "embedding":
@@ -66,6 +83,8 @@ class Slot:
 
     def b_shape(self, rank: int | str) -> list:
         ws = self.weight_shape
+        if self.vera:
+            return [ws[0]]
         if self.kind == "linear":
             return [rank, ws[0]]
         if self.kind == "embedding":
@@ -90,17 +109,15 @@ class SlotManifest:
 
     slots: dict[str, Slot]
     absent: list[str] = field(default_factory=list)
+    vera: dict | None = None  # VeRA vector slots: the shared projections' key, r, sizes and sha256
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "version": SLOTS_VERSION,
-                "slots": [asdict(s) for _, s in sorted(self.slots.items())],
-                "absent": sorted(self.absent),
-            },
-            sort_keys=True,
-            separators=(",", ":"),
-        )
+        # Fields at their defaults stay out, so models injected before VeRA keep their manifest bytes.
+        slots = [{k: v for k, v in asdict(s).items() if k != "vera" or v} for _, s in sorted(self.slots.items())]
+        raw = {"version": SLOTS_VERSION, "slots": slots, "absent": sorted(self.absent)}
+        if self.vera is not None:
+            raw["vera"] = self.vera
+        return json.dumps(raw, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | None) -> SlotManifest:
@@ -113,6 +130,9 @@ class SlotManifest:
             absent = raw.get("absent", [])
             if not isinstance(absent, list) or not all(isinstance(m, str) for m in absent):
                 raise TypeError("absent must be a list of module names")
+            vera = raw.get("vera")
+            if vera is not None and not _vera_entry_ok(vera):
+                raise TypeError("vera must describe the shared projections")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ModelError(f"corrupt lora_export.slots metadata ({type(e).__name__})") from None
         for slot in slots.values():
@@ -121,7 +141,12 @@ class SlotManifest:
                 raise ModelError(
                     f"corrupt lora_export.slots metadata (slot {safejson.short_repr(slot.module)}: {problem})"
                 )
-        return cls(slots, absent)
+        if any(s.vera for s in slots.values()) != (vera is not None):
+            raise ModelError("corrupt lora_export.slots metadata (VeRA slots without their projections)")
+        problem = _sharing_problem(slots)
+        if problem:
+            raise ModelError(f"corrupt lora_export.slots metadata ({problem})")
+        return cls(slots, absent, vera)
 
     @property
     def fingerprint(self) -> int:
@@ -129,7 +154,46 @@ class SlotManifest:
         return zlib.crc32(self.to_json().encode()) & 0x7FFFFFFF
 
     def input_names(self) -> dict[str, Slot]:
+        """Slot by input name (for an input several slots share, one of them: they agree in shapes)."""
         return {name: s for s in self.slots.values() for name in s.inputs}
+
+    def sharing(self) -> dict[str, list[str]]:
+        """A/B input name → the modules that read it, for inputs read by more than one slot."""
+        readers: dict[str, list[str]] = {}
+        for s in self.slots.values():
+            readers.setdefault(s.a, []).append(s.module)
+        return {name: sorted(ms) for name, ms in readers.items() if len(ms) > 1}
+
+
+def _sharing_problem(slots: Mapping[str, Slot]) -> str | None:
+    """Slots that read one input must read the same pair and agree in everything its shape depends on;
+    no name may serve two roles (A of one slot, B or g of another)."""
+    by_input: dict[str, Slot] = {}
+    for s in slots.values():
+        for name in (s.a, s.b):
+            first = by_input.setdefault(name, s)
+            if first is not s and _pair_key(first) != _pair_key(s):
+                return (
+                    f"slots {safejson.short_repr(first.module)} and {safejson.short_repr(s.module)} share "
+                    f"{safejson.short_repr(name)} but not its pair or shape"
+                )
+    roles = [n for s in slots.values() for n in (s.dora,) if n] + list(by_input)
+    if len(roles) != len(set(roles)) or any(s.a == s.b for s in slots.values()):
+        return "an input name serves two roles"
+    return None
+
+
+def _pair_key(s: Slot) -> tuple:
+    return (s.a, s.b, s.kind, list(s.weight_shape), s.dtype, s.groups)
+
+
+def _vera_entry_ok(v: object) -> bool:
+    ints = ("key", "r", "max_in", "max_out")
+    return (
+        isinstance(v, dict)
+        and all(type(v.get(k)) is int and v[k] >= 0 for k in ints)
+        and isinstance(v.get("sha256"), str)
+    )
 
 
 def _slot_problem(slot: Slot) -> str | None:
@@ -139,6 +203,8 @@ def _slot_problem(slot: Slot) -> str | None:
             return f"{name} is not a string"
     if slot.dora is not None and not isinstance(slot.dora, str):
         return "dora is not a string"
+    if not isinstance(slot.vera, bool) or (slot.vera and (slot.kind != "linear" or slot.dora)):
+        return "vera is not a flag of a linear slot"
     if slot.kind not in ("linear", "conv", "embedding"):
         return f"unknown kind {safejson.short_repr(slot.kind)}"
     ws = slot.weight_shape
@@ -227,6 +293,9 @@ def adapter_tensors(
             f"adapter {adapter.name!r}: full replacement tensors ({', '.join(sorted(adapter.extra)[:3])}) "
             "cannot be swapped at run time; use merge"
         )
+    if manifest.vera is not None:
+        return vector_tensors(adapter, manifest, check_finite_tensors)
+    adapter = bind_to_slots(adapter, manifest.slots)
     missing = [t.name for t in adapter if t.name not in manifest.slots and t.name not in manifest.absent]
     if missing:
         raise TargetError(f"adapter {adapter.name!r}: targets with no LoRA slot in the model: {', '.join(missing)}")
@@ -235,7 +304,9 @@ def adapter_tensors(
     ]
     if misfits:
         raise ShapeError(f"adapter {adapter.name!r} does not fit the model's slots: {'; '.join(misfits)}")
+    _check_shared_cover(adapter, manifest)
     tensors: dict[str, np.ndarray] = {}
+    writer: dict[str, str] = {}
     for t in adapter:
         slot = manifest.slots.get(t.name)
         if slot is None:
@@ -245,8 +316,28 @@ def adapter_tensors(
         if stored is not None and read_weight is not None and not (quantized_ok and quantized_ok(slot, stored)):
             check_stored_weight(adapter.name, t, stored, read_weight(slot), slot.np_dtype)
         w0 = (lambda s=slot: read_weight(s)) if read_weight is not None else None
-        tensors.update(slot_tensors(slot, t, w0))
+        for name, arr in slot_tensors(slot, t, w0).items():
+            # A shared input is written once; every module reading it must bring the same tensor.
+            if name in tensors and not np.array_equal(tensors[name], arr):
+                raise ShapeError(
+                    f"adapter {adapter.name!r}: {writer[name]} and {t.name} share one LoRA slot in this model "
+                    f"({name}) but the adapter gives them different LoRA; inject this adapter into the base model"
+                )
+            tensors.setdefault(name, arr)
+            writer.setdefault(name, t.name)
     return tensors
+
+
+def _check_shared_cover(adapter: Adapter, manifest: SlotManifest) -> None:
+    """An adapter filling a shared input fills it for every module that reads it: all must be its targets."""
+    for name, readers in sorted(manifest.sharing().items()):
+        covered = [m for m in readers if m in adapter.targets]
+        if covered and len(covered) != len(readers):
+            left = [m for m in readers if m not in adapter.targets]
+            raise TargetError(
+                f"adapter {adapter.name!r}: the model's LoRA slot {name} serves {len(readers)} modules together, "
+                f"but the adapter targets {covered[0]} and not {left[0]}; inject this adapter into the base model"
+            )
 
 
 def check_tensors(tensors: Mapping[str, np.ndarray], manifest: SlotManifest, what: str) -> None:
@@ -268,6 +359,9 @@ def check_tensors(tensors: Mapping[str, np.ndarray], manifest: SlotManifest, wha
         if a is None:
             continue
         r = int(a.shape[0] if slot.kind == "conv" else a.shape[-1]) if a.ndim else -1
+        if slot.vera and r != manifest.vera["r"]:
+            problems.append(f"{slot.a} has rank {r}, the model's VeRA projections have r={manifest.vera['r']}")
+            continue
         want = {slot.a: slot.a_shape(r), slot.b: slot.b_shape(r)}
         if slot.dora:
             want[slot.dora] = [slot.out_features]
@@ -283,3 +377,31 @@ def check_tensors(tensors: Mapping[str, np.ndarray], manifest: SlotManifest, wha
     if problems:
         # DtypeError is a ShapeError: callers that catch misfits in general still catch it.
         raise (DtypeError if wrong_dtype else ShapeError)(f"{what} does not fit the model: {'; '.join(problems)}")
+
+
+def slot_stems(modules: Sequence[str], adapters: Sequence[Adapter]) -> dict[str, str]:
+    """Each module's slot-input stem: its own path, or the name of a shared group (``Adapter.shared``).
+
+    Modules share inputs only where every adapter agrees: each adapter either targets none of them or
+    holds them in one shared group. A module some adapter gives its own LoRA keeps its own inputs.
+    """
+    keys: dict[str, tuple] = {}
+    for m in modules:
+        key = tuple((a.shared_group(m) or "") if m in a.targets else None for a in adapters)
+        keys[m] = key if "" not in key and any(key) else (m,)
+    members: dict[tuple, list[str]] = {}
+    for m in modules:
+        members.setdefault(keys[m], []).append(m)
+    stems = {m: m for m in modules}
+    used = set(modules)
+    for key, ms in members.items():
+        if len(ms) < 2 or key == (ms[0],):
+            continue
+        base = next(g for g in key if g)
+        stem, i = base, 0
+        while stem in used:  # a group name equal to a module path, or two groupings named alike
+            i += 1
+            stem = f"{base}.{i}"
+        used.add(stem)
+        stems.update({m: stem for m in ms})
+    return stems

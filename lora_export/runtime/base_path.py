@@ -63,14 +63,21 @@ def _reads(node: ir.Node, b: ir.Value, pads: list[ir.Node]) -> bool:
 
 def strip_branches(model: ir.Model, manifest: SlotManifest) -> None:
     """Remove every LoRA/DoRA branch and slot input of ``manifest`` from ``model`` (in place)."""
+    if manifest.vera is not None:
+        # VeRA's vector slots default to rank 0 too: the twin would buy nothing for its copy of the weights.
+        raise ModelError("base_session=True is not supported for VeRA-injected models (no adapter costs nothing)")
     graph = model.graph
     inputs = {v.name: v for v in graph.inputs}
     doomed: list[ir.Node] = []
+    stripped: set[str] = set()
     for module, slot in sorted(manifest.slots.items()):
         a, b = inputs.get(slot.a), inputs.get(slot.b)
         if a is None or b is None:
             raise ModelError(f"{module}: slot inputs {slot.a}/{slot.b} are not graph inputs")
-        for use in list(a.uses()):
+        # Slots of a shared group read one A′: its uses are all their branches, stripped once.
+        uses = [] if slot.a in stripped else list(a.uses())
+        stripped.add(slot.a)
+        for use in uses:
             node_a = use.node
             chain, pads = [node_a], []
             node = node_a
@@ -103,7 +110,7 @@ def strip_branches(model: ir.Model, manifest: SlotManifest) -> None:
                 _replace(graph, mul.outputs[0], mul.inputs[0])
                 doomed.extend(chain)
     graph.remove(doomed, safe=True)
-    for name in (n for s in manifest.slots.values() for n in s.inputs):
+    for name in sorted({n for s in manifest.slots.values() for n in s.inputs}):
         graph.inputs.remove(inputs[name])
         graph.initializers.pop(name, None)
     # Constants only the branches used (reshape targets, alpha/beta) are dead now.

@@ -17,10 +17,15 @@ from torch import nn
 from ..adapter import Adapter
 from ..errors import ConfigError, ShapeError, TargetError
 from ..formats.peft import save_adapter_files
+from ..vera import VeraConfig
 from .config import LoraConfig, closest_names
-from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, _hf_conv1d_type
+from .layers import SHARED_GROUP_ATTR, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, _hf_conv1d_type
+from .vera import vera_layer, vera_projections, vera_record
 
 _CONFIG_ATTR = "_lora_export_config"
+# A training variant with its own adapter form (AdaLoRA): an object with ``finish_adapter(adapter) -> Adapter``
+# (the canonical adapter of its layers) and ``save(model, directory, base) -> Path`` (its PEFT format).
+VARIANT_ATTR = "_lora_export_variant"
 
 
 def _wrapper_for(module: nn.Module) -> type[LoraLayer] | None:
@@ -81,6 +86,7 @@ def attach_lora(model: nn.Module, config_or_adapter: LoraConfig | Adapter, *, ve
     With a ``LoraConfig`` the targets come from its patterns and the LoRA weights are freshly
     initialised; with an ``Adapter`` (from ``load_adapter``) its module paths, ranks, scales and weights
     are used, and its extra tensors (trained biases, modules_to_save) are copied in.
+    A ``VeraConfig`` (or a VeRA adapter) attaches VeRA layers instead (``training.vera``).
     Returns ``model``; prints the trainable-parameter summary when ``verbose``.
     """
     if lora_layers(model):
@@ -114,8 +120,18 @@ def attach_lora(model: nn.Module, config_or_adapter: LoraConfig | Adapter, *, ve
                 f"target_modules {spec!r} matched no module" + (f"; closest names: {', '.join(hint)}" if hint else "")
             )
 
+    shared = None
+    if isinstance(config, VeraConfig):
+        shared, adapter = vera_projections(modules, targets, config, adapter)
     for name in targets:
         module = modules[name]
+        if shared is not None:
+            layer = vera_layer(module, shared, config)
+            layer.reset_lora(config.init)
+            if adapter is not None:
+                layer.load_vectors(adapter.vera.vectors[name], name)
+            _set_module(model, name, layer)
+            continue
         cls = _wrapper_for(module)
         if cls is None:
             raise TargetError(
@@ -138,6 +154,8 @@ def attach_lora(model: nn.Module, config_or_adapter: LoraConfig | Adapter, *, ve
             layer.load_target(t, name)
         _set_module(model, name, layer)
 
+    if adapter is not None:
+        _tie_shared(model, adapter)
     mts = config.modules_to_save or []
     if mts and not any(_matches_module(n, mts) for n in names):
         raise TargetError(f"modules_to_save {mts!r} matched no module; closest: {', '.join(closest_names(mts, names))}")
@@ -152,6 +170,39 @@ def attach_lora(model: nn.Module, config_or_adapter: LoraConfig | Adapter, *, ve
             f"trainable%: {s['trainable_percent']:.4f}"
         )
     return model
+
+
+def _tie_shared(model: nn.Module, adapter: Adapter) -> None:
+    """Members of a shared group (LoRA-drop) train one LoRA again: the first member's parameters."""
+    for group, members in adapter.shared.items():
+        first = model.get_submodule(members[0])
+        for m in members:
+            layer = model.get_submodule(m)
+            layer.lora_A, layer.lora_B = first.lora_A, first.lora_B
+            setattr(layer, SHARED_GROUP_ATTR, group)
+
+
+def _shared_groups(layers: dict[str, LoraLayer]) -> dict[str, tuple[str, ...]]:
+    """Groups of layers holding the very same lora_A and lora_B parameters, by group name."""
+    by_pair: dict[tuple[int, int], list[str]] = {}
+    for name, m in layers.items():
+        # Only stored parameters can be shared; VeRA computes lora_A/B afresh, and a freed temporary's id
+        # may be reused by the next layer's.
+        if isinstance(m.lora_A, nn.Parameter) and isinstance(m.lora_B, nn.Parameter):
+            by_pair.setdefault((id(m.lora_A), id(m.lora_B)), []).append(name)
+    groups = [ms for ms in by_pair.values() if len(ms) > 1]
+    a_ids = [id(layers[n].lora_A) for ms in by_pair.values() for n in ms[:1]]
+    b_ids = [id(layers[n].lora_B) for ms in by_pair.values() for n in ms[:1]]
+    if len(set(a_ids)) != len(a_ids) or len(set(b_ids)) != len(b_ids):
+        raise TargetError("LoRA layers share lora_A but not lora_B (or the reverse): no adapter format holds that")
+    out: dict[str, tuple[str, ...]] = {}
+    for ms in groups:
+        names = {getattr(layers[n], SHARED_GROUP_ATTR, None) for n in ms}
+        group = names.pop() if len(names) == 1 and None not in names else f"shared.{ms[0]}"
+        if group in out:
+            raise TargetError(f"two groups of shared LoRA layers are both named {group!r}")
+        out[group] = tuple(ms)
+    return out
 
 
 def _check_conv(name: str, module: nn.Module, r: int, use_dora: bool) -> None:
@@ -206,9 +257,8 @@ def _mark_trainable(model: nn.Module, config: LoraConfig) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in lora_layers(model).values():
-        for p in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
-            if p is not None:
-                p.requires_grad_(True)
+        for p in layer.trainable_parameters():
+            p.requires_grad_(True)
     params = _plain_parameters(model)
     for name in _extra_names(model, config):
         params[name].requires_grad_(True)
@@ -236,27 +286,50 @@ def _require_lora(model: nn.Module) -> dict[str, LoraLayer]:
     return layers
 
 
+# Set on a model whose base weights moved under training (Delta-LoRA): its LoRA alone is not its adapter.
+MOVED_BASE_ATTR = "_lora_export_moved_base"
+
+
 def adapter_from_model(model: nn.Module, name: str = "adapter") -> Adapter:
     """The canonical Adapter of a LoRA-wrapped model: A, B, scale, magnitude per target and the extra
     tensors (trained biases, modules_to_save) by their path in the unwrapped model."""
+    moved = getattr(model, MOVED_BASE_ATTR, None)
+    if moved:
+        raise TargetError(f"the model's base weights moved during training ({moved}); save it with {moved}.save(dir)")
+    return collect_adapter(model, name)
+
+
+def collect_adapter(model: nn.Module, name: str = "adapter") -> Adapter:
+    """``adapter_from_model`` without its check that the base weights are the original ones."""
     layers = _require_lora(model)
     if any(m.merged for m in layers.values()):
         raise TargetError("model has merged LoRA layers; call unmerge_lora before exporting the adapter")
     config = getattr(model, _CONFIG_ATTR, None) or LoraConfig(r=next(iter(layers.values())).r)
-    targets = {n: m.to_target(n) for n, m in layers.items()}
+    # A layer may compile to no target at all (AdaLoRA pruned to rank 0): it changes nothing.
+    targets = {n: t for n, m in layers.items() if (t := m.to_target(n)) is not None}
+    if not targets:
+        raise TargetError("every LoRA layer was pruned to rank 0: the adapter would not change the model")
+    shared = _shared_groups({n: layers[n] for n in targets})
+    for members in shared.values():
+        first = targets[members[0]]  # one array for the whole group, as in the model
+        targets.update({m: dataclasses.replace(targets[m], A=first.A, B=first.B) for m in members})
     if any(t.fan_in_fan_out for t in targets.values()) and not config.fan_in_fan_out:
         config = dataclasses.replace(config, fan_in_fan_out=True)
     if any(t.is_dora for t in targets.values()) and not config.use_dora:
         config = dataclasses.replace(config, use_dora=True)
     params = _plain_parameters(model)
     extra = {k: params[k].detach().to("cpu", torch.float32).numpy().copy() for k in _extra_names(model, config)}
-    return Adapter(targets=targets, config=config, extra=extra, name=name)
+    vera = vera_record(layers, config) if isinstance(config, VeraConfig) else None
+    adapter = Adapter(targets=targets, config=config, extra=extra, name=name, vera=vera, shared=shared)
+    variant = getattr(model, VARIANT_ATTR, None)
+    return adapter if variant is None else variant.finish_adapter(adapter)
 
 
 def save_adapter(
     model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | os.PathLike | None = None
 ) -> Path:
-    """Write the model's adapter in PEFT's format (``PeftModel.from_pretrained`` loads it).
+    """Write the model's adapter in PEFT's format (``PeftModel.from_pretrained`` loads it); a model whose
+    LoRA layers share parameters (LoRA-drop) in the LoRA-drop format (``formats/lora_drop``).
 
     ``base_model_name_or_path`` (a hub id or a local path) goes into adapter_config.json, where
     ``PeftModel.from_pretrained`` and ``AutoPeftModel*`` look for the base model; by default it is the
@@ -270,7 +343,15 @@ def save_adapter(
         base = os.fspath(base)
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"base_model_name_or_path must be a string or a path, not {type(base).__name__}")
-    return save_adapter_files(adapter_from_model(model, name=Path(directory).name), directory, base)
+    variant = getattr(model, VARIANT_ATTR, None)
+    if variant is not None:
+        return variant.save(model, directory, base)
+    adapter = adapter_from_model(model, name=Path(directory).name)
+    if adapter.shared:  # PEFT's format cannot hold one LoRA for several modules: the LoRA-drop format can
+        from ..formats.lora_drop import save_lora_drop_files
+
+        return save_lora_drop_files(adapter, directory, base)
+    return save_adapter_files(adapter, directory, base)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -296,8 +377,9 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
             layer.unmerge()
         if name:
             _set_module(model, name, layer.base_layer)
-    if hasattr(model, _CONFIG_ATTR):
-        delattr(model, _CONFIG_ATTR)
+    for attr in (_CONFIG_ATTR, VARIANT_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model
 
 

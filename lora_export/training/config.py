@@ -14,6 +14,12 @@ from ..safejson import short_repr
 from .patterns import check_pattern, full_match, suffix_match
 
 INIT_CHOICES = ("default", "gaussian")
+# PEFT's initialisations that rewrite the base weight to W − s·B₀A₀ when the adapter is created: an adapter
+# saved from them without PEFT's conversion belongs to that residual base, not to the model's own weights.
+BASE_MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga")
+# PEFT's other initialisations leave the base as it is: at inference they are plain LoRA.
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
+CONVERT_INIT_HINT = "lora-export convert-init ADAPTER --initial INITIAL_ADAPTER -o OUT"
 BIAS_CHOICES = ("none", "all", "lora_only")
 # A rank is a tensor dimension; beyond this, α/r and √r would overflow floats long before any tensor fits.
 MAX_RANK = 2**31 - 1
@@ -161,8 +167,7 @@ class LoraConfig:
         for key in ("rank_pattern", "alpha_pattern"):
             if not isinstance(d.get(key) or {}, dict):
                 raise ConfigError(f"invalid adapter_config.json: {key} must be an object, got {type(d[key]).__name__}")
-        init = d.get("init_lora_weights", True)
-        init = "gaussian" if init == "gaussian" else "default"
+        init = peft_init(d.get("init_lora_weights", True))
         return cls(
             r=_as_int(d.get("r", 8), "r"),
             lora_alpha=_as_float(d.get("lora_alpha", 8), "lora_alpha"),
@@ -181,6 +186,40 @@ class LoraConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def base_mutating_init(value: Any) -> str | None:
+    """The PEFT init (``pissa``, ``olora``, ...) when ``init_lora_weights`` rewrote the base weights, else None."""
+    if isinstance(value, str):
+        low = value.lower()
+        return next((kind for kind in BASE_MUTATING_INITS if low == kind or low.startswith(f"{kind}_")), None)
+    return None
+
+
+def peft_init(value: Any) -> str:
+    """Our ``init`` for PEFT's ``init_lora_weights``; refuses inits whose adapter does not fit the untouched base.
+
+    PiSSA, OLoRA, CorDA and LoRA-GA subtract s·B₀A₀ from the base weight when the adapter is created, so
+    the saved A, B only make sense on that residual base (PEFT's converted form is plain LoRA at rank 2r,
+    saved with init_lora_weights=true). LoftQ replaces the base by its quantized form.
+    """
+    kind = base_mutating_init(value)
+    if kind is not None:
+        raise ConfigError(
+            f"init_lora_weights={_short(value)}: this adapter belongs to the base PEFT rewrote as W - s*B0*A0, "
+            f"not to the model's own weights; convert it with `{CONVERT_INIT_HINT}` (INITIAL_ADAPTER: the adapter "
+            "saved right after initialisation), or save it with PEFT's path_initial_model_for_weight_conversion"
+        )
+    if value == "loftq":
+        raise ConfigError(
+            "init_lora_weights='loftq': the adapter belongs to LoftQ's quantized base weights, not the model's own; "
+            "not supported"
+        )
+    if value is True or value is False or value is None:
+        return "default"
+    if isinstance(value, str) and value.lower() in _PLAIN_INITS:
+        return "gaussian" if value.lower() == "gaussian" else "default"
+    raise ConfigError(f"init_lora_weights={_short(value)} is not an initialisation lora-export knows; not guessing")
 
 
 def resolved_scale(alpha: float, rank: int, use_rslora: bool) -> float:

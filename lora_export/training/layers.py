@@ -18,6 +18,10 @@ from ..adapter import LoraTarget
 from ..delta import check_mergeable, dora_scale, expand_channel, lora_delta, merged_weight
 from ..errors import ShapeError
 
+# Set on each LoRA layer of a group that shares one LoRA (LoRA-drop): the group's name, after which the
+# adapter file's tensors and the injected model's slot inputs are named.
+SHARED_GROUP_ATTR = "shared_group"
+
 
 def _hf_conv1d_type() -> type | None:
     try:
@@ -68,6 +72,10 @@ class LoraLayer(nn.Module):
             else:
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters training updates: A, B and, for DoRA, the magnitude."""
+        return [p for p in (self.lora_A, self.lora_B, self.lora_magnitude) if p is not None]
 
     def _lora_weight(self) -> torch.Tensor:
         """B·A in the layout of ``_weight_torch_layout`` (unscaled), as PEFT's DoRA computes it."""
