@@ -189,7 +189,7 @@ def test_dora_on_a_packed_slice_is_refused(case, tmp_path):
     from safetensors.numpy import load_file
 
     adapter = load_adapter(case["paths"]["qv_r4"])
-    with pytest.raises(ModelError, match="DoRA on a packed projection"):
+    with pytest.raises(ModelError, match="DoRA adapter cannot be injected into a packed projection"):
         inject_adapters(ir.load(case["base"]), [adapter], base_weights=load_file(str(case["weights"])), dora=True)
     args = ["-o", tmp_path / "inj", "--base-weights", case["weights"], "--dora"]
     code, _, err = _cli("inject", case["base"], case["paths"]["qv_r4"], *args)

@@ -137,8 +137,8 @@ class PackedSlice(OpLayout):
         stem = a_value.name[: -len(".lora_A")] if (a_value.name or "").endswith(".lora_A") else a_value.name
         if dora_scale_value is not None:
             raise ModelError(
-                f"{stem}: DoRA on a packed projection slice ({node.name or node.op_type}) is not supported; "
-                "merge it, or inject without --dora"
+                f"{stem}: a DoRA adapter cannot be injected into a packed projection slice "
+                f"({node.name or node.op_type}: its magnitude would rescale the other parts too); merge it instead"
             )
         opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 0))
         if opset < 11:
