@@ -3,7 +3,8 @@
 The injected model's slot manifest says which inputs exist, their layouts and dtype; the adapter's
 targets are mapped by module path. Misfits are refused, all named in one line. An adapter may cover a
 subset of the slots: the others keep their rank-0 defaults. Models with LoRA inputs made by other tools
-(Olive, onnxruntime-genai) have no manifest: their slots are read from the graph (``foreign_slots``).
+(Olive, onnxruntime-genai) have no manifest: their slots are read from the graph (``foreign_slots``; int4
+LoRA inputs fed to MatMulNBits: ``foreign_quant``, lossy, so only with ``requantize``).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import numpy as np
 import onnx_ir as ir
 
 from ..adapter import Adapter
-from ..errors import AdapterError, ModelError
+from ..errors import AdapterError, ConfigError, ModelError, TargetError
 from ..files.atomic import refuse_overwrite
 from ..files.checks import check_output_file, require_regular_file
 from ..formats.adapter_files import ADAPTER_SUFFIXES, write_adapter_tensors
 from ..formats.peft import adapter_files, load_adapter
-from .foreign_slots import foreign_tensors, lora_input_names, read_foreign_slots, slots_fingerprint
+from .foreign_quant import QuantWriter, read_model_slots
+from .foreign_slots import foreign_tensors, lora_input_names, slots_fingerprint
 from .layouts import get_layout
 from .model_io import load_model
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
@@ -78,13 +80,16 @@ def convert_adapter(
     out_path: str | os.PathLike,
     *,
     only_targets: str | None = None,
+    requantize: bool = False,
 ) -> dict:
     """Write ``adapter``'s slot tensors for the injected model at ``model_path`` to ``out_path``
     (.onnx_adapter or .safetensors, by suffix). Returns a summary.
 
     A model without lora_export's slot manifest but with LoRA inputs made by another tool (Olive's
     ExtractAdapters, onnxruntime-genai's builder) gets tensors named, laid out and scaled as its graph
-    consumes them (``foreign_slots``; the summary then has ``"foreign": true`` and the graph's scales)."""
+    consumes them (``foreign_slots``; the summary then has ``"foreign": true`` and the graph's scales). Quantized
+    (int4) LoRA inputs are written only with ``requantize`` (lossy; the summary's ``"requantized"`` has each
+    slot's error)."""
     check_output_file(out_path, AdapterError)
     out_path = Path(out_path)
     if out_path.suffix not in ADAPTER_SUFFIXES:
@@ -98,7 +103,7 @@ def convert_adapter(
     adapter = adapter.select(only_targets)
     adapter.check_finite()
     if SLOTS_KEY not in _metadata(model_path):
-        return _convert_foreign(adapter, model_path, out_path)
+        return _convert_foreign(adapter, model_path, out_path, requantize)
     manifest = read_manifest(model_path)
     tensors = adapter_tensors(adapter, manifest, weight_reader(model_path))
     write_adapter_tensors(out_path, tensors, model_version=manifest.fingerprint)
@@ -112,13 +117,50 @@ def convert_adapter(
     }
 
 
-def _convert_foreign(adapter: Adapter, model_path: str | os.PathLike, out_path: Path) -> dict:
+def _convert_foreign(adapter: Adapter, model_path: str | os.PathLike, out_path: Path, requantize: bool) -> dict:
     """convert for a model with LoRA inputs made by another tool (Olive, onnxruntime-genai): see foreign_slots."""
     model = load_model(model_path)
     if not lora_input_names(model):
         # Neither ours nor anyone's LoRA inputs: the usual line for a model that was never injected.
         read_manifest(model_path)
-    slots = read_foreign_slots(model)
-    tensors, summary = foreign_tensors(adapter, slots)
+    slots = read_model_slots(model)
+    writer = QuantWriter(model)
+    tensors, summary = foreign_tensors(adapter, slots, writer)
+    lossy = [m for m in summary["slots_filled"] if slots[m].quantized]
+    if lossy and not requantize:
+        shown = ", ".join(lossy[:3]) + (f", ... ({len(lossy) - 3} more)" if len(lossy) > 3 else "")
+        schemes = ", ".join(sorted({slots[m].scheme for m in lossy}))
+        raise TargetError(
+            f"{len(lossy)} LoRA slots of the model take quantized tensors ({schemes}): {shown}; writing the adapter "
+            "rounds its A and B (lossy, the error is reported per slot): pass --requantize to accept that"
+        )
     write_adapter_tensors(out_path, tensors, model_version=slots_fingerprint(slots))
-    return {"adapter": adapter.name, "output": str(out_path), "foreign": True, **summary, "tensors": len(tensors)}
+    report = {"adapter": adapter.name, "output": str(out_path), "foreign": True, **summary, "tensors": len(tensors)}
+    if writer.report:
+        report["requantized"] = writer.report
+    return report
+
+
+def write_zero_adapter(model_path: str | os.PathLike, out_path: str | os.PathLike) -> dict:
+    """An adapter file that makes a LoRA-input model made by another tool compute its base model: zeros in
+    every slot whose inputs have no "no adapter" default (exact: the branches add 0; quantized zeros too, as
+    zero quantizes to its zero point). For Olive's int4 LoRA models, whose rank-0 defaults do not run on
+    ONNX Runtime 1.31, this is how to run them without an adapter."""
+    from ..training.config import LoraConfig
+
+    check_output_file(out_path, AdapterError)
+    out_path = Path(out_path)
+    if out_path.suffix not in ADAPTER_SUFFIXES:
+        raise AdapterError(f"{out_path}: output must end in .onnx_adapter or .safetensors")
+    refuse_overwrite([out_path], [Path(model_path)])
+    if SLOTS_KEY in _metadata(model_path):
+        raise ConfigError(f"{model_path}: its lora_export slots default to rank 0, so it runs without an adapter")
+    model = load_model(model_path)
+    if not lora_input_names(model):
+        read_manifest(model_path)
+    slots = read_model_slots(model)
+    tensors, summary = foreign_tensors(Adapter(targets={}, config=LoraConfig(), name="zero"), slots, QuantWriter(model))
+    if not tensors:
+        raise ConfigError(f"{model_path}: every LoRA input defaults to no adapter; it runs without an adapter file")
+    write_adapter_tensors(out_path, tensors, model_version=slots_fingerprint(slots))
+    return {"adapter": None, "output": str(out_path), "foreign": True, **summary, "tensors": len(tensors)}

@@ -15,6 +15,9 @@ onnxruntime-genai's builder (``--extra_options adapter_path=...``) name a module
 - rank: symbolic (any rank fits) or fixed (a lower-rank adapter is padded with zeros: exact);
 - no adapter: inputs whose default is rank 0 or zeros are left out of the file for modules the adapter
   does not cover; otherwise zeros are written for them (the branch then adds exactly 0).
+
+LoRA inputs fed to a quantized op (Olive's int4 LoRA: ``MatMulNBits`` B/scales as inputs) are read by
+``foreign_quant``, which passes their names here as ``skip`` and writes their tensors (``write_quantized``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from __future__ import annotations
 import json
 import re
 import zlib
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
@@ -33,7 +38,8 @@ from .module_paths import best_unique
 from .slots import check_finite_tensors
 
 # <module>.lora_A[.<adapter or op name>].weight. Other names with a lora_A/lora_B segment (int4 adapter tensors:
-# Olive's ".quant.weight"/".quant.scale", the genai builder's "weight_Q4"/"weight_scales") are refused by name.
+# Olive's ".quant.weight"/".quant.scale", the genai builder's "weight_Q4"/"weight_scales") are foreign_quant's
+# when a quantized op reads them, else refused by name.
 _LORA_NAME = re.compile(r"^(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.(?P<seg>[A-Za-z0-9_]+))?\.weight$")
 _LORA_SEGMENT = re.compile(r"(^|[./])lora_[AB]([./]|$)")
 # Module names exporters write differently from the PyTorch model (onnxruntime-genai's builder: ``attn``).
@@ -57,6 +63,8 @@ class ForeignSlot:
     graph_scale: float  # the constant factor the graph applies to the branch (1.0: none)
     zero_default: bool  # both inputs default to rank 0 or zeros: leaving them out is "no adapter"
 
+    quantized: ClassVar[bool] = False  # foreign_quant's QuantSlot: A/B are a quantized op's weight inputs
+
 
 def lora_input_names(model: ir.Model) -> list[str]:
     """Names of graph inputs and initializers that look like PEFT/Olive/genai LoRA weights."""
@@ -64,20 +72,22 @@ def lora_input_names(model: ir.Model) -> list[str]:
     return sorted({n for n in names if n and _LORA_SEGMENT.search(n)})
 
 
-def read_foreign_slots(model: ir.Model) -> dict[str, ForeignSlot]:
-    """The LoRA slots of a model without a lora_export manifest, by module path (one-line refusal when any
-    LoRA input is consumed in a way this reader cannot prove exact)."""
+def read_foreign_slots(model: ir.Model, skip: Collection[str] = ()) -> dict[str, ForeignSlot]:
+    """The float LoRA slots of a model without a lora_export manifest, by module path (one-line refusal when
+    any LoRA input is consumed in a way this reader cannot prove exact); names in ``skip`` are read elsewhere."""
     graph = model.graph
     inputs: dict[str, list[ir.Value]] = {}
     for v in graph.inputs:
         inputs.setdefault(v.name, []).append(v)
     pairs: dict[str, dict[str, str]] = {}
     for name in lora_input_names(model):
+        if name in skip:
+            continue
         m = _LORA_NAME.match(name)
         if m is None or m["seg"] == "quant":
             raise ModelError(
-                f"LoRA input {name!r} is not a float weight named <module>.lora_A|B[.<name>].weight (int4 adapter "
-                "tensors are not supported): export the model with float LoRA inputs"
+                f"LoRA input {name!r} is neither a float weight named <module>.lora_A|B[.<name>].weight nor read "
+                "by a quantized op with a registered layout (int4 MatMulNBits needs the lora_export int4 plugin)"
             )
         if name not in inputs:
             raise ModelError(
@@ -96,11 +106,11 @@ def read_foreign_slots(model: ir.Model) -> dict[str, ForeignSlot]:
         if set(names) != {"A", "B"}:
             have = next(iter(names))
             raise ModelError(f"module {module!r} has a lora_{have} input but no lora_{'B' if have == 'A' else 'A'}")
-        slots[module] = _read_slot(module, _used(inputs[names["A"]]), _used(inputs[names["B"]]))
+        slots[module] = _read_slot(module, used_input(inputs[names["A"]]), used_input(inputs[names["B"]]))
     return slots
 
 
-def _used(values: list[ir.Value]) -> ir.Value:
+def used_input(values: list[ir.Value]) -> ir.Value:
     # ExtractAdapters lists each LoRA input twice (once bare, once with its default): the one nodes read counts.
     used = [v for v in values if v.uses()] or values[:1]
     if len(used) > 1:
@@ -144,7 +154,7 @@ def _constant(v: ir.Value | None) -> float | None:
     return float(arr.reshape(-1)[0]) if arr.size == 1 and arr.dtype.kind == "f" else None
 
 
-def _scaled_path(v: ir.Value, what: str) -> tuple[ir.Node, float, ir.Value]:
+def scaled_path(v: ir.Value, what: str) -> tuple[ir.Node, float, ir.Value]:
     """Follow ``v`` through Mul/Div by scalar constants: (the next node, the product of the factors, the value
     that node reads)."""
     factor = 1.0
@@ -166,16 +176,11 @@ def _read_slot(module: str, a: ir.Value, b: ir.Value) -> ForeignSlot:
     if not _is_matmul_weight(a_node, a_fed):
         raise ModelError(f"{what}: lora_A is read by {a_node.op_type}, not as a MatMul weight (unknown layout)")
     x = a_node.inputs[0]
-    b_node, factor_ab, _ = _scaled_path(a_node.outputs[0], what)
+    b_node, factor_ab, _ = scaled_path(a_node.outputs[0], what)
     b_user, b_fed, b_t = _fed(b, what)
     if b_user is not b_node or not _is_matmul_weight(b_node, b_fed):
         raise ModelError(f"{what}: lora_A's product does not go into a MatMul with lora_B (unknown layout)")
-    add, factor_out, branch = _scaled_path(b_node.outputs[0], what)
-    if add.op_type != "Add" or len(add.inputs) != 2:
-        raise ModelError(f"{what}: the LoRA branch ends in {add.op_type}, not an Add to the base output")
-    base = add.inputs[1] if add.inputs[0] is branch else add.inputs[0]
-    if base is None or not _reads(base.producer(), x):
-        raise ModelError(f"{what}: the branch is not added to an op reading the same input as lora_A")
+    factor_out = added_to_base(b_node.outputs[0], x, what)
     shape_a, shape_b = _dims(a), _dims(b)
     if shape_a is None or shape_b is None:
         raise ModelError(f"{what}: lora_A/lora_B are not 2-D inputs with a known shape")
@@ -189,9 +194,7 @@ def _read_slot(module: str, a: ir.Value, b: ir.Value) -> ForeignSlot:
     dtype = a.dtype.numpy() if a.dtype is not None else None
     if dtype is None or b.dtype != a.dtype or np.dtype(dtype).kind != "f":
         raise ModelError(f"{what}: lora_A/lora_B are not of one floating-point dtype")
-    scale = factor_ab * factor_out
-    if not np.isfinite(scale) or scale == 0:
-        raise ModelError(f"{what}: the graph multiplies the branch by {scale}; no adapter can be written for it")
+    scale = checked_scale(factor_ab * factor_out, what)
     return ForeignSlot(
         module=module,
         a=a.name,
@@ -206,6 +209,23 @@ def _read_slot(module: str, a: ir.Value, b: ir.Value) -> ForeignSlot:
         graph_scale=scale,
         zero_default=_zero(a) and _zero(b),
     )
+
+
+def added_to_base(d: ir.Value, x: ir.Value, what: str) -> float:
+    """The constant factor between the branch output ``d`` and its Add to an op reading ``x`` (the base)."""
+    add, factor, branch = scaled_path(d, what)
+    if add.op_type != "Add" or len(add.inputs) != 2:
+        raise ModelError(f"{what}: the LoRA branch ends in {add.op_type}, not an Add to the base output")
+    base = add.inputs[1] if add.inputs[0] is branch else add.inputs[0]
+    if base is None or not _reads(base.producer(), x):
+        raise ModelError(f"{what}: the branch is not added to an op reading the same input as lora_A")
+    return factor
+
+
+def checked_scale(scale: float, what: str) -> float:
+    if not np.isfinite(scale) or scale == 0:
+        raise ModelError(f"{what}: the graph multiplies the branch by {scale}; no adapter can be written for it")
+    return scale
 
 
 def _reads(node: ir.Node | None, x: ir.Value) -> bool:
@@ -266,9 +286,15 @@ def match_targets(adapter: Adapter, slots: dict[str, ForeignSlot]) -> dict[str, 
     return chosen
 
 
-def foreign_tensors(adapter: Adapter, slots: dict[str, ForeignSlot]) -> tuple[dict[str, np.ndarray], dict]:
+QuantWriter = Callable[[ForeignSlot, np.ndarray, np.ndarray], dict[str, np.ndarray]]
+
+
+def foreign_tensors(
+    adapter: Adapter, slots: dict[str, ForeignSlot], write_quantized: QuantWriter | None = None
+) -> tuple[dict[str, np.ndarray], dict]:
     """The tensors that make the model compute ``adapter`` (named, laid out and scaled as the model takes
-    them) and a summary; zeros for slots the adapter leaves out whose defaults are not already zero."""
+    them) and a summary; zeros for slots the adapter leaves out whose defaults are not already zero.
+    ``write_quantized(slot, a (in, r), b (r, out))`` stores a quantized slot's A′/B′ (float64, B′ scaled)."""
     if adapter.extra:
         raise AdapterError(
             f"adapter {adapter.name!r}: full replacement tensors ({', '.join(sorted(adapter.extra)[:3])}) "
@@ -295,7 +321,12 @@ def foreign_tensors(adapter: Adapter, slots: dict[str, ForeignSlot]) -> tuple[di
             a[:, : t.rank] = np.asarray(t.A, np.float64).T
             # The graph multiplies by its own constant: B carries s_adapter/s_graph so the product is s_adapter·BA.
             b[: t.rank] = np.asarray(t.B, np.float64).T * (float(t.scale) / slot.graph_scale)
-        tensors.update(_stored(slot, a, b))
+        if slot.quantized:
+            if write_quantized is None:
+                raise ModelError(f"LoRA slot {module!r} takes quantized tensors and no writer for them was given")
+            tensors.update(write_quantized(slot, a, b))
+        else:
+            tensors.update(_stored(slot, a, b))
     covered = set(by_module)
     check_finite_tensors(tensors, f"adapter {adapter.name!r}: LoRA tensors scaled and cast")
     summary = {

@@ -9,6 +9,7 @@ through ``register_layout`` or the ``lora_export.op_layouts`` entry point, witho
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import ClassVar
 
@@ -19,6 +20,17 @@ from ..errors import ModelError, first_line
 
 _REGISTRY: dict[tuple[str, str], OpLayout] = {}
 _PLUGINS_LOADED = False
+
+
+@dataclass(frozen=True)
+class InputWeight:
+    """A weight that an op takes as graph inputs rather than constants: how LoRA-input models made by other tools
+    (Olive's int4 LoRA: ``MatMulNBits`` whose B/scales are inputs) feed their quantized A/B."""
+
+    inputs: tuple[int, ...]  # the node's input indices that together carry the weight (all must be graph inputs)
+    shape: tuple[int, int]  # its canonical (rows, cols) shape, fixed by the node's attributes
+    dtype: str  # the activations' float dtype (numpy name)
+    scheme: str  # how it is stored, for reports ("int4 block 32 symmetric")
 
 
 class OpLayout(ABC):
@@ -92,6 +104,16 @@ class OpLayout(ABC):
         """``merge --into-float``: replace ``node`` by a float MatMul holding ``read(node)`` in
         ``activation_dtype(node)`` (see ``float_convert``) and return it."""
         raise ModelError(f"{self.op_type} {node.name!r}: no float form (--into-float); use --requantize or inject")
+
+    def input_weight(self, node: ir.Node) -> InputWeight | None:
+        """For an op that can take its weight as graph inputs: which inputs carry it and its fixed shape (read
+        from the node's attributes; one-line ModelError for a form that cannot be written); None: not supported."""
+        return None
+
+    def quantize_input_weight(self, node: ir.Node, canonical: np.ndarray) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """Store a canonical weight in the ``input_weight`` inputs, as the op's own quantizer would (lossy):
+        (tensor per input index, in the op's shapes; the canonical weight the op then applies, float32)."""
+        raise NotImplementedError(f"{self.op_type}: its weight cannot be written as graph inputs")
 
     def add_branch(
         self, graph: ir.Graph, node: ir.Node, a_value: ir.Value, b_value: ir.Value, dora_scale_value: ir.Value | None

@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from lora_export.errors import ModelError
-from lora_export.graph.layouts import OpLayout, register_layout, store
+from lora_export.errors import ModelError, ShapeError
+from lora_export.graph.layouts import InputWeight, OpLayout, register_layout, store
 
 _A, _B, _SCALES, _ZP, _GIDX, _BIAS = range(6)
 
@@ -62,6 +62,55 @@ def _pack(codes: np.ndarray, bits: int, nbytes: int, fill: int) -> np.ndarray:
     full = full.reshape(rows, nbytes, per).astype(np.uint16)
     shifts = (np.arange(per, dtype=np.uint16) * bits).astype(np.uint16)
     return (full << shifts).sum(axis=-1).astype(np.uint8)
+
+
+def quantize_blockwise(
+    w: np.ndarray, k: int, bits: int, bs: int, symmetric: bool, scale_dtype
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """ORT's blockwise quantization (MLAS ``MlasQuantizeBlockwise``, bit for bit) of ``w`` (rows, K), blocks of
+    ``bs`` along K: (codes (rows, n_blocks·bs) uint8, scales (rows, n_blocks) in ``scale_dtype``, zero points
+    (rows, n_blocks) uint8 or None when ``symmetric``)."""
+    n = int(np.shape(w)[0])  # any rows: each output column is quantized on its own
+    n_blocks = -(-k // bs)
+    qmax = (1 << bits) - 1
+    blocks = np.zeros((n, n_blocks * bs), dtype=np.float32)
+    blocks[:, :k] = w
+    blocks = blocks.reshape(n, n_blocks, bs)
+    lo, hi = blocks.min(axis=2), blocks.max(axis=2)  # zero padding changes neither scheme's range
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if symmetric:
+            m = np.where(np.abs(hi) > np.abs(lo), hi, lo)
+            scales = (m / np.float32(-(1 << (bits - 1)))).astype(np.float32)
+            zp = np.full((n, n_blocks), 1 << (bits - 1), dtype=np.float32)
+        else:
+            lo, hi = np.minimum(lo, np.float32(0)), np.maximum(hi, np.float32(0))
+            scales = ((hi - lo) / np.float32(qmax)).astype(np.float32)
+            zp_fp = np.where(scales != 0, np.float32(0) - lo / scales, lo).astype(np.float32)
+            zp = np.clip(_round_half_away(zp_fp), 0, qmax).astype(np.float32)
+        scales = scales.astype(scale_dtype)
+        s = scales.astype(np.float32)
+        recip = np.where(s != 0, np.float32(1) / s, np.float32(0)).astype(np.float32)
+    x = (blocks * recip[:, :, None]).astype(np.float32) + zp[:, :, None]
+    codes = np.clip(_round_half_away(x), 0, qmax).astype(np.uint8).reshape(n, -1)
+    # Past K: ORT's quantizer writes 0 to whole padding bytes and leaves stale bits in the nibbles sharing a byte
+    # with the last code (they vary run to run); MatMulNBits never reads them, so 0 here.
+    codes[:, k:] = 0
+    return codes, scales, None if symmetric else zp.astype(np.uint8)
+
+
+def dequantize_blockwise(codes: np.ndarray, scales: np.ndarray, zp: np.ndarray, k: int, bs: int) -> np.ndarray:
+    """The weight (rows, K) MatMulNBits applies: (q − zp)·scale in float32 (float zero points: q·scale − zp·scale,
+    as ORT computes them), then in the scales' dtype when that is not float32."""
+    s = np.repeat(scales.astype(np.float32), bs, axis=1)
+    if zp.dtype.kind == "f":
+        z = np.repeat(zp.astype(np.float32), bs, axis=1)
+        w = codes.astype(np.float32) * s - z * s
+    else:
+        w = (codes.astype(np.int32) - np.repeat(zp.astype(np.int32), bs, axis=1)).astype(np.float32) * s
+    if scales.dtype != np.float32:
+        # fp16/bf16 activations: the op's weight is the dequantized value in that dtype.
+        w = w.astype(scales.dtype).astype(np.float32)
+    return np.ascontiguousarray(w[:, :k])
 
 
 class MatMulNBitsLayout(OpLayout):
@@ -153,19 +202,8 @@ class MatMulNBitsLayout(OpLayout):
         return codes, scales, zp
 
     def read(self, node: ir.Node) -> np.ndarray:
-        n, k, _bits, bs = self._checked(node)
-        codes, scales, zp = self._params(node)
-        s = np.repeat(scales.astype(np.float32), bs, axis=1)
-        if zp.dtype.kind == "f":
-            # Float zero points: ORT computes q·scale − zp·scale (not (q − zp)·scale), in float32.
-            z = np.repeat(zp.astype(np.float32), bs, axis=1)
-            w = codes.astype(np.float32) * s - z * s
-        else:
-            w = (codes.astype(np.int32) - np.repeat(zp.astype(np.int32), bs, axis=1)).astype(np.float32) * s
-        if scales.dtype != np.float32:
-            # fp16/bf16 activations: the op's weight is the dequantized value in that dtype.
-            w = w.astype(scales.dtype).astype(np.float32)
-        return np.ascontiguousarray(w[:, :k])
+        _n, k, _bits, bs = self._checked(node)
+        return dequantize_blockwise(*self._params(node), k, bs)
 
     def value_bounds(self, node: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
         """(deq(B) (N, K), per-entry bound): a float weight W quantizes to this node's codes only if
@@ -205,32 +243,8 @@ class MatMulNBitsLayout(OpLayout):
         """ORT's blockwise quantization of canonical ``w`` (rows, K) with the node's block size and scheme:
         (codes (rows, n_blocks·bs) uint8, scales (rows, n_blocks) in the scales' dtype, zero points or None)."""
         _, k, bits, bs = self._checked(node)
-        n = int(np.shape(w)[0])  # any rows: each output column is quantized on its own
-        n_blocks = -(-k // bs)
-        qmax = (1 << bits) - 1
-        blocks = np.zeros((n, n_blocks * bs), dtype=np.float32)
-        blocks[:, :k] = w
-        blocks = blocks.reshape(n, n_blocks, bs)
-        lo, hi = blocks.min(axis=2), blocks.max(axis=2)  # zero padding changes neither scheme's range
         scale_dtype = _const(node, _SCALES).const_value.dtype.numpy()
-        symmetric = _input(node, _ZP) is None
-        with np.errstate(divide="ignore", invalid="ignore"):
-            if symmetric:
-                m = np.where(np.abs(hi) > np.abs(lo), hi, lo)
-                scales = (m / np.float32(-(1 << (bits - 1)))).astype(np.float32)
-                zp = np.full((n, n_blocks), 1 << (bits - 1), dtype=np.float32)
-            else:
-                lo, hi = np.minimum(lo, np.float32(0)), np.maximum(hi, np.float32(0))
-                scales = ((hi - lo) / np.float32(qmax)).astype(np.float32)
-                zp_fp = np.where(scales != 0, np.float32(0) - lo / scales, lo).astype(np.float32)
-                zp = np.clip(_round_half_away(zp_fp), 0, qmax).astype(np.float32)
-            scales = scales.astype(scale_dtype)
-            s = scales.astype(np.float32)
-            recip = np.where(s != 0, np.float32(1) / s, np.float32(0)).astype(np.float32)
-        x = (blocks * recip[:, :, None]).astype(np.float32) + zp[:, :, None]
-        codes = np.clip(_round_half_away(x), 0, qmax).astype(np.uint8).reshape(n, -1)
-        codes[:, k:] = 0  # ORT leaves the padding past K zero
-        return codes, scales, None if symmetric else zp.astype(np.uint8)
+        return quantize_blockwise(w, k, bits, bs, _input(node, _ZP) is None, scale_dtype)
 
     def write(self, node: ir.Node, canonical: np.ndarray) -> None:
         self.write_rows(node, 0, canonical)
@@ -300,6 +314,45 @@ class MatMulNBitsLayout(OpLayout):
                     )
             if value.is_graph_output():
                 raise ModelError(f"MatMulNBits {node.name!r}: its quantized tensor {value.name!r} is a graph output")
+
+    # -- convert: LoRA A/B fed as graph inputs (Olive's int4 LoRA models) ---------------------------
+
+    def input_weight(self, node: ir.Node) -> InputWeight | None:
+        """B, scales (and zero points) as graph inputs: the weight (N, K) the attributes fix."""
+        where = f"MatMulNBits {node.name!r}"
+        n, k, bits, bs = _attr(node, "N"), _attr(node, "K"), _attr(node, "bits", 4), _attr(node, "block_size")
+        if None in (n, k, bs) or bits not in (2, 4, 8) or bs <= 0 or bs * bits % 8 or n <= 0 or k <= 0:
+            raise ModelError(f"{where}: its N/K/bits/block_size attributes are missing or not a supported form")
+        if _input(node, _GIDX) is not None or _input(node, _BIAS) is not None:
+            raise ModelError(f"{where}: a g_idx or bias input on a LoRA weight is not supported")
+        scales, zp = _input(node, _SCALES), _input(node, _ZP)
+        if _input(node, _B) is None or scales is None or scales.dtype is None or not scales.dtype.is_floating_point():
+            raise ModelError(f"{where}: B or its float scales are missing")
+        if zp is not None and zp.dtype != ir.DataType.UINT8:
+            raise ModelError(f"{where}: float zero points (HQQ) cannot be written; only packed uint8 zero points")
+        scheme = f"int{bits} block {bs} {'symmetric' if zp is None else 'asymmetric'}"
+        inputs = (_B, _SCALES) if zp is None else (_B, _SCALES, _ZP)
+        return InputWeight(inputs, (n, k), str(scales.dtype.numpy()), scheme)
+
+    def quantize_input_weight(self, node: ir.Node, canonical: np.ndarray) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """ORT's quantizer on ``canonical`` (N, K): B (N, n_blocks, blob), scales (N, n_blocks), packed zero points
+        (N, bytes) when the node has them; and deq(B), the weight the op applies. K past the last full block
+        is padded with zeros as ORT's quantizer pads it."""
+        spec = self.input_weight(node)
+        n, k = spec.shape
+        bits, bs = _attr(node, "bits", 4), _attr(node, "block_size")
+        w = np.asarray(canonical, np.float32)
+        if w.shape != (n, k):
+            raise ShapeError(f"MatMulNBits {node.name!r}: a weight of shape {w.shape} does not fit (N, K) = {(n, k)}")
+        symmetric = _ZP not in spec.inputs
+        codes, scales, zp = quantize_blockwise(w, k, bits, bs, symmetric, _input(node, _SCALES).dtype.numpy())
+        n_blocks, blob = -(-k // bs), bs * bits // 8
+        tensors = {_B: _pack(codes, bits, n_blocks * blob, 0).reshape(n, n_blocks, blob), _SCALES: scales}
+        mid = 1 << (bits - 1)
+        if not symmetric:
+            tensors[_ZP] = _pack(zp, bits, -(-n_blocks * bits // 8), mid)
+        zp_all = zp if zp is not None else np.full((n, n_blocks), mid, np.uint8)
+        return tensors, dequantize_blockwise(codes, scales, zp_all, k, bs)
 
     # -- inject ----------------------------------------------------------------------------------
 
