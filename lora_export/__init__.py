@@ -16,7 +16,7 @@ from .errors import (
 )
 from .formats.init_conversion import convert_init_adapter
 from .formats.peft import load_adapter, save_adapter_files
-from .graph.convert import convert_adapter
+from .graph.convert import convert_adapter, write_zero_adapter
 from .graph.inject import InjectResult, inject_adapters, inject_files
 from .graph.merge import merge_adapter, merge_file
 from .graph.merge_report import MergeReport
@@ -147,6 +147,7 @@ __all__ = [
     "InjectResult",
     "LoraSession",
     "convert_adapter",
+    "write_zero_adapter",
     "convert_init_adapter",
     "DeltaLora",
     "LoraDropPlan",

@@ -40,6 +40,8 @@ def convert_command(
     if zero == (adapter is not None):
         raise ConfigError("give either ADAPTER or --zero (a zero adapter for a model made by another tool)")
     if zero:
+        if only_targets or requantize:
+            raise ConfigError("--zero writes zeros for every slot: it takes neither --only-targets nor --requantize")
         report = write_zero_adapter(model, output)
     else:
         report = convert_adapter(adapter, model, output, only_targets=only_targets, requantize=requantize)

@@ -83,16 +83,16 @@ def read_foreign_slots(model: ir.Model, skip: Collection[str] = ()) -> dict[str,
     for name in lora_input_names(model):
         if name in skip:
             continue
+        if name not in inputs:
+            raise ModelError(
+                f"LoRA weight {name!r} is a constant of the graph, not an input: an adapter file cannot replace it "
+                "(make the LoRA weights inputs, e.g. olive generate-adapter, or use lora-export inject on the base)"
+            )
         m = _LORA_NAME.match(name)
         if m is None or m["seg"] == "quant":
             raise ModelError(
                 f"LoRA input {name!r} is neither a float weight named <module>.lora_A|B[.<name>].weight nor read "
                 "by a quantized op with a registered layout (int4 MatMulNBits needs the lora_export int4 plugin)"
-            )
-        if name not in inputs:
-            raise ModelError(
-                f"LoRA weight {name!r} is a constant of the graph, not an input: an adapter file cannot replace it "
-                "(make the LoRA weights inputs, e.g. olive generate-adapter, or use lora-export inject on the base)"
             )
         slot = pairs.setdefault(m["module"], {})
         if m["ab"] in slot:
