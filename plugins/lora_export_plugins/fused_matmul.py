@@ -12,10 +12,9 @@ rather than guessed at. This module is also the worked example of the plugin API
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
-from lora_export.graph.layouts import OpLayout, register_layout, store, to_float
+from lora_export.graph.layouts import GemmLayout, register_layout
 
 
 def _attr(node: ir.Node, name: str, default: float) -> float:
@@ -25,8 +24,9 @@ def _attr(node: ir.Node, name: str, default: float) -> float:
     return attr.as_float() if attr.type == ir.AttributeType.FLOAT else attr.as_int()
 
 
-class FusedMatMulLayout(OpLayout):
-    """FusedMatMul(x, W): W stored (out, in) with transB=1, (in, out) with transB=0."""
+class FusedMatMulLayout(GemmLayout):
+    """FusedMatMul(x, W): W stored (out, in) with transB=1, (in, out) with transB=0 — Gemm's storage rules
+    (``weight_shape``/``read``/``write`` are Gemm's); what differs is which nodes qualify and the branch."""
 
     op_type = "FusedMatMul"
     domain = "com.microsoft"
@@ -41,23 +41,6 @@ class FusedMatMulLayout(OpLayout):
         if value is None or value.const_value is None or len(value.const_value.shape) != 2:
             return None
         return value
-
-    def _trans_b(self, node: ir.Node) -> bool:
-        return bool(_attr(node, "transB", 0))
-
-    def weight_shape(self, node: ir.Node) -> tuple[int, ...] | None:
-        value = self.weight_value(node)
-        if value is None:
-            return None
-        shape = tuple(int(d) for d in value.const_value.shape)
-        return shape if self._trans_b(node) else shape[::-1]
-
-    def read(self, node: ir.Node) -> np.ndarray:
-        arr = to_float(self.weight_value(node).const_value)
-        return arr if self._trans_b(node) else arr.T
-
-    def write(self, node: ir.Node, canonical: np.ndarray) -> None:
-        store(self.weight_value(node), canonical if self._trans_b(node) else canonical.T)
 
     def describe(self, node: ir.Node) -> str:
         return "FusedMatMul W(out,in) transB=1" if self._trans_b(node) else "FusedMatMul Wᵀ(in,out) transB=0"
