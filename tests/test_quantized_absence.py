@@ -138,6 +138,27 @@ def test_without_base_weights_absence_is_not_assumed(bert_int8, tmp_path):
     assert not (tmp_path / "inj").exists()
 
 
+def test_an_int8_tensor_holding_no_base_weight_keeps_the_proof_from_holding(bert_int8, tmp_path):
+    # Base weights without layer 1's output.dense: its int8 weight is then unexplained, and could be the pooler.
+    root, model, _, _ = bert_int8
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if "layer.1.output.dense" not in k}
+    save_file(state, str(tmp_path / "partial.safetensors"))
+    peft_reference(model, seed=5, r=2, lora_alpha=4, target_modules=["query", "pooler.dense"]).save_pretrained(
+        str(tmp_path / "ad")
+    )
+    res = _cli(
+        "inject",
+        root / "q.onnx",
+        tmp_path / "ad",
+        "-o",
+        tmp_path / "inj",
+        "--base-weights",
+        tmp_path / "partial.safetensors",
+    )
+    assert res.exit_code == 2 and "pooler.dense" in res.output and "match no base weight" in res.output, res.output
+    assert not (tmp_path / "inj").exists()
+
+
 def test_quantized_embedding_holding_the_targets_own_weight_is_not_absent(bert_int8, tmp_path):
     # word_embeddings is in the graph, quantized (Gather of an int8 table → DequantizeLinear): no layout reads it
     # for LoRA, but its integers hold the target's own weight, so it must never be proven absent.
