@@ -101,10 +101,19 @@ def test_fused_or_quantized_projections_are_refused(bert, tmp_path, graph, with_
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     if graph == "fused-attention":
         assert ("query" in err or "value" in err) and "packed" in err
-    else:
+    elif not with_weights:
         # The int8 plugin reads the quantized projections; the pooler, missing from the graph, cannot be
-        # proven absent by value among int8 tensors: still refused, never skipped.
+        # proven absent without the base weights: still refused, never skipped.
         assert "pooler.dense" in err and "quantized" in err
+    else:
+        # With them every int8 tensor holds another base weight within its rounding: the pooler is proven
+        # absent; the merge itself still asks to accept requantization (test_quantized_absence: exactness).
+        assert "--requantize" in err and "pooler" not in err
+        code, out, err = _merge(model, adapter, "-o", tmp_path / "merged.onnx", *extra, "--json", "--requantize")
+        assert code == 0, err
+        status = {r["target"]: r["status"] for r in json.loads(out)["targets"]}
+        assert status["pooler.dense"] == "absent" and list(status.values()).count("matched") == len(status) - 1
+        return
     assert not (tmp_path / "merged.onnx").exists()
 
 

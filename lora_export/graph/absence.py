@@ -3,7 +3,10 @@
 "Absent" lets a merge skip a target and still be exact, so it needs proof: our exporter's record, or,
 with the base weights, that the target's weight is not in the graph by value while every graph tensor
 that could hold it is accounted for by another base weight. Names alone prove nothing: a packed,
-fused, quantized or renamed projection is missing by name too.
+fused, quantized or renamed projection is missing by name too. A quantized (integer) tensor is accounted for
+when every node reading it is understood by a layout (a quantized weight's ``holds``, or a dequantizing node's
+``dequantized_constant``) and each reading holds another base weight within its rounding; one holding the
+target's own weight makes the target present, never absent.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from __future__ import annotations
 import difflib
 
 import numpy as np
+import onnx_ir as ir
 
-from .layouts import registered_layouts
+from .layouts import DequantizedConstant, get_layout, registered_layouts
 from .module_paths import best_unique, strip_wrappers
 from .packed import slice_holder, tiled_by_base
-from .value_match import ValueIndex, base_key
+from .value_match import QuantHolder, ValueIndex, base_key, quantized_holds, within_bounds
 
 # Ops that hold projections we cannot address one module at a time (packed, fused or quantized).
 _FUSED_OPS = {"Attention", "MultiHeadAttention", "PackedAttention", "PackedMultiHeadAttention", "QAttention"}
@@ -36,7 +40,8 @@ def absent_or_why(g, r, proven_absent, base_weights, index: ValueIndex | None) -
             return
         held_by = index.occurs(np.asarray(base_weights[key]))
         if held_by is not None:
-            r.detail = f"its base weight is in the graph as {held_by!r}, but no supported op reads it as {t.kind}"
+            how = " (quantized)" if held_by in index.quantized else ""
+            r.detail = f"its base weight is in the graph{how} as {held_by!r}, but no supported op reads it as {t.kind}"
             return
         packed_in = slice_holder(index.tensors, np.asarray(base_weights[key]))
         if packed_in is not None:
@@ -87,3 +92,53 @@ def _unpacked(index: ValueIndex, names: list[str]) -> list[str]:
     """``names`` without the packed tensors whose every slice is a base weight (fused Q/K/V, all present)."""
     tensors = dict(index.tensors)
     return [n for n in names if not tiled_by_base(tensors[n], index.base_weights)]
+
+
+def quantized_holders(model: ir.Model) -> dict[str, list[QuantHolder]]:
+    """Every constant integer tensor some layout reads back as float weights: by name, one holder per reading,
+    plus a holder with ``holds`` None when a node no layout explains reads it too (it then stays unaccounted)."""
+    readings: dict[int, tuple[ir.Value, set[int], list[QuantHolder]]] = {}
+    for graph in model.graphs():
+        for node in graph:
+            layout = get_layout(node)
+            if layout is None:
+                continue
+            for value, reader, holds in _readings(layout, node):
+                shape = tuple(int(d) for d in value.const_value.shape)
+                entry = readings.setdefault(id(value), (value, set(), []))
+                entry[1].add(id(reader))
+                entry[2].append(QuantHolder(value.name or "", shape, holds))
+    out: dict[str, list[QuantHolder]] = {}
+    for value, readers, holders in readings.values():
+        if value.is_graph_output() or any(id(u.node) not in readers for u in value.uses()):
+            holders.append(QuantHolder(holders[0].name, holders[0].shape, None))
+        out.setdefault(holders[0].name, []).extend(holders)
+    return out
+
+
+def _readings(layout, node):
+    """(integer constant, the node reading it, holds(w)) for each way ``node`` reads a quantized constant."""
+    if getattr(layout, "lossy_write", False):
+        try:
+            value = layout.weight_value(node)
+        except Exception:  # noqa: BLE001 - a node the layout cannot parse reads nothing it can explain
+            value = None
+        if value is not None and value.const_value is not None and not value.const_value.dtype.is_floating_point():
+            yield value, node, lambda w, layout=layout, node=node: quantized_holds(layout, node, w)
+    try:
+        dc = layout.dequantized_constant(node)
+    except Exception:  # noqa: BLE001 - as above
+        dc = None
+    if dc is not None:
+        yield dc.value, dc.reader, _bounded(dc)
+
+
+def _bounded(dc: DequantizedConstant):
+    cache: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def holds(w: np.ndarray) -> bool:
+        if not cache:  # dequantize once (a large embedding table too), only when a weight of its shape is asked
+            cache.append(dc.values())
+        return within_bounds(*cache[0], w)
+
+    return holds

@@ -9,6 +9,7 @@ through ``register_layout`` or the ``lora_export.op_layouts`` entry point, witho
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import ClassVar
@@ -31,6 +32,18 @@ class InputWeight:
     shape: tuple[int, int]  # its canonical (rows, cols) shape, fixed by the node's attributes
     dtype: str  # the activations' float dtype (numpy name)
     scheme: str  # how it is stored, for reports ("int4 block 32 symmetric")
+
+
+@dataclass(frozen=True)
+class DequantizedConstant:
+    """A constant integer tensor that a node dequantizes (``OpLayout.dequantized_constant``), whatever reads the
+    result: lets the absence proof account for quantized tensors no LoRA target reads (quantized embeddings)."""
+
+    value: ir.Value  # the integer constant
+    reader: ir.Node  # the node that reads it (the dequantizing node, or the indexing op before it)
+    # (its values as dequantized, float32, in the constant's own layout; per-entry bound such that a float W
+    # quantized into it by rounding is within the bound everywhere) — computed on demand, it may be large.
+    values: Callable[[], tuple[np.ndarray, np.ndarray]]
 
 
 class OpLayout(ABC):
@@ -93,6 +106,11 @@ class OpLayout(ABC):
         """(read(node), per-entry bound) such that a float weight W quantizes to this node's weight only if
         |W − read(node)| ≤ bound everywhere; lets a packed slice of a quantized weight be found by value.
         None: not supported (exact layouts compare bit for bit instead)."""
+        return None
+
+    def dequantized_constant(self, node: ir.Node) -> DequantizedConstant | None:
+        """For a node that dequantizes a constant integer tensor (directly or after a Gather of its rows), that
+        tensor and how to read it back; None otherwise. Only the absence proof uses it."""
         return None
 
     def write_rows(self, node: ir.Node, start: int, rows: np.ndarray) -> None:

@@ -33,7 +33,7 @@ import onnx_ir as ir
 from .. import safejson
 from ..adapter import Adapter, LoraTarget
 from ..errors import TargetError
-from .absence import absent_or_why, extra_absent
+from .absence import absent_or_why, extra_absent, quantized_holders
 from .consumers import consumers
 from .layouts import OpLayout, get_layout
 from .model_check import ensure_checked
@@ -314,7 +314,7 @@ def resolve_targets(
     manifest = _manifest(model)
     modules = manifest.get("modules") if isinstance(manifest.get("modules"), dict) else {}
     proven_absent = manifest.get("absent", [])
-    index = ValueIndex(model, base_weights) if base_weights else None
+    index = ValueIndex(model, base_weights, quantized_holders(model)) if base_weights else None
     results = [_resolve_one(g, t, modules, base_weights) for t in adapter]
     not_found = [r for r in results if r.status == "unmatched" and r.found_shape is None]
     known = {m for k in base_weights if (m := weight_module(k))} if base_weights else None

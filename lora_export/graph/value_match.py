@@ -7,7 +7,8 @@ entries before reading whole tensors, so unrelated tensors cost almost nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -54,6 +55,36 @@ def tensor_equals(tensor: ir.TensorProtocol, w: np.ndarray) -> bool:
     return False
 
 
+def within_bounds(values: np.ndarray, bound: np.ndarray, w: np.ndarray) -> bool:
+    """Whether W (or Wᵀ) is within ``bound`` of ``values`` everywhere (a quantized tensor read back): a sampled
+    check, then the full one."""
+    w = np.asarray(w)
+    rng = np.random.default_rng(0)
+    shape = values.shape
+    idx = tuple(rng.integers(0, s, size=_SAMPLES) for s in shape) if all(shape) else None
+    bound = np.broadcast_to(bound, shape)
+    for v in _views(w, shape):
+        v = np.asarray(v, dtype=np.float32)
+        if idx is not None and not np.all(np.abs(v[idx] - values[idx]) <= bound[idx]):
+            continue
+        if np.all(np.abs(v - values) <= bound):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class QuantHolder:
+    """One way the graph reads an integer tensor as float weights: ``holds(w)`` says whether that reading is the
+    float weight W (torch layout) up to the quantization rounding; ``holds`` None: a reader no layout explains."""
+
+    name: str
+    shape: tuple[int, ...]
+    holds: Callable[[np.ndarray], bool] | None
+
+    def fits(self, w: np.ndarray) -> bool:
+        return bool(_views(np.asarray(w), self.shape))
+
+
 def graph_tensors(model: ir.Model) -> Iterator[tuple[str, ir.TensorProtocol]]:
     """Every constant tensor a graph holds: initializers of every (sub)graph and Constant nodes' values."""
     for graph in model.graphs():
@@ -77,17 +108,41 @@ def _numel(shape: Iterable[int]) -> int:
 class ValueIndex:
     """The graph's constant tensors checked against a base state dict: which ones are accounted for."""
 
-    def __init__(self, model: ir.Model, base_weights: Mapping[str, np.ndarray]) -> None:
+    def __init__(
+        self,
+        model: ir.Model,
+        base_weights: Mapping[str, np.ndarray],
+        quantized: Mapping[str, list[QuantHolder]] | None = None,
+    ) -> None:
         self.base_weights = base_weights
         self.tensors = list(graph_tensors(model))
+        # Integer tensors and how the graph dequantizes them (``absence.quantized_holders``): a tensor is
+        # accounted for when every reading of it holds a base weight within its rounding.
+        self.quantized = dict(quantized or {})
         self._claimed: set[str] | None = None
+        self._quantized_claimed: dict[str, bool] = {}
 
     def occurs(self, w: np.ndarray) -> str | None:
-        """The name of a graph tensor holding W (or Wᵀ), or None."""
+        """The name of a graph tensor holding W (or Wᵀ) — as such, or quantized within its rounding — or None."""
         for name, tensor in self.tensors:
             if tensor_equals(tensor, w):
                 return name
+        w = np.asarray(w)
+        for name, holders in self.quantized.items():
+            if any(h.holds is not None and h.fits(w) and h.holds(w) for h in holders):
+                return name
         return None
+
+    def _quantized_accounted(self, name: str) -> bool:
+        """Whether every reading of the integer tensor ``name`` holds some base weight within its rounding. A
+        target's own weight held this way is caught first by ``occurs``: then it is present, not absent."""
+        if name not in self._quantized_claimed:
+            holders = self.quantized.get(name, [])
+            weights = [np.asarray(w) for w in self.base_weights.values()]
+            self._quantized_claimed[name] = bool(holders) and all(
+                h.holds is not None and any(h.fits(w) and h.holds(w) for w in weights) for h in holders
+            )
+        return self._quantized_claimed[name]
 
     @property
     def claimed(self) -> set[str]:
@@ -109,7 +164,8 @@ class ValueIndex:
 
     def unaccounted_for(self, weight_shape: tuple[int, ...]) -> list[str]:
         """Graph tensors equal to no base weight that could still hold a weight of ``weight_shape``:
-        big enough, and (for float tensors) sharing a dimension with it, or quantized (integer) data."""
+        big enough, and (for float tensors) sharing a dimension with it, or quantized (integer) data that no
+        layout reads back as a base weight."""
         need = _numel(weight_shape)
         dims = set(int(d) for d in weight_shape)
         out = []
@@ -122,7 +178,7 @@ class ValueIndex:
             elif tensor.dtype in (ir.DataType.INT64, ir.DataType.BOOL, ir.DataType.STRING) or numel * 8 < need:
                 # Shapes, indices and masks; packed low-bit formats hold at most 8 values a byte.
                 continue
-            if name not in self.claimed:
+            if name not in self.claimed and not (name in self.quantized and self._quantized_accounted(name)):
                 out.append(name)
         return out
 

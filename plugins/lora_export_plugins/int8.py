@@ -30,15 +30,19 @@ import numpy as np
 import onnx_ir as ir
 
 from lora_export.errors import ModelError
-from lora_export.graph.layouts import OpLayout, register_layout
+from lora_export.graph.layouts import DequantizedConstant, OpLayout, register_layout
 
 from .int8_weights import (
+    _DQ_TYPES,
     QWeight,
     _const,
     _holds,
     _is,
     _qweight,
+    _scalar,
     _single_use,
+    _table_axis,
+    dequantize_linear,
     write_quantized,
 )
 
@@ -109,6 +113,40 @@ class DequantizeLinearLayout(OpLayout):
 
     def activation_dtype(self, node: ir.Node) -> ir.DataType:
         return self._parse(node)[0].scale.const_value.dtype
+
+    def dequantized_constant(self, node: ir.Node) -> DequantizedConstant | None:
+        """The integer constant this node dequantizes, whatever reads its output: read directly (per tensor, per
+        axis or blocked), or through ``Gather(table, indices)`` of its rows (quantized embeddings; per tensor, or
+        per axis along a table dimension), the table being what was quantized."""
+        ins = list(node.inputs) + [None] * (3 - len(node.inputs))
+        x, scale, zp = ins[:3]
+        if not _const(scale) or (zp is not None and not _const(zp)) or x is None:
+            return None
+        axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 1
+        block = node.attributes["block_size"].as_int() if "block_size" in node.attributes else 0
+        reader, table = node, x
+        if not _const(x):
+            gather = x.producer()
+            if not _is(gather, "Gather") or gather.outputs[0] is not x or _single_use(x) is not node or block:
+                return None
+            reader, table = gather, gather.inputs[0]
+            axis = _table_axis(gather, x, axis, _scalar(scale))
+            if not _const(table) or axis is None:
+                return None
+        dt = table.const_value.dtype
+        if dt not in _DQ_TYPES or (zp is not None and zp.const_value.dtype != dt):
+            return None
+        dtype = scale.const_value.dtype.numpy()
+
+        def values() -> tuple[np.ndarray, np.ndarray]:
+            zp_arr = zp.const_value.numpy() if zp is not None else None
+            got = dequantize_linear(table.const_value.numpy(), scale.const_value.numpy(), zp_arr, axis, block, dtype)
+            if got is None:  # shapes that do not broadcast as DequantizeLinear defines: holds nothing
+                q = table.const_value.numpy()
+                return np.full(q.shape, np.nan, np.float32), np.zeros(q.shape, np.float32)
+            return got
+
+        return DequantizedConstant(table, reader, values)
 
     def to_float(self, model: ir.Model, node: ir.Node) -> ir.Node:
         """``merge --into-float``: the MatMul reads the dequantized weight (in the scale's dtype) as a float

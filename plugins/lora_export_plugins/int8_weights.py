@@ -177,6 +177,70 @@ def _holds(qw: QWeight, w: np.ndarray) -> bool:
     return False
 
 
+_DQ_TYPES = (ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16)
+
+
+def dequantize_linear(
+    q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: int, block_size: int, scale_dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """ONNX DequantizeLinear, y = (q − zp)·scale, per tensor, per axis or blocked along ``axis``, in float32; with
+    the per-entry bound within which any float W that rounds to q lies: half a step, plus the rounding of y into
+    the scale's dtype. None for a scale or zero point that does not broadcast as the operator defines."""
+    axis = axis + q.ndim if axis < 0 else axis
+    scale = scale.astype(np.float32)
+    zp = np.zeros((), np.int64) if zp is None else zp.astype(np.int64)
+    if scale.size == 1 and (zp.size == 1):
+        scale, zp = scale.reshape(()), zp.reshape(())
+    elif block_size > 0:
+        if not 0 <= axis < q.ndim or scale.ndim != q.ndim or zp.shape not in ((), scale.shape):
+            return None
+        if scale.shape[axis] != -(-q.shape[axis] // block_size):
+            return None
+        scale = np.repeat(scale, block_size, axis=axis).take(range(q.shape[axis]), axis=axis)
+        zp = zp if zp.ndim == 0 else np.repeat(zp, block_size, axis=axis).take(range(q.shape[axis]), axis=axis)
+        if scale.shape != q.shape:
+            return None
+    else:
+        if not 0 <= axis < q.ndim or scale.ndim != 1 or scale.shape[0] != q.shape[axis]:
+            return None
+        if zp.size not in (1, scale.size):
+            return None
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape if zp.size > 1 else ())
+    y = ((q.astype(np.int64) - zp).astype(np.float32) * scale).astype(np.float32)
+    try:
+        eps = np.float32(np.finfo(scale_dtype).eps)
+    except (TypeError, ValueError):  # bfloat16 is not a numpy float: its epsilon
+        eps = np.float32(2.0**-7)
+    bound = np.abs(scale) * np.float32(0.5 * (1 + 1e-3)) + np.float32(1e-7) + np.abs(y) * eps
+    return y, np.broadcast_to(bound, y.shape)
+
+
+def _scalar(value: ir.Value) -> bool:
+    return int(np.prod([int(d) for d in value.const_value.shape], dtype=np.int64)) == 1
+
+
+def _table_axis(gather: ir.Node, out: ir.Value, axis: int, per_tensor: bool) -> int | None:
+    """The table's axis that DequantizeLinear's ``axis`` on Gather's output refers to (any, per tensor); None
+    when it runs along the indices' dimensions (a scale per position, not a property of the table)."""
+    if per_tensor:
+        return 0
+    table_rank = len(gather.inputs[0].const_value.shape) if _const(gather.inputs[0]) else None
+    if out.shape is None or table_rank is None:
+        return None
+    g_axis = gather.attributes["axis"].as_int() if "axis" in gather.attributes else 0
+    g_axis = g_axis + table_rank if g_axis < 0 else g_axis
+    out_rank = len(out.shape)
+    k = out_rank - table_rank + 1  # the indices' rank
+    axis = axis + out_rank if axis < 0 else axis
+    if axis < g_axis:
+        return axis
+    if axis >= g_axis + k:
+        return axis - k + 1
+    return None
+
+
 def _single_use(value: ir.Value) -> ir.Node | None:
     uses = list(value.uses())
     if len(uses) != 1 or value.is_graph_output():
