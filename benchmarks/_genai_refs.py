@@ -52,7 +52,7 @@ def check(outs: dict[str, dict], ref: dict[str, np.ndarray], with_adapter: set[s
     errors = {}
     for k, o in outs.items():
         errors[k] = rel(o["logits"], ref["peft" if k in with_adapter else "base"])
-    for a, b in (("a", "c"), ("a", "e"), ("a", "d"), ("b", "base"), ("d0", "base")):
+    for a, b in (("a", "c"), ("a", "e"), ("a", "d"), ("b", "base"), ("b2", "base"), ("d0", "base")):
         if a in outs and b in outs:
             errors[f"{a}_vs_{b}"] = rel(outs[a]["logits"], outs[b]["logits"])
     effect = ref["peft"] - ref["base"]
