@@ -252,6 +252,10 @@ def genai_runtime(art: dict, precision: str, args) -> dict:
             out[f"{what}_vs_base_min"] = {k: round(min(v[what]) / min(s["base"][what]), 4) for k, v in s.items()}
     # Greedy tokens agree with the builder's LoRA model (adapter variants) or the base model (the others)?
     t = raw["tokens"]
+    out["same_tokens_reference"] = (
+        "(c) for adapter variants, base for the others; at int4 (c) quantizes A and B too, so a float-LoRA variant "
+        "may pick other tokens without being wrong"
+    )
     out["same_tokens"] = {k: t[k] == t.get("c" if k in WITH_ADAPTER else "base") for k in t if k not in ("base", "c")}
     return out
 
