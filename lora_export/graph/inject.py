@@ -38,6 +38,8 @@ from ..vera import projection_entry
 from .genai_folder import genai_side_files, write_genai_side_files
 from .layouts import get_layout
 from .model_io import external_data_files, load_model, save_model
+from .packed import PackedSlice
+from .packed_branch import add_packed_branch
 from .packed_names import GenaiDims, read_genai_config
 from .provenance import append_history, make_record, target_entry
 from .resolve import ResolvedTarget, resolve_targets
@@ -223,6 +225,7 @@ def inject_adapters(
     if clash:
         raise ModelError(f"the model already has a value named {clash[0]!r}, which a LoRA slot input needs")
     made: dict[str, ir.Value] = {}  # a shared group's inputs are made once, for its first module
+    packed: dict[int, tuple[ir.Node, list]] = {}  # packed op → its slots, given one branch together
     for module, slot in sorted(slots.items()):
         rt = chosen[module]
         dtype = rt.layout.activation_dtype(rt.node)
@@ -241,8 +244,13 @@ def inject_adapters(
         if not rt.nodes:
             raise TargetError(f"{module}: no node applies its weight")
         for node in rt.nodes:
+            if isinstance(rt.layout, PackedSlice):
+                packed.setdefault(id(node), (node, []))[1].append((rt.layout, a, b, g))
+                continue
             layout = rt.layout if getattr(rt.layout, "per_target", False) else get_layout(node)
             layout.add_branch(graph, node, a, b, g)
+    for node, parts in packed.values():
+        add_packed_branch(graph, node, parts)
     model.metadata_props[SLOTS_KEY] = manifest.to_json()
     digests = {a.name: a.digest() for a in adapters}
     records = []

@@ -8,11 +8,11 @@ of a ``MatMul`` (directly or through a Transpose) or ``Gemm``. Zero or several s
 
 ``PackedSlice`` is the op layout of one such slice: it reads and writes that slice only (merge rounds
 once into the stored dtype; the other slices stay bit-identical), and its LoRA branch pads B′ (r, width)
-with zero columns to (r, total) so the branch output lands in the slice; q, k and v branches of any
-ranks then add onto one packed op. DoRA merges into a slice (its norm is per output row, and a slice holds
-whole rows); a DoRA branch is refused (its g would scale the whole packed output). The slice found must
-be the only place W occurs in the graph, and a packed weight read by more than one node (shared, or its
-module called twice) is refused for now.
+with zero columns to (r, total) so the branch output lands in the slice; inject gives the q, k and v slots
+(any ranks) of one packed op one branch together (``packed_branch``). DoRA merges into a slice (its norm
+is per output row, and a slice holds whole rows); a DoRA branch is refused (its g would scale the whole
+packed output). The slice found must be the only place W occurs in the graph, and a packed weight read by
+more than one node (shared, or its module called twice) is refused for now.
 
 Layouts with ``packed_weight`` (plugins: ONNX Runtime's fused ``Attention``) are searched the same way; their
 ``add_branch`` receives the padded B′ and decides how the branch reaches the op (see the plugin).
@@ -132,14 +132,14 @@ class PackedSlice(OpLayout):
     def activation_dtype(self, node: ir.Node) -> ir.DataType:
         return self.inner.activation_dtype(node)
 
-    def add_branch(self, graph, node, a_value, b_value, dora_scale_value=None) -> None:
-        """y = op(x) + (x·A′)·Pad(B′, columns → [offset, total − offset − width]): the branch lands in the slice."""
-        stem = a_value.name[: -len(".lora_A")] if (a_value.name or "").endswith(".lora_A") else a_value.name
-        if dora_scale_value is not None:
-            raise ModelError(
-                f"{stem}: a DoRA adapter cannot be injected into a packed projection slice "
-                f"({node.name or node.op_type}: its magnitude would rescale the other parts too); merge it instead"
-            )
+    def refuse_dora(self, node: ir.Node, stem: str) -> None:
+        raise ModelError(
+            f"{stem}: a DoRA adapter cannot be injected into a packed projection slice "
+            f"({node.name or node.op_type}: its magnitude would rescale the other parts too); merge it instead"
+        )
+
+    def padded_b(self, graph: ir.Graph, node: ir.Node, b_value: ir.Value, stem: str) -> ir.Node:
+        """Pad(B′, columns → [offset, total − offset − width]): B′ (r, width) placed in the slice, (r, total)."""
         opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 0))
         if opset < 11:
             raise ModelError(f"{node.name or node.op_type}: a packed slice's branch needs opset >= 11 (Pad)")
@@ -147,8 +147,23 @@ class PackedSlice(OpLayout):
         pads = np.array([0, self.offset, 0, total - self.offset - self.width], dtype=np.int64)
         pad = ir.node("Pad", [b_value, _const(graph, f"{stem}.packed_pads", pads)], name=f"{stem}/packed_pad")
         pad.outputs[0].name = f"{stem}/packed_B"
+        return pad
+
+    def add_branch(self, graph, node, a_value, b_value, dora_scale_value=None) -> None:
+        """y = op(x) + (x·A′)·Pad(B′): the branch lands in the slice (inject groups the slices of one op into
+        one branch, ``packed_branch``; this is its one-part case)."""
+        stem = slot_stem(a_value)
+        if dora_scale_value is not None:
+            self.refuse_dora(node, stem)
+        pad = self.padded_b(graph, node, b_value, stem)
         node.graph.insert_before(node, pad)
         self.inner.add_branch(graph, node, a_value, pad.outputs[0], None)
+
+
+def slot_stem(a_value: ir.Value) -> str:
+    """``<stem>`` of a slot's ``<stem>.lora_A`` input (the value's name otherwise)."""
+    name = a_value.name or "lora"
+    return name[: -len(".lora_A")] if name.endswith(".lora_A") else name
 
 
 def held_elsewhere(tensors: Iterable[tuple[str, ir.TensorProtocol]], w: np.ndarray, value: ir.Value) -> bool:

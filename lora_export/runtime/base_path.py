@@ -2,7 +2,8 @@
 
 ``strip_branches`` undoes what ``branches.py`` added, found through the graph rather than node names:
 from each slot's A′ input, the A′ op, the B′ op (and Gemm's α Mul) down to the ``Add(base, delta)`` (a
-packed slice's B′ through its Pad; ONNX Runtime's Attention: one ``MatMul(A′, Pad(B′))`` added to its weight);
+packed op's slots share one branch: their A′ through a Concat, their B′ through Pads and a Concat;
+ONNX Runtime's Attention: one ``MatMul(A′, B′)`` added to its weight);
 from DoRA's g input, its optional Reshape and the ``Mul(·, g)``. Those nodes go and their consumers read
 the base op's output again. What stays is exactly the base computation: a Gemm bias that DoRA moved out
 of the Gemm stays as its separate Add (same numbers, one more node).
@@ -48,17 +49,25 @@ def _replace(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     ir.convenience.replace_all_uses_with(old, new)
 
 
-def _reads(node: ir.Node, b: ir.Value, pads: list[ir.Node]) -> bool:
-    """Whether ``node`` reads B′, directly or through the Pad that places it in a packed slice (then the Pad
-    joins ``pads``)."""
+def _b_side(node: ir.Node, b: ir.Value) -> list[ir.Node] | None:
+    """The nodes between B′ and ``node``, which reads it: none (directly), the Pad placing B′ in a packed
+    slice, or a packed group's Pads and their Concat (``graph.packed_branch``); None if ``node`` does not
+    read B′."""
     if b in node.inputs:
-        return True
+        return []
     for v in node.inputs:
-        pad = v.producer() if v is not None else None
-        if pad is not None and pad.op_type == "Pad" and pad.inputs[0] is b and len(list(v.uses())) == 1:
-            pads.append(pad)
-            return True
-    return False
+        src = v.producer() if v is not None else None
+        if src is None or len(list(v.uses())) != 1:
+            continue
+        if src.op_type == "Pad" and src.inputs[0] is b:
+            return [src]
+        if src.op_type == "Concat":
+            pads = [i.producer() if i is not None else None for i in src.inputs]
+            if all(p is not None and p.op_type == "Pad" and len(list(p.outputs[0].uses())) == 1 for p in pads) and any(
+                p.inputs[0] is b for p in pads
+            ):
+                return [*pads, src]
+    return None
 
 
 def strip_branches(model: ir.Model, manifest: SlotManifest) -> None:
@@ -78,15 +87,21 @@ def strip_branches(model: ir.Model, manifest: SlotManifest) -> None:
         uses = [] if slot.a in stripped else list(a.uses())
         stripped.add(slot.a)
         for use in uses:
-            node_a = use.node
-            chain, pads = [node_a], []
+            node_a, chain = use.node, []
+            if node_a.op_type == "Concat":  # a packed op's one branch for all its slots: stripped once
+                chain.append(node_a)
+                stripped.update(v.name for v in node_a.inputs if v is not None)
+                node_a = _only_use(node_a.outputs[0], module)
+            chain.append(node_a)
             node = node_a
-            if not _reads(node_a, b, pads):  # A′·Pad(B′) in one op: an effective packed weight (plugins)
+            b_side = _b_side(node_a, b)  # A′·Pad(B′) in one op: an effective packed weight (plugins)
+            if b_side is None:
                 node = _only_use(node_a.outputs[0], module)  # B′ op
                 chain.append(node)
-                if not _reads(node, b, pads):
+                b_side = _b_side(node, b)
+                if b_side is None:
                     raise ModelError(f"{module}: {node.name!r} does not read {slot.b}")
-            doomed.extend(pads)
+            doomed.extend(b_side)
             node = _only_use(node.outputs[0], module)
             if node.op_type == "Mul":  # Gemm's alpha
                 chain.append(node)

@@ -11,9 +11,10 @@ nothing about which columns are whose, so a target resolves to its slice of W on
   too (its norm is per output row, and a slice holds whole rows). A trained bias of a target (PEFT
   ``bias="lora_only"``) is written into the matching slice of the packed bias (``graph.packed_bias``).
 - ``inject``: the projection happens inside the op, so no side branch can reach its output. The op is fed an
-  effective weight computed in the graph instead, W_eff = W + Σ A′·Pad(B′) (one MatMul and one Add per
-  target, chained before the op; the Pad puts each B′ in its slice): exactly what a merge of the active
-  adapter stores, computed per run at r·in·(q+k+v) multiply-adds, independent of batch and sequence length.
+  effective weight computed in the graph instead, W_eff = W + A_cat·B_cat (one MatMul and one Add before
+  the op: its targets' A′ concatenated, their B′ each padded into its slice and stacked, see
+  ``lora_export.graph.packed_branch``): exactly what a merge of the active adapter stores, computed per run
+  at Σr·in·(q+k+v) multiply-adds, independent of batch and sequence length.
   q, k and v slots of different ranks share the op; with no adapter (rank-0 defaults) A′·Pad(B′) is a zero
   matrix and W_eff = W bit for bit. ONNX Runtime's CPU Attention kernel takes a computed weight (checked
   with 1.31/1.32), but pre-packs only a constant one: the injected op runs its unpacked GEMM, a little slower
@@ -37,12 +38,15 @@ _X, _W, _BIAS = range(3)
 
 
 def _is_slot_delta(value: ir.Value | None) -> bool:
-    """Whether ``value`` is an injected A′·Pad(B′) (a MatMul reading a ``.lora_A`` graph input)."""
+    """Whether ``value`` is an injected A′·B′ (a MatMul reading a ``.lora_A`` graph input, or a Concat of them)."""
     node = value.producer() if value is not None else None
     if node is None or node.op_type != "MatMul" or not node.inputs:
         return False
     a = node.inputs[0]
-    return a is not None and a.is_graph_input() and (a.name or "").endswith(".lora_A")
+    group = a.producer() if a is not None else None
+    # Several slots of one op share one delta: their A′ inputs concatenated (lora_export.graph.packed_branch).
+    slots = group.inputs if group is not None and group.op_type == "Concat" else [a]
+    return all(v is not None and v.is_graph_input() and (v.name or "").endswith(".lora_A") for v in slots)
 
 
 def behind_deltas(value: ir.Value | None) -> ir.Value | None:
@@ -89,8 +93,8 @@ class AttentionLayout(MatMulLayout):
         return value if tuple(int(d) for d in value.const_value.shape) == (shape[0],) else None
 
     def add_branch(self, graph, node, a_value, b_value, dora_scale_value=None) -> None:
-        """Feed the op W + A′·B′ (B′ already padded to the packed width by ``PackedSlice``): see the module
-        docstring. Later targets on the same op chain one more Add onto the effective weight."""
+        """Feed the op W + A′·B′ (B′ already padded to the packed width, its slots grouped, by inject): see the
+        module docstring. A further branch on the same op would chain one more Add onto the effective weight."""
         from lora_export.graph.branches import _prefix
 
         prefix = _prefix(graph, node, a_value)
