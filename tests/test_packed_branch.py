@@ -75,7 +75,7 @@ def _rel(got: np.ndarray, ref: np.ndarray) -> float:
 
 
 def _packed_nodes(model: ir.Model) -> list[ir.Node]:
-    return [n for n in model.graph if "qkv_proj" in (n.name or "") and n.op_type in ("MatMul", "MatMulNBits")]
+    return [n for n in model.graph if (n.name or "").endswith(("qkv_proj/MatMul", "qkv_proj/MatMul_Q4"))]
 
 
 def _branch_ops(model: ir.Model, node: ir.Node) -> tuple[int, int]:
@@ -91,7 +91,8 @@ def test_one_branch_per_packed_op_is_exact(case, tmp_path, variant, which):
     v = case["variants"][variant]
     names = list(ADAPTERS) if which == "both" else ["qv"]
     out_dir = tmp_path / "inj"
-    inject_files(v["model"], [v["adapters"][n] for n in names], out_dir, base_weights=case["root"] / "base.safetensors")
+    paths = [v["adapters"][n] for n in names]
+    inject_files(v["model"], paths, out_dir, base_weights=case["root"] / "base.safetensors", names=names)
     model = ir.load(out_dir / "model.onnx")
     packed = _packed_nodes(model)
     assert len(packed) == 2  # one per layer
@@ -113,7 +114,8 @@ def test_twin_session_strips_the_grouped_branch(case, tmp_path, variant):
     adapter (from its file, or a PEFT folder mapped in memory) still runs the grouped branch exactly."""
     v = case["variants"][variant]
     out_dir = tmp_path / "inj"
-    inject_files(v["model"], [v["adapters"]["ranks"]], out_dir, base_weights=case["root"] / "base.safetensors")
+    paths = [v["adapters"]["ranks"]]
+    inject_files(v["model"], paths, out_dir, base_weights=case["root"] / "base.safetensors", names=["ranks"])
     sess = LoraSession(out_dir / "model.onnx", providers=["CPUExecutionProvider"], base_session=True)
     assert sess.base_session is not None
     assert not [i.name for i in sess.base_session.get_inputs() if ".lora_" in i.name]
