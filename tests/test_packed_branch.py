@@ -10,8 +10,9 @@ import warnings
 import numpy as np
 import onnx_ir as ir
 import pytest
+import torch
 from conftest import output_of, peft_reference
-from foreign_graphs import run_injected, run_plain
+from foreign_graphs import packed_attention, run_injected, run_plain
 from inject_fixtures import REF_SEED, export_base, feeds_of
 from models import tiny_llama
 from quant_fixtures import QKV, dequantized_torch, pack, quantize, state_dict_of
@@ -78,11 +79,9 @@ def _packed_nodes(model: ir.Model) -> list[ir.Node]:
     return [n for n in model.graph if (n.name or "").endswith(("qkv_proj/MatMul", "qkv_proj/MatMul_Q4"))]
 
 
-def _branch_ops(model: ir.Model, node: ir.Node) -> tuple[int, int]:
-    """(Adds reading the packed op's output, MatMuls other than the op reading its input x)."""
-    adds = [u.node for u in node.outputs[0].uses() if u.node.op_type == "Add"]
-    matmuls = [u.node for u in node.inputs[0].uses() if u.node.op_type == "MatMul" and u.node is not node]
-    return len(adds), len(matmuls)
+def _branch_adds(node: ir.Node) -> int:
+    """How many Adds read the packed op's output (one per branch)."""
+    return sum(u.node.op_type == "Add" for u in node.outputs[0].uses())
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -97,9 +96,15 @@ def test_one_branch_per_packed_op_is_exact(case, tmp_path, variant, which):
     packed = _packed_nodes(model)
     assert len(packed) == 2  # one per layer
     for node in packed:
-        assert _branch_ops(model, node) == (1, 1), node.name
-        pads = [n for n in model.graph if n.op_type == "Pad"]
-        assert len(pads) == (3 if which == "both" else 2) * 2
+        assert _branch_adds(node) == 1, node.name
+        add = next(u.node for u in node.outputs[0].uses() if u.node.op_type == "Add")
+        delta = add.inputs[1].producer()
+        if which == "both":  # q, k, v tile the width: their deltas side by side, no padded copies of B′
+            assert delta.op_type == "Concat" and len(delta.inputs) == 3
+        else:  # (x·A_cat)·B_cat: one MatMul reads x besides the op, B_cat stacks the two padded B′
+            assert delta.op_type == "MatMul" and delta.inputs[1].producer().op_type == "Concat"
+            assert sum(u.node.op_type == "MatMul" and u.node is not node for u in node.inputs[0].uses()) == 1
+    assert len([n for n in model.graph if n.op_type == "Pad"]) == (0 if which == "both" else 4)
     # No adapter: the rank-0 defaults give the base model bit for bit.
     np.testing.assert_array_equal(run_plain(out_dir / "model.onnx", case["feeds"])[0], v["out"])
     for name in names:
@@ -109,20 +114,22 @@ def test_one_branch_per_packed_op_is_exact(case, tmp_path, variant, which):
 
 
 @pytest.mark.parametrize("variant", ["fp32-vqk", "int4"])
-def test_twin_session_strips_the_grouped_branch(case, tmp_path, variant):
+@pytest.mark.parametrize("injected", ["ranks", "qv"])  # the two forms: deltas side by side, block-diagonal B
+def test_twin_session_strips_the_grouped_branch(case, tmp_path, variant, injected):
     """``base_session=True``: no adapter runs a branch-free twin (the base bit for bit, no slot inputs); an
     adapter (from its file, or a PEFT folder mapped in memory) still runs the grouped branch exactly."""
     v = case["variants"][variant]
     out_dir = tmp_path / "inj"
-    paths = [v["adapters"]["ranks"]]
-    inject_files(v["model"], paths, out_dir, base_weights=case["root"] / "base.safetensors", names=["ranks"])
+    paths = [v["adapters"][injected]]
+    inject_files(v["model"], paths, out_dir, base_weights=case["root"] / "base.safetensors", names=[injected])
     sess = LoraSession(out_dir / "model.onnx", providers=["CPUExecutionProvider"], base_session=True)
     assert sess.base_session is not None
     assert not [i.name for i in sess.base_session.get_inputs() if ".lora_" in i.name]
     np.testing.assert_array_equal(sess.run(None, case["feeds"])[0], v["out"])
-    sess.load_adapter("ranks", out_dir / "ranks.onnx_adapter")
-    sess.load_adapter("qv", v["adapters"]["qv"])
-    for name in ("ranks", "qv"):
+    sess.load_adapter(injected, out_dir / f"{injected}.onnx_adapter")
+    if injected == "ranks":  # a q/v adapter fits the q/k/v slots too (mapped from its PEFT folder in memory)
+        sess.load_adapter("qv", v["adapters"]["qv"])
+    for name in ("ranks", "qv")[(injected == "qv") :]:
         assert _rel(sess.run(None, case["feeds"], adapter=name)[0], v["refs"][name]) <= 1e-5, name
     np.testing.assert_array_equal(sess.run(None, case["feeds"])[0], v["out"])
 
@@ -132,3 +139,40 @@ def test_group_stem_never_clashes_with_a_slot():
     assert group_stem(stems) == "m.layers.0.self_attn.q_proj+v_proj"
     assert group_stem(["a.q", "b.v"]) == "a.q+b.v"
     assert group_stem(["x.q", "x.q.y"]) == "x.q+q.y"
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (torch.nn.Linear(8, 8, bias=False) for _ in range(4))
+
+    def forward(self, x):
+        return self.o_proj(self.q_proj(x) * self.k_proj(x) + self.v_proj(x))
+
+
+@pytest.mark.parametrize("gemm", [False, True], ids=["matmul", "gemm-transB"])
+def test_tiling_slots_on_matmul_and_gemm(tmp_path, gemm):
+    """q, k, v (ranks 1, 2, 3) on a packed MatMul or Gemm (stored (out, in)): deltas side by side, exact; the
+    twin session is the base again."""
+    torch.manual_seed(0)
+    m = _Attn().eval()
+    packed_attention(m, tmp_path / "model.onnx", gemm=gemm)
+    save_file({k: t.detach().numpy().copy() for k, t in m.state_dict().items()}, str(tmp_path / "w.st"))
+    config = dict(
+        r=1, lora_alpha=2, rank_pattern={"k_proj": 2, "v_proj": 3}, target_modules=["q_proj", "k_proj", "v_proj"]
+    )
+    peft_model = peft_reference(m, seed=5, **config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(str(tmp_path / "adapter"))
+    inj = tmp_path / "inj"
+    inject_files(tmp_path / "model.onnx", [tmp_path / "adapter"], inj, base_weights=tmp_path / "w.st")
+    model = ir.load(inj / "model.onnx")
+    assert sum(n.op_type == "Concat" for n in model.graph) == 1 and not [n for n in model.graph if n.op_type == "Pad"]
+    x = {"x": torch.randn(2, 8).numpy()}
+    ref = peft_model(torch.from_numpy(x["x"])).detach().numpy()
+    assert _rel(run_injected(inj / "model.onnx", inj / "adapter.onnx_adapter", x)[0], ref) <= 1e-5
+    base = run_plain(tmp_path / "model.onnx", x)[0]
+    np.testing.assert_array_equal(run_plain(inj / "model.onnx", x)[0], base)
+    sess = LoraSession(inj / "model.onnx", providers=["CPUExecutionProvider"], base_session=True)
+    np.testing.assert_array_equal(sess.run(None, x)[0], base)

@@ -58,6 +58,9 @@ class OpLayout(ABC):
     # Runtime's fused ``Attention``: q|k|v): targets resolve only to slices of it, by value (``packed``).
     # Such a layout subclasses MatMulLayout or GemmLayout (their storage orientation is its own).
     packed_weight: ClassVar[bool] = False
+    # True when ``add_branch`` adds MatMul(MatMul(node.inputs[0], A′), B′) (Gemm: times α) onto node.outputs[0]:
+    # inject may then build one branch for several packed slices of the op itself (``packed_branch``).
+    output_branch: ClassVar[bool] = False
 
     @abstractmethod
     def weight_value(self, node: ir.Node) -> ir.Value | None:
@@ -231,6 +234,7 @@ class MatMulLayout(OpLayout):
 
     op_type = "MatMul"
     kind = "linear"
+    output_branch = True
 
     def _source(self, node: ir.Node) -> tuple[ir.Value | None, bool]:
         if len(node.inputs) < 2 or (node.inputs[0] is not None and node.inputs[0].const_value is not None):
@@ -273,6 +277,7 @@ class GemmLayout(OpLayout):
 
     op_type = "Gemm"
     kind = "linear"
+    output_branch = True
 
     def _trans_b(self, node: ir.Node) -> bool:
         attr = node.attributes.get("transB")

@@ -1,30 +1,34 @@
 """One LoRA branch per packed op: the q, k and v slots of one packed weight share a single side branch.
 
 Per slice, a branch ``(x·A′)·Pad(B′)`` with its own full-width Add costs two MatMuls, a Pad and an Add per
-part, which at a decode step (one token) weigh mostly as op dispatch, and run at rank 0 too. Grouped::
+part, and runs at rank 0 too. Grouped, one of two forms (each slot keeps its inputs: names, shapes, its own
+symbolic rank, so adapter files, ``convert`` and ``LoraSession`` see the same slots):
 
-    y = op(x) + (x·A_cat)·B_cat,   A_cat = Concat(A′_1, …, A′_n; axis 1)            (in, r_1 + … + r_n)
-                                   B_cat = Concat(Pad(B′_1), …, Pad(B′_n); axis 0)  (r_1 + … + r_n, total)
+- slots tiling the packed width in order (q, k and v all targeted) on an op whose branch reads its input
+  (MatMul, Gemm, MatMulNBits: ``OpLayout.output_branch``): y = op(x) + Concat((x·A′_q)·B′_q, (x·A′_k)·B′_k,
+  (x·A′_v)·B′_v; last axis): exactly each slot's own branch, side by side, with no padded copies;
+- otherwise (q/v only; ONNX Runtime's fused ``Attention``, whose layout adds A′·B′ to its effective weight):
+  the op's own branch with A_cat = Concat(A′_1, …, A′_n; axis 1) (in, Σr) and the block-diagonal
+  B_cat = Concat(Pad(B′_1), …, Pad(B′_n); axis 0) (Σr, total): row block i holds B′_i in its slice's columns,
+  so (x·A_cat)·B_cat = Σᵢ (x·A′ᵢ)·Pad(B′ᵢ); the zero blocks add exact zeros. One x·A′ MatMul and one
+  full-width Add instead of one per part: what a prompt pays for (the weight-side Concat/Pad cost the same
+  per run whatever the tokens; at one token they weigh about what they save).
 
-B_cat is block diagonal: row block i holds B′_i in its slice's columns and zeros elsewhere, so
-(x·A_cat)·B_cat = Σᵢ (x·A′ᵢ)·Pad(B′ᵢ), each part landing in its own columns; the zero blocks add exact zeros.
-Each part keeps its slot inputs (names, shapes, its own symbolic rank), so adapter files, ``convert`` and
-``LoraSession`` see the same slots; ranks may differ and any part may be at rank 0. With every part at rank
-0 the product is a zero (…, total) tensor and y = op(x) bit for bit (still one full-width Add: without
-control flow nothing cheaper is exact; ``LoraSession(base_session=True)`` serves no-adapter runs branch-free).
-
-The packed op's own layout places the branch (``OpLayout.add_branch`` with the concatenated A′ and B′): a
-plain or quantized MatMul/Gemm adds it to the output, ONNX Runtime's fused ``Attention`` (a plugin) to its
-effective weight. ``runtime.base_path`` strips the group again.
+Ranks may differ and any part may be at rank 0. With every part at rank 0 the delta is a zero (…, total)
+tensor and y = op(x) bit for bit, still at the cost of the branch's ops (no exact cheaper form without
+control flow: ``LoraSession(base_session=True)`` serves no-adapter runs branch-free). ``runtime.base_path``
+strips either form again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import onnx_ir as ir
 
 from ..errors import ModelError
+from .branches import _const, _finish, _prefix
 from .packed import PackedSlice, slot_stem
 
 Part = tuple[PackedSlice, ir.Value, ir.Value, "ir.Value | None"]  # (slice layout, A′, B′, DoRA g)
@@ -57,10 +61,39 @@ def add_packed_branch(graph: ir.Graph, node: ir.Node, parts: Sequence[Part]) -> 
         raise ModelError(f"{node.name or node.op_type}: its packed slices resolved to different op layouts")
     stems = [slot_stem(a) for _, a, _, _ in parts]
     stem = group_stem(stems)
+    inner, total = parts[0][0].inner, parts[0][0].total(node)
+    tiled = [p[0].offset for p in parts] == [0, *(p[0].offset + p[0].width for p in parts[:-1])]
+    if inner.output_branch and not inner.packed_weight and tiled and parts[-1][0].offset + parts[-1][0].width == total:
+        _concat_deltas(graph, node, parts, stem)
+        return
     pads = [layout.padded_b(graph, node, b, s) for (layout, _, b, _), s in zip(parts, stems, strict=True)]
     a_cat = ir.node("Concat", [a for _, a, _, _ in parts], attributes={"axis": 1}, name=f"{stem}/packed_concat_A")
     a_cat.outputs[0].name = f"{stem}.lora_A"  # the branch's names derive from this stem (branches._prefix)
     b_cat = ir.node("Concat", [p.outputs[0] for p in pads], attributes={"axis": 0}, name=f"{stem}/packed_concat_B")
     b_cat.outputs[0].name = f"{stem}/packed_B"
     node.graph.insert_before(node, [a_cat, *pads, b_cat])
-    parts[0][0].inner.add_branch(graph, node, a_cat.outputs[0], b_cat.outputs[0], None)
+    inner.add_branch(graph, node, a_cat.outputs[0], b_cat.outputs[0], None)
+
+
+def _concat_deltas(graph: ir.Graph, node: ir.Node, parts: Sequence[Part], stem: str) -> None:
+    """y = op(x) + α·Concat(d_1, …, d_n; last axis), d_i = (x·A′_i)·B′_i, for slots whose slices tile the
+    packed width in order (no zero blocks to multiply, no padded copies of B′ per run)."""
+    prefix = _prefix(graph, node, ir.Value(name=f"{stem}.lora_A"))
+    x = node.inputs[0]
+    nodes, deltas = [], []
+    for i, (_, a, b, _) in enumerate(parts):
+        h = ir.node("MatMul", [x, a], name=f"{prefix}/lora_A.{i}")
+        d = ir.node("MatMul", [h.outputs[0], b], name=f"{prefix}/lora_B.{i}")
+        nodes += [h, d]
+        deltas.append(d.outputs[0])
+    cat = ir.node("Concat", deltas, attributes={"axis": -1}, name=f"{prefix}/concat")
+    nodes.append(cat)
+    delta = cat.outputs[0]
+    alpha = node.attributes.get("alpha")
+    if alpha is not None and alpha.as_float() != 1.0:  # Gemm: α·x·W
+        dtype = parts[0][0].activation_dtype(node).numpy()
+        mul = ir.node("Mul", [delta, _const(graph, f"{prefix}.alpha", np.array(alpha.as_float(), dtype=dtype))])
+        mul.name = f"{prefix}/alpha"
+        nodes.append(mul)
+        delta = mul.outputs[0]
+    _finish(graph, node, node.outputs[0], delta, nodes, None, None, None, prefix)

@@ -2,7 +2,8 @@
 
 ``strip_branches`` undoes what ``branches.py`` added, found through the graph rather than node names:
 from each slot's A′ input, the A′ op, the B′ op (and Gemm's α Mul) down to the ``Add(base, delta)`` (a
-packed op's slots share one branch: their A′ through a Concat, their B′ through Pads and a Concat;
+packed op's slots share one branch: their deltas joined by one Concat, or (fused Attention) their A′
+through a Concat and their B′ through Pads and a Concat;
 ONNX Runtime's Attention: one ``MatMul(A′, B′)`` added to its weight);
 from DoRA's g input, its optional Reshape and the ``Mul(·, g)``. Those nodes go and their consumers read
 the base op's output again. What stays is exactly the base computation: a Gemm bias that DoRA moved out
@@ -103,6 +104,16 @@ def strip_branches(model: ir.Model, manifest: SlotManifest) -> None:
                     raise ModelError(f"{module}: {node.name!r} does not read {slot.b}")
             doomed.extend(b_side)
             node = _only_use(node.outputs[0], module)
+            if node.op_type == "Concat":  # a packed op's slots' deltas side by side: strip them all once
+                chain.append(node)
+                for d in node.inputs:
+                    b_op = d.producer()
+                    a_op = b_op.inputs[0].producer() if b_op is not None else None
+                    if b_op is None or a_op is None or b_op.op_type != "MatMul" or a_op.op_type != "MatMul":
+                        raise ModelError(f"{module}: {node.name!r} does not join LoRA deltas")
+                    doomed.extend(n for n in (a_op, b_op) if n not in chain)
+                    stripped.add(a_op.inputs[1].name)
+                node = _only_use(node.outputs[0], module)
             if node.op_type == "Mul":  # Gemm's alpha
                 chain.append(node)
                 node = _only_use(node.outputs[0], module)

@@ -120,6 +120,7 @@ class MatMulNBitsLayout(OpLayout):
     domain = "com.microsoft"
     kind = "linear"
     lossy_write = True  # merge requantizes: only with --requantize
+    output_branch = True  # (x·A′)·B′ in float onto the output (DoRA aside): see add_branch
 
     def __init__(self) -> None:
         # The last write's requantization error (``merge`` adds it to the target's report entry).
