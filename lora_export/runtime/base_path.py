@@ -104,10 +104,15 @@ def strip_branches(model: ir.Model, manifest: SlotManifest) -> None:
                     raise ModelError(f"{module}: {node.name!r} does not read {slot.b}")
             doomed.extend(b_side)
             node = _only_use(node.outputs[0], module)
+            if node.op_type == "Pad":  # this slot's delta padded to its place beside the others'
+                node = _only_use(node.outputs[0], module)
             if node.op_type == "Concat":  # a packed op's slots' deltas side by side: strip them all once
                 chain.append(node)
                 for d in node.inputs:
                     b_op = d.producer()
+                    if b_op is not None and b_op.op_type == "Pad":  # zeros for columns no slot covers
+                        doomed.append(b_op)
+                        b_op = b_op.inputs[0].producer()
                     a_op = b_op.inputs[0].producer() if b_op is not None else None
                     if b_op is None or a_op is None or b_op.op_type != "MatMul" or a_op.op_type != "MatMul":
                         raise ModelError(f"{module}: {node.name!r} does not join LoRA deltas")
