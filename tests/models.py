@@ -133,3 +133,32 @@ def randomize_lora(model: nn.Module, seed: int = 1, std: float = 0.1) -> None:
                 p.mul_(1 + noise.to(p.dtype))
             else:
                 p.copy_(noise.to(p.dtype))
+
+
+class _QV(nn.Module):
+    def __init__(self, d_in: int, d_q: int, d_v: int) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(d_in, d_q, bias=False)
+        self.v_proj = nn.Linear(d_in, d_v, bias=True)
+
+
+class _QVModel(nn.Module):
+    """``model.layers.0.self_attn.{q,v}_proj`` named as in LLaMA; the output concatenates both."""
+
+    def __init__(self, d_in: int, d_q: int, d_v: int) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        layer = nn.Module()
+        layer.self_attn = _QV(d_in, d_q, d_v)
+        self.model.layers = nn.ModuleList([layer])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.model.layers[0].self_attn
+        return torch.cat([attn.q_proj(x), attn.v_proj(x)], dim=-1)
+
+
+def qv_model(d_in: int, d_q: int, d_v: int, seed: int = 0) -> nn.Module:
+    """Two linear modules under LLaMA's names (q bias-free, v with a bias): the smallest model whose LoRA
+    inputs other tools name after PEFT's module paths."""
+    torch.manual_seed(seed)
+    return _QVModel(d_in, d_q, d_v)

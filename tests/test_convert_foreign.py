@@ -18,8 +18,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import saved_peft_reference
+from models import qv_model
 from onnx import TensorProto, helper, numpy_helper
-from torch import nn
 
 from lora_export import convert_adapter
 from lora_export.cli import cli
@@ -31,43 +31,11 @@ D_IN, D_Q, D_V = 16, 16, 8
 GRAPH_SCALE = 2.0  # the first adapter's alpha/r (8/4), as an exporter that keeps PEFT's Mul bakes it in
 
 
-class _Attn(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.q_proj = nn.Linear(D_IN, D_Q, bias=False)
-        self.v_proj = nn.Linear(D_IN, D_V, bias=True)
-
-
-class _Layer(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.self_attn = _Attn()
-
-
-class _Inner(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([_Layer()])
-
-
-class Tiny(nn.Module):
-    """Two linear modules named as in LLaMA; the output concatenates them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.model = _Inner()
-
-    def forward(self, x):
-        attn = self.model.layers[0].self_attn
-        return torch.cat([attn.q_proj(x), attn.v_proj(x)], dim=-1)
-
-
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     """The base, an adapter with r=6 and alpha=20 (scale 3.33, not the graph's 2.0), PEFT's outputs."""
     root = tmp_path_factory.mktemp("foreign")
-    base = Tiny().eval()
+    base = qv_model(D_IN, D_Q, D_V, seed=0).eval()
     x = torch.randn(2, 5, D_IN, generator=torch.Generator().manual_seed(7))
     cfg = dict(r=6, lora_alpha=20, target_modules=["q_proj", "v_proj"])
     peft = saved_peft_reference(base, root / "r6a20", **cfg)
@@ -78,7 +46,7 @@ def case(tmp_path_factory):
 
 
 def _lora_graph(
-    base: Tiny,
+    base: torch.nn.Module,
     path,
     *,
     naming=".default.weight",
@@ -281,8 +249,8 @@ def test_refuses_unknown_layouts_constants_and_ambiguity(case, tmp_path):
     with pytest.raises(ModelError, match="constant of the graph"):
         convert_adapter(root / "r6a20", _edit(_lora_graph(base, tmp_path / "c.onnx"), constants), out)
     # Module paths too short to say which layer: "self_attn.q_proj" in a model, an adapter on two layers.
-    two_layers = Tiny()
-    two_layers.model.layers.append(_Layer())
+    two_layers = qv_model(D_IN, D_Q, D_V, seed=0)
+    two_layers.model.layers.append(qv_model(D_IN, D_Q, D_V, seed=1).model.layers[0])
     saved_peft_reference(two_layers, tmp_path / "two", r=2, lora_alpha=4, target_modules=["q_proj"])
     short = _lora_graph(base, tmp_path / "s.onnx", prefix="", attn="self_attn")
 

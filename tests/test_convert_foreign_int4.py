@@ -18,8 +18,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import saved_peft_reference
+from models import qv_model
 from onnx import TensorProto, helper, numpy_helper
-from torch import nn
 
 from lora_export import convert_adapter
 from lora_export.cli import cli
@@ -40,41 +40,11 @@ def plugin():
     return int4
 
 
-class _Attn(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.q_proj = nn.Linear(D_IN, D_Q, bias=False)
-        self.v_proj = nn.Linear(D_IN, D_V, bias=True)
-
-
-class _Layer(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.self_attn = _Attn()
-
-
-class _Inner(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([_Layer()])
-
-
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(3)
-        self.model = _Inner()
-
-    def forward(self, x):
-        attn = self.model.layers[0].self_attn
-        return torch.cat([attn.q_proj(x), attn.v_proj(x)], dim=-1)
-
-
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     """The base, a PEFT adapter r=3 alpha=7 (scale 2.33, not the graph's 2.0), a q-only r=5 adapter, outputs."""
     root = tmp_path_factory.mktemp("foreign_int4")
-    base = Tiny().eval()
+    base = qv_model(D_IN, D_Q, D_V, seed=3).eval()
     x = torch.randn(2, 3, D_IN, generator=torch.Generator().manual_seed(5))
     peft = saved_peft_reference(base, root / "r3a7", r=3, lora_alpha=7, target_modules=["q_proj", "v_proj"])
     q_only = saved_peft_reference(base, root / "q5", seed=2, r=5, lora_alpha=5, target_modules=["q_proj"])
