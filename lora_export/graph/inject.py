@@ -15,9 +15,7 @@ files also work with plain ONNX Runtime: ``ort.LoraAdapter().Load(path)`` and
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
 import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +27,15 @@ import onnx_ir as ir
 from ..adapter import Adapter, target_digest
 from ..errors import AdapterError, ModelError, ShapeError, TargetError
 from ..files.atomic import refuse_overwrite
-from ..files.checks import check_output_file, require_regular_file
-from ..files.staging import STAGE_PREFIX, carry_over, staging_dir, swap_dir
+from ..files.checks import require_regular_file
+from ..files.inject_folder import (
+    FILES_MANIFEST,
+    check_adapter_name,
+    read_files_manifest,
+    refuse_blocked_outputs,
+    write_files_manifest,
+)
+from ..files.staging import carry_over, staging_dir, swap_dir
 from ..formats.adapter_files import write_adapter_tensors
 from ..formats.peft import adapter_files, load_adapter
 from ..formats.safetensors import read_safetensors
@@ -301,7 +306,7 @@ def inject_files(
             check_adapter_name(a.name, f" (from the folder {str(p)!r}; name it with NAME=PATH)")
     outputs = [out_dir / MODEL_NAME, out_dir / f"{MODEL_NAME}.data", out_dir / FILES_MANIFEST]
     outputs += [out_dir / f"{a.name}{suffix}" for a in adapters for suffix in (".onnx_adapter", ".safetensors")]
-    _refuse_blocked_outputs(outputs)
+    refuse_blocked_outputs(outputs)
     inputs = [Path(base_path), *(f for p in adapter_paths for f in adapter_files(p))]
     if base_weights is not None and not isinstance(base_weights, Mapping):
         require_regular_file(base_weights, "base weights", AdapterError)
@@ -336,77 +341,15 @@ def inject_files(
                 write_adapter_tensors(new / f"{name}{suffix}", tensors, model_version=result.manifest.fingerprint)
                 done += 1
         produced = sorted(p.name for p in new.iterdir())
-        _write_files_manifest(new / FILES_MANIFEST, produced)
+        write_files_manifest(new / FILES_MANIFEST, produced)
         if progress is not None:
             progress(total, total, "")
         if dest.is_dir():
             os.chmod(new, stat.S_IMODE(dest.stat().st_mode))
             # Files this run does not write (adapters converted later, the user's own) stay in the folder;
             # those an earlier inject wrote and this one does not (stale adapters) are left behind.
-            stale = set(_read_files_manifest(dest / FILES_MANIFEST)) - set(produced)
+            stale = set(read_files_manifest(dest / FILES_MANIFEST)) - set(produced)
             carry_over(dest, new, skip={p.name for p in outputs} | stale)
         swap_dir(new, dest, stage / "old")
     result.files = [out_dir / f for f in produced]
     return result
-
-
-FILES_MANIFEST = ".lora-export.json"
-# Control characters (C0, DEL, C1) and the Unicode line separators: never in a file name we write.
-_BAD_NAME_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def check_adapter_name(name: str, hint: str = "") -> str:
-    """Refuse a name that cannot be a plain file name in OUTDIR (``<name>.onnx_adapter``)."""
-    problem = None
-    if not name:
-        problem = "is empty"
-    elif "/" in name or "\\" in name or (os.altsep and os.altsep in name):
-        problem = "contains a path separator"
-    elif name.startswith("."):
-        problem = "starts with a dot"
-    elif _BAD_NAME_CHARS.search(name):
-        problem = "contains control characters"
-    elif name != name.strip():
-        problem = "starts or ends with white space"
-    if problem:
-        raise AdapterError(f"bad adapter name {name!r}: it {problem}{hint}")
-    return name
-
-
-def _write_files_manifest(path: Path, files: Sequence[str]) -> None:
-    text = json.dumps({"written_by": "lora-export inject", "files": sorted(files)}, indent=2) + "\n"
-    with open(path, "w", encoding="utf-8") as f:  # inside the staging folder: published by the swap
-        f.write(text)
-
-
-def _read_files_manifest(path: Path) -> list[str]:
-    """The file names an earlier inject recorded; nothing when the record is missing or unreadable.
-
-    Only plain names of this folder count: an edited record cannot point the cleanup anywhere else."""
-    try:
-        if not path.is_file() or path.is_symlink() or path.stat().st_size > 1 << 20:
-            return []
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return []
-    files = data.get("files") if isinstance(data, dict) else None
-    if not isinstance(files, list):
-        return []
-    return [
-        f
-        for f in files
-        if isinstance(f, str)
-        and f not in ("", ".", "..", FILES_MANIFEST)
-        and "/" not in f
-        and "\\" not in f
-        and "\x00" not in f
-        and not f.startswith(STAGE_PREFIX)
-    ]
-
-
-def _refuse_blocked_outputs(outputs: Sequence[Path]) -> None:
-    """Refuse, before any work, outputs whose name is taken by a folder or a non-regular file."""
-    for out in outputs:
-        if out.is_dir():
-            raise AdapterError(f"cannot write {out}: a folder of that name is in the way")
-        check_output_file(out, AdapterError)

@@ -32,6 +32,7 @@ from .. import safejson
 from ..adapter import Adapter, LoraTarget
 from ..delta import dora_scale
 from ..errors import AdapterError, DtypeError, ModelError, ShapeError, TargetError
+from .slot_checks import floating_dtype, sharing_problem, slot_problem, vera_entry_ok
 from .value_match import check_stored_weight
 from .vera_slots import bind_to_slots, vector_tensors
 
@@ -131,19 +132,19 @@ class SlotManifest:
             if not isinstance(absent, list) or not all(isinstance(m, str) for m in absent):
                 raise TypeError("absent must be a list of module names")
             vera = raw.get("vera")
-            if vera is not None and not _vera_entry_ok(vera):
+            if vera is not None and not vera_entry_ok(vera):
                 raise TypeError("vera must describe the shared projections")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ModelError(f"corrupt lora_export.slots metadata ({type(e).__name__})") from None
         for slot in slots.values():
-            problem = _slot_problem(slot)
+            problem = slot_problem(slot)
             if problem:
                 raise ModelError(
                     f"corrupt lora_export.slots metadata (slot {safejson.short_repr(slot.module)}: {problem})"
                 )
         if any(s.vera for s in slots.values()) != (vera is not None):
             raise ModelError("corrupt lora_export.slots metadata (VeRA slots without their projections)")
-        problem = _sharing_problem(slots)
+        problem = sharing_problem(slots)
         if problem:
             raise ModelError(f"corrupt lora_export.slots metadata ({problem})")
         return cls(slots, absent, vera)
@@ -165,68 +166,6 @@ class SlotManifest:
         return {name: sorted(ms) for name, ms in readers.items() if len(ms) > 1}
 
 
-def _sharing_problem(slots: Mapping[str, Slot]) -> str | None:
-    """Slots that read one input must read the same pair and agree in everything its shape depends on;
-    no name may serve two roles (A of one slot, B or g of another)."""
-    by_input: dict[str, Slot] = {}
-    for s in slots.values():
-        for name in (s.a, s.b):
-            first = by_input.setdefault(name, s)
-            if first is not s and _pair_key(first) != _pair_key(s):
-                return (
-                    f"slots {safejson.short_repr(first.module)} and {safejson.short_repr(s.module)} share "
-                    f"{safejson.short_repr(name)} but not its pair or shape"
-                )
-    roles = [n for s in slots.values() for n in (s.dora,) if n] + list(by_input)
-    if len(roles) != len(set(roles)) or any(s.a == s.b for s in slots.values()):
-        return "an input name serves two roles"
-    return None
-
-
-def _pair_key(s: Slot) -> tuple:
-    return (s.a, s.b, s.kind, list(s.weight_shape), s.dtype, s.groups)
-
-
-def _vera_entry_ok(v: object) -> bool:
-    ints = ("key", "r", "max_in", "max_out")
-    return (
-        isinstance(v, dict)
-        and all(type(v.get(k)) is int and v[k] >= 0 for k in ints)
-        and isinstance(v.get("sha256"), str)
-    )
-
-
-def _slot_problem(slot: Slot) -> str | None:
-    """What is ill-typed in a slot parsed from metadata, or None."""
-    for name in ("module", "kind", "op", "node", "weight", "dtype", "a", "b"):
-        if not isinstance(getattr(slot, name), str):
-            return f"{name} is not a string"
-    if slot.dora is not None and not isinstance(slot.dora, str):
-        return "dora is not a string"
-    if not isinstance(slot.vera, bool) or (slot.vera and (slot.kind != "linear" or slot.dora)):
-        return "vera is not a flag of a linear slot"
-    if slot.kind not in ("linear", "conv", "embedding"):
-        return f"unknown kind {safejson.short_repr(slot.kind)}"
-    ws = slot.weight_shape
-    want_dims = (3, 64) if slot.kind == "conv" else (2, 2)
-    if not isinstance(ws, list) or not all(type(d) is int and 0 < d < 2**62 for d in ws):
-        return "weight_shape is not a list of positive integers"
-    if not want_dims[0] <= len(ws) <= want_dims[1]:
-        return f"weight_shape {safejson.short_repr(ws)} does not fit a {slot.kind} weight"
-    if type(slot.groups) is not int or slot.groups < 1:
-        return "groups is not a positive integer"
-    if not _floating_dtype(slot):
-        return f"unsupported dtype {safejson.short_repr(slot.dtype)}"
-    return None
-
-
-def _floating_dtype(slot: Slot) -> bool:
-    try:
-        return slot.dtype == "bfloat16" or slot.np_dtype.kind == "f"
-    except TypeError:  # a dtype numpy does not know (float8 and other ml_dtypes names)
-        return False
-
-
 def slot_tensors(slot: Slot, t: LoraTarget, w0: Callable[[], np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """A′, B′ (scale folded in, in float32, then cast once) and DoRA's g for one target in ``slot``.
 
@@ -235,7 +174,7 @@ def slot_tensors(slot: Slot, t: LoraTarget, w0: Callable[[], np.ndarray] | None 
     misfit = slot_misfit(slot, t)
     if misfit:
         raise ShapeError(f"{t.name}: {misfit}")
-    if not _floating_dtype(slot):
+    if not floating_dtype(slot):
         # An integer slot would truncate A′ and B′ (exit 0, wrong outputs); strings cannot hold them at all.
         raise ModelError(f"{t.name}: the base weight has dtype {slot.dtype}; LoRA slots need a floating-point weight")
     a = np.asarray(t.A, dtype=np.float32)
