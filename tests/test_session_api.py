@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from inject_fixtures import llama_case_fixture, rel_err  # noqa: F401
@@ -182,7 +183,10 @@ def test_session_creation_error_is_complete(tmp_path, monkeypatch):
             raise RuntimeError("first line\nsecond line: the cause")
 
     model = tmp_path / "m.onnx"
-    model.write_bytes(b"x")
+    h = onnx.helper
+    x, y = (h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1]) for n in "xy")
+    graph = h.make_graph([h.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=9), model)
     monkeypatch.setattr(session_module.ort, "InferenceSession", Boom)
     _refused(LoraExportError, lambda: LoraSession(model, providers=CPU), "first line second line: the cause")
 

@@ -25,7 +25,7 @@ from ..formats.peft import adapter_files, load_adapter
 from .foreign_quant import QuantWriter, read_model_slots
 from .foreign_slots import foreign_tensors, lora_input_names, slots_fingerprint
 from .layouts import get_layout
-from .model_io import load_model
+from .model_io import check_external_data, load_model
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
 from .value_match import quantized_holds
 
@@ -38,6 +38,12 @@ def _metadata(model_path: str | os.PathLike) -> dict[str, str]:
         proto = onnx.load(str(model_path), load_external_data=False)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"{model_path}: not a readable ONNX model ({type(e).__name__})") from None
+    # No weights are read here, but a model whose data ONNX Runtime would refuse is refused by every reader.
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"{model_path}: not a readable ONNX model ({type(e).__name__})") from None
+    check_external_data(model, model_path)
     return {p.key: p.value for p in proto.metadata_props}
 
 

@@ -2,23 +2,25 @@
 
 ``onnx_ir.load`` resolves locations against the directory of the model path *as given* (not the
 resolved file), for initializers and tensor attributes in every subgraph; it leaves tensors inside
-model-local functions with no base directory at all (relative to the working directory). Locations
-must be relative paths lexically inside that folder; the files there may be symlinks or hard links
-(``cp -al`` snapshots, the Hugging Face cache's ``snapshots/<rev>`` → ``blobs/<hash>``), which
-onnx-ir 1.1's own containment check refuses, so that check is replaced by ours (see ``_Checked``).
+model-local functions with no base directory at all (relative to the working directory). Every location
+must pass ONNX Runtime's rule (``files.beside_model``: after resolving links, under the model's folder
+or under its real file's folder) and name a regular file. onnx-ir 1.1's own containment check refuses
+hard links and the Hugging Face cache layout, which ONNX Runtime accepts, so each tensor's check is
+replaced by ours (see ``_Checked``) and runs again right before each read.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import re
 import stat
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import onnx_ir as ir
 
 from ..errors import ModelError
+from ..files.beside_model import outside_reason
 from ..files.checks import kind_of
 
 
@@ -49,21 +51,6 @@ def all_external_tensors(model: ir.Model) -> Iterator[tuple[str, ir.ExternalTens
                 yield what, tensor
 
 
-def location_error(location: str) -> str | None:
-    """Why an external-data location is not a relative path inside the model's folder (None if it is)."""
-    if not isinstance(location, str) or not location:
-        return "empty location"
-    if "\0" in location:
-        return "location contains a NUL byte"
-    # Backslashes and drive letters as on Windows: a model that escapes its folder there is refused here too.
-    parts = PurePosixPath(location.replace("\\", "/")).parts
-    if location.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", location):
-        return "absolute location"
-    if ".." in parts:
-        return "location leaves the model's folder"
-    return None
-
-
 def _regular_size(path: str) -> int | str:
     """The size of the regular file at ``path`` (links followed), or why it is not one."""
     try:
@@ -77,32 +64,48 @@ def _regular_size(path: str) -> int | str:
     return st.st_size
 
 
+def _problem(model_path: str, location: str, path: str) -> str | None:
+    """Why the tensor at ``location`` (opened as ``path``) may not be read for the model at ``model_path``."""
+    why = outside_reason(model_path, location)
+    if why is not None:
+        return f"points outside the model's folder ({location!r}, {why})"
+    size = _regular_size(path)
+    return f"file {location}: {size}" if isinstance(size, str) else None
+
+
 class _Checked(ir.ExternalTensor):
-    """An ExternalTensor whose containment check is ours: lexically inside its folder, a regular file;
-    symlinks and hard links allowed. If onnx-ir renames its hook, its own stricter check runs instead."""
+    """An ExternalTensor whose containment check is ours (``_problem``), run again before every read.
+    If onnx-ir renames its hook, its own stricter check runs instead."""
 
     __slots__ = ()
+    _model_path = ""
 
     def _check_path_containment(self) -> None:
-        why = location_error(self.location)
-        if why is None:
-            size = _regular_size(self.path)
-            why = size if isinstance(size, str) else None
+        why = _problem(self._model_path, self.location, self.path)
         if why is not None:
-            raise ModelError(f"external data {self.location!r}: {why}")
+            raise ModelError(f"{self._model_path}: external data {why}")
+
+
+@functools.lru_cache(maxsize=64)
+def _checked_class(model_path: str) -> type[_Checked]:
+    # Same slots as ExternalTensor (a class attribute, no instance field), so ``__class__`` can be swapped.
+    return type("_Checked", (_Checked,), {"__slots__": (), "_model_path": model_path})
 
 
 def check_external_data(model: ir.Model, path: str | os.PathLike) -> None:
-    """Refuse external data outside the model's folder, missing or non-regular files, out-of-range offsets.
+    """Refuse external data ONNX Runtime would refuse (``files.beside_model``), missing or non-regular
+    files, out-of-range offsets.
 
     Checks the locations the loader will open (relative to the folder of ``path`` as given) for every
-    external tensor, then lets the loader read them through symlinks and hard links.
+    external tensor, then lets the loader read them through the links and hard links the rule allows.
     """
     base_dir = os.path.dirname(os.fspath(path))
+    # Absolute, so a later read (and its check) names the same files even if the working directory changes.
+    checked, abs_dir = _checked_class(os.path.abspath(path)), os.path.abspath(base_dir)
     sizes: dict[str, int | str] = {}
     for what, tensor in all_external_tensors(model):
         location = tensor.location
-        why = location_error(location)
+        why = outside_reason(path, location)
         if why is not None:
             raise ModelError(
                 f"{path}: external data for {what} points outside the model's folder ({location!r}, {why})"
@@ -121,8 +124,8 @@ def check_external_data(model: ir.Model, path: str | os.PathLike) -> None:
                 f"({what} ends at byte {offset + length}, file has {size})"
             )
         # Function tensors get no base directory from the loader: pin them to the model's folder too.
-        tensor.base_dir = base_dir
-        tensor.__class__ = _Checked
+        tensor.base_dir = abs_dir
+        tensor.__class__ = checked
 
 
 def inline_attribute_tensors(model: ir.Model) -> None:

@@ -347,9 +347,10 @@ def inject_files(
         if dest.is_dir():
             os.chmod(new, stat.S_IMODE(dest.stat().st_mode))
             # Files this run does not write (adapters converted later, the user's own) stay in the folder;
-            # those an earlier inject wrote and this one does not (stale adapters) are left behind.
+            # those an earlier inject wrote and this one does not (stale adapters, side files of a genai
+            # folder that changed) are left behind. Every file this run wrote wins over an old one.
             stale = set(read_files_manifest(dest / FILES_MANIFEST)) - set(produced)
-            carry_over(dest, new, skip={p.name for p in outputs} | stale)
+            carry_over(dest, new, skip={p.name for p in outputs} | stale | set(produced))
         swap_dir(new, dest, stage / "old")
     result.files = [out_dir / f for f in produced]
     return result

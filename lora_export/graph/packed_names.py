@@ -33,6 +33,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from .. import safejson
+from ..files.beside_model import outside_reason
 from .layouts import OpLayout
 from .module_paths import strip_wrappers
 from .packed import PackedSlice, packable
@@ -57,6 +58,9 @@ def read_genai_config(model_path: str | os.PathLike) -> GenaiDims | None:
     """The decoder's attention widths from ``genai_config.json`` beside the model, or None when the file
     is absent, unreadable or lacks them (then nothing is proven by it)."""
     path = Path(model_path).parent / CONFIG_NAME
+    # A link out of the model's folders proves nothing (ONNX Runtime's rule for what a model may read).
+    if outside_reason(model_path, CONFIG_NAME) is not None:
+        return None
     try:
         if not path.is_file() or path.stat().st_size > 1 << 20:
             return None

@@ -99,10 +99,16 @@ class LoraSession:
         if providers is None:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_works() else ["CPUExecutionProvider"]
         providers = list(providers)
+        from ..graph.model_io import load_model
+
+        # Checked like every model we read, before ONNX Runtime opens anything: external data by ONNX
+        # Runtime's own rule (older versions do not apply it), slot metadata, structure.
+        model = load_model(self.model_path)
         self._shared: dict[str, ort.OrtValue] = {}
         base_model = None
         if base_session:
-            base_model, self._shared = self._prepare_base(sess_options)
+            base_model, self._shared = self._prepare_base(model, sess_options)
+        del model
         self.session = self._create(self.model_path, sess_options, providers)
         self.providers = self.session.get_providers()
         on_cuda = self.providers[0] == "CUDAExecutionProvider"
@@ -139,17 +145,15 @@ class LoraSession:
         except Exception as e:  # noqa: BLE001
             raise LoraExportError(f"{self.model_path}: cannot create a session ({one_line(e)})") from None
 
-    def _prepare_base(self, sess_options: ort.SessionOptions):
-        """The stripped base model and its large initializers as OrtValues, added to ``sess_options``.
+    def _prepare_base(self, model, sess_options: ort.SessionOptions):
+        """The stripped base model (``model``, as loaded) and its large initializers as OrtValues, added to
+        ``sess_options``.
 
         Both sessions are created from ``sess_options``, so both take those initializers from the same
         OrtValues instead of loading their own copies.
         """
-        from ..graph.model_io import load_model
         from .base_path import shared_initializers, strip_branches
 
-        # Checked like every model we read: external data inside its folder, regular files.
-        model = load_model(self.model_path)
         strip_branches(model, SlotManifest.from_json(model.metadata_props.get(SLOTS_KEY)))
         # CPU memory on every provider: add_external_initializers reads host memory (device OrtValues are
         # not verified there), so on CUDA each session still copies the weights to the device.
