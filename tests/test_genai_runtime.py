@@ -127,6 +127,20 @@ def test_inject_into_a_genai_folder_runs_with_og_adapters(genai, tmp_path):
     assert _rel(_logits(out, ids, later), refs["other"]) <= TOL
     assert _rel(_logits(out, ids), refs["base"]) <= TOL
 
+    # The same folder in the Hugging Face cache's layout (every file a link into blobs/): the links are
+    # followed (ONNX Runtime's rule), so the output holds the real tokenizer and config and runs.
+    snap = tmp_path / "hub" / "snapshots" / "rev"
+    snap.mkdir(parents=True)
+    (tmp_path / "hub" / "blobs").mkdir()
+    for i, p in enumerate(sorted((tmp_path / "built").iterdir())):
+        shutil.copy(p, tmp_path / "hub" / "blobs" / f"sha{i}")
+        (snap / p.name).symlink_to(os.path.join("..", "..", "blobs", f"sha{i}"))
+    cached = tmp_path / "from_cache"
+    inject_files(snap / "model.onnx", [root / "first"], cached, base_weights=weights)
+    assert not any(p.is_symlink() for p in cached.iterdir())
+    assert (cached / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    assert _rel(_logits(cached, ids, cached / "first.onnx_adapter"), refs["first"]) <= TOL
+
 
 def _lora_initializers_to_inputs(path) -> None:
     """What Olive's ExtractAdapters (make_inputs, dynamic_lora_r, optional_inputs) does to the builder's model."""
