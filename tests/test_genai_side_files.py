@@ -24,7 +24,9 @@ from lora_export.cli import cli
 IN, OUT, R = 16, 8, 2
 
 
-def _genai_folder(folder: Path, *, tokenizer: bytes = b'{"v": 1}', extra: dict | None = None) -> Path:
+def _genai_folder(
+    folder: Path, *, tokenizer: bytes = b'{"v": 1}', extra: dict | None = None, data: str = "model.onnx.data"
+) -> Path:
     h = onnx.helper
     w = np.random.default_rng(0).standard_normal((IN, OUT)).astype(np.float32)
     x = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, IN])
@@ -33,7 +35,7 @@ def _genai_folder(folder: Path, *, tokenizer: bytes = b'{"v": 1}', extra: dict |
     graph = h.make_graph([node], "g", [x], [y], initializer=[onnx.numpy_helper.from_array(w, "q.weight")])
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=9)
     folder.mkdir(parents=True)
-    onnx.save(model, folder / "model.onnx", save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    onnx.save(model, folder / "model.onnx", save_as_external_data=True, location=data, size_threshold=0)
     config = {"model": {"decoder": {"filename": "model.onnx"}, "type": "test"}, **(extra or {})}
     (folder / "genai_config.json").write_text(json.dumps(config))
     (folder / "tokenizer.json").write_bytes(tokenizer)
@@ -126,6 +128,18 @@ def test_hf_cache_genai_folder_is_copied_with_its_real_bytes(tmp_path):
     assert got == _files(want)
     assert got["tokenizer.json"] == b'{"tok": "real"}' and got["special_tokens_map.json"] == b"{}"
     assert not any(p.is_symlink() for p in out.iterdir())
+
+
+def test_hf_cache_base_data_is_not_copied_as_a_side_file(tmp_path):
+    """Optimum's ``model.onnx_data`` is a link to a blob there: known as the base's data by its real path."""
+    src = _genai_folder(tmp_path / "g", data="model.onnx_data")
+    out = tmp_path / "out"
+    res = _inject(_hf_cache(tmp_path / "hub", src), _adapter(tmp_path), out)
+    assert res.exit_code == 0, res.output
+    assert sorted(os.listdir(out)) == sorted(
+        [".lora-export.json", "ad.onnx_adapter", "ad.safetensors", "genai_config.json", "model.onnx",
+         "model.onnx.data", "special_tokens_map.json", "tokenizer.json"]
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["tokenizer.json", "genai_config.json"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 from .. import safejson
@@ -63,11 +64,12 @@ def _side_file(base: Path, entry: Path) -> str | None:
     return real if os.path.isfile(real) else None
 
 
-def genai_side_files(base_path: str | os.PathLike, skip: set[str]) -> dict | None:
+def genai_side_files(base_path: str | os.PathLike, skip: set[str], data_files: Collection[Path] = ()) -> dict | None:
     """The genai_config.json of the base model's folder when it names the base model, else None.
 
     Returns ``{"config": dict, "files": [(name, real path), ...], "base_name": str}``: the files to copy
-    (``skip``: names inject writes, and the base's external data files). Links (the Hugging Face cache's
+    (``skip``: names inject writes; ``data_files``: the base's external data, by real path, whatever its name
+    in the folder). Links (the Hugging Face cache's
     ``snapshots/<rev>/tokenizer.json -> ../../blobs/<sha>``) are followed under ONNX Runtime's rule for
     external data (``files.beside_model``); one that leaves the model's folders is refused. Refuses a
     config that names other model files too (a pipeline: inject writes only the one model).
@@ -92,12 +94,12 @@ def genai_side_files(base_path: str | os.PathLike, skip: set[str]) -> dict | Non
             f"{cfg_path} names other model files too ({', '.join(others[:3])}); inject writes only {base.name}, "
             "so the output folder would not run in onnxruntime-genai"
         )
-    files = []
+    files, data = [], {Path(os.path.realpath(f)) for f in data_files}
     for p in sorted(base.parent.iterdir()):
         if p.name.startswith(".") or p.name.endswith(_NOT_SIDE_FILES) or p.name in skip or p.name == GENAI_CONFIG:
             continue
         real = _side_file(base, p)
-        if real is not None:
+        if real is not None and Path(real) not in data:
             files.append((p.name, real))
     return {"config": config, "files": files, "base_name": base.name}
 

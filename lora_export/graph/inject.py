@@ -317,7 +317,7 @@ def inject_files(
     base_data = external_data_files(model, base_path)
     refuse_overwrite(outputs, [*inputs, *base_data], ModelError)
     # An onnxruntime-genai folder: its genai_config.json and tokenizer files go along (see genai_folder).
-    genai = genai_side_files(base_path, {p.name for p in outputs} | {p.name for p in base_data})
+    genai = genai_side_files(base_path, {p.name for p in outputs} | {p.name for p in base_data}, base_data)
     if genai is not None and Path(os.path.realpath(out_dir)) == Path(base_path).resolve().parent:
         raise ModelError(f"{out_dir} is the base model's onnxruntime-genai folder: inject into another folder")
     genai_dims = read_genai_config(base_path)
