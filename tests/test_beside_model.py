@@ -344,3 +344,21 @@ def test_a_secret_is_never_copied_by_inject_into_an_existing_output(tmp_path, se
     res = CliRunner().invoke(cli, ["inject", str(model), str(adapter), "-o", str(out)])
     assert res.exit_code == 2 and "outside the model's folder" in res.output
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_merge_checks_the_data_file_again_before_copying_it_whole(tmp_path, setup, monkeypatch):
+    """merge copies the base's data file outside onnx-ir (patch_save): a link swapped in before that copy."""
+    import lora_export.graph.merge as merge_module
+
+    model, secret = _arrange(tmp_path / "L", setup[1], "plain")
+    real_save = merge_module.save_patched
+
+    def swap_then_save(*args, **kwargs):
+        (model.parent / DATA).unlink()
+        (model.parent / DATA).symlink_to(tmp_path / "L" / "secret")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(merge_module, "save_patched", swap_then_save)
+    res = CliRunner().invoke(cli, ["merge", str(model), str(setup[2]), "-o", str(tmp_path / "out" / "m.onnx")])
+    assert res.exit_code == 2 and "outside the model's folder" in res.output, res.output
+    assert not (tmp_path / "out" / "m.onnx").exists() and not (tmp_path / "out" / "m.onnx.data").exists()

@@ -64,11 +64,20 @@ def _regular_size(path: str) -> int | str:
     return st.st_size
 
 
+# What to do about a location outside the model's folders (ONNX Runtime refuses the model too).
+_FIX = "ONNX Runtime refuses it too: put the data file in the model's folder"
+
+
+def _outside(model_path: str | os.PathLike, location: str) -> str | None:
+    why = outside_reason(model_path, location)
+    return None if why is None else f"points outside the model's folder ({location!r}, {why}); {_FIX}"
+
+
 def _problem(model_path: str, location: str, path: str) -> str | None:
     """Why the tensor at ``location`` (opened as ``path``) may not be read for the model at ``model_path``."""
-    why = outside_reason(model_path, location)
+    why = _outside(model_path, location)
     if why is not None:
-        return f"points outside the model's folder ({location!r}, {why})"
+        return why
     size = _regular_size(path)
     return f"file {location}: {size}" if isinstance(size, str) else None
 
@@ -105,12 +114,10 @@ def check_external_data(model: ir.Model, path: str | os.PathLike) -> None:
     sizes: dict[str, int | str] = {}
     for what, tensor in all_external_tensors(model):
         location = tensor.location
-        why = outside_reason(path, location)
-        if why is not None:
-            raise ModelError(
-                f"{path}: external data for {what} points outside the model's folder ({location!r}, {why})"
-            )
         if location not in sizes:
+            why = _outside(path, location)
+            if why is not None:
+                raise ModelError(f"{path}: external data for {what} {why}")
             sizes[location] = _regular_size(os.path.join(base_dir, location))
         size = sizes[location]
         if isinstance(size, str):

@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from ..errors import ModelError
 from ..files.atomic import temp_dir
+from ..files.beside_model import outside_reason
 from ..files.staging import publish_files
 from .external_data import inline_attribute_tensors
 from .model_io import check_outputs, external_tensors
@@ -36,6 +37,11 @@ def save_patched(model: ir.Model, base_path: str | os.PathLike, out: str | os.Pa
     byte size. Atomic like ``save_model``: nothing appears at ``out`` unless everything succeeds, and
     a crash never leaves the model beside another save's data.
     """
+    # The copy reads the whole file outside onnx-ir: checked again here, as each tensor read is.
+    for location in sorted({t.location for _, t in before.values()}):
+        why = outside_reason(base_path, location)
+        if why is not None:
+            raise ModelError(f"{base_path}: external data points outside the model's folder ({location!r}, {why})")
     # The paths the loader reads (relative to the model path as given, links allowed), not re-derived.
     files = {os.path.realpath(t.path) for _, t in before.values()}
     if len(files) != 1:
