@@ -362,3 +362,17 @@ def test_merge_checks_the_data_file_again_before_copying_it_whole(tmp_path, setu
     res = CliRunner().invoke(cli, ["merge", str(model), str(setup[2]), "-o", str(tmp_path / "out" / "m.onnx")])
     assert res.exit_code == 2 and "outside the model's folder" in res.output, res.output
     assert not (tmp_path / "out" / "m.onnx").exists() and not (tmp_path / "out" / "m.onnx.data").exists()
+
+
+def test_a_model_path_through_a_link_and_dotdot_is_judged_as_the_kernel_reads_it(tmp_path):
+    """``alias/../m/model.onnx`` with alias -> real/sub names real/m/model.onnx, not L/m/model.onnx."""
+    src = _plain(tmp_path / "src")
+    good, _ = _arrange(tmp_path / "L" / "real", src, "plain")  # L/real/m/model.onnx, data beside it
+    bad, _ = _arrange(tmp_path / "L", src, "link_out")  # L/m/model.onnx, data linked to L/secret
+    (tmp_path / "L" / "real" / "sub").mkdir()
+    (tmp_path / "L" / "alias").symlink_to(tmp_path / "L" / "real" / "sub")
+    given = tmp_path / "L" / "alias" / ".." / "m" / "model.onnx"
+    assert os.path.samefile(given, good) and not os.path.samefile(given, bad)
+    assert _ort_accepts(given)
+    np.testing.assert_array_equal(load_model(given).graph.initializers["q.weight"].const_value.numpy(),
+                                  onnx.numpy_helper.to_array(onnx.load(str(src)).graph.initializer[0]))  # fmt: skip

@@ -19,12 +19,19 @@ import os
 import re
 from pathlib import PurePosixPath
 
-__all__ = ["model_folders", "outside_reason"]
+__all__ = ["absolute", "model_folders", "outside_reason"]
+
+
+def absolute(path: str | os.PathLike) -> str:
+    """``path`` made absolute without lexical normalization: ``link/..`` keeps meaning what the kernel reads
+    (the link target's parent), which ``os.path.abspath`` would fold away."""
+    path = os.fspath(path)
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
 
 
 def model_folders(model_path: str | os.PathLike) -> tuple[str, ...]:
     """The folders (real paths) a model may read from: its folder as given, and its real file's folder."""
-    path = os.path.abspath(os.fspath(model_path))
+    path = absolute(model_path)
     given = os.path.realpath(os.path.dirname(path))
     real = os.path.dirname(os.path.realpath(path))
     return (given,) if real == given else (given, real)
@@ -54,7 +61,7 @@ def outside_reason(model_path: str | os.PathLike, location: str) -> str | None:
             depth += -1 if part == ".." else 0 if part == "." else 1
             if depth < 0:
                 return "location leaves the model's folder"
-    folder = os.path.dirname(os.path.abspath(os.fspath(model_path)))
+    folder = os.path.dirname(absolute(model_path))
     target = os.path.realpath(os.path.join(folder, location))
     allowed = model_folders(model_path)
     if any(_inside(target, a) for a in allowed):

@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from ..errors import ModelError
-from ..files.beside_model import outside_reason
+from ..files.beside_model import absolute, outside_reason
 from ..files.checks import kind_of
 
 
@@ -110,7 +110,7 @@ def check_external_data(model: ir.Model, path: str | os.PathLike) -> None:
     """
     base_dir = os.path.dirname(os.fspath(path))
     # Absolute, so a later read (and its check) names the same files even if the working directory changes.
-    checked, abs_dir = _checked_class(os.path.abspath(path)), os.path.abspath(base_dir)
+    checked, abs_dir = _checked_class(absolute(path)), os.path.dirname(absolute(path))
     sizes: dict[str, int | str] = {}
     for what, tensor in all_external_tensors(model):
         location = tensor.location
