@@ -170,3 +170,14 @@ def test_a_broken_tokenizer_link_is_refused(tmp_path):
     res = _inject(src, _adapter(tmp_path), tmp_path / "out")
     assert res.exit_code == 2 and "broken link" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_folder_of_outdir_named_like_a_side_file_is_refused_not_replaced(tmp_path):
+    adapter = _adapter(tmp_path)
+    out = tmp_path / "out"
+    (out / "tokenizer.json").mkdir(parents=True)
+    (out / "tokenizer.json" / "mine.txt").write_text("the user's")
+    res = _inject(_genai_folder(tmp_path / "g"), adapter, out)
+    assert res.exit_code == 2 and "a folder of that name is in the way" in res.output, res.output
+    assert (out / "tokenizer.json" / "mine.txt").read_text() == "the user's"
+    assert sorted(os.listdir(out)) == ["tokenizer.json"]

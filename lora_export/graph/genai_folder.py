@@ -104,6 +104,11 @@ def genai_side_files(base_path: str | os.PathLike, skip: set[str], data_files: C
     return {"config": config, "files": files, "base_name": base.name}
 
 
+def genai_file_names(side: dict) -> list[str]:
+    """The names ``write_genai_side_files`` writes."""
+    return [GENAI_CONFIG, *(name for name, _ in side["files"])]
+
+
 def write_genai_side_files(side: dict, out_dir: Path, model_name: str) -> None:
     """Copy the side files into ``out_dir`` (a staging folder) and write genai_config.json naming ``model_name``."""
     for name, real in side["files"]:

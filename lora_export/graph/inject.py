@@ -40,7 +40,7 @@ from ..formats.adapter_files import write_adapter_tensors
 from ..formats.peft import adapter_files, load_adapter
 from ..formats.safetensors import read_safetensors
 from ..vera import projection_entry
-from .genai_folder import genai_side_files, write_genai_side_files
+from .genai_folder import genai_file_names, genai_side_files, write_genai_side_files
 from .layouts import get_layout
 from .model_io import external_data_files, load_model, save_model
 from .packed import PackedSlice
@@ -320,6 +320,8 @@ def inject_files(
     genai = genai_side_files(base_path, {p.name for p in outputs} | {p.name for p in base_data}, base_data)
     if genai is not None and Path(os.path.realpath(out_dir)) == Path(base_path).resolve().parent:
         raise ModelError(f"{out_dir} is the base model's onnxruntime-genai folder: inject into another folder")
+    if genai is not None:  # outputs too: never a folder or special file of OUTDIR replaced by them
+        refuse_blocked_outputs([out_dir / name for name in genai_file_names(genai)])
     genai_dims = read_genai_config(base_path)
     result = inject_adapters(model, adapters, base_weights=base_weights, dora=dora, genai_dims=genai_dims)
     # Through a symlinked OUTDIR, replace the folder it points to, not the link.
