@@ -181,3 +181,19 @@ def test_a_folder_of_outdir_named_like_a_side_file_is_refused_not_replaced(tmp_p
     assert res.exit_code == 2 and "a folder of that name is in the way" in res.output, res.output
     assert (out / "tokenizer.json" / "mine.txt").read_text() == "the user's"
     assert sorted(os.listdir(out)) == ["tokenizer.json"]
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_genai_dims_are_read_only_from_a_config_the_rule_allows(tmp_path, inside):
+    """The widths that prove packed q/k/v slices come from genai_config.json only under the rule."""
+    from lora_export.graph.packed_names import GenaiDims, read_genai_config
+
+    decoder = {"filename": "model.onnx", "num_attention_heads": 4, "num_key_value_heads": 2, "head_size": 8}
+    src = _genai_folder(tmp_path / "g", extra={"model": {"decoder": decoder}})
+    if inside:
+        base = _hf_cache(tmp_path / "hub", src)
+    else:
+        shutil.move(src.parent / "genai_config.json", tmp_path / "elsewhere.json")
+        (src.parent / "genai_config.json").symlink_to(tmp_path / "elsewhere.json")
+        base = src
+    assert read_genai_config(base) == (GenaiDims(32, 16) if inside else None)
