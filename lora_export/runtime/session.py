@@ -102,7 +102,8 @@ class LoraSession:
         from ..graph.model_io import load_model
 
         # Checked like every model we read, before ONNX Runtime opens anything: external data by ONNX
-        # Runtime's own rule (older versions do not apply it), slot metadata, structure.
+        # Runtime's own rule (versions before about 1.23, which pyproject allows, do not apply it), slot
+        # metadata, structure.
         model = load_model(self.model_path)
         self._shared: dict[str, ort.OrtValue] = {}
         base_model = None
