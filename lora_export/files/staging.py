@@ -17,6 +17,8 @@ renamed, and an empty or proven ``.locking`` of a dead run is removed too.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import re
 import secrets
@@ -238,7 +240,7 @@ def _create_lock(parent: Path, token: str) -> int:
         try:
             os.write(fd, _proof(token))
             _try_lock(fd)
-            os.link(f"/proc/self/fd/{fd}", lock)  # linkat(AT_SYMLINK_FOLLOW): gives the unnamed inode a name
+            _name_fd(fd, lock)
             return fd
         except OSError:
             os.close(fd)
@@ -256,6 +258,19 @@ def _create_lock(parent: Path, token: str) -> int:
     return fd
 
 
+_AT_FDCWD, _AT_EMPTY_PATH = -100, 0x1000
+
+
+def _name_fd(fd: int, path: Path) -> None:
+    """Give the unnamed (``O_TMPFILE``) inode open as ``fd`` the name ``path``."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # linkat(fd, "", AT_EMPTY_PATH): needs CAP_DAC_READ_SEARCH; the /proc way below does not.
+        if libc.linkat(fd, b"", _AT_FDCWD, os.fsencode(path), _AT_EMPTY_PATH) == 0:
+            return
+    os.link(f"/proc/self/fd/{fd}", path)  # linkat(AT_SYMLINK_FOLLOW) on the fd's /proc entry
+
+
 def make_dirs(folder: Path) -> list[Path]:
     """Create ``folder`` and its missing parents; returns those created, the deepest first."""
     missing = []
@@ -263,13 +278,19 @@ def make_dirs(folder: Path) -> list[Path]:
     while not os.path.lexists(p) and p != p.parent:
         missing.append(p)
         p = p.parent
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        remove_empty_dirs(missing)
+        raise
     return missing
 
 
 def remove_empty_dirs(created: list[Path]) -> None:
     """Undo ``make_dirs`` after a failure: remove the folders it created, as long as they are empty."""
     for d in created:
+        if not os.path.lexists(d):
+            continue  # never made (the failure was making it)
         try:
             os.rmdir(d)
         except OSError:
