@@ -26,7 +26,7 @@ import pytest
 from test_io_surface import _adapter, _assert_one_line_refusal, _base, _cli, _hashes, _run, _stages
 
 from lora_export import Adapter, LoraConfig, LoraTarget, save_adapter_files
-from lora_export.files.staging import MARKER_NAME, STAGE_PREFIX, _proof, clean_stale, staging_dir
+from lora_export.files.staging import MARKER_NAME, STAGE_PREFIX, _proof, clean_stale, remove_tree, staging_dir
 from lora_export.graph.inject import inject_files
 from lora_export.graph.merge import merge_file
 
@@ -314,11 +314,29 @@ def _tmpfs(path: Path, size: str = "4m"):
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    mount_id = _mount_ids().get(str(path.resolve()))
     try:
         yield path
     finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+        # Unmount it wherever it is now: code under test may have moved the folder holding it.
+        where = next((p for p, i in _mount_ids().items() if i == mount_id), str(path))
+        if subprocess.run(["umount", where], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", where], capture_output=True)
+
+
+def _mount_ids() -> dict[str, str]:
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return {line.split()[4]: line.split()[0] for line in f}
+
+
+def test_removing_a_staging_folder_never_enters_a_mount(tmp_path):
+    with staging_dir(tmp_path / "out") as stage:
+        (stage / "mnt").mkdir()
+        with _tmpfs(stage / "mnt") as mnt:
+            (mnt / "theirs.bin").write_bytes(b"on the mount")
+            assert not remove_tree(stage)
+            assert (mnt / "theirs.bin").read_bytes() == b"on the mount"
+            assert (stage / MARKER_NAME).is_file()  # still provably ours, for a later run
 
 
 def test_inject_leaves_a_filesystem_mounted_inside_outdir_alone(tmp_path):

@@ -10,43 +10,14 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import json
 import os
 import shutil
 import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .staging import has_mounts, is_stage_entry, remove_tree
-
-JOURNAL = "journal.json"
-
-
-def _write_journal(stage: Path, record: dict) -> None:
-    tmp = stage / f"{JOURNAL}.tmp"
-    tmp.write_text(json.dumps(record), encoding="utf-8")
-    os.replace(tmp, stage / JOURNAL)  # all or nothing, also under kill -9
-
-
-def _read_journal(stage: Path) -> dict:
-    try:
-        data = json.loads((stage / JOURNAL).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _plain_names(values: object) -> list[str]:
-    """The plain file names of a journal list (an edited journal cannot point anywhere else)."""
-    if not isinstance(values, list):
-        return []
-    return [v for v in values if isinstance(v, str) and v not in ("", ".", "..") and "/" not in v and "\0" not in v]
-
-
-def _unlink_regular(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        if stat.S_ISREG(os.lstat(path).st_mode):
-            os.unlink(path)
+from .journal import JOURNAL, undo_added, unlink_regular, write_journal
+from .staging import has_mounts, is_stage_entry
 
 
 def publish_set(
@@ -71,7 +42,7 @@ def publish_set(
     """
     obsolete = [o for o in obsolete if o not in companions and o != main]
     added = [c for c in companions if not os.path.lexists(dest_dir / c)]
-    _write_journal(stage, {"main": main, "added": added, "obsolete": obsolete})
+    write_journal(stage, {"main": main, "added": added, "obsolete": obsolete})
     try:
         for c in companions:
             if c not in added:
@@ -86,47 +57,14 @@ def publish_set(
                 os.rename(stage / c, dest_dir / c)
         os.replace(stage / main, dest_dir / main)
     except BaseException:
-        _undo_added(stage, dest_dir, added)
+        undo_added(stage, dest_dir, added)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(stage / JOURNAL)
         raise
     for o in obsolete:
-        _unlink_regular(dest_dir / o)
+        unlink_regular(dest_dir / o)
     os.unlink(stage / JOURNAL)
     return [dest_dir / n for n in (*companions, main)]
-
-
-def _undo_added(stage: Path, dest_dir: Path, added: Sequence[str]) -> None:
-    for c in added:
-        with contextlib.suppress(OSError):
-            here, there = os.lstat(stage / c), os.lstat(dest_dir / c)
-            if os.path.samestat(here, there):  # our link, not a file someone put there since
-                os.unlink(dest_dir / c)
-                continue
-        if not (stage / c).exists():  # renamed, not linked: the name was free when this run checked
-            _unlink_regular(dest_dir / c)
-
-
-def recover(stage: Path) -> None:
-    """Put right what the killed run that owned ``stage`` was publishing (see ``publish_set``, ``swap_dir``)."""
-    record = _read_journal(stage)
-    parent = stage.parent
-    swapped = _plain_names([record.get("swap")])
-    if swapped:
-        # Killed between the two renames of a swap without exchange: the old folder is back, not lost.
-        if not os.path.lexists(parent / swapped[0]) and (stage / "old").is_dir():
-            os.rename(stage / "old", parent / swapped[0])
-        return
-    main = _plain_names([record.get("main")])
-    if not main:
-        return
-    if os.path.lexists(stage / main[0]):  # not committed: the previous main is still there
-        _undo_added(stage, parent, _plain_names(record.get("added")))
-    else:
-        for o in _plain_names(record.get("obsolete")):
-            _unlink_regular(parent / o)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(stage / JOURNAL)
 
 
 _RENAME_EXCHANGE = 2
@@ -161,7 +99,7 @@ def swap_dir(new: Path, dest: Path, aside: Path) -> None:
     if _renameat2_exchange(new, dest):
         return  # ``new`` now names the old folder
     # No exchange: for a moment there is no folder at ``dest``, never a mixed one.
-    _write_journal(aside.parent, {"swap": dest.name})
+    write_journal(aside.parent, {"swap": dest.name})
     os.rename(dest, aside)
     os.rename(new, dest)
     os.unlink(aside.parent / JOURNAL)
@@ -234,4 +172,4 @@ def publish_folder(
     if last is not None and last in names:
         os.replace(new / last, dest / last)
     for name in stale - set(names):
-        remove_tree(dest / name) if not os.path.islink(dest / name) else os.unlink(dest / name)
+        unlink_regular(dest / name)  # files an earlier run wrote; never a folder

@@ -26,6 +26,8 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+from .journal import recover
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no locks, and leftovers are never removed
@@ -156,8 +158,9 @@ def _remove(where: str, name: str, dir_fd: int | None, dev: int, mounts: set[str
         return False  # another filesystem mounted here: not ours to empty
     fd = os.open(name if dir_fd is not None else full, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW, dir_fd=dir_fd)
     try:
-        names = sorted(os.listdir(fd), key=lambda n: n == MARKER_NAME)
-        done = [_remove(full, n, fd, dev, mounts) for n in names]
+        done = [_remove(full, n, fd, dev, mounts) for n in os.listdir(fd) if n != MARKER_NAME]
+        if all(done) and os.path.lexists(os.path.join(full, MARKER_NAME)):
+            done.append(_remove(full, MARKER_NAME, fd, dev, mounts))
     finally:
         os.close(fd)
     if not all(done):
@@ -169,8 +172,6 @@ def _remove(where: str, name: str, dir_fd: int | None, dev: int, mounts: set[str
 def clean_stale(parent: str | os.PathLike) -> list[Path]:
     """Remove the staging entries in ``parent`` that prove they are ours and that no live run holds the
     lock of (after finishing or undoing what their run was publishing); returns the folders removed."""
-    from .publish import recover  # publish builds on this module
-
     parent = Path(parent)
     removed = []
     try:
