@@ -220,6 +220,22 @@ def test_inject_killed_at_every_step_leaves_old_or_new_folder(tmp_path, server, 
     assert _kill_matrix(server, setup, argv, check, finish, exchange=exchange) >= 4
 
 
+def test_a_replaced_model_takes_only_its_own_data_along(tmp_path):
+    """The old output's data file goes with it (also the ``<model>.data`` of earlier versions); data files
+    the old model did not read stay, whatever their name."""
+    base, adapter = _base(tmp_path / "b"), _adapter(tmp_path)
+    out = tmp_path / "out"
+    shutil.copytree(tmp_path / "b", out)
+    (out / "model.onnx.0123456789abcdef.data").write_bytes(b"not read by the old model")
+    (out / "other.data").write_bytes(b"mine")
+    assert _cli("merge", base, adapter, "-o", out / "model.onnx").exit_code == 0
+    merge_file(base, adapter, tmp_path / "ref" / "model.onnx")
+    want = _files(tmp_path / "ref")
+    mine = {n: _files(out)[n] for n in ("model.onnx.0123456789abcdef.data", "other.data")}
+    assert _files(out) == {**want, **mine}  # model.onnx.data (the replaced model's) is gone
+    np.testing.assert_array_equal(_run(out / "model.onnx"), _run(tmp_path / "ref" / "model.onnx"))
+
+
 def test_only_proven_staging_entries_are_removed(tmp_path, server):
     """A killed run's leftovers go; a user's ``.lora-export-*`` entries, a link to a secret folder and a
     live run's folder stay, and cleaning never follows a link."""

@@ -323,8 +323,8 @@ def _stage(parent: Path) -> Iterator[Path]:
     fd = _create_lock(parent, token)
     try:
         stage = parent / token
-        os.mkdir(stage, 0o700)
         try:
+            os.mkdir(stage, 0o700)
             (stage / MARKER_NAME).write_bytes(_proof(token))
             yield stage
         finally:
