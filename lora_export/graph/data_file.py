@@ -118,7 +118,5 @@ def publish_model(
         rename_data_file(stage / out.name, data, name)
         companions = [name]
     kept = [Path(k) for k in keep if os.path.exists(k)]
-    obsolete = [
-        n for n in obsolete_data_files(out) if not any(os.path.samefile(out.parent / n, k) for k in kept)
-    ]
+    obsolete = [n for n in obsolete_data_files(out) if not any(os.path.samefile(out.parent / n, k) for k in kept)]
     return publish_set(stage, out.name, companions, out.parent, obsolete=obsolete)
