@@ -168,9 +168,9 @@ def export_with_manifest(
         attempts = [True, False, None] if any(SEQUENCE in s.axes.values() for s in specs) else [False, None]
         if not any(s.axes for s in specs):
             attempts = [None]
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Export into a private folder beside the output so that nothing appears at ``out`` unless
-    # the whole export, manifest and save succeed; external data written by torch stays there.
+    # the whole export, manifest and save succeed; external data written by torch stays there. The
+    # folders it creates for that go again when the export fails.
     with temp_dir(out.parent) as tmp, quiet():
         for n, attempt in enumerate(attempts):
             last = n == len(attempts) - 1

@@ -42,7 +42,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def temp_dir(parent: str | os.PathLike) -> Iterator[Path]:
     """A hidden, locked temporary folder inside ``parent`` (same filesystem, so renames out of it are atomic).
 
-    A folder left behind by a killed run is removed by the next run writing into ``parent``.
+    A folder left behind by a killed run is removed by the next run writing into ``parent``. ``parent``
+    is created if needed, and removed again (with the parents created for it) when the block fails.
     """
     with staging_dir(parent) as stage:
         yield stage

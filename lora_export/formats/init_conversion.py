@@ -25,7 +25,9 @@ import numpy as np
 from ..adapter import Adapter
 from ..errors import AdapterError, ConfigError
 from ..files.atomic import refuse_overwrite
-from ..files.staging import carry_over, staging_dir, swap_dir
+from ..files.inject_folder import refuse_blocked_outputs
+from ..files.publish import publish_folder, stage_parent
+from ..files.staging import staging_dir
 from ..training.config import LoraConfig, base_mutating_init
 from .peft import (
     CONFIG_NAME,
@@ -116,14 +118,14 @@ def convert_init_adapter(
     if out_dir.exists() and not out_dir.is_dir():
         raise AdapterError(f"{out_dir} exists and is not a directory")
     outputs = [out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME]
+    # Like every output: a new path or a regular file, never a folder, FIFO or device of that name.
+    refuse_blocked_outputs(outputs)
     refuse_overwrite(outputs, [*adapter_files(trained_path), *adapter_files(initial_path)])
     dest = Path(os.path.realpath(out_dir)) if out_dir.is_symlink() else out_dir
-    with staging_dir(dest.parent) as stage:
+    with staging_dir(stage_parent(dest)) as stage:
         new = stage / "out"
         save_adapter_files(converted, new, base)
-        if dest.is_dir():
-            carry_over(dest, new, skip={p.name for p in outputs})
-        swap_dir(new, dest, stage / "old")
+        publish_folder(new, dest, stage, replaced={p.name for p in outputs}, last=CONFIG_NAME)
     return {
         "adapter": trained.name,
         "init": init_kind,

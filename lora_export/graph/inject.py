@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,8 @@ from ..files.inject_folder import (
     refuse_blocked_outputs,
     write_files_manifest,
 )
-from ..files.staging import carry_over, staging_dir, swap_dir
+from ..files.publish import publish_folder, stage_parent
+from ..files.staging import staging_dir
 from ..formats.adapter_files import write_adapter_tensors
 from ..formats.peft import adapter_files, load_adapter
 from ..formats.safetensors import read_safetensors
@@ -327,12 +327,12 @@ def inject_files(
     # Through a symlinked OUTDIR, replace the folder it points to, not the link.
     dest = Path(os.path.realpath(out_dir)) if out_dir.is_symlink() else out_dir
     total = 1 + 2 * len(result.tensors)
-    with staging_dir(dest.parent) as stage:
+    with staging_dir(stage_parent(dest)) as stage:
         new = stage / "out"
         os.mkdir(new, 0o777)
         if progress is not None:
             progress(0, total, MODEL_NAME)
-        save_model(model, new / MODEL_NAME)
+        model_files = save_model(model, new / MODEL_NAME)
         if genai is not None:
             write_genai_side_files(genai, new, MODEL_NAME)
         done = 1
@@ -346,13 +346,11 @@ def inject_files(
         write_files_manifest(new / FILES_MANIFEST, produced)
         if progress is not None:
             progress(total, total, "")
-        if dest.is_dir():
-            os.chmod(new, stat.S_IMODE(dest.stat().st_mode))
-            # Files this run does not write (adapters converted later, the user's own) stay in the folder;
-            # those an earlier inject wrote and this one does not (stale adapters, side files of a genai
-            # folder that changed) are left behind. Every file this run wrote wins over an old one.
-            stale = set(read_files_manifest(dest / FILES_MANIFEST)) - set(produced)
-            carry_over(dest, new, skip={p.name for p in outputs} | stale | set(produced))
-        swap_dir(new, dest, stage / "old")
+        # Files this run does not write (adapters converted later, the user's own) stay in the folder;
+        # those an earlier inject wrote and this one does not (stale adapters, old data) are left behind.
+        stale = set(read_files_manifest(dest / FILES_MANIFEST)) - set(produced) if dest.is_dir() else set()
+        replaced = {p.name for p in outputs} | set(produced)
+        data = [p.name for p in model_files[:-1]]
+        publish_folder(new, dest, stage, replaced=replaced, stale=stale, main=(MODEL_NAME, data), last=FILES_MANIFEST)
     result.files = [out_dir / f for f in produced]
     return result

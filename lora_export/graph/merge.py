@@ -299,10 +299,11 @@ def merge_file(
 ) -> MergeReport:
     """Merge an adapter (object, or PEFT adapter directory) into the ONNX model at ``base_path``.
 
-    Writes ``out_path`` (and ``<out>.data`` when the base used external data) atomically: on any
-    error nothing appears there. The inputs are only read. ``base_weights`` (a mapping or a
-    .safetensors path) enables matching weights by value. ``only_targets`` (a regex searched in each
-    target's path) merges part of the adapter, e.g. its encoder targets into an encoder exported alone.
+    Writes ``out_path`` (and ``<out>.<content hash>.data`` when the base used external data) as one
+    unit: on any error nothing appears there, and a kill leaves the previous output or the new one. The
+    inputs are only read. ``base_weights`` (a mapping or a .safetensors path) enables matching weights
+    by value. ``only_targets`` (a regex searched in each target's path) merges part of the adapter,
+    e.g. its encoder targets into an encoder exported alone.
     ``force`` merges an adapter the model's history records as merged already (see ``merge_adapter``).
     """
     from ..formats.peft import adapter_files, load_adapter
@@ -326,7 +327,8 @@ def merge_file(
     _refuse_overwrite(base_path, out_path, other_inputs=other_inputs)
     t0 = time.perf_counter()
     model = load_model(base_path)
-    _refuse_overwrite(base_path, out_path, external_data_files(model, base_path))
+    base_data = external_data_files(model, base_path)
+    _refuse_overwrite(base_path, out_path, base_data)
     before = snapshot(model)
     t_load = time.perf_counter() - t0
     report = merge_adapter(
@@ -345,9 +347,9 @@ def merge_file(
     t0 = time.perf_counter()
     written = None
     if external is not False and before:
-        written = save_patched(model, base_path, out_path, before)
+        written = save_patched(model, base_path, out_path, before, keep=base_data)
     if written is None:
-        written = save_model(model, out_path, external=external)
+        written = save_model(model, out_path, external=external, keep=base_data)
     report.timings = {"load": t_load, **report.timings, "save": time.perf_counter() - t0}
     report.timings["total"] = time.perf_counter() - t_start
     report.base, report.output = str(base_path), str(out_path)

@@ -7,7 +7,7 @@ memory-mapped views and streams them to the output when saving.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import onnx_ir as ir
@@ -15,7 +15,7 @@ import onnx_ir as ir
 from ..errors import ModelError, first_line
 from ..files.atomic import temp_dir
 from ..files.checks import check_output_file, require_regular_file
-from ..files.staging import publish_files
+from .data_file import publish_model
 from .external_data import check_external_data, external_data_files, inline_attribute_tensors
 from .model_check import check_model
 
@@ -54,21 +54,27 @@ def initializer_bytes(model: ir.Model) -> int:
     )
 
 
-def save_model(model: ir.Model, out: str | os.PathLike, *, external: bool | None = None, callback=None) -> list[Path]:
-    """Save atomically: nothing appears at ``out`` (or its data file) unless the whole save succeeds.
-
-    The data file is renamed in only after the old ``out`` is gone, and ``out`` last: a crash leaves
-    no model or a model beside its own data, never a model with another save's data.
+def save_model(
+    model: ir.Model,
+    out: str | os.PathLike,
+    *,
+    external: bool | None = None,
+    callback=None,
+    keep: Iterable[str | os.PathLike] = (),
+) -> list[Path]:
+    """Save atomically: nothing appears at ``out`` (or its data file) unless the whole save succeeds,
+    and at every instant (kill -9 included) ``out`` is the previous model with its data, or the new one
+    with its data (see ``data_file.publish_model``).
 
     ``external``: None keeps the base's choice (external data if the model had any, or if it would not
-    fit in one protobuf); True/False forces it. External data goes to ``<out name>.data`` beside it.
-    Returns the files written.
+    fit in one protobuf); True/False forces it. External data goes to ``<out name>.<content hash>.data``
+    beside it. ``keep``: files never removed as the replaced model's data (the inputs). Returns the files
+    written, the model last.
     """
     check_outputs(out)
     out = Path(out)
     if external is None:
         external = any(True for _ in external_tensors(model)) or initializer_bytes(model) > INLINE_LIMIT_BYTES
-    out.parent.mkdir(parents=True, exist_ok=True)
     data_name = f"{out.name}.data"
     inline_attribute_tensors(model)
     with temp_dir(out.parent) as tmp:
@@ -82,8 +88,11 @@ def save_model(model: ir.Model, out: str | os.PathLike, *, external: bool | None
                 ir.save(model, tmp_model)
         except Exception as e:  # noqa: BLE001
             raise ModelError(f"cannot write {out}: {type(e).__name__}: {first_line(e)}") from None
-        names = [data_name, out.name] if external and (tmp / data_name).exists() else [out.name]
-        return publish_files(tmp, names, out.parent)
+        data = data_name if external and (tmp / data_name).exists() else None
+        try:
+            return publish_model(tmp, out, data, keep=keep)
+        except OSError as e:
+            raise ModelError(f"cannot write {out}: {e.strerror or e}") from None
 
 
 def check_outputs(out: str | os.PathLike) -> None:

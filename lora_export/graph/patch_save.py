@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import onnx_ir as ir
@@ -17,7 +18,7 @@ import onnx_ir as ir
 from ..errors import ModelError
 from ..files.atomic import temp_dir
 from ..files.beside_model import outside_reason
-from ..files.staging import publish_files
+from .data_file import publish_model
 from .external_data import inline_attribute_tensors
 from .model_io import check_outputs, external_tensors
 
@@ -30,12 +31,14 @@ def snapshot(model: ir.Model) -> Snapshot:
     return {id(v): (v, t) for v, t in external_tensors(model)}
 
 
-def save_patched(model: ir.Model, base_path: str | os.PathLike, out: str | os.PathLike, before: Snapshot):
+def save_patched(
+    model: ir.Model, base_path: str | os.PathLike, out: str | os.PathLike, before: Snapshot, keep: Iterable[Path] = ()
+):
     """Save ``model`` to ``out`` by patching a copy of the base's data file; None if not applicable.
 
     Applies when all external data lives in one file and every replaced external tensor kept its
     byte size. Atomic like ``save_model``: nothing appears at ``out`` unless everything succeeds, and
-    a crash never leaves the model beside another save's data.
+    a crash never leaves the model beside another save's data (``data_file.publish_model``).
     """
     # The copy reads the whole file outside onnx-ir: checked again here, as each tensor read is.
     for location in sorted({t.location for _, t in before.values()}):
@@ -69,7 +72,6 @@ def save_patched(model: ir.Model, base_path: str | os.PathLike, out: str | os.Pa
     inline_attribute_tensors(model)
     out = Path(out)
     data_name = f"{out.name}.data"
-    out.parent.mkdir(parents=True, exist_ok=True)
     with temp_dir(out.parent) as tmp:
         try:
             shutil.copyfile(src, tmp / data_name)
@@ -88,6 +90,6 @@ def save_patched(model: ir.Model, base_path: str | os.PathLike, out: str | os.Pa
                     base_dir=tmp,
                 )
             ir.save(model, tmp / out.name)
+            return publish_model(tmp, out, data_name, keep=keep)
         except OSError as e:
             raise ModelError(f"cannot write {out}: {e.strerror or e}") from None
-        return publish_files(tmp, [data_name, out.name], out.parent)

@@ -224,22 +224,28 @@ def compare(name: str, a: np.ndarray, b: np.ndarray, *, rtol: float, atol: float
 def save_reference(
     folder: str | os.PathLike, names: Sequence[str], outputs: Sequence[np.ndarray], feeds: Mapping[str, np.ndarray]
 ) -> list[Path]:
-    """Write ``<output>.npy`` per output and the ``inputs.npz`` that produced them."""
-    from ..files.atomic import atomic_path
+    """Write ``<output>.npy`` per output and the ``inputs.npz`` that produced them.
+
+    All are written first into a staging folder inside ``folder``, then renamed in one by one: a failure
+    (a full disk) leaves no file, and no folder this call created."""
+    from ..files.atomic import temp_dir
+    from ..files.checks import check_output_file
+    from ..files.staging import file_mode
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, arr in zip(names, outputs):
-        with atomic_path(folder / f"{safe_name(name)}.npy") as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, arr)
-        written.append(folder / f"{safe_name(name)}.npy")
-    with atomic_path(folder / "inputs.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **dict(feeds))
-    written.append(folder / "inputs.npz")
-    return written
+    files = [f"{safe_name(name)}.npy" for name in names] + ["inputs.npz"]
+    for f in files:
+        check_output_file(folder / f)
+    with temp_dir(folder) as stage:
+        for f, arr in zip(files, outputs):
+            with open(stage / f, "wb") as fh:
+                np.save(fh, arr)
+        with open(stage / "inputs.npz", "wb") as fh:
+            np.savez(fh, **dict(feeds))
+        for f in files:
+            os.chmod(stage / f, file_mode())
+            os.replace(stage / f, folder / f)
+    return [folder / f for f in files]
 
 
 def safe_name(name: str) -> str:
