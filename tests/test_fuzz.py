@@ -308,7 +308,8 @@ def _mutate(data: st.DataObject, proto: onnx.ModelProto, root: Path) -> bytes:
             target.write_bytes(b"\0" * data.draw(st.integers(0, 256)))
             init.ClearField("raw_data")
             init.data_location = onnx.TensorProto.EXTERNAL
-            entries = {"location": data.draw(st.sampled_from(["data.bin", "missing.bin", "../x", "/etc/hosts", ""]))}
+            outside = str(root.parent / "secret.bin")  # absolute, in the temp dir: never a real system file
+            entries = {"location": data.draw(st.sampled_from(["data.bin", "missing.bin", "../x", outside, ""]))}
             for key in ("offset", "length"):
                 if data.draw(st.booleans()):
                     entries[key] = data.draw(st.sampled_from(["0", "8", "96", "-1", "abc", "99999999999"]))
