@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from .delta import lora_delta
 from .errors import AdapterError, ShapeError, TargetError
+from .safejson import short_repr
 from .training.config import LoraConfig
 
 if TYPE_CHECKING:
@@ -204,12 +206,30 @@ class Adapter:
         }
 
 
+# PEFT's key prefix for module tensors: a shared group's tensors are stored under its bare name, so a group
+# named with it would read (and write) as the LoRA of a module.
+PEFT_PREFIX = "base_model.model."
+
+
+def group_name_problem(group: str, members: tuple[str, ...], targets: Collection[str]) -> str | None:
+    """Why ``group`` cannot name a shared group of ``members`` (among ``targets``), or None."""
+    if group.startswith(PEFT_PREFIX):
+        return f"starts with PEFT's module prefix {PEFT_PREFIX!r}, so its LoRA would read as a module's"
+    if group in targets and group not in members:
+        return "is the path of a module outside the group, so their LoRA inputs would collide"
+    return None
+
+
 def check_shared(adapter: Adapter) -> None:
-    """Refuse shared groups that name unknown targets, overlap, or whose members differ in their LoRA."""
+    """Refuse shared groups that name unknown targets, overlap, or whose members differ in their LoRA;
+    and group names that read as a module's (``group_name_problem``)."""
     seen: dict[str, str] = {}
     for group, members in adapter.shared.items():
         if not isinstance(group, str) or not group or not members:
             raise AdapterError(f"adapter {adapter.name!r}: shared group {group!r} is unnamed or empty")
+        problem = group_name_problem(group, members, adapter.targets)
+        if problem:
+            raise AdapterError(f"adapter {adapter.name!r}: shared group {short_repr(group)} {problem}")
         first = None
         for m in members:
             t = adapter.targets.get(m)

@@ -9,7 +9,7 @@ import click
 
 from ..graph.inject import InjectResult, inject_files
 from ._progress import progress_bar
-from .terminal import clean, clean_lines
+from .terminal import aligned, clean, clean_lines
 
 
 @click.command("inject")
@@ -69,8 +69,12 @@ def parse_named(arg: str) -> tuple[str, str | None]:
 
 def summary(result: InjectResult) -> str:
     lines = [f"{len(result.manifest.slots)} LoRA slots:"]
-    for module, slot in sorted(result.manifest.slots.items()):
-        lines.append(f"  {clean(module)}  {clean(slot.op)}  {slot.kind}{'  +DoRA' if slot.dora else ''}")
+    lines += aligned(
+        [
+            (module, slot.op, slot.kind, "+DoRA" if slot.dora else "")
+            for module, slot in sorted(result.manifest.slots.items())
+        ]
+    )
     if result.manifest.absent:
         lines.append(f"absent from the graph (no effect): {', '.join(clean(m) for m in result.manifest.absent)}")
     lines += [f"wrote {clean(p)}" for p in result.files]

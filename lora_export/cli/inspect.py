@@ -6,6 +6,8 @@ import json
 
 import click
 
+from ..errors import VerificationError
+
 
 @click.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False))
@@ -22,3 +24,21 @@ def inspect_command(
 
     report = inspect_model(model, adapter, base_weights=base_weights, only_targets=only_targets)
     click.echo(json.dumps(report, indent=2) if as_json else clean_lines(format_report(report)))
+    nothing = nothing_matched(report)
+    if nothing:
+        # After the report: it shows why each target did not resolve. Exit 1 (a finding), as verify's.
+        raise VerificationError(nothing)
+
+
+def nothing_matched(report: dict) -> str | None:
+    """With an adapter: the one line saying none of it lands on the model, or None when something does."""
+    if "resolution" not in report:
+        return None
+    extras = report.get("extras") or []
+    if report["counts"]["matched"] or any(e["status"] == "matched" for e in extras):
+        return None
+    n = len(report["resolution"]) + len(extras)
+    return (
+        f"none of the {n} target(s) of adapter {report['adapter']} matched a weight of {report['model']} "
+        "(the report says why; --base-weights matches by value)"
+    )

@@ -39,6 +39,13 @@ def _groups(config: dict[str, Any]) -> dict[str, tuple[str, ...]]:
         for g, ms in groups.items()
     ):
         raise ConfigError(f"LoRA-drop adapter_config.json: {GROUPS_KEY} must map group names to lists of modules")
+    for g in groups:
+        # Checked before the tensors are read: a prefixed group's tensors would be taken for a module's too.
+        if g.startswith(PREFIX):
+            raise ConfigError(
+                f"LoRA-drop adapter_config.json: shared group {short_repr(g)} starts with PEFT's module prefix "
+                f"{PREFIX!r}; group tensors are stored under the bare group name"
+            )
     return {g: tuple(ms) for g, ms in groups.items()}
 
 
