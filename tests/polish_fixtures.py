@@ -3,6 +3,7 @@ adapter read straight from its files (json + safetensors): the independent refer
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -33,8 +34,17 @@ def reference(ids: np.ndarray, adapter_dir: Path | None = None) -> np.ndarray:
     return (emb[ids] @ fc.T + w["fc.bias"]) @ w["proj.weight"]
 
 
-def run_cli(*args: object, cwd: Path) -> subprocess.CompletedProcess:
-    """``lora-export ARGS`` in a fresh interpreter (this checkout's package), in ``cwd``."""
+def run_cli(*args: object, cwd: Path, subprocess_: bool = False) -> subprocess.CompletedProcess:
+    """``lora-export ARGS`` run in ``cwd``: in this process (click's runner: fast), or with ``subprocess_``
+    in a fresh interpreter (this checkout's package) as a user runs it."""
+    if not subprocess_:
+        from click.testing import CliRunner
+
+        from lora_export.cli import cli
+
+        with contextlib.chdir(cwd):
+            res = CliRunner().invoke(cli, [str(a) for a in args])
+        return subprocess.CompletedProcess(args, res.exit_code, res.stdout, res.stderr)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "plugins")]))
     env.pop("LORA_EXPORT_DEBUG", None)
     cmd = [sys.executable, "-c", "from lora_export.cli import main; main()", *map(str, args)]
