@@ -69,3 +69,10 @@ def summarize(text: str, limit: int = 300) -> str:
             return text
     head, rest = text[:cut].rstrip(), text[cut:].split()
     return f"{head} ... ({len(rest)} more word{'s' if len(rest) != 1 else ''})" if rest else head
+
+
+def some(names, limit: int = 3) -> str:
+    """Names for a one-line message: the first ``limit``, then how many more (never dropped silently)."""
+    names = [str(n) for n in names]
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

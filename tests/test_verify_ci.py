@@ -159,3 +159,12 @@ def test_tiny_model_is_the_reference_model():
     # The reference in polish_fixtures describes the fixture's graph: three weights, vocabulary VOCAB.
     names = [t.name for t in tiny_model().graph.initializer]
     assert names == ["emb.weight", "fc.weight", "fc.bias", "proj.weight"] and VOCAB == 10
+
+
+def test_long_lists_say_how_many_more(tmp_path):
+    model, adapter = write_model(tmp_path / "m" / "model.onnx"), write_adapter(tmp_path / "ad")
+    others = [{"filename": f"part{i}.onnx"} for i in range(5)]
+    config = {"model": {"decoder": {"filename": "model.onnx"}, "pipeline": others}}
+    (tmp_path / "m" / "genai_config.json").write_text(json.dumps(config))
+    line = one_error_line(run_cli("inject", model, adapter, "-o", "out", cwd=tmp_path))
+    assert "part0.onnx, part1.onnx, part2.onnx, ... (2 more)" in line

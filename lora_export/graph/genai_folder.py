@@ -17,7 +17,7 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from .. import safejson
-from ..errors import ModelError
+from ..errors import ModelError, some
 from ..files.beside_model import outside_reason
 
 GENAI_CONFIG = "genai_config.json"
@@ -95,7 +95,7 @@ def genai_side_files(base_path: str | os.PathLike, skip: set[str], data_files: C
     others = sorted({n for n in names if n != base.name})
     if others:
         raise ModelError(
-            f"{cfg_path} names other model files too ({', '.join(others[:3])}); inject writes only {base.name}, "
+            f"{cfg_path} names other model files too ({some(others)}); inject writes only {base.name}, "
             "so the output folder would not run in onnxruntime-genai"
         )
     files, data = [], {Path(os.path.realpath(f)) for f in data_files}

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..adapter import Adapter, target_digest
-from ..errors import AdapterError, ModelError, ShapeError, TargetError
+from ..errors import AdapterError, ModelError, ShapeError, TargetError, some
 from ..files.atomic import refuse_overwrite
 from ..files.checks import require_regular_file
 from ..files.inject_folder import (
@@ -97,7 +97,7 @@ def _resolve_all(
         if not res.matched and not res.unmatched:
             target_errors.append(
                 f"{adapter.name}: none of its targets occur in the model (adapter for another model?): "
-                + ", ".join(rt.target.name for rt in res.targets[:4])
+                + some([rt.target.name for rt in res.targets], 4)
             )
         for rt in res.targets:
             name = rt.target.name
@@ -178,7 +178,7 @@ def inject_adapters(
         adapter.check_finite()
         if adapter.extra:
             raise AdapterError(
-                f"adapter {adapter.name!r} replaces full tensors ({', '.join(sorted(adapter.extra)[:3])}), "
+                f"adapter {adapter.name!r} replaces full tensors ({some(sorted(adapter.extra))}), "
                 "which adapter mode cannot swap; use merge"
             )
     adapters = [bind_to_graph(model, a, base_weights) for a in adapters]
