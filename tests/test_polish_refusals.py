@@ -227,3 +227,29 @@ def test_group_names_that_read_as_modules_are_refused_at_save():
         Adapter(dict(targets), cfg, shared={"base_model.model.c": ("a", "b")})
     with pytest.raises(AdapterError, match="outside the group"):
         Adapter(dict(targets), cfg, shared={"c": ("a", "b")})
+
+
+def test_training_refuses_to_save_a_group_named_like_a_module(tmp_path):
+    import torch
+    from torch import nn
+
+    from lora_export import attach_lora, save_adapter
+    from lora_export.training.layers import SHARED_GROUP_ATTR
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    attach_lora(model, LoraConfig(r=2, lora_alpha=2, target_modules=["0", "1", "2"]), verbose=False)
+    a, b = model[0], model[1]
+    b.lora_A, b.lora_B = a.lora_A, a.lora_B  # one LoRA shared by 0 and 1, as LoRA-drop leaves it
+    for name, ok in (("lora_drop.x", True), ("base_model.model.2", False), ("2", False)):
+        for layer in (a, b):
+            setattr(layer, SHARED_GROUP_ATTR, name)
+        if ok:
+            save_adapter(model, tmp_path / "ok")
+            assert json.loads((tmp_path / "ok" / "adapter_config.json").read_text())["shared_groups"] == {
+                name: ["0", "1"]
+            }
+        else:
+            with pytest.raises(AdapterError, match="shared group"):
+                save_adapter(model, tmp_path / name)
+            assert not (tmp_path / name).exists()
