@@ -41,12 +41,13 @@ from ..formats.peft import adapter_files, load_adapter
 from ..formats.safetensors import read_safetensors
 from ..vera import projection_entry
 from .genai_folder import genai_file_names, genai_side_files, write_genai_side_files
+from .history_guard import history_or_refusal, merged_repeat, refuse, safe_history
 from .layouts import get_layout
 from .model_io import external_data_files, load_model, save_model
 from .packed import PackedSlice
 from .packed_branch import add_packed_branch
 from .packed_names import GenaiDims, read_genai_config
-from .provenance import append_history, make_record, target_entry
+from .provenance import DUPLICATES_META, HistoryError, append_history, make_record, target_entry
 from .resolve import ResolvedTarget, resolve_targets
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, slot_stems
 from .value_match import check_stored_base, quantized_holds
@@ -154,6 +155,7 @@ def inject_adapters(
     base_weights: Mapping[str, np.ndarray] | None = None,
     dora: bool = False,
     genai_dims: GenaiDims | None = None,
+    force: bool = False,
 ) -> InjectResult:
     """Add LoRA slots for the union of the adapters' targets to ``model`` (in place).
 
@@ -164,7 +166,9 @@ def inject_adapters(
     Returns the slot manifest (also stored in ``model.metadata_props``) and each adapter's slot tensors.
     ``genai_dims``: the onnxruntime-genai config's attention widths (names-based packed slices).
     Each adapter gets an ``inject`` record in the model's ``lora_export.history`` (see ``provenance``); an
-    unreadable history is kept under ``lora_export.history.unreadable`` and restarted.
+    unreadable history is kept under ``lora_export.history.unreadable`` and restarted. An adapter the
+    history records as merged already (its slot file would apply it twice), or a duplicated history, is
+    refused unless ``force``.
     """
     if not adapters:
         raise AdapterError("inject needs at least one adapter")
@@ -174,6 +178,12 @@ def inject_adapters(
         raise AdapterError(f"two adapters share the name {dupes[0]!r}; adapter files are named after them")
     if SLOTS_KEY in model.metadata_props:
         raise AdapterError("model already has LoRA slots; inject into the base model (or use convert)")
+    history = safe_history(model)
+    if isinstance(history, HistoryError) and DUPLICATES_META in model.meta:
+        history = history_or_refusal(history, force, "use --force to inject anyway")
+    for adapter in adapters:
+        why = merged_repeat(history, adapter) if isinstance(history, list) else None
+        refuse(why, force, "use --force to inject anyway", "its slot file would apply it a second time")
     for adapter in adapters:
         adapter.check_finite()
         if adapter.extra:
@@ -278,6 +288,7 @@ def inject_files(
     only_targets: str | None = None,
     names: Sequence[str | None] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    force: bool = False,
 ) -> InjectResult:
     """``lora-export inject``: OUTDIR/model.onnx (+ external data when the base had it) and, per adapter,
     OUTDIR/<name>.onnx_adapter and OUTDIR/<name>.safetensors (<name>: ``names[i]`` where given, else the
@@ -289,7 +300,7 @@ def inject_files(
     along, the config pointing at OUTDIR/model.onnx (``genai_folder``). OUTDIR/.lora-export.json lists the
     files written; a later inject into the same folder removes those
     of them it no longer writes (an adapter dropped or renamed), and never any other file.
-    ``progress(done, total, file name)`` is called as the files are written.
+    ``progress(done, total, file name)`` is called as the files are written. ``force``: see ``inject_adapters``.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -323,7 +334,7 @@ def inject_files(
     if genai is not None:  # outputs too: never a folder or special file of OUTDIR replaced by them
         refuse_blocked_outputs([out_dir / name for name in genai_file_names(genai)])
     genai_dims = read_genai_config(base_path)
-    result = inject_adapters(model, adapters, base_weights=base_weights, dora=dora, genai_dims=genai_dims)
+    result = inject_adapters(model, adapters, base_weights=base_weights, dora=dora, genai_dims=genai_dims, force=force)
     # Through a symlinked OUTDIR, replace the folder it points to, not the link.
     dest = Path(os.path.realpath(out_dir)) if out_dir.is_symlink() else out_dir
     total = 1 + 2 * len(result.tensors)

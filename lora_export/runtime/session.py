@@ -36,6 +36,7 @@ from ..errors import AdapterError, DtypeError, LoraExportError, one_line
 from ..files.checks import require_regular_file
 from ..formats.adapter_files import read_adapter_tensors
 from ..formats.peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
+from ..graph.history_guard import history_or_refusal, merged_repeat, refuse, safe_history, slot_digests, slots_repeat
 from ..graph.slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, check_finite_tensors, check_tensors
 from .feeds import ORT_TYPES, checked_feeds, listed, requested_outputs
 
@@ -105,6 +106,8 @@ class LoraSession:
         # Runtime's own rule (versions before about 1.23, which pyproject allows, do not apply it), slot
         # metadata, structure.
         model = load_model(self.model_path)
+        # What was merged into the weights: an adapter loaded on top must not be one of those.
+        self._history = safe_history(model)
         self._shared: dict[str, ort.OrtValue] = {}
         base_model = None
         if base_session:
@@ -208,18 +211,33 @@ class LoraSession:
             f"slots={len(self.slots)} adapters={self.adapters}{twin}>"
         )
 
-    def load_adapter(self, name: str, source: str | os.PathLike | Adapter | Mapping[str, np.ndarray]) -> None:
+    def load_adapter(
+        self,
+        name: str,
+        source: str | os.PathLike | Adapter | Mapping[str, np.ndarray],
+        *,
+        force: bool = False,
+    ) -> None:
         """Validate and place an adapter on the device under ``name``.
 
         ``source``: a ``.onnx_adapter`` or ``.safetensors`` file of slot tensors, a PEFT adapter directory
         or ``Adapter`` (converted in memory), or a dict of slot tensors.
+
+        An adapter the model's history records as merged into its weights (by its digest, a target's
+        tensors, or its slot tensors) is refused: it would apply twice. So is any adapter when the history
+        is unreadable or duplicated. ``force=True`` loads it anyway.
         """
         if not name or not isinstance(name, str):
             raise AdapterError("an adapter needs a non-empty name")
         with self._lock:
             if name in self._adapters:
                 raise AdapterError(f"an adapter named {name!r} is already loaded (unload it first)")
-        tensors, what = self._tensors_of(source)
+        hint = "pass force=True to load it anyway"
+        history = history_or_refusal(self._history, force, hint)
+        tensors, what, adapter = self._tensors_of(source)
+        if adapter is not None:
+            refuse(merged_repeat(history, adapter), force, hint)
+        refuse(slots_repeat(history, slot_digests(tensors, self.manifest), what), force, hint)
         check_tensors(tensors, self.manifest, what)
         self._check_dtypes(tensors, what)
         # Files and dicts come from anywhere: NaN/Inf in a slot would turn every output NaN, silently.
@@ -236,19 +254,19 @@ class LoraSession:
             if self._adapters.pop(name, None) is None:
                 raise AdapterError(f"no adapter named {name!r} is loaded")
 
-    def _tensors_of(self, source) -> tuple[dict[str, np.ndarray], str]:
+    def _tensors_of(self, source) -> tuple[dict[str, np.ndarray], str, Adapter | None]:
         if isinstance(source, Mapping):
-            return {k: np.asarray(v) for k, v in source.items()}, "adapter tensors"
+            return {k: np.asarray(v) for k, v in source.items()}, "adapter tensors", None
         if isinstance(source, Adapter):
-            return adapter_tensors(source, self.manifest, self._read_weight()), f"adapter {source.name!r}"
+            return adapter_tensors(source, self.manifest, self._read_weight()), f"adapter {source.name!r}", source
         path = Path(source)
         # A PEFT adapter: its folder, or one of its files (slot files have other names).
         if path.is_dir() or path.name in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME):
             from ..formats.peft import load_adapter
 
             adapter = load_adapter(path)
-            return adapter_tensors(adapter, self.manifest, self._read_weight()), f"adapter {adapter.name!r}"
-        return read_adapter_tensors(path), str(path)
+            return adapter_tensors(adapter, self.manifest, self._read_weight()), f"adapter {adapter.name!r}", adapter
+        return read_adapter_tensors(path), str(path), None
 
     def _read_weight(self) -> Callable[[Slot], np.ndarray]:
         from ..graph.convert import weight_reader
