@@ -22,6 +22,7 @@ from ..files.atomic import refuse_overwrite
 from ..files.checks import check_output_file, require_regular_file
 from ..formats.adapter_files import ADAPTER_SUFFIXES, write_adapter_tensors
 from ..formats.peft import adapter_files, load_adapter
+from .base_check import mismatch, refuse_mismatch, slot_file_entries, slot_weights, stored_info
 from .foreign_quant import QuantWriter, read_model_slots
 from .foreign_slots import foreign_tensors, lora_input_names, slots_fingerprint
 from .history_guard import history_or_refusal, merged_repeat, refuse, safe_history, slot_digests, slots_repeat
@@ -86,7 +87,12 @@ def weight_reader(model_path: str | os.PathLike | ir.Model) -> Callable[[Slot], 
         node, layout = located(slot)
         return quantized_holds(layout, node, w)
 
+    def stored(slot: Slot) -> tuple[np.dtype | None, bool]:
+        node, layout = located(slot)
+        return stored_info(layout.weight_value(node), layout)
+
     read.holds = holds  # type: ignore[attr-defined]
+    read.stored = stored  # type: ignore[attr-defined]
     return read
 
 
@@ -108,7 +114,9 @@ def convert_adapter(
     (int4) LoRA inputs are written only with ``requantize`` (lossy; the summary's ``"requantized"`` has each
     slot's error).
 
-    An adapter the model's history records as merged (its digest, a target's tensors, or its slot tensors)
+    An adapter whose base fingerprint does not match the weights behind the model's slots is refused, and
+    the file written carries the fingerprint of those weights (``base_check``). An adapter the model's
+    history records as merged (its digest, a target's tensors, or its slot tensors)
     is refused, since loading the file would apply it twice; so is a model whose history is unreadable or
     duplicated: both unless ``force``."""
     check_output_file(out_path, AdapterError)
@@ -131,11 +139,15 @@ def convert_adapter(
     if SLOTS_KEY not in props:
         return _convert_foreign(adapter, model_path, out_path, requantize)
     manifest = read_manifest(model_path)
-    tensors = adapter_tensors(adapter, manifest, weight_reader(model_path))
+    read = weight_reader(model_path)
+    found = mismatch(adapter.base_fingerprint or {}, slot_weights(manifest, read, history))
+    refuse_mismatch(found, f"adapter {adapter.name!r}", "this model's", force, hint)
+    tensors = adapter_tensors(adapter, manifest, read)
     why = slots_repeat(history, slot_digests(tensors, manifest), f"adapter {adapter.name!r}")
     refuse(why, force, hint, "loading its slot file would apply it twice")
-    write_adapter_tensors(out_path, tensors, model_version=manifest.fingerprint)
     covered = sorted({m for m in adapter.targets if m in manifest.slots})
+    fingerprint = slot_file_entries(manifest, read, covered)
+    write_adapter_tensors(out_path, tensors, model_version=manifest.fingerprint, fingerprint=fingerprint)
     return {
         "adapter": adapter.name,
         "output": str(out_path),

@@ -36,10 +36,12 @@ from ..files.inject_folder import (
 )
 from ..files.publish import publish_folder, stage_parent
 from ..files.staging import staging_dir
+from ..fingerprint import weight_entry
 from ..formats.adapter_files import write_adapter_tensors
 from ..formats.peft import adapter_files, load_adapter
 from ..formats.safetensors import read_safetensors
 from ..vera import projection_entry
+from .base_check import check_base_weights, check_resolved
 from .genai_folder import genai_file_names, genai_side_files, write_genai_side_files
 from .history_guard import history_or_refusal, merged_repeat, refuse, safe_history
 from .layouts import get_layout
@@ -67,6 +69,7 @@ class InjectResult:
     files: list[Path] = field(default_factory=list)
     digests: dict[str, str] = field(default_factory=dict)  # adapter name → adapter_digest
     history: list[dict] = field(default_factory=list)  # the model's lora_export.history after the inject
+    fingerprints: dict[str, dict] = field(default_factory=dict)  # adapter name → its slot files' base fingerprint
 
     def to_dict(self) -> dict:
         return {
@@ -168,7 +171,9 @@ def inject_adapters(
     Each adapter gets an ``inject`` record in the model's ``lora_export.history`` (see ``provenance``); an
     unreadable history is kept under ``lora_export.history.unreadable`` and restarted. An adapter the
     history records as merged already (its slot file would apply it twice), or a duplicated history, is
-    refused unless ``force``.
+    refused unless ``force``; so is an adapter whose base fingerprint (``base_check``) does not match the
+    weights it resolves to or ``base_weights``. Each adapter's slot files get the fingerprint of this
+    model's weights under their slots (``result.fingerprints``).
     """
     if not adapters:
         raise AdapterError("inject needs at least one adapter")
@@ -193,7 +198,13 @@ def inject_adapters(
             )
     adapters = [bind_to_graph(model, a, base_weights) for a in adapters]
     shared = None if dora else common_projection(adapters)
+    hint = "use --force to inject anyway"
+    for adapter in adapters:  # before resolving by the values of --base-weights finds nothing
+        check_base_weights(adapter, base_weights, force, hint)
     chosen, reports, absent = _resolve_all(model, adapters, base_weights, genai_dims)
+    for adapter in adapters:
+        mine = [chosen[t.name] for t in adapter if t.name in chosen]
+        check_resolved(adapter, mine, history if isinstance(history, list) else [], force, hint)
     dora_modules = set(chosen) if dora else {t.name for a in adapters for t in a if t.is_dora}
     stems = slot_stems(sorted(chosen), adapters)
     slots: dict[str, Slot] = {}
@@ -233,6 +244,11 @@ def inject_adapters(
     read_weight.holds = holds  # type: ignore[attr-defined]
 
     tensors = {a.name: adapter_tensors(a, manifest, read_weight) for a in adapters}
+    # Each slot file says which base weights it was made for: this model's, as they are.
+    entries: dict[str, dict] = {}
+    for module in sorted({t.name for a in adapters for t in a if t.name in slots}):
+        entries[module] = weight_entry(read_weight(slots[module]))
+    fingerprints = {a.name: {t.name: entries[t.name] for t in a if t.name in entries} for a in adapters}
 
     graph = model.graph
     taken = {v.name for v in graph.inputs} | set(graph.initializers)
@@ -275,7 +291,7 @@ def inject_adapters(
         entries = [target_entry(r["target"], r["status"], r["initializer"], sha.get(r["target"])) for r in rows]
         records.append(make_record("inject", a.name, digests[a.name], targets=entries))
     history = append_history(model, records, replace_unreadable=True)
-    return InjectResult(manifest, tensors, reports, digests=digests, history=history)
+    return InjectResult(manifest, tensors, reports, digests=digests, history=history, fingerprints=fingerprints)
 
 
 def inject_files(
@@ -351,7 +367,12 @@ def inject_files(
             for suffix in (".onnx_adapter", ".safetensors"):
                 if progress is not None:
                     progress(done, total, f"{name}{suffix}")
-                write_adapter_tensors(new / f"{name}{suffix}", tensors, model_version=result.manifest.fingerprint)
+                write_adapter_tensors(
+                    new / f"{name}{suffix}",
+                    tensors,
+                    model_version=result.manifest.fingerprint,
+                    fingerprint=result.fingerprints.get(name),
+                )
                 done += 1
         produced = sorted(p.name for p in new.iterdir())
         write_files_manifest(new / FILES_MANIFEST, produced)

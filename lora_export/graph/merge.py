@@ -22,6 +22,7 @@ from ..delta import check_mergeable, merged_weight
 from ..errors import AdapterError, ConfigError, ModelError, ShapeError, TargetError
 from ..files.atomic import refuse_overwrite
 from ..files.checks import require_regular_file
+from .base_check import check_base_weights, check_resolved
 from .consumers import free_name, other_readers, private_copy
 from .convert import weight_reader
 from .float_convert import convert_lossy
@@ -45,6 +46,7 @@ from .value_match import check_stored_base
 from .vera_bind import bind_to_graph
 
 Progress = Callable[[int, int, str], None]  # (done, total, current target name)
+_HINT = "use --force to merge anyway"
 _LIST_MAX = 5
 
 
@@ -80,6 +82,9 @@ def merge_adapter(
     rounds the whole weight again: refused unless ``requantize`` (inject serves them exactly instead), or
     ``into_float``: their ops become float MatMuls on the dequantized weight + ΔW (exact; ``report.converted``).
     ``genai_dims``: the onnxruntime-genai config's attention widths (names-based packed slices).
+
+    An adapter that carries a base fingerprint (files lora-export wrote) is refused, unless ``force``, when
+    the weights it resolves to (or ``base_weights``) are not the ones it was made for (``base_check``).
     """
     if requantize and into_float:
         raise ConfigError("--requantize and --into-float exclude each other: pick one")
@@ -98,11 +103,16 @@ def merge_adapter(
     adapter.check_finite()
     for t in adapter:
         check_mergeable(t)  # before any weight changes
+    # --base-weights of another checkpoint: say so before resolving by their values finds nothing.
+    check_base_weights(adapter, base_weights, force, _HINT)
     t0 = time.perf_counter()
     resolution = resolve_targets(model, adapter, base_weights=base_weights, genai_dims=genai_dims)
     report = MergeReport(adapter=adapter.name, resolution=resolution, scale=float(scale), adapter_sha256=digest)
     report.timings["resolve"] = time.perf_counter() - t0
     _check_resolution(resolution, adapter, allow_partial)
+    # The base checkpoint the adapter was made for (its fingerprint, when it has one): before any weight changes.
+    history = safe_history(model)
+    check_resolved(adapter, resolution.matched, history if isinstance(history, list) else [], force, _HINT)
 
     for r in resolution.matched:
         check_stored_base(adapter, r)  # before any weight changes

@@ -34,7 +34,7 @@ import onnxruntime as ort
 from ..adapter import Adapter
 from ..errors import AdapterError, DtypeError, LoraExportError, one_line
 from ..files.checks import require_regular_file
-from ..formats.adapter_files import read_adapter_tensors
+from ..formats.adapter_files import read_adapter_file
 from ..formats.peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
 from ..graph.history_guard import history_or_refusal, merged_repeat, refuse, safe_history, slot_digests, slots_repeat
 from ..graph.slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, check_finite_tensors, check_tensors
@@ -140,6 +140,7 @@ class LoraSession:
         self._outputs = [o.name for o in self._output_args]
         self._adapters: dict[str, dict[str, ort.OrtValue]] = {}
         self._lock = threading.Lock()
+        self._reader: Callable[[Slot], np.ndarray] | None = None
 
     def _create(self, model, sess_options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
         try:
@@ -225,7 +226,8 @@ class LoraSession:
 
         An adapter the model's history records as merged into its weights (by its digest, a target's
         tensors, or its slot tensors) is refused: it would apply twice. So is any adapter when the history
-        is unreadable or duplicated. ``force=True`` loads it anyway.
+        is unreadable or duplicated. An adapter carrying a base fingerprint (files lora-export wrote) that
+        does not match the weights behind the model's slots is refused too. ``force=True`` loads it anyway.
         """
         if not name or not isinstance(name, str):
             raise AdapterError("an adapter needs a non-empty name")
@@ -234,10 +236,11 @@ class LoraSession:
                 raise AdapterError(f"an adapter named {name!r} is already loaded (unload it first)")
         hint = "pass force=True to load it anyway"
         history = history_or_refusal(self._history, force, hint)
-        tensors, what, adapter = self._tensors_of(source)
+        tensors, what, adapter, fingerprint = self._tensors_of(source)
         if adapter is not None:
             refuse(merged_repeat(history, adapter), force, hint)
         refuse(slots_repeat(history, slot_digests(tensors, self.manifest), what), force, hint)
+        self._check_base(what, tensors, fingerprint, history, force, hint)
         check_tensors(tensors, self.manifest, what)
         self._check_dtypes(tensors, what)
         # Files and dicts come from anywhere: NaN/Inf in a slot would turn every output NaN, silently.
@@ -254,24 +257,47 @@ class LoraSession:
             if self._adapters.pop(name, None) is None:
                 raise AdapterError(f"no adapter named {name!r} is loaded")
 
-    def _tensors_of(self, source) -> tuple[dict[str, np.ndarray], str, Adapter | None]:
+    def _check_base(self, what: str, tensors, fingerprint, history: list[dict], force: bool, hint: str) -> None:
+        """The base fingerprint the adapter carries (entries or an .onnx_adapter's code) against the weights
+        behind the model's slots (``graph.base_check``)."""
+        if fingerprint is None:
+            return
+        from ..graph.base_check import code_mismatch, mismatch, refuse_mismatch, slot_weights
+
+        weights = slot_weights(self.manifest, self._read_weight(), history)
+        if isinstance(fingerprint, int):
+            filled = [m for m, s in self.manifest.slots.items() if any(n in tensors for n in s.inputs)]
+            found = code_mismatch(fingerprint, filled, weights)
+        else:
+            found = mismatch(fingerprint, weights)
+        refuse_mismatch(found, what, "this model's", force, hint)
+
+    def _tensors_of(self, source) -> tuple[dict[str, np.ndarray], str, Adapter | None, dict | int | None]:
+        """The slot tensors of ``source``, what to call it, the Adapter it came from (if any) and the base
+        fingerprint it carries (if any)."""
         if isinstance(source, Mapping):
-            return {k: np.asarray(v) for k, v in source.items()}, "adapter tensors", None
+            return {k: np.asarray(v) for k, v in source.items()}, "adapter tensors", None, None
         if isinstance(source, Adapter):
-            return adapter_tensors(source, self.manifest, self._read_weight()), f"adapter {source.name!r}", source
+            tensors = adapter_tensors(source, self.manifest, self._read_weight())
+            return tensors, f"adapter {source.name!r}", source, source.base_fingerprint
         path = Path(source)
         # A PEFT adapter: its folder, or one of its files (slot files have other names).
         if path.is_dir() or path.name in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME):
             from ..formats.peft import load_adapter
 
             adapter = load_adapter(path)
-            return adapter_tensors(adapter, self.manifest, self._read_weight()), f"adapter {adapter.name!r}", adapter
-        return read_adapter_tensors(path), str(path), None
+            tensors = adapter_tensors(adapter, self.manifest, self._read_weight())
+            return tensors, f"adapter {adapter.name!r}", adapter, adapter.base_fingerprint
+        tensors, fingerprint = read_adapter_file(path)
+        return tensors, str(path), None, fingerprint
 
     def _read_weight(self) -> Callable[[Slot], np.ndarray]:
-        from ..graph.convert import weight_reader
+        # One reader per session: it loads the model (memory-mapped) once, on first use.
+        if self._reader is None:
+            from ..graph.convert import weight_reader
 
-        return weight_reader(self.model_path)
+            self._reader = weight_reader(self.model_path)
+        return self._reader
 
     def _check_dtypes(self, tensors: Mapping[str, np.ndarray], what: str) -> None:
         # check_tensors compared them with the manifest; the session's own input types are the final word.

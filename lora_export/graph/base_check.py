@@ -1,0 +1,189 @@
+"""Is this the base checkpoint the adapter was made for? Compare its base fingerprint (``fingerprint``) with
+the model's weights and with ``--base-weights``; refuse a mismatch in one line unless forced.
+
+A weight an earlier merge changed (the model's history says which) is no longer the base: it is left out
+of the comparison, as are targets without a fingerprint entry. Adapters without a fingerprint (PEFT's own
+files) are not checked; ``inspect`` says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ..adapter import Adapter
+from ..errors import AdapterError
+from ..fingerprint import entry_problem, short_code, weight_entry
+from .resolve import ResolvedTarget
+from .slots import Slot, SlotManifest
+from .value_match import base_key
+
+WeightInfo = tuple[np.ndarray, "np.dtype | None", bool]  # canonical weight, stored dtype, stored quantized
+
+
+def merged_weights(history: Sequence[dict]) -> set[str]:
+    """Module paths and initializer names whose values an earlier merge changed."""
+    out: set[str] = set()
+    for record in history:
+        if record.get("operation") != "merge":
+            continue
+        for t in record.get("targets", []):
+            if t.get("status") == "matched":
+                out.add(t["target"])
+                if t.get("initializer"):
+                    out.add(t["initializer"])
+    return out
+
+
+def stored_info(value, layout) -> tuple[np.dtype | None, bool]:
+    """The dtype a weight is stored in and whether it is quantized (read back dequantized)."""
+    lossy = bool(getattr(layout, "lossy_write", False))
+    try:
+        dtype = np.dtype(value.const_value.dtype.numpy())
+    except Exception:  # noqa: BLE001 - no constant or an unusual dtype: compare as read back
+        return None, lossy
+    return dtype, lossy or dtype.kind != "f"
+
+
+def resolved_info(r: ResolvedTarget) -> WeightInfo:
+    return (r.layout.read(r.node), *stored_info(r.value, r.layout))
+
+
+def mismatch(
+    entries: Mapping[str, dict],
+    weights: Mapping[str, Callable[[], WeightInfo]],
+    skip: set[str] = frozenset(),
+) -> tuple[str, str] | None:
+    """The first (module, problem) where the weights differ from ``entries``; modules in ``skip`` are left out."""
+    for module in sorted(entries):
+        if module in skip or module not in weights:
+            continue
+        problem = entry_problem(entries[module], *weights[module]())
+        if problem:
+            return module, problem
+    return None
+
+
+def refuse_mismatch(found: tuple[str, str] | None, what: str, against: str, force: bool, hint: str) -> None:
+    if found is not None and not force:
+        module, problem = found
+        raise AdapterError(f"{what} was made for other base weights than {against}: {module}: {problem}; {hint}")
+
+
+def check_resolved(
+    adapter: Adapter, matched: Iterable[ResolvedTarget], history: Sequence[dict], force: bool, hint: str
+) -> None:
+    """merge and inject: the adapter's fingerprint against the weights its targets resolved to."""
+    if not adapter.base_fingerprint:
+        return
+    changed = merged_weights(history)
+    weights = {}
+    for r in matched:
+        if r.target.name in changed or r.value.name in changed:
+            continue
+        weights[r.target.name] = lambda r=r: resolved_info(r)
+    found = mismatch(adapter.base_fingerprint, weights)
+    refuse_mismatch(found, f"adapter {adapter.name!r}", "this model's", force, hint)
+
+
+def check_base_weights(adapter: Adapter, base_weights: Mapping[str, np.ndarray] | None, force: bool, hint: str) -> None:
+    """The adapter's fingerprint against ``--base-weights`` (the base's state dict, torch layout)."""
+    if not adapter.base_fingerprint or not base_weights:
+        return
+    weights = {}
+    for module in adapter.base_fingerprint:
+        key = base_key(module, base_weights)
+        target = adapter.targets.get(module)
+        if key is not None and target is not None:
+            w = np.asarray(base_weights[key])
+            w = w.T if target.fan_in_fan_out and w.ndim == 2 else w  # a state dict holds HF Conv1D as (in, out)
+            weights[module] = lambda w=w: (w.astype(np.float32), w.dtype, False)
+    found = mismatch(adapter.base_fingerprint, weights)
+    refuse_mismatch(found, f"adapter {adapter.name!r}", "--base-weights", force, hint)
+
+
+def slot_weights(
+    manifest: SlotManifest, read_weight: Callable[[Slot], np.ndarray], history: Sequence[dict]
+) -> dict[str, Callable[[], WeightInfo]]:
+    """module → its base weight behind an injected model's slot, for the slots no merge changed."""
+    changed = merged_weights(history)
+    stored = getattr(read_weight, "stored", None)
+
+    def info(slot: Slot) -> WeightInfo:
+        dtype, lossy = stored(slot) if stored is not None else (None, False)
+        return read_weight(slot), dtype, lossy
+
+    return {m: (lambda s=s: info(s)) for m, s in manifest.slots.items() if m not in changed and s.weight not in changed}
+
+
+def slot_file_entries(
+    manifest: SlotManifest, read_weight: Callable[[Slot], np.ndarray], modules: Iterable[str]
+) -> dict[str, dict]:
+    """The fingerprint a slot file for ``modules`` of this injected model carries: its weights as they are."""
+    return {m: weight_entry(read_weight(manifest.slots[m])) for m in sorted(modules) if m in manifest.slots}
+
+
+def code_mismatch(
+    code: int, modules: Iterable[str], weights: Mapping[str, Callable[[], WeightInfo]]
+) -> tuple[str, str] | None:
+    """An ``.onnx_adapter``'s fingerprint code against the model; None when it matches or cannot be checked
+    (a module a merge changed since)."""
+    modules = sorted(modules)
+    if not modules or any(m not in weights for m in modules):
+        return None
+    entries = {m: weight_entry(weights[m]()[0]) for m in modules}
+    if short_code(entries) == code:
+        return None
+    shown = ", ".join(modules[:3]) + (f", ... ({len(modules) - 3} more)" if len(modules) > 3 else "")
+    return shown, "other values (the file's fingerprint code differs)"
+
+
+def fingerprint_report(
+    adapter: Adapter,
+    matched: Iterable[ResolvedTarget],
+    history: Sequence[dict],
+    base_weights: Mapping[str, np.ndarray] | None = None,
+) -> dict:
+    """For ``inspect``: whether the adapter carries a base fingerprint, and where it differs from the model's
+    weights (and ``base_weights``)."""
+    if adapter.base_fingerprint is None:
+        return {"present": False}
+    changed = merged_weights(history)
+    report: dict = {"present": True, "targets": len(adapter.base_fingerprint), "checked": 0, "differs": []}
+    for r in matched:
+        entry = adapter.base_fingerprint.get(r.target.name)
+        if entry is None or r.target.name in changed or r.value.name in changed:
+            continue
+        report["checked"] += 1
+        problem = entry_problem(entry, *resolved_info(r))
+        if problem:
+            report["differs"].append({"target": r.target.name, "detail": problem})
+    if base_weights:
+        try:
+            check_base_weights(adapter, base_weights, False, "")
+        except AdapterError as e:
+            report["base_weights_differ"] = str(e).rstrip("; ")
+    return report
+
+
+def format_fingerprint(report: dict) -> str:
+    """One line of ``inspect``'s text for ``fingerprint_report``."""
+    if not report["present"]:
+        return (
+            "base fingerprint: none (not written by lora-export): a wrong base checkpoint cannot be detected; "
+            "pass --base-weights to match targets by value"
+        )
+    if report["differs"]:
+        first = report["differs"][0]
+        more = f" and {len(report['differs']) - 1} more" if len(report["differs"]) > 1 else ""
+        return (
+            f"base fingerprint: DIFFERS from this model's weights at {first['target']}{more} ({first['detail']}): "
+            "made for another base checkpoint; merge, inject and convert refuse it without --force"
+        )
+    line = (
+        f"base fingerprint: matches this model's weights ({report['checked']} of {report['targets']} targets checked)"
+    )
+    if report.get("base_weights_differ"):
+        line += "; DIFFERS from --base-weights"
+    return line
