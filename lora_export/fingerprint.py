@@ -77,17 +77,20 @@ def entry_problem(
     ``stored_dtype``: the dtype the model stores it in (default ``w``'s); ``lossy``: the model stores it
     quantized (``w`` is the dequantized value). None when it matches."""
     arr = np.asarray(w)
-    if [int(d) for d in arr.shape] != list(entry["shape"]):
-        return f"shape {list(arr.shape)}, the adapter was made for {list(entry['shape'])}"
-    flat = _canonical(arr).reshape(-1)
-    if hashlib.sha256(flat.tobytes()).hexdigest() == entry["sha256"]:
+    return compare(entry, weight_entry(arr), np.dtype(stored_dtype if stored_dtype is not None else arr.dtype), lossy)
+
+
+def compare(entry: Mapping, found: Mapping, stored_dtype: np.dtype, lossy: bool = False) -> str | None:
+    """``entry_problem`` on the model weight's own entry ``found`` (``weight_entry`` of the weight read back)."""
+    if list(found["shape"]) != list(entry["shape"]):
+        return f"shape {list(found['shape'])}, the adapter was made for {list(entry['shape'])}"
+    if found["sha256"] == entry["sha256"]:
         return None
-    want = _samples(entry)
-    got = flat[_sample_positions(flat.size)]
+    want, got = _samples(entry), _samples(found)
     if lossy:
         rel = float(np.linalg.norm(got - want) / max(float(np.linalg.norm(want)), 1e-30))
         return None if rel < _LOSSY_TOLERANCE else f"other values (relative difference {rel:.3g} at sampled entries)"
-    stored = np.dtype(stored_dtype if stored_dtype is not None else arr.dtype)
+    stored = np.dtype(stored_dtype)
     made = _dtype(entry["dtype"])
     # Stored narrower than the weight the adapter was made on (bfloat16 and float16 hold neither the other):
     # the model holds it rounded, so only the rounded samples can be compared.

@@ -14,12 +14,14 @@ import numpy as np
 
 from ..adapter import Adapter
 from ..errors import AdapterError
-from ..fingerprint import entry_problem, short_code, weight_entry
+from ..fingerprint import compare, short_code, weight_entry
 from .resolve import ResolvedTarget
 from .slots import Slot, SlotManifest
 from .value_match import base_key
 
-WeightInfo = tuple[np.ndarray, "np.dtype | None", bool]  # canonical weight, stored dtype, stored quantized
+# The model weight's own fingerprint entry (of its value read back in ΔW's layout), its stored dtype, and
+# whether it is stored quantized. Entries, not weights: small enough to cache for a session's lifetime.
+WeightInfo = tuple[dict, np.dtype, bool]
 
 
 def merged_weights(history: Sequence[dict]) -> set[str]:
@@ -46,8 +48,13 @@ def stored_info(value, layout) -> tuple[np.dtype | None, bool]:
     return dtype, lossy or dtype.kind != "f"
 
 
+def _info(w: np.ndarray, dtype: np.dtype | None, lossy: bool) -> WeightInfo:
+    w = np.asarray(w)
+    return weight_entry(w), np.dtype(dtype if dtype is not None else w.dtype), lossy
+
+
 def resolved_info(r: ResolvedTarget) -> WeightInfo:
-    return (r.layout.read(r.node), *stored_info(r.value, r.layout))
+    return _info(r.layout.read(r.node), *stored_info(r.value, r.layout))
 
 
 def mismatch(
@@ -59,7 +66,7 @@ def mismatch(
     for module in sorted(entries):
         if module in skip or module not in weights:
             continue
-        problem = entry_problem(entries[module], *weights[module]())
+        problem = compare(entries[module], *weights[module]())
         if problem:
             return module, problem
     return None
@@ -98,21 +105,28 @@ def check_base_weights(adapter: Adapter, base_weights: Mapping[str, np.ndarray] 
         if key is not None and target is not None:
             w = np.asarray(base_weights[key])
             w = w.T if target.fan_in_fan_out and w.ndim == 2 else w  # a state dict holds HF Conv1D as (in, out)
-            weights[module] = lambda w=w: (w.astype(np.float32), w.dtype, False)
+            weights[module] = lambda w=w: _info(w, w.dtype, False)
     found = mismatch(adapter.base_fingerprint, weights)
     refuse_mismatch(found, f"adapter {adapter.name!r}", "--base-weights", force, hint)
 
 
 def slot_weights(
-    manifest: SlotManifest, read_weight: Callable[[Slot], np.ndarray], history: Sequence[dict]
+    manifest: SlotManifest,
+    read_weight: Callable[[Slot], np.ndarray],
+    history: Sequence[dict],
+    cache: dict[str, WeightInfo] | None = None,
 ) -> dict[str, Callable[[], WeightInfo]]:
-    """module → its base weight behind an injected model's slot, for the slots no merge changed."""
+    """module → its base weight behind an injected model's slot, for the slots no merge changed (read once
+    per ``cache``)."""
     changed = merged_weights(history)
     stored = getattr(read_weight, "stored", None)
+    cache = {} if cache is None else cache
 
     def info(slot: Slot) -> WeightInfo:
-        dtype, lossy = stored(slot) if stored is not None else (None, False)
-        return read_weight(slot), dtype, lossy
+        if slot.module not in cache:
+            dtype, lossy = stored(slot) if stored is not None else (None, False)
+            cache[slot.module] = _info(read_weight(slot), dtype, lossy)
+        return cache[slot.module]
 
     return {m: (lambda s=s: info(s)) for m, s in manifest.slots.items() if m not in changed and s.weight not in changed}
 
@@ -132,7 +146,7 @@ def code_mismatch(
     modules = sorted(modules)
     if not modules or any(m not in weights for m in modules):
         return None
-    entries = {m: weight_entry(weights[m]()[0]) for m in modules}
+    entries = {m: weights[m]()[0] for m in modules}
     if short_code(entries) == code:
         return None
     shown = ", ".join(modules[:3]) + (f", ... ({len(modules) - 3} more)" if len(modules) > 3 else "")
@@ -156,7 +170,7 @@ def fingerprint_report(
         if entry is None or r.target.name in changed or r.value.name in changed:
             continue
         report["checked"] += 1
-        problem = entry_problem(entry, *resolved_info(r))
+        problem = compare(entry, *resolved_info(r))
         if problem:
             report["differs"].append({"target": r.target.name, "detail": problem})
     if base_weights:

@@ -141,6 +141,7 @@ class LoraSession:
         self._adapters: dict[str, dict[str, ort.OrtValue]] = {}
         self._lock = threading.Lock()
         self._reader: Callable[[Slot], np.ndarray] | None = None
+        self._base_entries: dict = {}  # module → its base weight's fingerprint entry, read once (base_check)
 
     def _create(self, model, sess_options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
         try:
@@ -264,7 +265,7 @@ class LoraSession:
             return
         from ..graph.base_check import code_mismatch, mismatch, refuse_mismatch, slot_weights
 
-        weights = slot_weights(self.manifest, self._read_weight(), history)
+        weights = slot_weights(self.manifest, self._read_weight(), history, self._base_entries)
         if isinstance(fingerprint, int):
             filled = [m for m, s in self.manifest.slots.items() if any(n in tensors for n in s.inputs)]
             found = code_mismatch(fingerprint, filled, weights)
