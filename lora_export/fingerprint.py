@@ -60,7 +60,7 @@ def weight_entry(w: np.ndarray, dtype: str | None = None) -> dict:
     return {
         "shape": [int(d) for d in arr.shape],
         "dtype": dtype or str(arr.dtype),
-        "sha256": hashlib.sha256(flat.tobytes()).hexdigest(),
+        "sha256": hashlib.sha256(memoryview(flat)).hexdigest(),  # no copy: hashed in place
         "samples": base64.b64encode(samples.astype("<f4").tobytes()).decode("ascii"),
     }
 

@@ -112,6 +112,15 @@ def test_merge_into_injected_model_is_refused_then_recorded(gpt2, tmp_path):
     np.testing.assert_allclose(run_onnx(merged, inputs), ref, rtol=1e-4, atol=1e-5)
 
 
+def test_merge_into_a_model_injected_with_part_of_the_adapter_is_refused(gpt2, tmp_path):
+    served = tmp_path / "served"
+    result = _cli("inject", gpt2["base"], gpt2["root"] / "a", "-o", served, "--only-targets", "c_fc")
+    assert result.exit_code == 0, result.output
+    result = _cli("merge", served / "model.onnx", gpt2["root"] / "copy", "-o", tmp_path / "m.onnx")
+    _one_line_error(result, "has LoRA slots in this model (target transformer.h.0.mlp.c_fc and more", "--force")
+    assert _cli("merge", served / "model.onnx", gpt2["root"] / "b", "-o", tmp_path / "m.onnx").exit_code == 0
+
+
 def test_session_refuses_the_merged_adapter_in_every_form(gpt2, tmp_path):
     served = gpt2["root"] / "served"
     merged = _merged_into_served(gpt2, tmp_path)

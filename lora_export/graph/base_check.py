@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..adapter import Adapter
-from ..errors import AdapterError
+from ..errors import AdapterError, LoraExportError
 from ..fingerprint import compare, short_code, weight_entry
 from .resolve import ResolvedTarget
 from .slots import Slot, SlotManifest
@@ -58,15 +58,13 @@ def resolved_info(r: ResolvedTarget) -> WeightInfo:
 
 
 def mismatch(
-    entries: Mapping[str, dict],
-    weights: Mapping[str, Callable[[], WeightInfo]],
-    skip: set[str] = frozenset(),
+    entries: Mapping[str, dict], weights: Mapping[str, Callable[[], WeightInfo | None]]
 ) -> tuple[str, str] | None:
-    """The first (module, problem) where the weights differ from ``entries``; modules in ``skip`` are left out."""
+    """The first (module, problem) where the weights differ from ``entries``; modules whose weight is not
+    given (or cannot be read alone: None) are left out."""
     for module in sorted(entries):
-        if module in skip or module not in weights:
-            continue
-        problem = compare(entries[module], *weights[module]())
+        info = weights[module]() if module in weights else None
+        problem = compare(entries[module], *info) if info is not None else None
         if problem:
             return module, problem
     return None
@@ -110,22 +108,33 @@ def check_base_weights(adapter: Adapter, base_weights: Mapping[str, np.ndarray] 
     refuse_mismatch(found, f"adapter {adapter.name!r}", "--base-weights", force, hint)
 
 
+def _slot_weight(slot: Slot, read_weight: Callable[[Slot], np.ndarray]) -> np.ndarray | None:
+    """The base weight behind ``slot``, or None where the slot's weight cannot be read alone (a slice of a
+    packed weight: the manifest does not say where) or not at all."""
+    try:
+        w = np.asarray(read_weight(slot))
+    except LoraExportError:
+        return None
+    return w if list(w.shape) == list(slot.weight_shape) else None
+
+
 def slot_weights(
     manifest: SlotManifest,
     read_weight: Callable[[Slot], np.ndarray],
     history: Sequence[dict],
-    cache: dict[str, WeightInfo] | None = None,
-) -> dict[str, Callable[[], WeightInfo]]:
+    cache: dict[str, WeightInfo | None] | None = None,
+) -> dict[str, Callable[[], WeightInfo | None]]:
     """module → its base weight behind an injected model's slot, for the slots no merge changed (read once
-    per ``cache``)."""
+    per ``cache``; None where it cannot be read alone)."""
     changed = merged_weights(history)
     stored = getattr(read_weight, "stored", None)
     cache = {} if cache is None else cache
 
-    def info(slot: Slot) -> WeightInfo:
+    def info(slot: Slot) -> WeightInfo | None:
         if slot.module not in cache:
-            dtype, lossy = stored(slot) if stored is not None else (None, False)
-            cache[slot.module] = _info(read_weight(slot), dtype, lossy)
+            w = _slot_weight(slot, read_weight)
+            dtype, lossy = stored(slot) if stored is not None and w is not None else (None, False)
+            cache[slot.module] = None if w is None else _info(w, dtype, lossy)
         return cache[slot.module]
 
     return {m: (lambda s=s: info(s)) for m, s in manifest.slots.items() if m not in changed and s.weight not in changed}
@@ -134,8 +143,14 @@ def slot_weights(
 def slot_file_entries(
     manifest: SlotManifest, read_weight: Callable[[Slot], np.ndarray], modules: Iterable[str]
 ) -> dict[str, dict]:
-    """The fingerprint a slot file for ``modules`` of this injected model carries: its weights as they are."""
-    return {m: weight_entry(read_weight(manifest.slots[m])) for m in sorted(modules) if m in manifest.slots}
+    """The fingerprint a slot file for ``modules`` of this injected model carries: its weights as they are
+    (those that can be read alone)."""
+    out = {}
+    for m in sorted(modules):
+        w = _slot_weight(manifest.slots[m], read_weight) if m in manifest.slots else None
+        if w is not None:
+            out[m] = weight_entry(w)
+    return out
 
 
 def code_mismatch(
@@ -146,8 +161,9 @@ def code_mismatch(
     modules = sorted(modules)
     if not modules or any(m not in weights for m in modules):
         return None
-    entries = {m: weights[m]()[0] for m in modules}
-    if short_code(entries) == code:
+    infos = {m: weights[m]() for m in modules}
+    entries = {m: info[0] for m, info in infos.items() if info is not None}
+    if not entries or short_code(entries) == code:
         return None
     shown = ", ".join(modules[:3]) + (f", ... ({len(modules) - 3} more)" if len(modules) > 3 else "")
     return shown, "other values (the file's fingerprint code differs)"

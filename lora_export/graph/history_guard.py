@@ -124,13 +124,20 @@ def slots_repeat(history: Sequence[dict], digests: Mapping[str, str], what: str)
 
 
 def injected_repeat(history: Sequence[dict], adapter: Adapter) -> str | None:
-    """Why merging ``adapter`` into an injected model makes its own slot files apply it twice, or None."""
+    """Why merging ``adapter`` into an injected model makes its own slot files apply it twice, or None: the
+    model was injected with it (its digest), or with a part of it (a target with the same tensors)."""
     digest = adapter.digest()
+    mine = {(t.name, target_digest(t)) for t in adapter}
     for i in range(len(history), 0, -1):
         record = history[i - 1]
-        if record.get("operation") == "inject" and record.get("adapter_sha256") == digest:
+        if record.get("operation") != "inject":
+            continue
+        same = record.get("adapter_sha256") == digest
+        shared = sorted(t["target"] for t in record.get("targets", []) if (t["target"], t.get("sha256")) in mine)
+        if same or shared:
+            part = "" if same else f" (target {shared[0]}{' and more' if len(shared) > 1 else ''}, same tensors)"
             return (
-                f"adapter {adapter.name!r} has LoRA slots in this model (history record {i}: inject of "
+                f"adapter {adapter.name!r} has LoRA slots in this model{part} (history record {i}: inject of "
                 f"{record['adapter']!r}); merged too, its slot file would apply it a second time"
             )
     return None

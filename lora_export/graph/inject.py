@@ -36,12 +36,12 @@ from ..files.inject_folder import (
 )
 from ..files.publish import publish_folder, stage_parent
 from ..files.staging import staging_dir
-from ..fingerprint import weight_entry
 from ..formats.adapter_files import write_adapter_tensors
 from ..formats.peft import adapter_files, load_adapter
 from ..formats.safetensors import read_safetensors
 from ..vera import projection_entry
-from .base_check import check_base_weights, check_resolved
+from .base_check import check_base_weights, check_resolved, slot_file_entries
+from .convert import weight_reader
 from .genai_folder import genai_file_names, genai_side_files, write_genai_side_files
 from .history_guard import history_or_refusal, merged_repeat, refuse, safe_history
 from .layouts import get_layout
@@ -244,10 +244,9 @@ def inject_adapters(
     read_weight.holds = holds  # type: ignore[attr-defined]
 
     tensors = {a.name: adapter_tensors(a, manifest, read_weight) for a in adapters}
-    # Each slot file says which base weights it was made for: this model's, as they are.
-    entries: dict[str, dict] = {}
-    for module in sorted({t.name for a in adapters for t in a if t.name in slots}):
-        entries[module] = weight_entry(read_weight(slots[module]))
+    # Each slot file says which base weights it was made for: this model's, as they are, read back the way
+    # convert and LoraSession read them (by the slot's node).
+    entries = slot_file_entries(manifest, weight_reader(model), {t.name for a in adapters for t in a})
     fingerprints = {a.name: {t.name: entries[t.name] for t in a if t.name in entries} for a in adapters}
 
     graph = model.graph
