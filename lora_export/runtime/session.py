@@ -140,7 +140,6 @@ class LoraSession:
         self._outputs = [o.name for o in self._output_args]
         self._adapters: dict[str, dict[str, ort.OrtValue]] = {}
         self._lock = threading.Lock()
-        self._reader: Callable[[Slot], np.ndarray] | None = None
         self._base_entries: dict = {}  # module → its base weight's fingerprint entry, read once (base_check)
 
     def _create(self, model, sess_options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
@@ -293,12 +292,12 @@ class LoraSession:
         return tensors, str(path), None, fingerprint
 
     def _read_weight(self) -> Callable[[Slot], np.ndarray]:
-        # One reader per session: it loads the model (memory-mapped) once, on first use.
-        if self._reader is None:
-            from ..graph.convert import weight_reader
+        # A fresh reader per call: it holds the loaded model, which the session should not keep (an inline
+        # model's weights would stay in memory beside ONNX Runtime's). What the fingerprint check needs of
+        # the weights is cached in ``_base_entries`` instead.
+        from ..graph.convert import weight_reader
 
-            self._reader = weight_reader(self.model_path)
-        return self._reader
+        return weight_reader(self.model_path)
 
     def _check_dtypes(self, tensors: Mapping[str, np.ndarray], what: str) -> None:
         # check_tensors compared them with the manifest; the session's own input types are the final word.
