@@ -125,6 +125,9 @@ class Adapter:
     stored_base: dict[str, np.ndarray] = field(default_factory=dict)
     vera: VeraRecord | None = None
     shared: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: module → fingerprint entry of the base weight the adapter was made for (see ``fingerprint``); None:
+    #: the adapter carries none (PEFT adapters saved elsewhere). Not part of the digest.
+    base_fingerprint: dict[str, dict] | None = None
 
     def __post_init__(self) -> None:
         if self.shared:
@@ -173,6 +176,11 @@ class Adapter:
             extra={k: v for k, v in self.extra.items() if search(pattern, k, "--only-targets")},
             stored_base={k: v for k, v in self.stored_base.items() if k in targets},
             shared={g: ms for g, ms in shared.items() if ms},
+            base_fingerprint=(
+                None
+                if self.base_fingerprint is None
+                else {k: v for k, v in self.base_fingerprint.items() if k in targets}
+            ),
         )
 
     def digest(self) -> str:

@@ -23,6 +23,11 @@ from .terminal import aligned, clean, clean_lines
 )
 @click.option("--only-targets", metavar="REGEX", help="Inject only the targets whose module path matches REGEX.")
 @click.option("--dora", is_flag=True, help="Give every slot a DoRA scale input, so DoRA adapters converted later fit.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Inject even an adapter the model's history records as merged, or one made for other base weights.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 def inject_command(
     base: str,
@@ -31,6 +36,7 @@ def inject_command(
     base_weights: str | None,
     only_targets: str | None,
     dora: bool,
+    force: bool,
     as_json: bool,
 ) -> None:
     """Inject LoRA slots for ADAPTERS (PEFT adapter directories) into BASE.onnx.
@@ -51,6 +57,7 @@ def inject_command(
             only_targets=only_targets,
             names=list(names),
             progress=bar,
+            force=force,
         )
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))

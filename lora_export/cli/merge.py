@@ -108,7 +108,7 @@ def summary(report: MergeReport) -> str:
         for c in report.converted
     ]
     if report.repeated:
-        lines.append(f"note: {report.repeated}; merged again (--force)")
+        lines.append(f"note: {report.repeated}; merged anyway (--force)")
     # --allow-partial: what was left out, and why, one line each.
     lines += [f"skipped {clean(s['target'])}: {clean(s['reason'])}" for s in report.skipped()]
     lines.append("wrote " + ", ".join(clean(f) for f in report.files))

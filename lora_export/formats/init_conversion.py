@@ -99,7 +99,8 @@ def convert_mutated_init(trained: Adapter, initial: Adapter) -> Adapter:
         scale = config.scale_for(name)
         if not math.isclose(scale, t.scale, rel_tol=1e-12):
             raise AdapterError(f"{name}: the converted config would give scale {scale:g} instead of {t.scale:g}")
-    return dataclasses.replace(trained, targets=targets, config=config)
+    # The trained adapter's base (a PiSSA residual, say) is not the untouched base: no fingerprint carries over.
+    return dataclasses.replace(trained, targets=targets, config=config, base_fingerprint=None)
 
 
 def convert_init_adapter(
