@@ -232,3 +232,61 @@ def test_per_row_artifact_or_one_line_refusal(project, tmp_path):
     got = session.run(None, {**feeds, **pool, "lora_adapter_ids": np.array([2, 1], np.int64)})[0]
     np.testing.assert_allclose(got[0], _peft_out(peft["a2"], fresh)[0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got[1], _peft_out(peft["a1"], fresh)[1], rtol=1e-4, atol=1e-5)
+
+
+FACTORY = """\
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def make():
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def build():
+    g = torch.Generator().manual_seed(5)
+    return make(), {"x": torch.randn(3, 16, generator=g)}, {"dynamo": False}
+"""
+
+
+def test_export_factory_base_with_references_computed_by_pytorch(tmp_path):
+    """``export = "factory.py:build"``: the base exported, the references computed by the factory's model
+    with the adapter attached; the merged artifact agrees with PEFT on fresh inputs."""
+    import importlib.util
+
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "factory.py").write_text(FACTORY)
+    spec = importlib.util.spec_from_file_location("_build_test_factory", root / "factory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    peft_model = peft_reference(module.make(), seed=4, r=2, lora_alpha=4, target_modules=["fc1", "fc2"])
+    peft_model.save_pretrained(root / "ad")
+    (root / "recipe.toml").write_text(
+        '[base]\nexport = "factory.py:build"\n[adapters]\nad = "ad"\n'
+        '[[artifact]]\nkind = "merged"\nadapters = ["ad"]\n[[artifact]]\nkind = "injected"\nadapters = ["ad"]\n'
+        "[verify]\ntolerance = 1e-5\nrtol = 1e-4\n"
+    )
+    result = _build(root, tmp_path / "dist", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    figures = {a["path"]: a["verification"]["adapters"]["ad"][0] for a in report["artifacts"]}
+    assert figures["merged/ad"]["output"] == "output" and figures["injected"]["passed"]
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        expected = peft_model(x).numpy()
+    merged = ort.InferenceSession(str(tmp_path / "dist/merged/ad/model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(merged.run(None, {"x": x.numpy()})[0], expected, rtol=1e-4, atol=1e-5)
+    again = _build(root, tmp_path / "dist")
+    assert again.exit_code == 0 and "up to date" in again.stdout, again.output

@@ -49,7 +49,7 @@ def _source_file(spec: str, root: Path) -> Path:
 
     source, _ = split_spec(spec)
     if is_file_spec(source):
-        path = Path(source)
+        path = root / source
     else:
         with _importable_from(root):
             try:
