@@ -1,0 +1,231 @@
+"""Export folders of several ONNX files as one model: a BART folder laid out as Optimum writes it
+(``encoder_model.onnx`` exported alone, so its node names fit decoder targets too; ``decoder_model.onnx``;
+``decoder_with_past_model.onnx``, here a second decoder file holding the same weights under the same names;
+``decoder_model_merged.onnx`` with Optimum's ``If`` over the shared weights; ``config.json``). merge, inject
+(served by ``LoraFolderSession``), inspect and build, each checked against PEFT."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import saved_peft_reference
+from foreign_graphs import export_submodule, run_plain, wrap_in_if
+
+from lora_export.cli import cli
+from lora_export.runtime.folder_session import LoraFolderSession
+
+TARGETS = ["q_proj", "v_proj", "fc1"]
+
+
+class _Decoder(torch.nn.Module):
+    """The decoder as Optimum exports it: inputs by name, nodes scoped ``/decoder/layers.0/...``."""
+
+    def __init__(self, decoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, input_ids, encoder_hidden_states, encoder_attention_mask):
+        out = self.decoder(
+            input_ids=input_ids,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+
+def _export_decoder(base, enc_inputs: dict, dec_ids: torch.Tensor, out: Path) -> Path:
+    m = _Decoder(copy.deepcopy(base.decoder)).eval()
+    with torch.no_grad():
+        hidden = base.encoder(**enc_inputs).last_hidden_state
+    args = (dec_ids, hidden, enc_inputs["attention_mask"])
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            m,
+            args,
+            str(out),
+            input_names=["input_ids", "encoder_hidden_states", "encoder_attention_mask"],
+            output_names=["last_hidden_state"],
+            dynamo=False,
+            opset_version=17,
+        )
+    return out
+
+
+def _inputs(seed: int) -> tuple[dict, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, -2:] = 0
+    enc = {"input_ids": torch.randint(0, 100, (2, 7), generator=g), "attention_mask": mask}
+    return enc, torch.randint(0, 100, (2, 5), generator=g)
+
+
+@pytest.fixture(scope="module")
+def bart(tmp_path_factory):
+    """A tiny BART, its Optimum-style export folder, and PEFT adapters: encoder+decoder, encoder only."""
+    from transformers import BartConfig, BartModel
+
+    root = tmp_path_factory.mktemp("bart")
+    cfg = BartConfig(
+        vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = BartModel(cfg).eval()
+    folder = root / "onnx"
+    folder.mkdir()
+    enc, dec = _inputs(0)
+    export_submodule(base.encoder, enc, folder / "encoder_model.onnx")
+    _export_decoder(base, enc, dec, folder / "decoder_model.onnx")
+    shutil.copyfile(folder / "decoder_model.onnx", folder / "decoder_with_past_model.onnx")
+    wrap_in_if(folder / "decoder_model.onnx", folder / "decoder_model_merged.onnx")
+    (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
+    both = saved_peft_reference(base, root / "both", r=4, lora_alpha=8, target_modules=TARGETS)
+    enc_only = saved_peft_reference(
+        base, root / "enc", seed=2, r=2, lora_alpha=4, target_modules=r"encoder\.layers\..*\.(q_proj|v_proj)"
+    )
+    return base, folder, {"both": (both, root / "both"), "enc": (enc_only, root / "enc")}
+
+
+def _peft_outputs(peft_model, enc: dict, dec: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return peft_model(**enc, decoder_input_ids=dec).last_hidden_state.numpy()
+
+
+def _chain(run, enc: dict, dec: torch.Tensor, decoder_file: str = "decoder_model.onnx", extra=None) -> np.ndarray:
+    """Encoder then decoder, as a seq2seq runtime does (``run(file, feeds)`` → outputs)."""
+    feeds = {k: v.numpy() for k, v in enc.items()}
+    hidden = run("encoder_model.onnx", feeds)[0]
+    dfeeds = {
+        "input_ids": dec.numpy(),
+        "encoder_hidden_states": hidden,
+        "encoder_attention_mask": feeds["attention_mask"],
+    }
+    return run(decoder_file, {**dfeeds, **(extra or {})})[0]
+
+
+def _assert_close(actual, expected) -> None:
+    scale = np.abs(expected).max()
+    assert scale > 0 and np.abs(actual - expected).max() <= 1e-5 * max(scale, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("decoder_file", "extra"),
+    [
+        ("decoder_model.onnx", None),
+        ("decoder_with_past_model.onnx", None),
+        ("decoder_model_merged.onnx", {"use_cache_branch": np.array(True)}),
+        ("decoder_model_merged.onnx", {"use_cache_branch": np.array(False)}),
+    ],
+    ids=["decoder", "with_past", "merged-if-true", "merged-if-false"],
+)
+def test_merge_folder_matches_peft(bart, tmp_path, decoder_file, extra):
+    base, folder, adapters = bart
+    peft_model, adapter_dir = adapters["both"]
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(cli, ["merge", str(folder), str(adapter_dir), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in folder.iterdir())
+    assert (out / "config.json").read_bytes() == (folder / "config.json").read_bytes()
+    enc, dec = _inputs(9)
+    expected = _peft_outputs(peft_model, enc, dec)
+    got = _chain(lambda f, feeds: run_plain(out / f, feeds), enc, dec, decoder_file, extra)
+    _assert_close(got, expected)
+    base_out = _chain(lambda f, feeds: run_plain(folder / f, feeds), enc, dec, decoder_file, extra)
+    assert np.abs(base_out - expected).max() > 1e-3  # the adapter has an effect to check
+
+
+def test_encoder_only_adapter_leaves_decoders_byte_identical(bart, tmp_path):
+    base, folder, adapters = bart
+    peft_model, adapter_dir = adapters["enc"]
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(cli, ["merge", str(folder), str(adapter_dir), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    for f in ("decoder_model.onnx", "decoder_with_past_model.onnx", "decoder_model_merged.onnx"):
+        assert (out / f).read_bytes() == (folder / f).read_bytes()
+    enc, dec = _inputs(4)
+    got = _chain(lambda f, feeds: run_plain(out / f, feeds), enc, dec)
+    _assert_close(got, _peft_outputs(peft_model, enc, dec))
+
+
+def test_inject_folder_served_by_folder_session(bart, tmp_path):
+    base, folder, adapters = bart
+    out = tmp_path / "served"
+    args = ["inject", str(folder), f"both={adapters['both'][1]}", f"enc={adapters['enc'][1]}", "-o", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "both.decoder_model.onnx_adapter").is_file() and (out / "enc.encoder_model.onnx_adapter").is_file()
+    assert not (out / "enc.decoder_model.onnx_adapter").exists()  # no decoder targets: no tensors there
+    session = LoraFolderSession(out, providers=["CPUExecutionProvider"])
+    session.load_adapter("both")
+    session.load_adapter("enc")
+    enc, dec = _inputs(6)
+    for name in ("both", "enc"):
+
+        def run(f, feeds, name=name):
+            return session.run(f, None, feeds, adapter=name)
+
+        got = _chain(run, enc, dec)
+        _assert_close(got, _peft_outputs(adapters[name][0], enc, dec))
+        got = _chain(
+            run,
+            enc,
+            dec,
+            "decoder_model_merged.onnx",
+            {"use_cache_branch": np.array(True)},
+        )
+        _assert_close(got, _peft_outputs(adapters[name][0], enc, dec))
+    base_got = _chain(lambda f, feeds: session.run(f, None, feeds), enc, dec)
+    base_ref = _chain(lambda f, feeds: run_plain(folder / f, feeds), enc, dec)
+    np.testing.assert_allclose(base_got, base_ref, atol=1e-6)
+
+
+def test_target_missing_from_one_decoder_variant_is_refused(bart, tmp_path):
+    """A weight the decoder has but decoder_with_past does not show must not be merged into one only."""
+    _, folder, adapters = bart
+    broken = tmp_path / "onnx"
+    shutil.copytree(folder, broken)
+    proto = onnx.load(str(broken / "decoder_with_past_model.onnx"))
+    for node in proto.graph.node:
+        if "/decoder/layers.1/self_attn/q_proj" in node.name:
+            node.name = f"anonymous_{id(node)}"
+    onnx.save(proto, str(broken / "decoder_with_past_model.onnx"))
+    result = CliRunner().invoke(cli, ["merge", str(broken), str(adapters["both"][1]), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert "\n" not in line and "decoder.layers.1.self_attn.q_proj" in line and "decoder_with_past_model.onnx" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_target_in_no_file_is_refused(bart, tmp_path):
+    _, folder, adapters = bart
+    only_encoder = tmp_path / "onnx"
+    only_encoder.mkdir()
+    shutil.copyfile(folder / "encoder_model.onnx", only_encoder / "encoder_model.onnx")
+    result = CliRunner().invoke(cli, ["merge", str(only_encoder), str(adapters["both"][1]), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "found in no file" in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_inspect_folder_says_where_each_target_goes(bart):
+    _, folder, adapters = bart
+    result = CliRunner().invoke(cli, ["inspect", str(folder), str(adapters["both"][1]), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report["files"]) == {
+        "encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "decoder_model_merged.onnx"
+    }  # fmt: skip
+    where = report["targets"]["decoder.layers.0.self_attn.q_proj"]
+    assert where == {f: "matched" for f in report["files"] if f.startswith("decoder")}
+    assert report["targets"]["encoder.layers.1.fc1"] == {"encoder_model.onnx": "matched"}
