@@ -229,3 +229,59 @@ def test_inspect_folder_says_where_each_target_goes(bart):
     where = report["targets"]["decoder.layers.0.self_attn.q_proj"]
     assert where == {f: "matched" for f in report["files"] if f.startswith("decoder")}
     assert report["targets"]["encoder.layers.1.fc1"] == {"encoder_model.onnx": "matched"}
+
+
+def test_build_recipe_on_a_model_folder(bart, tmp_path):
+    """``lora-export build`` with ``model = "<folder>"``: merged and injected folders, each file verified on
+    its own inputs against PEFT's encoder and decoder (keys ``<file>/<name>``)."""
+    _, folder, adapters = bart
+    peft_model, adapter_dir = adapters["both"]
+    inner = peft_model.base_model.model
+    enc, dec = _inputs(21)
+    hidden = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        enc_out = inner.encoder(**enc).last_hidden_state.numpy()
+        dec_out = inner.decoder(
+            input_ids=dec, encoder_hidden_states=hidden, encoder_attention_mask=enc["attention_mask"], use_cache=False
+        ).last_hidden_state.numpy()
+    inputs = {f"encoder_model.onnx/{k}": v.numpy() for k, v in enc.items()}
+    for f in ("decoder_model.onnx", "decoder_with_past_model.onnx"):
+        inputs.update(
+            {
+                f"{f}/input_ids": dec.numpy(),
+                f"{f}/encoder_hidden_states": hidden.numpy(),
+                f"{f}/encoder_attention_mask": enc["attention_mask"].numpy(),
+            }
+        )
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    np.savez(
+        tmp_path / "ref.npz",
+        **{
+            "encoder_model.onnx/last_hidden_state": enc_out,
+            "decoder_model.onnx/last_hidden_state": dec_out,
+            "decoder_with_past_model.onnx/last_hidden_state": dec_out,
+        },
+    )
+    (tmp_path / "recipe.toml").write_text(
+        f'[base]\nmodel = "{folder}"\n[adapters]\nboth = "{adapter_dir}"\n'
+        '[[artifact]]\nkind = "merged"\nadapters = ["both"]\n[[artifact]]\nkind = "injected"\nadapters = ["both"]\n'
+        '[verify]\ninputs = "inputs.npz"\nreferences = { both = "ref.npz" }\ntolerance = 1e-5\nrtol = 1e-4\n'
+    )
+    result = CliRunner().invoke(cli, ["build", str(tmp_path / "recipe.toml"), "-o", str(tmp_path / "dist"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    for art in report["artifacts"]:
+        figs = art["verification"]["adapters"]["both"]
+        assert {f["output"] for f in figs} == {
+            "encoder_model.onnx/last_hidden_state", "decoder_model.onnx/last_hidden_state",
+            "decoder_with_past_model.onnx/last_hidden_state",
+        } and all(f["passed"] for f in figs)  # fmt: skip
+    merged = tmp_path / "dist" / "merged" / "both"
+    assert sorted(p.name for p in merged.iterdir()) == sorted(p.name for p in folder.iterdir())
+    assert (tmp_path / "dist" / "injected" / "both.decoder_model.onnx_adapter").is_file()
+    # A wrong reference for one file fails the build (exit 1), DIST untouched.
+    np.savez(tmp_path / "ref.npz", **{"decoder_model.onnx/last_hidden_state": dec_out + 0.01})
+    before = (tmp_path / "dist" / "manifest.json").read_bytes()
+    failed = CliRunner().invoke(cli, ["build", str(tmp_path / "recipe.toml"), "-o", str(tmp_path / "dist")])
+    assert failed.exit_code == 1 and "decoder_model.onnx/last_hidden_state" in failed.stderr, failed.output
+    assert (tmp_path / "dist" / "manifest.json").read_bytes() == before

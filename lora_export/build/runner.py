@@ -72,6 +72,10 @@ def _model_files(model: Path) -> list[tuple[str, Path]]:
     """The files a base model is read from: the model and the external data it names."""
     from ..graph.data_file import referenced_data_files
 
+    if model.is_dir():
+        # An export folder: every file in it (the models, their data, configs) is part of the base.
+        files = sorted(p for p in model.rglob("*") if p.is_file() and not p.is_symlink())
+        return [(p.relative_to(model).as_posix(), p) for p in files]
     if not model.is_file():
         raise LoraExportError(f"no base model at {model}")
     data = sorted(referenced_data_files(model))
@@ -101,6 +105,8 @@ def plan(recipe: Recipe, base: Path) -> list[Step]:
     ref_digests = {a: cachelib.files_digest([(a, p)]) for a, p in v.references.items() if a in digests}
     steps = []
     for art in recipe.artifacts:
+        if art.kind == "per-row" and base.is_dir():
+            raise RecipeError("artifact kind 'per-row' is not available for a model folder in this version")
         if art.kind == "per-row" and not per_row_available():
             raise RecipeError("artifact kind 'per-row' is not available in this version (inject --per-row)")
         groups = [(f"merged/{a}", (a,)) for a in art.adapters] if art.kind == "merged" else [(art.kind, art.adapters)]
@@ -117,6 +123,7 @@ def plan(recipe: Recipe, base: Path) -> list[Step]:
                     "tool": __version__,
                     "kind": art.kind,
                     "where": where,
+                    "folder": base.is_dir(),
                     "provenance": provenance,
                     "verify": {
                         "inputs": inputs_digest,
@@ -126,7 +133,7 @@ def plan(recipe: Recipe, base: Path) -> list[Step]:
                     },
                 }
             )
-            steps.append(Step(where, art.kind, names, dict(art.options), key, provenance))
+            steps.append(Step(where, art.kind, names, dict(art.options), key, provenance, base.is_dir()))
     return steps
 
 

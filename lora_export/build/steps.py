@@ -23,26 +23,41 @@ class Step:
     options: dict
     key: str = ""
     provenance: dict = dataclasses.field(default_factory=dict)
+    folder: bool = False  # the base is an export folder of several ONNX files
+
+
+def _merge_options(opts: Mapping) -> dict:
+    """The recipe's merged-artifact options as ``merge_file`` / ``merge_folder`` keywords."""
+    return {
+        "scale": opts.get("scale", 1.0),
+        "allow_partial": opts.get("allow_partial", False),
+        "only_targets": opts.get("only_targets"),
+        "requantize": opts.get("requantize", False),
+        "into_float": opts.get("into_float", False),
+    }
 
 
 def build_step(step: Step, base: Path, adapters: Mapping[str, Path], base_weights: Path | None, out: Path) -> dict:
     """Write ``step``'s files into the empty folder ``out``; returns a summary of what was done."""
     opts = step.options
+    inject_opts = {"dora": opts.get("dora", False), "only_targets": opts.get("only_targets")}
+    paths = [adapters[a] for a in step.adapters]
+    if step.folder:
+        from ..graph.folder_ops import inject_folder, merge_folder
+
+        if step.kind == "merged":
+            result = merge_folder(base, paths[0], out, base_weights=base_weights, **_merge_options(opts))
+        elif step.kind == "injected":
+            result = inject_folder(
+                base, paths, out, names=list(step.adapters), base_weights=base_weights, **inject_opts
+            )
+        else:
+            raise RecipeError(f"artifact kind {step.kind!r} is not available for a model folder in this version")
+        return {"files": sorted(result.reports)}
     if step.kind == "merged":
         from ..graph.merge import merge_file
 
-        (name,) = step.adapters
-        report = merge_file(
-            base,
-            adapters[name],
-            out / "model.onnx",
-            base_weights=base_weights,
-            scale=opts.get("scale", 1.0),
-            allow_partial=opts.get("allow_partial", False),
-            only_targets=opts.get("only_targets"),
-            requantize=opts.get("requantize", False),
-            into_float=opts.get("into_float", False),
-        )
+        report = merge_file(base, paths[0], out / "model.onnx", base_weights=base_weights, **_merge_options(opts))
         counts = report.to_dict()["counts"]
         return {"merged_weights": counts["merged_weights"], "targets": counts["targets"]}
     if step.kind in ("injected", "per-row"):
@@ -52,12 +67,11 @@ def build_step(step: Step, base: Path, adapters: Mapping[str, Path], base_weight
             raise RecipeError("artifact kind 'per-row' is not available in this version (inject --per-row)")
         result = inject_files(
             base,
-            [adapters[a] for a in step.adapters],
+            paths,
             out,
             base_weights=base_weights,
-            dora=opts.get("dora", False),
-            only_targets=opts.get("only_targets"),
             names=list(step.adapters),
+            **inject_opts,
             **({"per_row": True} if step.kind == "per-row" else {}),
         )
         return {"slots": len(result.manifest.slots)}
@@ -114,7 +128,11 @@ def verify_step(
 
     Returns ``{"passed": bool, "adapters": {name: [figures per output]}}``."""
     results: dict[str, list[dict]] = {}
-    if step.kind == "merged":
+    if step.folder:
+        from .folder_steps import verify_folder_step
+
+        results = verify_folder_step(step, folder, inputs, references, atol, rtol, _figures)
+    elif step.kind == "merged":
         from ..runtime.verify import run_model
 
         (name,) = step.adapters
