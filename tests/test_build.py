@@ -290,3 +290,17 @@ def test_export_factory_base_with_references_computed_by_pytorch(tmp_path):
     np.testing.assert_allclose(merged.run(None, {"x": x.numpy()})[0], expected, rtol=1e-4, atol=1e-5)
     again = _build(root, tmp_path / "dist")
     assert again.exit_code == 0 and "up to date" in again.stdout, again.output
+
+
+def test_progress_on_a_terminal_only(project, tmp_path, monkeypatch):
+    """On a terminal each step shows "building merged/a1 ..." on stderr (then erased); off one, nothing."""
+    from lora_export.cli import _progress
+
+    root = project[0]
+    quiet = _build(root, tmp_path / "d1", "--cache", str(tmp_path / "c"))
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+    monkeypatch.setattr(_progress, "on_terminal", lambda as_json=False: not as_json)
+    shown = _build(root, tmp_path / "d2", "--cache", str(tmp_path / "c2"))
+    assert shown.exit_code == 0, shown.output
+    assert "building merged/a1 ..." in shown.stderr and "verifying injected ..." in shown.stderr
+    assert shown.stderr.endswith("\r")  # each line is erased (click drops the escape code off a terminal)
