@@ -154,8 +154,8 @@ def _check_coverage(folder: Path, adapter: str, found: dict[str, dict[str, str]]
                 miss = next(f for f, s in statuses.items() if s == "unmatched")
                 # Applying it to one variant of the decoder only would make the variants disagree.
                 raise TargetError(
-                    f"adapter {adapter!r}: target {key} is in {hit} but not found in {miss}: "
-                    "every variant of a file must get the same weights"
+                    f"adapter {adapter!r}: target {key} is in {hit} but not found in {miss}: every variant of "
+                    "a file must get the same weights (give --base-weights to prove it absent there)"
                 )
 
 
