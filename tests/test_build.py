@@ -304,3 +304,18 @@ def test_progress_on_a_terminal_only(project, tmp_path, monkeypatch):
     assert shown.exit_code == 0, shown.output
     assert "building merged/a1 ..." in shown.stderr and "verifying injected ..." in shown.stderr
     assert shown.stderr.endswith("\r")  # each line is erased (click drops the escape code off a terminal)
+
+
+def test_a_changed_dist_file_is_restored_not_reported_up_to_date(project, tmp_path):
+    root = project[0]
+    dist, cache = tmp_path / "dist", str(tmp_path / "cache")
+    assert _build(root, dist, "--cache", cache).exit_code == 0
+    before = _tree(dist)
+    target = dist / "injected" / "a1.onnx_adapter"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 1
+    target.unlink()  # a new file: the cache's hard-linked copy keeps its bytes
+    target.write_bytes(bytes(data))
+    again = _build(root, dist, "--cache", cache)
+    assert again.exit_code == 0 and "up to date" not in again.stdout, again.output
+    assert _tree(dist) == before
