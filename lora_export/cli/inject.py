@@ -13,7 +13,7 @@ from .terminal import aligned, clean, clean_lines
 
 
 @click.command("inject")
-@click.argument("base", type=click.Path(dir_okay=False))
+@click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True, metavar="[NAME=]ADAPTER...")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option(
@@ -45,8 +45,16 @@ def inject_command(
     model, and per adapter OUTDIR/<name>.onnx_adapter and OUTDIR/<name>.safetensors to fill them.
     <name> is the adapter folder's name, or NAME with NAME=ADAPTER. Files an earlier inject wrote into
     OUTDIR and this one does not (a dropped or renamed adapter) are removed; other files stay.
+    BASE may be an export folder of several ONNX files: each file holding targets is injected under its own
+    name, with <name>.<file stem>.onnx_adapter per adapter and file; the other files are copied.
     """
     paths, names = zip(*(parse_named(a) for a in adapters))
+    if os.path.isdir(base):
+        from .folder import inject_folder_command
+
+        inject_folder_command(base, list(paths), list(names), out_dir, as_json, base_weights=base_weights,
+                              dora=dora, only_targets=only_targets)  # fmt: skip
+        return
     with progress_bar("writing", as_json) as bar:
         result = inject_files(
             base,
