@@ -108,9 +108,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from .commands import COMMANDS
+    from .commands import COMMANDS, plugin_commands
 
-    for command in COMMANDS:
+    for command in COMMANDS + plugin_commands():
         cli.add_command(command)
 
 
