@@ -21,6 +21,7 @@ from .graph.inject import InjectResult, inject_adapters, inject_files
 from .graph.merge import merge_adapter, merge_file
 from .graph.merge_report import MergeReport
 from .graph.resolve import Resolution, ResolvedTarget, resolve_targets
+from .runtime.merged_session import MergedSession
 from .runtime.session import LoraSession
 from .runtime.verify import VerifyReport, verify_models
 from .training.adalora_config import AdaLoraConfig
@@ -146,6 +147,7 @@ __all__ = [
     "verify_models",
     "InjectResult",
     "LoraSession",
+    "MergedSession",
     "convert_adapter",
     "write_zero_adapter",
     "convert_init_adapter",
