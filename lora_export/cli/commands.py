@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .combine import combine_command
 from .convert import convert_command
 from .convert_init import convert_init_command
 from .export import export_command
@@ -13,6 +14,7 @@ from .merge import merge_command
 from .verify import verify_command
 
 COMMANDS: list[click.Command] = [
+    combine_command,
     convert_command,
     convert_init_command,
     export_command,
