@@ -158,7 +158,7 @@ def test_errors_are_one_line_and_leave_it_serving(served, llama_case, tmp_path):
     assert served.active == "a_r4" and np.array_equal(served.run(None, llama_case.feeds)[0], before)
 
 
-# -- low precision: rounded once, as merge rounds ------------------------------------------------------------
+# -- every layout; low precision rounded once, as merge rounds -----------------------------------------------
 
 
 def _lowp_model(dtype, rng) -> tuple[ir.Model, Adapter]:
@@ -185,17 +185,19 @@ def _lowp_model(dtype, rng) -> tuple[ir.Model, Adapter]:
     def rand(*s):
         return rng.standard_normal(s).astype(np.float32)
 
+    dora = None if dtype is np.float32 else rand(16) + 3
     targets = {
         "emb": LoraTarget("emb", "embedding", A=rand(4, 30), B=rand(24, 4), scale=0.5),
         "q": LoraTarget("q", "linear", A=rand(4, 24), B=rand(16, 4), scale=0.5),
-        "v": LoraTarget("v", "linear", A=rand(4, 16), B=rand(16, 4), scale=0.5, magnitude=rand(16) + 3),
+        # float32: plain LoRA on both linear layouts (the switch's fast path); fp16: DoRA on the Gemm.
+        "v": LoraTarget("v", "linear", A=rand(4, 16), B=rand(16, 4), scale=0.5, magnitude=dora),
     }
     targets = {k: t for k, t in targets.items() if f"{k}.weight" in inits}
     return ir.Model(graph, ir_version=9), Adapter(targets=targets, config=LoraConfig(r=4, lora_alpha=2.0), name="lowp")
 
 
-@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
-def test_low_precision_weights_are_merges(dtype, tmp_path):
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_weights_of_every_layout_and_dtype_are_merges(dtype, tmp_path):
     rng = np.random.default_rng(11)
     model, adapter = _lowp_model(dtype, rng)
     path = tmp_path / "lowp.onnx"
@@ -208,7 +210,7 @@ def test_low_precision_weights_are_merges(dtype, tmp_path):
         for name in model.graph.initializers:
             want = model.graph.initializers[name].const_value.numpy()
             got = sess.weight(name)
-            assert got.dtype == want.dtype and np.array_equal(got.view(np.uint16), want.view(np.uint16)), name
+            assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), name
         sess.switch(None)
     ir.save(model, tmp_path / "merged.onnx")
     sess.switch("a")

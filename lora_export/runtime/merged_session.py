@@ -36,6 +36,7 @@ from ..graph.merge import merged_value, plan_merge
 from ..graph.model_io import external_tensors, load_model
 from ..graph.packed_names import read_genai_config
 from ..graph.resolve import ResolvedTarget
+from .fast_fold import fold_into, stored_orientation
 from .feeds import checked_feeds, listed, requested_outputs
 from .rwlock import ReadWriteLock
 from .session_proto import session_model
@@ -83,8 +84,10 @@ class MergedSession:
         self._pristine: dict[str, ir.TensorProtocol] = {}
         self._plans: dict[str, list[ResolvedTarget]] = {}
         self._writes: dict[str, set[str]] = {}  # adapter → initializers its switch writes
+        self._orientation: dict[str, dict[str, bool]] = {}  # adapter → fast-path weights: stored transposed?
         self._buffers: dict[str, np.ndarray] = {}
         self._values: dict[str, ort.OrtValue] = {}
+        self._scratch: dict[tuple[int, ...], np.ndarray] = {}
         self._dirty: set[str] = set()  # initializers that hold something other than W₀ now
         self._active: str | None = None
         self._rw = ReadWriteLock()
@@ -165,10 +168,12 @@ class MergedSession:
             if name == self._active:
                 raise AdapterError(f"adapter {name!r} is active: switch to another (or None) first")
             del self._plans[name], self._writes[name]
+            self._orientation.pop(name, None)
 
     def _forget(self, name: str, keep: set[str]) -> None:
         self._plans.pop(name, None)
         self._writes.pop(name, None)
+        self._orientation.pop(name, None)
         for n in set(self._pristine) - keep:
             del self._pristine[n]
 
@@ -205,6 +210,7 @@ class MergedSession:
                 raise TargetError(f"adapter {name!r}: weight {n!r} is in a subgraph; MergedSession cannot feed it")
         self._plans[name] = plan
         self._writes[name] = set(written)
+        self._orientation[name] = {r.value.name: o for r in plan if (o := stored_orientation(r)) is not None}
         for n in written:
             self._pristine.setdefault(n, self._graph.initializers[n].const_value)
 
@@ -298,19 +304,33 @@ class MergedSession:
             if name is not None and name not in self._plans:
                 raise AdapterError(f"no adapter named {name!r} is loaded (loaded: {listed(map(repr, self.adapters))})")
             t0 = time.perf_counter()
-            new = self._fold(self._plans[name]) if name is not None else {}
+            plan = self._plans[name] if name is not None else []
+            # Plain float32 MatMul/Gemm weights are folded straight into the live buffers (under the lock);
+            # everything else through merge's own code into new arrays first, then copied.
+            orient = self._orientation.get(name, {})
+            fast = [(r, orient[r.value.name]) for r in plan if r.value.name in orient and r.value.name in self._buffers]
+            fast_names = {r.value.name for r, _ in fast}
+            new = self._fold([r for r in plan if r.value.name not in fast_names])
             t1 = time.perf_counter()
-            todo = {n: new.get(n) for n in self._dirty | set(new)}
+            restore = self._dirty - set(new) - fast_names
             with self._rw.writing():
                 t2 = time.perf_counter()
-                for n, arr in todo.items():
-                    self._write(n, arr if arr is not None else self._pristine_array(n))
+                for n in restore:
+                    self._write(n, self._pristine_array(n))
+                for n, arr in new.items():
+                    self._write(n, arr)
+                for r, transposed in fast:
+                    out = self._buffers[r.value.name]
+                    scratch = self._scratch.get(out.shape)
+                    if scratch is None:
+                        scratch = self._scratch[out.shape] = np.empty(out.shape, np.float32)
+                    fold_into(r, transposed, self._pristine_array(r.value.name), out, scratch)
                 self._active = name
             t3 = time.perf_counter()
-            self._dirty = set(new)
+            self._dirty = set(new) | fast_names
             self.last_switch = {
                 "adapter": name,
-                "written": sorted(todo),
+                "written": sorted(restore | set(new) | fast_names),
                 "timings": {"compute": t1 - t0, "wait": t2 - t1, "write": t3 - t2, "total": t3 - t0},
                 **({"requantized": self._fold_reports} if self._fold_reports else {}),
             }
