@@ -10,22 +10,32 @@ Measures, on one machine in one run:
             with both adapters, each after one run (separate subprocesses)
   peft      PEFT's unmerge → set_adapter → merge swap in PyTorch (time, and its drift after the same cycles)
 
-Usage: python benchmarks/hot_swap.py [--workdir DIR] [--switches 10000] [--rounds 20]
+BLAS runs single-threaded here (``--blas-threads``, default 1, set before numpy loads): the rank-16 products are
+too small to split, and on a busy 2-core VM OpenBLAS's spinning threads made one 768×16·16×768 product take
+~26 ms instead of 0.25 ms. A server should do the same (``OPENBLAS_NUM_THREADS=1``).
+
+Usage: python benchmarks/hot_swap.py [--workdir DIR] [--switches 10000] [--rounds 20] [--blas-threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
+if __name__ == "__main__":  # before numpy loads: OpenBLAS reads it once
+    _n = sys.argv[sys.argv.index("--blas-threads") + 1] if "--blas-threads" in sys.argv else "1"
+    os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = _n
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_details, print_table, run_child, write_results  # noqa: E402
@@ -132,7 +142,11 @@ def _rss() -> dict[str, float]:
 
 
 def child(variant: str, work: Path) -> dict:
-    """Memory of one serving process, after creating it and one run."""
+    """Memory of one serving process, after creating it and one run (both import the same modules first)."""
+    import onnxruntime  # noqa: F401
+
+    import lora_export  # noqa: F401
+
     feeds = _feeds(7)
     before = _rss()
     if variant == "plain":
@@ -169,6 +183,15 @@ def measure(work: Path, switches: int, rounds: int) -> dict:
     merge_file(work / "base.onnx", work / "a2", work / "merged_a2.onnx", force=True)
     _plain(work / "merged_a2.onnx")
     out["merge_and_reload_ms"] = (time.perf_counter() - t) * 1000
+
+    # The CLI route, interpreter start included: lora-export merge for a2 (then a session must still be opened).
+    t = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "lora_export", "merge", str(work / "base.onnx"), str(work / "a2"), "-o",
+         str(work / "merged_a2_cli.onnx")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    out["merge_cli_wall_ms"] = (time.perf_counter() - t) * 1000
 
     t = time.perf_counter()
     sess = MergedSession(work / "base.onnx", ["CPUExecutionProvider"], adapters={"a1": work / "a1", "a2": work / "a2"})
@@ -263,6 +286,7 @@ def main() -> None:
     ap.add_argument("--switches", type=int, default=10000)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--peft-cycles", type=int, default=200)
+    ap.add_argument("--blas-threads", default="1", help="OPENBLAS_NUM_THREADS for this run (set before numpy loads)")
     ap.add_argument("--child", choices=["plain", "merged"])
     args = ap.parse_args()
     if args.child:
@@ -271,7 +295,11 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lora-export-hotswap-"))
     work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    info = setup(work) if not (work / "merged_a1.onnx").exists() else {"parameters": None, "reused": True}
+    if (work / "info.json").exists():  # a reused --workdir
+        info = json.loads((work / "info.json").read_text())
+    else:
+        info = setup(work)
+        (work / "info.json").write_text(json.dumps(info))
     print(f"setup: {info} in {time.perf_counter() - t:.0f}s", flush=True)
     me = Path(__file__).resolve()
     memory = {v: run_child(me, "--child", v, "--workdir", str(work)) for v in ("plain", "merged")}
@@ -284,11 +312,12 @@ def main() -> None:
     ratio_switch = m["switch_ms"] / m["reload_ms"]
     ratio_run = m["run_ms"]["merged_session"] / m["run_ms"]["plain_merged_file"]
     ratio_noprepack = m["run_ms"]["plain_no_prepacking"] / m["run_ms"]["plain_merged_file"]
-    mem = {v: {k: r["after"][k] for k in ("VmRSS", "RssAnon", "RssFile")} for v, r in memory.items()}
+    mem = {v: {k: r["after"][k] - r["before"][k] for k in ("VmRSS", "RssAnon", "RssFile")} for v, r in memory.items()}
     rows = [
         ["switch (MergedSession.switch)", f"{m['switch_ms']:.1f} ms", f"{ratio_switch:.3f}x reload", "<= 0.03x"],
         ["reload (new session on merged file)", f"{m['reload_ms']:.0f} ms", "1x", ""],
         ["merge_file + new session", f"{m['merge_and_reload_ms']:.0f} ms", "", ""],
+        ["lora-export merge (CLI wall)", f"{m['merge_cli_wall_ms']:.0f} ms", "", ""],
         ["PEFT unmerge+merge swap (PyTorch)", f"{p['swap_ms']:.1f} ms", "", ""],
         ["run after switch", f"{m['run_ms']['merged_session']:.1f} ms", f"{ratio_run:.3f}x plain", "<= 1.05x"],
         ["run, plain session on merged file", f"{m['run_ms']['plain_merged_file']:.1f} ms", "1x", ""],
@@ -296,7 +325,7 @@ def main() -> None:
         [f"drift after {m['drift_switches']} switches", f"{m['drift_max_abs_output']:g}", "bit-identical"
          if m["drift_outputs_bit_identical"] and m["drift_weights_bit_identical"] else "DRIFT", "0"],
         [f"PEFT drift after {p['cycles']} swaps", f"{p['drift_max_abs_a1']:g}", "", ""],
-        ["RSS plain / merged session", f"{mem['plain']['VmRSS']:.0f} / {mem['merged']['VmRSS']:.0f} MB",
+        ["RSS growth plain / merged session", f"{mem['plain']['VmRSS']:.0f} / {mem['merged']['VmRSS']:.0f} MB",
          f"anon {mem['plain']['RssAnon']:.0f} / {mem['merged']['RssAnon']:.0f}", "no 2nd copy"],
     ]  # fmt: skip
     print()
@@ -315,7 +344,11 @@ def main() -> None:
             "no_prepacking_vs_plain": ratio_noprepack,
         },
         "goals": {"switch_vs_reload_max": 0.03, "run_vs_plain_max": 1.05, "drift": 0},
-        "notes": "medians; runs interleaved; memory in separate subprocesses after one run; CPU provider",
+        "memory_growth_mb": mem,
+        "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "load_average": os.getloadavg(),
+        "notes": "medians; runs interleaved; memory: RSS growth of separate subprocesses (after imports) to after "
+        "one run; CPU provider",
     }
     print(f"wrote {write_results('hot_swap', data)}")
     if not args.workdir:

@@ -109,8 +109,8 @@ def _check_combinable(a: Adapter) -> None:
         )
     if a.vera is not None and not a.vera.bound:
         raise AdapterError(
-            f"adapter {a.name!r} is VeRA saved without its projections: its ΔW needs the model's layer sizes; "
-            "re-save it with save_projection=True"
+            f"adapter {a.name!r} is VeRA: its ΔW slices the shared projections by each layer's input size, which "
+            "only the model knows; merge or inject it on its own (an Adapter bound to the model combines exactly)"
         )
     if a.extra:
         raise AdapterError(

@@ -3,6 +3,7 @@ loading and delta weights) and an exact float64 sum; ``svd`` against numpy's SVD
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -51,8 +52,6 @@ def adapters(base, tmp_path_factory):
 
 
 def _peft(base, path, name="default"):
-    import copy
-
     from peft import PeftModel
 
     with warnings.catch_warnings():
@@ -144,8 +143,14 @@ def test_svd_truncation_reports_its_error(base, adapters, tmp_path):
 def test_refusals_are_one_line(base, adapters, tmp_path):
     dora = tmp_path / "dora"
     saved_peft_reference(base, dora, r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj"])
+    from peft import VeraConfig, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        get_peft_model(copy.deepcopy(base), VeraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "v")
     cases = [
         (["combine", adapters["a"], dora, "-o", tmp_path / "x"], "DoRA"),
+        (["combine", tmp_path / "v", adapters["a"], "-o", tmp_path / "x"], "VeRA"),
         (["combine", adapters["a"], adapters["b"], "--weights", "1", "-o", tmp_path / "x"], "1 weight(s) for 2"),
         (["combine", adapters["a"], "--weights", "one", "-o", tmp_path / "x"], "--weights"),
         (["combine", adapters["a"], "--method", "svd", "-o", tmp_path / "x"], "--rank"),
