@@ -213,6 +213,15 @@ def measure(work: Path, switches: int, rounds: int) -> dict:
     ref = plain.run(None, feeds)[0]
     first = sess.run(None, feeds)[0]
     out["max_abs_diff_vs_merged_file"] = float(np.abs(first - ref).max())
+    out["max_rel_diff_vs_merged_file"] = float(np.abs(first - ref).max() / np.abs(ref).max())
+    import onnx
+    from onnx import numpy_helper
+
+    merged = {t.name: t for t in onnx.load(str(work / "merged_a1.onnx")).graph.initializer}
+    out["weights_bit_identical_to_merged_file"] = all(
+        sess.weight(n).tobytes() == numpy_helper.to_array(merged[n], base_dir=str(work)).tobytes()
+        for n in sess.targeted_initializers
+    )
     out["bit_identical_to_merged_file"] = bool(np.array_equal(first, ref))
     runs = {"merged_session": [], "plain_merged_file": [], "plain_no_prepacking": []}
     fns = {
