@@ -50,7 +50,8 @@ class MergedSession:
     ``adapters`` (name → source) are loaded before the session is created, so it is built once; adapters
     loaded later that target other weights rebuild it (once per such load). ``requantize``: quantized
     targets are requantized on every switch (lossy; ``switch`` reports the error per target) instead of
-    refused. ``providers`` default to CUDA when it works, else CPU. Thread-safe.
+    refused. ``providers`` default to CUDA when it works, else CPU. Thread-safe. Given ``sess_options`` get
+    the config entry that points ONNX Runtime at the base's external data folder added.
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class MergedSession:
         self._admin = threading.RLock()  # one load/switch/unload at a time
         #: What the last switch did: timings (s) and, when requantizing, each target's error.
         self.last_switch: dict = {}
+        self._fold_reports: dict[str, dict] = {}
         for name, source in (adapters or {}).items():
             self._plan(name, source)
         self._build(set(self._pristine))
