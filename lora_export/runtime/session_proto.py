@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import onnx
 import onnxruntime as ort
 
 from ..errors import ModelError, one_line
@@ -19,6 +18,8 @@ def session_model(path: Path, owned: set[str], sess_options: ort.SessionOptions,
     inputs (``sess_options`` then point ONNX Runtime at the base's folder for the rest of its external data)."""
     if not owned:
         return str(path)
+    import onnx  # the protobuf API, only when a graph is rewritten
+
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf raises many types for a corrupt file
