@@ -8,9 +8,11 @@ external data: no second resident copy of the base). Nothing is ever subtracted,
 Mechanism: the targeted initializers become graph inputs of the session's copy of the graph, fed at every run
 (IOBinding) from buffers this object owns; a switch rewrites those buffers in place (``np.copyto`` on CPU,
 ``OrtValue.update_inplace`` on a device). Every other weight stays a constant initializer, so ONNX Runtime
-still prepacks it; only the targeted MatMuls lose their prepacked weight (benchmarks/hot_swap.py measures
-what that costs). A reader-writer lock makes every run see one adapter's weights entirely: a switch waits
-for runs in flight and runs wait for a switch.
+still prepacks it; only the targeted MatMuls lose their prepacked weight. benchmarks/hot_swap.py (162M LLaMA,
+fp32, r=16 q/v, 2-core VM): a switch takes 41 ms, 0.018× a new session on merge's file; runs take 1.077× that
+session's (prepacking off for the whole model: 1.32×); outputs differ from it by 1.2e-6 relative, as much as
+ONNX Runtime's own prepacked and unprepacked GEMMs differ on the same weights. A reader-writer lock makes
+every run see one adapter's weights entirely: a switch waits for runs in flight and runs wait for a switch.
 """
 
 from __future__ import annotations
