@@ -23,6 +23,7 @@ from .graph.merge import merge_adapter, merge_file
 from .graph.merge_report import MergeReport
 from .graph.resolve import Resolution, ResolvedTarget, resolve_targets
 from .runtime.folder_session import LoraFolderSession
+from .runtime.merged_session import MergedSession
 from .runtime.session import LoraSession
 from .runtime.verify import VerifyReport, verify_models
 from .training.adalora_config import AdaLoraConfig
@@ -151,6 +152,7 @@ __all__ = [
     "verify_models",
     "InjectResult",
     "LoraSession",
+    "MergedSession",
     "convert_adapter",
     "write_zero_adapter",
     "convert_init_adapter",

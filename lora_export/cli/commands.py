@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .build import build_command
+from .combine import combine_command
 from .convert import convert_command
 from .convert_init import convert_init_command
 from .export import export_command
@@ -17,6 +18,7 @@ ENTRY_POINTS = "lora_export.commands"  # commands of plugins (lora-export serve)
 
 COMMANDS: list[click.Command] = [
     build_command,
+    combine_command,
     convert_command,
     convert_init_command,
     export_command,

@@ -99,31 +99,25 @@ def merge_adapter(
         # Into an injected model: record what this adapter's slot file holds, so loading it later is refused.
         manifest = SlotManifest.from_json(model.metadata_props[SLOTS_KEY])
         slots = merge_slot_digests(model, adapter, manifest, weight_reader(model))
-    adapter = adapter.scaled(scale)
-    adapter.check_finite()
-    for t in adapter:
-        check_mergeable(t)  # before any weight changes
     # --base-weights of another checkpoint: say so before resolving by their values finds nothing.
     check_base_weights(adapter, base_weights, force, _HINT)
     t0 = time.perf_counter()
-    resolution = resolve_targets(model, adapter, base_weights=base_weights, genai_dims=genai_dims)
+    adapter, resolution = plan_merge(
+        model,
+        adapter,
+        base_weights=base_weights,
+        scale=scale,
+        allow_partial=allow_partial,
+        lossy_ok=requantize or into_float,
+        genai_dims=genai_dims,
+        bound=True,
+    )
     report = MergeReport(adapter=adapter.name, resolution=resolution, scale=float(scale), adapter_sha256=digest)
     report.timings["resolve"] = time.perf_counter() - t0
-    _check_resolution(resolution, adapter, allow_partial)
     # The base checkpoint the adapter was made for (its fingerprint, when it has one): before any weight changes.
     history = safe_history(model)
     check_resolved(adapter, resolution.matched, history if isinstance(history, list) else [], force, _HINT)
-
-    for r in resolution.matched:
-        check_stored_base(adapter, r)  # before any weight changes
     lossy = [r for r in resolution.matched if getattr(r.layout, "lossy_write", False)]
-    if lossy and not (requantize or into_float):
-        names = _names(f"{r.target.name} ({r.node.op_type})" for r in lossy)
-        raise TargetError(
-            f"{len(lossy)} target(s) are quantized weights: {names}; a merge requantizes them (lossy, the error "
-            "is reported per target): pass --requantize to accept that, --into-float to make them float MatMuls "
-            "(exact), or use inject (exact)"
-        )
     if lossy and into_float:
         report.converted = convert_lossy(model, resolution.matched)
 
@@ -145,6 +139,63 @@ def merge_adapter(
     report.history = append_history(model, [record], replace_unreadable=force)
     report.repeated = repeat
     return report
+
+
+def plan_merge(
+    model: ir.Model,
+    adapter: Adapter,
+    *,
+    base_weights: Mapping[str, np.ndarray] | None = None,
+    scale: float = 1.0,
+    allow_partial: bool = False,
+    lossy_ok: bool = False,
+    genai_dims: GenaiDims | None = None,
+    bound: bool = False,
+) -> tuple[Adapter, Resolution]:
+    """Every check a merge makes before a weight changes: (the scaled adapter, its resolution in ``model``).
+
+    Shared by ``merge_adapter`` and ``MergedSession`` (which folds the same targets into live weights).
+    Quantized targets (layouts with ``lossy_write``) are refused unless ``lossy_ok``. ``bound``: VeRA
+    adapters are already bound to the graph.
+    """
+    if not np.isfinite(scale):
+        raise AdapterError(f"scale must be finite, got {scale}")
+    if not bound:
+        adapter = bind_to_graph(model, adapter, base_weights)
+    adapter = adapter.scaled(scale)
+    adapter.check_finite()
+    for t in adapter:
+        check_mergeable(t)  # before any weight changes
+    resolution = resolve_targets(model, adapter, base_weights=base_weights, genai_dims=genai_dims)
+    _check_resolution(resolution, adapter, allow_partial)
+    for r in resolution.matched:
+        check_stored_base(adapter, r)  # before any weight changes
+    lossy = [r for r in resolution.matched if getattr(r.layout, "lossy_write", False)]
+    if lossy and not lossy_ok:
+        names = _names(f"{r.target.name} ({r.node.op_type})" for r in lossy)
+        raise TargetError(
+            f"{len(lossy)} target(s) are quantized weights: {names}; a merge requantizes them (lossy, the error "
+            "is reported per target): pass --requantize to accept that, --into-float to make them float MatMuls "
+            "(exact), or use inject (exact)"
+        )
+    return adapter, resolution
+
+
+def merged_value(r: ResolvedTarget, compute_dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """W₀ + ΔW for one resolved target in canonical layout, in ``compute_dtype`` (the layout's ``write``
+    rounds it once into the stored dtype). W₀ is what ``r``'s initializer holds now."""
+    t = r.target
+    w0 = r.layout.read(r.node)
+    if t.kind == "linear" and not t.is_dora and w0.flags.f_contiguous and not w0.flags.c_contiguous:
+        # Stored transposed (MatMul's Wᵀ): merge the transposed problem, Wᵀ + AᵀBᵀ, so every array
+        # stays in storage order; strided adds and transposing copies would dominate the merge time.
+        flipped = dataclasses.replace(t, A=t.B.T, B=t.A.T, fan_in_fan_out=False)
+        merged = merged_weight(w0.T, flipped, compute_dtype).T
+    else:
+        merged = merged_weight(w0, t, compute_dtype)
+    if not np.isfinite(merged).all():
+        raise AdapterError(f"{t.name}: the merged weight contains NaN or Inf")
+    return merged
 
 
 def _repeat(model: ir.Model, adapter: Adapter, force: bool) -> str | None:
@@ -217,20 +268,11 @@ def _fold(model: ir.Model, r: ResolvedTarget, compute_dtype) -> dict:
     value for them: the target's own nodes get a private merged copy instead.
     """
     t = r.target
-    w0 = r.layout.read(r.node)
     shared = other_readers(r.value, r.nodes)
     original = r.value.name
     if shared:
         r.value = private_copy(model, r.value, r.nodes, f"{t.name}.weight")
-    if t.kind == "linear" and not t.is_dora and w0.flags.f_contiguous and not w0.flags.c_contiguous:
-        # Stored transposed (MatMul's Wᵀ): merge the transposed problem, Wᵀ + AᵀBᵀ, so every array
-        # stays in storage order; strided adds and transposing copies would dominate the merge time.
-        flipped = dataclasses.replace(t, A=t.B.T, B=t.A.T, fan_in_fan_out=False)
-        merged = merged_weight(w0.T, flipped, compute_dtype).T
-    else:
-        merged = merged_weight(w0, t, compute_dtype)
-    if not np.isfinite(merged).all():
-        raise AdapterError(f"{t.name}: the merged weight contains NaN or Inf")
+    merged = merged_value(r, compute_dtype)
     r.layout.write(r.node, merged)
     stored = r.value.const_value
     if stored.dtype.is_floating_point() and not np.isfinite(stored.numpy().astype(np.float32)).all():
