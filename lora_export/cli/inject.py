@@ -23,6 +23,11 @@ from .terminal import clean, clean_lines
 )
 @click.option("--only-targets", metavar="REGEX", help="Inject only the targets whose module path matches REGEX.")
 @click.option("--dora", is_flag=True, help="Give every slot a DoRA scale input, so DoRA adapters converted later fit.")
+@click.option(
+    "--per-row",
+    is_flag=True,
+    help="Slots hold a pool of adapters; the int64 input lora_adapter_ids picks each batch row's (0: none).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 def inject_command(
     base: str,
@@ -31,6 +36,7 @@ def inject_command(
     base_weights: str | None,
     only_targets: str | None,
     dora: bool,
+    per_row: bool,
     as_json: bool,
 ) -> None:
     """Inject LoRA slots for ADAPTERS (PEFT adapter directories) into BASE.onnx.
@@ -51,6 +57,7 @@ def inject_command(
             only_targets=only_targets,
             names=list(names),
             progress=bar,
+            per_row=per_row,
         )
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
