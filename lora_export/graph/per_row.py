@@ -207,18 +207,65 @@ def _gathered(value: ir.Value | None, depth: int = 0) -> bool:
 
 
 class _ActivationRanks:
-    """Ranks of graph values: declared where the model records them, else by ONNX shape inference (once)."""
+    """Ranks of graph values: declared where the model records them, else by ONNX shape inference, else
+    carried forward through rank-keeping ops (ONNX inference stops at contrib ops such as MatMulNBits)."""
 
     def __init__(self, model: ir.Model) -> None:
         self.model = model
-        self._inferred: dict[str, int] | None = None
+        self._ranks: dict[int, int] | None = None
 
-    def rank(self, value: ir.Value) -> int | None:
+    def rank(self, value: ir.Value | None) -> int | None:
+        if value is None:
+            return None
         if value.shape is not None:
             return len(value.shape)
-        if self._inferred is None:
-            self._inferred = _inferred_ranks(self.model)
-        return self._inferred.get(value.name or "")
+        if self._ranks is None:
+            self._ranks = self._forward(_inferred_ranks(self.model))
+        return self._ranks.get(id(value))
+
+    def _forward(self, inferred: dict[str, int]) -> dict[int, int]:
+        ranks: dict[int, int] = {}
+
+        def known(v: ir.Value | None) -> int | None:
+            if v is None:
+                return None
+            if v.shape is not None:
+                return len(v.shape)
+            return ranks.get(id(v), inferred.get(v.name or ""))
+
+        for node in ir.traversal.RecursiveGraphIterator(self.model.graph):
+            for out in node.outputs:
+                r = known(out)
+                if r is None:
+                    r = _rule(node, known)
+                if r is not None:
+                    ranks[id(out)] = r
+        return ranks
+
+
+def _rule(node: ir.Node, known) -> int | None:
+    op = node.op_type
+    keepdims = node.attributes.get("keepdims")
+    if op.startswith("Reduce") and (keepdims is None or keepdims.as_int() == 1):
+        return known(node.inputs[0])
+    if op in _SAME_RANK or (op == "MatMulNBits" and node.domain == "com.microsoft"):
+        return known(node.inputs[0])
+    if op == "Gather" and len(node.inputs) == 2:
+        data, idx = known(node.inputs[0]), known(node.inputs[1])
+        return None if data is None or idx is None else data - 1 + idx
+    if op in _BROADCAST or op == "MatMul":  # MatMul of rank >= 2 operands broadcasts like them
+        ranks = [known(i) for i in node.inputs if i is not None]
+        return None if not ranks or None in ranks else max(ranks)
+    return None
+
+
+# Ops whose output has the rank of their first input / of their broadcast inputs (for ``_ActivationRanks``).
+_SAME_RANK = {
+    "Cast", "Identity", "Relu", "Sigmoid", "Tanh", "Erf", "Neg", "Sqrt", "Softmax", "Gelu", "FastGelu", "QuickGelu",
+    "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
+    "Silu", "Dropout", "Reciprocal", "Exp", "Log", "Abs", "Split", "Slice", "Transpose", "Pad", "Concat",
+}  # fmt: skip
+_BROADCAST = {"Add", "Mul", "Sub", "Div", "Pow", "Where", "Max", "Min"}
 
 
 def _inferred_ranks(model: ir.Model) -> dict[str, int]:

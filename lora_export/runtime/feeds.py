@@ -108,3 +108,13 @@ def _check_shape(name: str, shape: list[int], declared: list | None) -> None:
     fixed = [d if isinstance(d, int) else (d or "?") for d in declared]
     if len(shape) != len(declared) or any(isinstance(d, int) and d >= 0 and d != n for d, n in zip(declared, shape)):
         raise ShapeError(f"input {name!r} has shape {tuple(shape)}, the model expects {tuple(fixed)}")
+
+
+def batch_size(bound: Mapping, inputs: Mapping[str, ort.NodeArg]) -> int | None:
+    """The batch size: the leading dimension of the first fed input whose declared leading dimension is symbolic."""
+    for k, v in bound.items():
+        declared = inputs[k].shape
+        if declared and not isinstance(declared[0], int):
+            shape = v.shape() if isinstance(v, ort.OrtValue) else v.shape
+            return int(shape[0]) if len(shape) else None
+    return None
