@@ -293,6 +293,30 @@ def _inferred_ranks(model: ir.Model) -> dict[str, int]:
     return out
 
 
+def pool_report(model: ir.Model, path) -> dict | None:
+    """For ``inspect``: the ids input and reserved entry, and the pool file beside the model (entries in
+    order, each slot input's pool rank); None for a model without per-row slots."""
+    from pathlib import Path
+
+    meta = per_row_meta(model.metadata_props)
+    if meta is None:
+        return None
+    report: dict = {"ids": meta["ids"], "none": meta["none"], "pool_file": None}
+    pool = Path(path).parent / POOL_FILE
+    if pool.is_file():
+        from ..formats.safetensors import read_safetensors
+
+        tensors, metadata = read_safetensors(pool)
+        try:
+            order = json.loads(metadata.get(POOL_ORDER_KEY, "[]"))
+        except ValueError:
+            order = None
+        report["pool_file"] = str(pool)
+        report["entries"] = {str(n): i + 1 for i, n in enumerate(order)} if isinstance(order, list) else None
+        report["ranks"] = {k: int(v.shape[-1]) for k, v in sorted(tensors.items()) if k.endswith(".lora_A")}
+    return report
+
+
 # -- pool tensors ---------------------------------------------------------------------------------------
 
 

@@ -359,10 +359,8 @@ class LoraSession:
             else:
                 binding.bind_cpu_input(k, v)
         for k, v in values.items():
-            if isinstance(v, ort.OrtValue):
-                binding.bind_ortvalue_input(k, v)
-            else:
-                binding.bind_cpu_input(k, v)
+            # Inputs with a default are not in the binding's input list: numpy must come as an OrtValue.
+            binding.bind_ortvalue_input(k, v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v))
         unique = list(dict.fromkeys(names))  # ONNX Runtime allows repeats; a binding holds each output once
         for name in unique:
             binding.bind_output(name)
