@@ -212,3 +212,22 @@ def test_inspect_shows_the_pool(case):
     assert code == 0, err
     assert "per-row adapters: input lora_adapter_ids" in out
     assert "2 adapter(s)" in out and "qv" in out and "qo" in out
+
+
+@pytest.mark.cuda
+def test_cuda_pool_is_resident_and_rows_match(case):
+    from lora_export.runtime.session import cuda_works
+
+    if not cuda_works():
+        pytest.skip("ONNX Runtime's CUDA EP does not work here")
+    sess = LoraSession(case["model"])
+    assert sess.device_type == "cuda"
+    sess.load_adapter("qv", case["root"] / "qv")
+    sess.load_adapter("v8", case["root"] / "v8")
+    with sess.pool.reading(["qv"]) as (_, values):
+        assert {v.device_name().lower() for v in values.values()} == {"cuda"}
+    rows = ["v8", None, "qv", "v8"]
+    got = sess.run(None, feeds(case["inputs"]), adapters=rows)
+    for i, row in enumerate(rows):  # TF32/fused kernels on GPU: a looser tolerance than on CPU
+        ref = case["base_out"][0][i] if row is None else case["refs"][row][i][0][0]
+        assert _rel(got[0][i], ref) <= 1e-3
