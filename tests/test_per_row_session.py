@@ -231,3 +231,15 @@ def test_cuda_pool_is_resident_and_rows_match(case):
     for i, row in enumerate(rows):  # TF32/fused kernels on GPU: a looser tolerance than on CPU
         ref = case["base_out"][0][i] if row is None else case["refs"][row][i][0][0]
         assert _rel(got[0][i], ref) <= 1e-3
+
+
+def test_single_adapter_model_takes_one_name_for_all_rows(case, tmp_path):
+    """adapters= on a model injected without --per-row: one name for every row works, a mix is refused."""
+    code, _, err = _cli("inject", case["root"] / "base.onnx", f"qv={case['root'] / 'qv'}", "-o", tmp_path / "o")
+    assert code == 0, err
+    sess = LoraSession(tmp_path / "o" / "model.onnx", providers=["CPUExecutionProvider"])
+    sess.load_adapter("qv", tmp_path / "o" / "qv.onnx_adapter")
+    f = feeds(case["inputs"])
+    _check(case, sess.run(None, f, adapters=["qv"] * 4), ["qv"] * 4)
+    with pytest.raises(AdapterError, match="inject with --per-row"):
+        sess.run(None, f, adapters=["qv", None, "qv", "qv"])
