@@ -327,7 +327,9 @@ class LoraSession:
             if adapter is not None:
                 raise AdapterError("give adapter= (one for all rows) or adapters= (one per row), not both")
             rows = checked_rows(adapters, batch_size(bound, self._inputs), self.pool is not None)
-            if self.pool is None:
+            if self.pool is None or len(set(rows)) == 1:
+                # One adapter for all rows: ids of shape (1,) broadcast (one MatMul, no per-row copies);
+                # all None: the defaults, no pool bound at all.
                 adapter = rows[0]
             else:
                 with self.pool.reading(rows) as (ids, values):
