@@ -8,6 +8,9 @@ Cost of the rank-0 branches: none measurable. benchmarks/noadapter_probe.py (220
 CPU, seq 128, batch 1, 40 interleaved rounds): injected-with-no-adapter / base = 0.986 (quartiles 0.969 to
 1.014); the +2.5% once reported by benchmarks/adapters.py at batch 1 was run-to-run noise.
 
+A per-row model (``inject --per-row``) serves a different adapter per batch row: ``run(..., adapters=[...])``
+binds the resident pool (``runtime.pool``) and the ids picking each row's entry.
+
 ``base_session=True`` adds a branch-free twin session (``base_path.strip_branches``) that serves
 ``adapter=None``. Its large initializers come from the same host memory as the main session's
 (``SessionOptions.add_initializer`` / ``add_external_initializers`` over one set of numpy arrays), but on
