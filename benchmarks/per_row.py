@@ -147,7 +147,7 @@ def build(cfg: dict, work: Path):
     return base, peft, adapters, {"export_s": round(export_s, 1), "inject_s": round(inject_s, 1)}
 
 
-def measure(cfg, past, new, reps, sessions, peft, base, adapters) -> tuple[dict, dict]:
+def measure(cfg, past, new, reps, sessions, peft, base, adapters, peft_reps) -> tuple[dict, dict]:
     """One step (prefill or decode): exactness of (a) per row vs PEFT, then every route, interleaved."""
     sess8, sess64 = sessions
     inputs = step(cfg, BATCH, past, new, seed=5)
@@ -182,12 +182,15 @@ def measure(cfg, past, new, reps, sessions, peft, base, adapters) -> tuple[dict,
     }
     if past == 0:  # prefill: (c) costs what (a) costs 8 times over at 1/8 the rows; its point is decode
         del routes["c_8_calls"]
-    for k, fn in routes.items():  # warm-up
-        print(f"  warm-up {'decode' if past else 'prefill'} {k}", file=sys.stderr, flush=True)
-        fn()
+    for k, fn in routes.items():  # warm-up (PyTorch only when it is timed more than once)
+        if not k.startswith("peft") or peft_reps > 1:
+            print(f"  warm-up {'decode' if past else 'prefill'} {k}", file=sys.stderr, flush=True)
+            fn()
     times: dict[str, list[float]] = {k: [] for k in routes}
-    for _ in range(reps):
+    for rep in range(reps):
         for k, fn in routes.items():
+            if k.startswith("peft") and rep >= peft_reps:
+                continue
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
@@ -199,9 +202,12 @@ def measure(cfg, past, new, reps, sessions, peft, base, adapters) -> tuple[dict,
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a small model, few reps (a smoke run)")
+    ap.add_argument("--steps", default="decode,prefill", help="which steps to measure (comma-separated)")
+    ap.add_argument("--prefill-reps", type=int, default=3)
+    ap.add_argument("--peft-reps", type=int, default=None, help="PyTorch reps (default: as ours)")
     args = ap.parse_args()
     cfg = QUICK if args.quick else FULL
-    reps = {"prefill": 3, "decode": 5 if args.quick else 12}  # prefill: a few seconds per call on 2 cores
+    reps = {"prefill": args.prefill_reps, "decode": 5 if args.quick else 12}  # prefill: seconds per call
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -223,8 +229,13 @@ def main() -> None:
             sess64.load_adapter(f"x{i}", {k: v * np.float32(1 + i / 100) for k, v in extra.items()})
         pool_mb = sum(v.nbytes for v in sess64.pool._arrays.values()) / 2**20
         results, checks = {}, {}
-        for phase, (past, new) in {"decode": (PAST, 1), "prefill": (0, PROMPT)}.items():
-            results[phase], checks[phase] = measure(cfg, past, new, reps[phase], (sess8, sess64), peft, base, adapters)
+        steps = {"decode": (PAST, 1), "prefill": (0, PROMPT)}
+        for phase in args.steps.split(","):
+            past, new = steps[phase]
+            peft_reps = args.peft_reps or reps[phase]
+            results[phase], checks[phase] = measure(
+                cfg, past, new, reps[phase], (sess8, sess64), peft, base, adapters, peft_reps
+            )
             print(f"{phase}: {results[phase]} {checks[phase]}", file=sys.stderr, flush=True)
     table, ratios = [], {}
     for phase, r in results.items():
@@ -255,6 +266,7 @@ def main() -> None:
             "targets": ["q_proj", "v_proj"],
         },
         "quick": args.quick,
+        "peft_reps": args.peft_reps,
         "median_ms": results,
         "ratios": ratios,
         "checks": checks,
