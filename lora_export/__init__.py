@@ -17,10 +17,12 @@ from .errors import (
 from .formats.init_conversion import convert_init_adapter
 from .formats.peft import load_adapter, save_adapter_files
 from .graph.convert import convert_adapter, write_zero_adapter
+from .graph.folder_ops import inject_folder, merge_folder
 from .graph.inject import InjectResult, inject_adapters, inject_files
 from .graph.merge import merge_adapter, merge_file
 from .graph.merge_report import MergeReport
 from .graph.resolve import Resolution, ResolvedTarget, resolve_targets
+from .runtime.folder_session import LoraFolderSession
 from .runtime.session import LoraSession
 from .runtime.verify import VerifyReport, verify_models
 from .training.adalora_config import AdaLoraConfig
@@ -97,6 +99,9 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "LoraFolderSession",
+    "inject_folder",
+    "merge_folder",
     "AdaLoraConfig",
     "AdaLoraLinear",
     "RankAllocator",

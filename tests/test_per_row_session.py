@@ -91,7 +91,7 @@ def test_rows_run_their_own_adapters(case, tmp_path):
     # convert makes later adapters for a per-row model: the same slot tensors as for single-adapter slots
     convert_adapter(root / "qo", case["model"], tmp_path / "qo.onnx_adapter")
     sess.load_adapter("qo", tmp_path / "qo.onnx_adapter")
-    assert sess.adapters == ["qo", "qv", "v8"]
+    assert sess.adapters == ["qo", "qv", "v8"] and sess.per_row
     f = feeds(case["inputs"])
     rows = ["v8", None, "qo", "qv"]
     _check(case, sess.run(None, f, adapters=rows), rows)

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import click
 
 from .._version import __version__
-from ..errors import LoraExportError, VerificationError
+from ..errors import LoraExportError, VerificationError, first_line
 from .terminal import clean
 
 # Bare ``lora-export`` shows the help (click >= 8.2 signals it with this UsageError); older clicks lack it.
@@ -97,8 +97,7 @@ class _Group(click.Group):
         except Exception as e:  # noqa: BLE001 - the safety net: a bug still gets one line, not a traceback
             if _debug():
                 raise
-            first = str(e).strip().split("\n", 1)[0][:200] if str(e).strip() else ""
-            detail = f"{type(e).__name__}: {first}" if first else type(e).__name__
+            detail = f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
             _fail(ctx, f"internal error: {detail} {_INTERNAL_HINT}", "InternalError")
 
 
@@ -109,9 +108,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from .commands import COMMANDS
+    from .commands import COMMANDS, plugin_commands
 
-    for command in COMMANDS:
+    for command in COMMANDS + plugin_commands():
         cli.add_command(command)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -13,9 +14,11 @@ from .terminal import clean, clean_lines
 
 
 @click.command("merge")
-@click.argument("base", type=click.Path(dir_okay=False))
+@click.argument("base", type=click.Path())
 @click.argument("adapter", type=click.Path())
-@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Merged model path.")
+@click.option(
+    "-o", "--output", "output", required=True, type=click.Path(), help="Merged model path (a folder for a folder BASE)."
+)
 @click.option(
     "--base-weights",
     type=click.Path(dir_okay=False),
@@ -52,8 +55,16 @@ def merge_command(
     The graph is unchanged; only the adapted weights get new values. Targets are found through
     the exporter's manifest, initializer names, node names/scopes, or (with --base-weights) by value.
     The merge is recorded in OUT's metadata (lora_export.history); merging an adapter the history
-    already holds is refused unless --force.
+    already holds is refused unless --force. BASE may be an export folder of several ONNX files (Optimum's
+    encoder_model.onnx, decoder_model.onnx ...): each file gets the targets it holds, -o is a folder.
     """
+    if os.path.isdir(base):
+        from .folder import merge_folder_command
+
+        merge_folder_command(base, adapter, output, as_json, base_weights=base_weights, scale=scale,
+                             allow_partial=allow_partial, only_targets=only_targets, force=force,
+                             requantize=requantize, into_float=into_float)  # fmt: skip
+        return
     with progress_bar("merging", as_json) as bar:
         report = merge_file(
             base,
@@ -108,7 +119,7 @@ def summary(report: MergeReport) -> str:
         for c in report.converted
     ]
     if report.repeated:
-        lines.append(f"note: {report.repeated}; merged again (--force)")
+        lines.append(f"note: {report.repeated}; merged anyway (--force)")
     # --allow-partial: what was left out, and why, one line each.
     lines += [f"skipped {clean(s['target'])}: {clean(s['reason'])}" for s in report.skipped()]
     lines.append("wrote " + ", ".join(clean(f) for f in report.files))

@@ -141,6 +141,9 @@ def inspect_model(
     report["adapter_sha256"] = digest
     report["already_merged"] = _already_merged(report.get("history") or [], loaded, digest)
     report["resolution"] = resolution.to_report()
+    from .base_check import fingerprint_report
+
+    report["base_fingerprint"] = fingerprint_report(loaded, resolution.matched, report.get("history") or [], weights)
     report["extras"] = [e.to_dict() for e in resolution.extras]
     report["counts"] = {
         "matched": len(resolution.matched),
@@ -233,6 +236,10 @@ def format_report(report: dict) -> str:
             lines.append(
                 f"already merged into this model (history record {', '.join(map(str, report['already_merged']))})"
             )
+        if "base_fingerprint" in report:
+            from .base_check import format_fingerprint
+
+            lines.append(format_fingerprint(report["base_fingerprint"]))
         header = ("target", "kind", "rank", "status", "strategy", "initializer", "detail")
         rows = [
             (

@@ -31,7 +31,7 @@ import numpy as np
 from .. import safejson
 from ..adapter import Adapter, LoraTarget
 from ..delta import dora_scale
-from ..errors import AdapterError, DtypeError, ModelError, ShapeError, TargetError
+from ..errors import AdapterError, DtypeError, ModelError, ShapeError, TargetError, some
 from .slot_checks import floating_dtype, sharing_problem, slot_problem, vera_entry_ok
 from .value_match import check_stored_weight
 from .vera_slots import bind_to_slots, vector_tensors
@@ -229,7 +229,7 @@ def adapter_tensors(
     that do not fit. Modules recorded as absent from the graph are skipped (they change no output)."""
     if adapter.extra:
         raise AdapterError(
-            f"adapter {adapter.name!r}: full replacement tensors ({', '.join(sorted(adapter.extra)[:3])}) "
+            f"adapter {adapter.name!r}: full replacement tensors ({some(sorted(adapter.extra))}) "
             "cannot be swapped at run time; use merge"
         )
     if manifest.vera is not None:

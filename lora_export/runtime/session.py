@@ -37,8 +37,9 @@ import onnxruntime as ort
 from ..adapter import Adapter
 from ..errors import AdapterError, DtypeError, LoraExportError, one_line
 from ..files.checks import require_regular_file
-from ..formats.adapter_files import read_adapter_tensors
+from ..formats.adapter_files import read_adapter_file
 from ..formats.peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
+from ..graph.history_guard import history_or_refusal, merged_repeat, refuse, safe_history, slot_digests, slots_repeat
 from ..graph.per_row import per_row_meta
 from ..graph.slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, check_finite_tensors, check_tensors
 from .feeds import ORT_TYPES, batch_size, checked_feeds, listed, requested_outputs
@@ -115,6 +116,8 @@ class LoraSession:
         # Runtime's own rule (versions before about 1.23, which pyproject allows, do not apply it), slot
         # metadata, structure.
         model = load_model(self.model_path)
+        # What was merged into the weights: an adapter loaded on top must not be one of those.
+        self._history = safe_history(model)
         self._shared: dict[str, ort.OrtValue] = {}
         base_model = None
         if base_session:
@@ -161,6 +164,7 @@ class LoraSession:
         self._outputs = [o.name for o in self._output_args]
         self._adapters: dict[str, dict[str, ort.OrtValue]] = {}
         self._lock = threading.Lock()
+        self._base_entries: dict = {}  # module → its base weight's fingerprint entry, read once (base_check)
 
     def _create(self, model, sess_options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
         try:
@@ -196,6 +200,11 @@ class LoraSession:
             return self.pool.names
         with self._lock:
             return sorted(self._adapters)
+
+    @property
+    def per_row(self) -> bool:
+        """Whether the model picks an adapter per batch row (``inject --per-row``; ``run(adapters=...)``)."""
+        return self.pool is not None
 
     @property
     def slots(self) -> dict[str, Slot]:
@@ -234,18 +243,35 @@ class LoraSession:
             f"slots={len(self.slots)} adapters={self.adapters}{twin}>"
         )
 
-    def load_adapter(self, name: str, source: str | os.PathLike | Adapter | Mapping[str, np.ndarray]) -> None:
+    def load_adapter(
+        self,
+        name: str,
+        source: str | os.PathLike | Adapter | Mapping[str, np.ndarray],
+        *,
+        force: bool = False,
+    ) -> None:
         """Validate and place an adapter on the device under ``name``.
 
         ``source``: a ``.onnx_adapter`` or ``.safetensors`` file of slot tensors, a PEFT adapter directory
         or ``Adapter`` (converted in memory), or a dict of slot tensors.
+
+        An adapter the model's history records as merged into its weights (by its digest, a target's
+        tensors, or its slot tensors) is refused: it would apply twice. So is any adapter when the history
+        is unreadable or duplicated. An adapter carrying a base fingerprint (files lora-export wrote) that
+        does not match the weights behind the model's slots is refused too. ``force=True`` loads it anyway.
         """
         if not name or not isinstance(name, str):
             raise AdapterError("an adapter needs a non-empty name")
         with self._lock:
             if name in self._adapters:
                 raise AdapterError(f"an adapter named {name!r} is already loaded (unload it first)")
-        tensors, what = self._tensors_of(source)
+        hint = "pass force=True to load it anyway"
+        history = history_or_refusal(self._history, force, hint)
+        tensors, what, adapter, fingerprint = self._tensors_of(source)
+        if adapter is not None:
+            refuse(merged_repeat(history, adapter), force, hint)
+        refuse(slots_repeat(history, slot_digests(tensors, self.manifest), what), force, hint)
+        self._check_base(what, tensors, fingerprint, history, force, hint)
         check_tensors(tensors, self.manifest, what)
         self._check_dtypes(tensors, what)
         # Files and dicts come from anywhere: NaN/Inf in a slot would turn every output NaN, silently.
@@ -269,21 +295,44 @@ class LoraSession:
             if self._adapters.pop(name, None) is None:
                 raise AdapterError(f"no adapter named {name!r} is loaded")
 
-    def _tensors_of(self, source) -> tuple[dict[str, np.ndarray], str]:
+    def _check_base(self, what: str, tensors, fingerprint, history: list[dict], force: bool, hint: str) -> None:
+        """The base fingerprint the adapter carries (entries or an .onnx_adapter's code) against the weights
+        behind the model's slots (``graph.base_check``)."""
+        if fingerprint is None:
+            return
+        from ..graph.base_check import code_mismatch, mismatch, refuse_mismatch, slot_weights
+
+        weights = slot_weights(self.manifest, self._read_weight(), history, self._base_entries)
+        if isinstance(fingerprint, int):
+            filled = [m for m, s in self.manifest.slots.items() if any(n in tensors for n in s.inputs)]
+            found = code_mismatch(fingerprint, filled, weights)
+        else:
+            found = mismatch(fingerprint, weights)
+        refuse_mismatch(found, what, "this model's", force, hint)
+
+    def _tensors_of(self, source) -> tuple[dict[str, np.ndarray], str, Adapter | None, dict | int | None]:
+        """The slot tensors of ``source``, what to call it, the Adapter it came from (if any) and the base
+        fingerprint it carries (if any)."""
         if isinstance(source, Mapping):
-            return {k: np.asarray(v) for k, v in source.items()}, "adapter tensors"
+            return {k: np.asarray(v) for k, v in source.items()}, "adapter tensors", None, None
         if isinstance(source, Adapter):
-            return adapter_tensors(source, self.manifest, self._read_weight()), f"adapter {source.name!r}"
+            tensors = adapter_tensors(source, self.manifest, self._read_weight())
+            return tensors, f"adapter {source.name!r}", source, source.base_fingerprint
         path = Path(source)
         # A PEFT adapter: its folder, or one of its files (slot files have other names).
         if path.is_dir() or path.name in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME):
             from ..formats.peft import load_adapter
 
             adapter = load_adapter(path)
-            return adapter_tensors(adapter, self.manifest, self._read_weight()), f"adapter {adapter.name!r}"
-        return read_adapter_tensors(path), str(path)
+            tensors = adapter_tensors(adapter, self.manifest, self._read_weight())
+            return tensors, f"adapter {adapter.name!r}", adapter, adapter.base_fingerprint
+        tensors, fingerprint = read_adapter_file(path)
+        return tensors, str(path), None, fingerprint
 
     def _read_weight(self) -> Callable[[Slot], np.ndarray]:
+        # A fresh reader per call: it holds the loaded model, which the session should not keep (an inline
+        # model's weights would stay in memory beside ONNX Runtime's). What the fingerprint check needs of
+        # the weights is cached in ``_base_entries`` instead.
         from ..graph.convert import weight_reader
 
         return weight_reader(self.model_path)
