@@ -118,3 +118,39 @@ def batch_size(bound: Mapping, inputs: Mapping[str, ort.NodeArg]) -> int | None:
             shape = v.shape() if isinstance(v, ort.OrtValue) else v.shape
             return int(shape[0]) if len(shape) else None
     return None
+
+
+def run_bound(
+    session, names: list[str], bound: Mapping, values: Mapping, run_options, *, on_cpu: bool
+) -> list[np.ndarray]:
+    """Run ``session`` with IOBinding: the user feeds ``bound``, the LoRA inputs ``values``; outputs ``names``."""
+    binding = session.io_binding()
+    for k, v in bound.items():
+        if isinstance(v, ort.OrtValue):
+            binding.bind_ortvalue_input(k, v)
+        else:
+            binding.bind_cpu_input(k, v)
+    for k, v in values.items():
+        # Inputs with a default are not in the binding's input list: numpy must come as an OrtValue.
+        binding.bind_ortvalue_input(k, v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v))
+    unique = list(dict.fromkeys(names))  # ONNX Runtime allows repeats; a binding holds each output once
+    for name in unique:
+        binding.bind_output(name)
+    try:
+        session.run_with_iobinding(binding, run_options)
+    except Exception as e:  # noqa: BLE001
+        raise LoraExportError(f"inference failed: {one_line(e)}") from None
+    if on_cpu:
+        # Zero-copy views of ORT's output buffers; copy_outputs_to_cpu would copy every output once more.
+        results = [v.numpy() for v in binding.get_outputs()]
+    else:
+        results = binding.copy_outputs_to_cpu()
+    if len(unique) == len(names):
+        return results
+    by_name = dict(zip(unique, results))
+    seen: set[str] = set()
+    out = []
+    for name in names:  # a repeated name gets its own copy, as ONNX Runtime's run gives
+        out.append(by_name[name].copy() if name in seen else by_name[name])
+        seen.add(name)
+    return out

@@ -42,7 +42,7 @@ from ..formats.peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
 from ..graph.history_guard import history_or_refusal, merged_repeat, refuse, safe_history, slot_digests, slots_repeat
 from ..graph.per_row import per_row_meta
 from ..graph.slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, check_finite_tensors, check_tensors
-from .feeds import ORT_TYPES, batch_size, checked_feeds, listed, requested_outputs
+from .feeds import ORT_TYPES, batch_size, checked_feeds, listed, requested_outputs, run_bound
 from .pool import AdapterPool, checked_rows, pool_value_factory
 
 
@@ -406,33 +406,4 @@ class LoraSession:
         return self._bound_run(session, names, bound, values, run_options)
 
     def _bound_run(self, session, names, bound, values, run_options) -> list[np.ndarray]:
-        binding = session.io_binding()
-        for k, v in bound.items():
-            if isinstance(v, ort.OrtValue):
-                binding.bind_ortvalue_input(k, v)
-            else:
-                binding.bind_cpu_input(k, v)
-        for k, v in values.items():
-            # Inputs with a default are not in the binding's input list: numpy must come as an OrtValue.
-            binding.bind_ortvalue_input(k, v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v))
-        unique = list(dict.fromkeys(names))  # ONNX Runtime allows repeats; a binding holds each output once
-        for name in unique:
-            binding.bind_output(name)
-        try:
-            session.run_with_iobinding(binding, run_options)
-        except Exception as e:  # noqa: BLE001
-            raise LoraExportError(f"inference failed: {one_line(e)}") from None
-        if self.device_type == "cpu":
-            # Zero-copy views of ORT's output buffers; copy_outputs_to_cpu would copy every output once more.
-            results = [v.numpy() for v in binding.get_outputs()]
-        else:
-            results = binding.copy_outputs_to_cpu()
-        if len(unique) == len(names):
-            return results
-        by_name = dict(zip(unique, results))
-        seen: set[str] = set()
-        out = []
-        for name in names:  # a repeated name gets its own copy, as ONNX Runtime's run gives
-            out.append(by_name[name].copy() if name in seen else by_name[name])
-            seen.add(name)
-        return out
+        return run_bound(session, names, bound, values, run_options, on_cpu=self.device_type == "cpu")
