@@ -24,6 +24,11 @@ from .terminal import aligned, clean, clean_lines
 @click.option("--only-targets", metavar="REGEX", help="Inject only the targets whose module path matches REGEX.")
 @click.option("--dora", is_flag=True, help="Give every slot a DoRA scale input, so DoRA adapters converted later fit.")
 @click.option(
+    "--per-row",
+    is_flag=True,
+    help="Slots hold a pool of adapters; the int64 input lora_adapter_ids picks each batch row's (0: none).",
+)
+@click.option(
     "--force",
     is_flag=True,
     help="Inject even an adapter the model's history records as merged, or one made for other base weights.",
@@ -36,6 +41,7 @@ def inject_command(
     base_weights: str | None,
     only_targets: str | None,
     dora: bool,
+    per_row: bool,
     force: bool,
     as_json: bool,
 ) -> None:
@@ -65,6 +71,7 @@ def inject_command(
             only_targets=only_targets,
             names=list(names),
             progress=bar,
+            per_row=per_row,
             force=force,
         )
     if as_json:

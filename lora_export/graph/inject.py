@@ -38,7 +38,7 @@ from ..files.publish import publish_folder, stage_parent
 from ..files.staging import staging_dir
 from ..formats.adapter_files import write_adapter_tensors
 from ..formats.peft import adapter_files, load_adapter
-from ..formats.safetensors import read_safetensors
+from ..formats.safetensors import read_safetensors, write_safetensors
 from ..vera import projection_entry
 from .base_check import check_base_weights, check_resolved, slot_file_entries
 from .convert import weight_reader
@@ -49,6 +49,7 @@ from .model_io import external_data_files, load_model, save_model
 from .packed import PackedSlice
 from .packed_branch import add_packed_branch
 from .packed_names import GenaiDims, read_genai_config
+from .per_row import POOL_FILE, make_per_row, pool_metadata, pool_tensors
 from .provenance import DUPLICATES_META, HistoryError, append_history, make_record, target_entry
 from .resolve import ResolvedTarget, resolve_targets
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, slot_stems
@@ -304,6 +305,7 @@ def inject_files(
     names: Sequence[str | None] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     force: bool = False,
+    per_row: bool = False,
 ) -> InjectResult:
     """``lora-export inject``: OUTDIR/model.onnx (+ external data when the base had it) and, per adapter,
     OUTDIR/<name>.onnx_adapter and OUTDIR/<name>.safetensors (<name>: ``names[i]`` where given, else the
@@ -316,6 +318,8 @@ def inject_files(
     files written; a later inject into the same folder removes those
     of them it no longer writes (an adapter dropped or renamed), and never any other file.
     ``progress(done, total, file name)`` is called as the files are written. ``force``: see ``inject_adapters``.
+    ``per_row``: slots that hold a pool of adapters and a ``lora_adapter_ids`` input picking each row's
+    (``per_row``); OUTDIR/pool.safetensors then holds the pool of these adapters (entry i+1: the i-th).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -332,6 +336,8 @@ def inject_files(
             check_adapter_name(a.name, f" (from the folder {str(p)!r}; name it with NAME=PATH)")
     outputs = [out_dir / MODEL_NAME, out_dir / f"{MODEL_NAME}.data", out_dir / FILES_MANIFEST]
     outputs += [out_dir / f"{a.name}{suffix}" for a in adapters for suffix in (".onnx_adapter", ".safetensors")]
+    if per_row:
+        outputs.append(out_dir / POOL_FILE)
     refuse_blocked_outputs(outputs)
     inputs = [Path(base_path), *(f for p in adapter_paths for f in adapter_files(p))]
     if base_weights is not None and not isinstance(base_weights, Mapping):
@@ -350,6 +356,11 @@ def inject_files(
         refuse_blocked_outputs([out_dir / name for name in genai_file_names(genai)])
     genai_dims = read_genai_config(base_path)
     result = inject_adapters(model, adapters, base_weights=base_weights, dora=dora, genai_dims=genai_dims, force=force)
+    pool = None
+    if per_row:
+        make_per_row(model, result.manifest)
+        order = [a.name for a in adapters]
+        pool = (pool_tensors(result.manifest, [result.tensors[n] for n in order]), pool_metadata(order))
     # Through a symlinked OUTDIR, replace the folder it points to, not the link.
     dest = Path(os.path.realpath(out_dir)) if out_dir.is_symlink() else out_dir
     total = 1 + 2 * len(result.tensors)
@@ -373,6 +384,8 @@ def inject_files(
                     fingerprint=result.fingerprints.get(name),
                 )
                 done += 1
+        if pool is not None:
+            write_safetensors(new / POOL_FILE, pool[0], metadata=pool[1])
         produced = sorted(p.name for p in new.iterdir())
         write_files_manifest(new / FILES_MANIFEST, produced)
         if progress is not None:

@@ -8,6 +8,9 @@ Cost of the rank-0 branches: none measurable. benchmarks/noadapter_probe.py (220
 CPU, seq 128, batch 1, 40 interleaved rounds): injected-with-no-adapter / base = 0.986 (quartiles 0.969 to
 1.014); the +2.5% once reported by benchmarks/adapters.py at batch 1 was run-to-run noise.
 
+A per-row model (``inject --per-row``) serves a different adapter per batch row: ``run(..., adapters=[...])``
+binds the resident pool (``runtime.pool``) and the ids picking each row's entry.
+
 ``base_session=True`` adds a branch-free twin session (``base_path.strip_branches``) that serves
 ``adapter=None``. Its large initializers come from the same host memory as the main session's
 (``SessionOptions.add_initializer`` / ``add_external_initializers`` over one set of numpy arrays), but on
@@ -37,8 +40,10 @@ from ..files.checks import require_regular_file
 from ..formats.adapter_files import read_adapter_file
 from ..formats.peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
 from ..graph.history_guard import history_or_refusal, merged_repeat, refuse, safe_history, slot_digests, slots_repeat
+from ..graph.per_row import per_row_meta
 from ..graph.slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, check_finite_tensors, check_tensors
-from .feeds import ORT_TYPES, checked_feeds, listed, requested_outputs
+from .feeds import ORT_TYPES, batch_size, checked_feeds, listed, requested_outputs, run_bound
+from .pool import AdapterPool, checked_rows, pool_value_factory
 
 
 @functools.cache
@@ -78,6 +83,9 @@ class LoraSession:
 
     ``base_session=True``: ``adapter=None`` runs a branch-free twin session whose initializers share the
     main session's host memory (see the module docstring for the memory it still costs; off by default).
+    A per-row model (``inject --per-row``) keeps its adapters in one resident pool of up to ``pool_size``
+    entries (``runtime.pool``); ``run(..., adapters=[name or None per row])`` mixes them in one batch. A full
+    pool refuses a load, or with ``evict="lru"`` frees the least recently used adapter.
     ``base_prepacking=False`` disables ONNX Runtime's weight prepacking in the twin (less memory, slower).
     With ``base_session=True`` the given ``sess_options`` get the shared initializers (and, with
     ``base_prepacking=False``, the disable-prepacking entry) added: do not reuse them for other models.
@@ -91,6 +99,8 @@ class LoraSession:
         sess_options: ort.SessionOptions | None = None,
         base_session: bool = False,
         base_prepacking: bool = True,
+        pool_size: int = 64,
+        evict: str | None = None,
     ) -> None:
         self.model_path = require_regular_file(model_path, "model")
         if sess_options is None:
@@ -119,6 +129,17 @@ class LoraSession:
         self.device_type, self.device_id = ("cuda", 0) if on_cuda else ("cpu", 0)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.manifest = SlotManifest.from_json(meta.get(SLOTS_KEY))
+        per_row = per_row_meta(meta)
+        #: The resident adapter pool of a per-row model (None: one adapter per run).
+        self.pool: AdapterPool | None = None
+        if per_row is not None:
+            if base_session:
+                raise AdapterError(
+                    "base_session=True does not apply to a per-row model (rows without adapter are exact)"
+                )
+            self.pool = AdapterPool(
+                self.manifest, pool_size, evict, pool_value_factory(self.device_type, self.device_id)
+            )
         #: The branch-free twin that serves ``adapter=None`` (None: the rank-0 branches serve it).
         self.base_session: ort.InferenceSession | None = None
         if base_model is not None:
@@ -131,6 +152,9 @@ class LoraSession:
             self.base_session = self._create(twin_proto(base_model, self._shared), sess_options, providers)
             del base_model
         self._slot_inputs = {n for slot in self.manifest.slots.values() for n in slot.inputs}
+        if per_row is not None:
+            self._slot_inputs.add(per_row["ids"])
+            self._ids_input = per_row["ids"]
         # ONNX Runtime lists inputs with a default (the LoRA slots) as overridable initializers, not as inputs;
         # filter both lists anyway, so an older IR that lists them as inputs gives the same split.
         graph_inputs = self.session.get_inputs() + self.session.get_overridable_initializers()
@@ -172,8 +196,15 @@ class LoraSession:
     @property
     def adapters(self) -> list[str]:
         """Names of the loaded adapters."""
+        if self.pool is not None:
+            return self.pool.names
         with self._lock:
             return sorted(self._adapters)
+
+    @property
+    def per_row(self) -> bool:
+        """Whether the model picks an adapter per batch row (``inject --per-row``; ``run(adapters=...)``)."""
+        return self.pool is not None
 
     @property
     def slots(self) -> dict[str, Slot]:
@@ -245,6 +276,9 @@ class LoraSession:
         self._check_dtypes(tensors, what)
         # Files and dicts come from anywhere: NaN/Inf in a slot would turn every output NaN, silently.
         check_finite_tensors(tensors, what)
+        if self.pool is not None:
+            self.pool.load(name, tensors)
+            return
         values = {k: self._ort_value(v) for k, v in sorted(tensors.items())}
         with self._lock:
             if name in self._adapters:
@@ -252,7 +286,11 @@ class LoraSession:
             self._adapters[name] = values
 
     def unload_adapter(self, name: str) -> None:
-        """Forget an adapter; runs already in flight keep their references and finish normally."""
+        """Forget an adapter; runs already in flight keep their references and finish normally (per-row
+        model: the pool entry is freed once the runs in flight are done)."""
+        if self.pool is not None:
+            self.pool.unload(name)
+            return
         with self._lock:
             if self._adapters.pop(name, None) is None:
                 raise AdapterError(f"no adapter named {name!r} is loaded")
@@ -324,15 +362,36 @@ class LoraSession:
         feeds: Mapping[str, np.ndarray | ort.OrtValue],
         adapter: str | None = None,
         run_options: ort.RunOptions | None = None,
+        *,
+        adapters: Sequence[str | None] | None = None,
     ) -> list[np.ndarray]:
         """``InferenceSession.run`` with the named adapter active (None: the base model).
 
         ``output_names``: a list of output names, or None (or empty) for all, as in ONNX Runtime.
         ``feeds``: every user input (``get_inputs()``) as a numpy array (or array-like, or OrtValue) of the
         model's dtype: nothing is cast. Returns numpy arrays, one per requested output, in the order asked.
+        ``adapters``: per batch row, an adapter name or None (no adapter), in place of ``adapter``; a per-row
+        model (``inject --per-row``) runs them in one batch; another model takes only one name for all rows.
         """
         names = requested_outputs(output_names, self._outputs)
         bound = checked_feeds(feeds, self._inputs, self._slot_inputs)
+        if adapters is not None:
+            if adapter is not None:
+                raise AdapterError("give adapter= (one for all rows) or adapters= (one per row), not both")
+            rows = checked_rows(adapters, batch_size(bound, self._inputs), self.pool is not None)
+            if self.pool is None or len(set(rows)) == 1:
+                # One adapter for all rows: ids of shape (1,) broadcast (one MatMul, no per-row copies);
+                # all None: the defaults, no pool bound at all.
+                adapter = rows[0]
+            else:
+                with self.pool.reading(rows) as (ids, values):
+                    return self._bound_run(self.session, names, bound, {self._ids_input: ids, **values}, run_options)
+        if self.pool is not None:
+            if adapter is None:
+                return self._bound_run(self.session, names, bound, {}, run_options)
+            # One entry for every row: ids of shape (1,) broadcast over the batch.
+            with self.pool.reading([adapter]) as (ids, values):
+                return self._bound_run(self.session, names, bound, {self._ids_input: ids, **values}, run_options)
         values: dict[str, ort.OrtValue] = {}
         if adapter is not None:
             with self._lock:
@@ -344,32 +403,7 @@ class LoraSession:
         session = self.session
         if adapter is None and self.base_session is not None:
             session = self.base_session
-        binding = session.io_binding()
-        for k, v in bound.items():
-            if isinstance(v, ort.OrtValue):
-                binding.bind_ortvalue_input(k, v)
-            else:
-                binding.bind_cpu_input(k, v)
-        for k, v in values.items():
-            binding.bind_ortvalue_input(k, v)
-        unique = list(dict.fromkeys(names))  # ONNX Runtime allows repeats; a binding holds each output once
-        for name in unique:
-            binding.bind_output(name)
-        try:
-            session.run_with_iobinding(binding, run_options)
-        except Exception as e:  # noqa: BLE001
-            raise LoraExportError(f"inference failed: {one_line(e)}") from None
-        if self.device_type == "cpu":
-            # Zero-copy views of ORT's output buffers; copy_outputs_to_cpu would copy every output once more.
-            results = [v.numpy() for v in binding.get_outputs()]
-        else:
-            results = binding.copy_outputs_to_cpu()
-        if len(unique) == len(names):
-            return results
-        by_name = dict(zip(unique, results))
-        seen: set[str] = set()
-        out = []
-        for name in names:  # a repeated name gets its own copy, as ONNX Runtime's run gives
-            out.append(by_name[name].copy() if name in seen else by_name[name])
-            seen.add(name)
-        return out
+        return self._bound_run(session, names, bound, values, run_options)
+
+    def _bound_run(self, session, names, bound, values, run_options) -> list[np.ndarray]:
+        return run_bound(session, names, bound, values, run_options, on_cpu=self.device_type == "cpu")
