@@ -24,6 +24,7 @@ import numpy as np
 from .delta import lora_delta
 from .errors import AdapterError, ShapeError, TargetError
 from .training.config import LoraConfig
+from .training.patterns import search
 
 if TYPE_CHECKING:
     from .vera import VeraRecord
@@ -159,8 +160,6 @@ class Adapter:
         """
         if not pattern:
             return self
-        from .training.patterns import search
-
         targets = {k: t for k, t in self.targets.items() if search(pattern, k, "--only-targets")}
         if not targets:
             raise TargetError(f"--only-targets {pattern!r} matches none of adapter {self.name!r}'s targets")
