@@ -13,7 +13,7 @@ from inject_fixtures import conv_case_fixture, gpt2_case_fixture, llama_case_fix
 
 from lora_export.cli import cli
 from lora_export.formats.adapter_files import read_adapter_tensors
-from lora_export.graph.slot_checks import SLOTS_KEY
+from lora_export.graph.slots import SLOTS_KEY
 
 TOL = 1e-5
 

@@ -26,10 +26,11 @@ RANK = {
     "training": 3,  # torch modules, attach/merge/save
     "runtime": 4,  # LoraSession, verify
     "exporting": 4,  # torch → ONNX
-    "cli": 5,
-    "api": 5,  # lora_export/__init__.py
-    "main": 6,  # python -m lora_export
-    "plugins": 6,  # op layouts found through entry points
+    "build": 5,  # recipes: export, merge/inject, verify, publish
+    "cli": 6,
+    "api": 6,  # lora_export/__init__.py
+    "main": 7,  # python -m lora_export
+    "plugins": 7,  # op layouts found through entry points
 }
 # graph/'s sub-packages from the bottom up, ordered the same way inside the graph layer.
 GRAPH_RANK = {
@@ -56,6 +57,7 @@ LAYER = {
     "lora_export.training": "training",
     "lora_export.runtime": "runtime",
     "lora_export.exporting": "exporting",
+    "lora_export.build": "build",
     "lora_export.cli": "cli",
     "lora_export_plugins": "plugins",
 }
@@ -71,6 +73,7 @@ LAYER.update(
                 "lora_export.training.config",
                 "lora_export.training.patterns",
                 "lora_export.training.adalora_config",
+                "lora_export.combine",  # branch mswap's
             ],
             "core",
         ),
@@ -81,8 +84,8 @@ LAYER.update(
                 "match": "module_paths value_match",
                 "ops": "layouts branches consumers float_convert packed packed_branch packed_bias packed_quant",
                 "targets": "resolve resolve_extras absence packed_names vera_bind",
-                "slots": "slots vera_slots foreign_slots foreign_quant",
-                "verbs": "merge merge_report inject convert inspect",
+                "slots": "slots vera_slots foreign_slots foreign_quant per_row",  # per_row: branch perrow's
+                "verbs": "merge merge_report inject convert inspect history_guard",  # history_guard: provenance's
             }.items()
             for m in ms.split()
         },

@@ -15,7 +15,7 @@ from robust_fixtures import write_adapter, write_model
 from lora_export import LoraConfig, load_adapter
 from lora_export.errors import AdapterError, ConfigError, LoraExportError, ModelError
 from lora_export.formats.safetensors import read_safetensors
-from lora_export.graph.slot_checks import SlotManifest
+from lora_export.graph.slots import SlotManifest
 
 EVIL = "(a+)+$"
 LONG_NAME = "a" * 5000 + "!"

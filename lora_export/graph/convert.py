@@ -26,8 +26,7 @@ from .foreign_quant import QuantWriter, read_model_slots
 from .foreign_slots import foreign_tensors, lora_input_names, slots_fingerprint
 from .layouts import get_layout
 from .model_io import check_external_data, load_model
-from .slot_checks import SLOTS_KEY, Slot, SlotManifest
-from .slots import adapter_tensors
+from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
 from .value_match import quantized_holds
 
 

@@ -48,8 +48,7 @@ from .packed_branch import add_packed_branch
 from .packed_names import GenaiDims, read_genai_config
 from .provenance import append_history, make_record, target_entry
 from .resolve import ResolvedTarget, resolve_targets
-from .slot_checks import SLOTS_KEY, Slot, SlotManifest
-from .slots import adapter_tensors, slot_stems
+from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, slot_stems
 from .value_match import check_stored_base, quantized_holds
 from .vera_bind import bind_to_graph
 from .vera_slots import branch_factors, common_projection, projection_values, vera_slot_fields

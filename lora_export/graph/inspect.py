@@ -156,7 +156,7 @@ def _already_merged(history: list[dict], adapter, digest: str) -> list[int]:
 
 def _slots(model: ir.Model) -> list[dict]:
     """An injected model's slots (``lora_export.slots``), sorted by module; [] for other models."""
-    from .slot_checks import SLOTS_KEY, SlotManifest
+    from .slots import SLOTS_KEY, SlotManifest
 
     if SLOTS_KEY not in model.metadata_props:
         return []

@@ -27,6 +27,7 @@ import numpy as np
 from ..adapter import Adapter, LoraTarget
 from ..delta import dora_scale
 from ..errors import AdapterError, DtypeError, ModelError, ShapeError, TargetError
+from .slot_checks import SLOTS_KEY as SLOTS_KEY  # for importers that predate the manifest's move
 from .slot_checks import Slot, SlotManifest, floating_dtype
 from .value_match import check_stored_weight
 from .vera_slots import bind_to_slots, vector_tensors

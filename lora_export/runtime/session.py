@@ -36,8 +36,7 @@ from ..errors import AdapterError, DtypeError, LoraExportError, one_line
 from ..files.checks import require_regular_file
 from ..formats.adapter_files import read_adapter_tensors
 from ..formats.peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
-from ..graph.slot_checks import SLOTS_KEY, Slot, SlotManifest
-from ..graph.slots import adapter_tensors, check_finite_tensors, check_tensors
+from ..graph.slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, check_finite_tensors, check_tensors
 from .feeds import ORT_TYPES, checked_feeds, listed, requested_outputs
 
 
