@@ -74,6 +74,7 @@ LAYER.update(
                 "lora_export.training.patterns",
                 "lora_export.training.adalora_config",
                 "lora_export.combine",  # branch mswap's
+                "lora_export.fingerprint",  # branch provenance's
             ],
             "core",
         ),
@@ -85,7 +86,8 @@ LAYER.update(
                 "ops": "layouts branches consumers float_convert packed packed_branch packed_bias packed_quant",
                 "targets": "resolve resolve_extras absence packed_names vera_bind",
                 "slots": "slots vera_slots foreign_slots foreign_quant per_row",  # per_row: branch perrow's
-                "verbs": "merge merge_report inject convert inspect history_guard",  # history_guard: provenance's
+                # history_guard, base_check: branch provenance's; model_folder, folder_ops: branch build's
+                "verbs": "merge merge_report inject convert inspect history_guard base_check model_folder folder_ops",
             }.items()
             for m in ms.split()
         },
