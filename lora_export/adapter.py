@@ -26,6 +26,7 @@ from .delta import lora_delta
 from .errors import AdapterError, ShapeError, TargetError
 from .safejson import short_repr
 from .training.config import LoraConfig
+from .training.patterns import search
 
 if TYPE_CHECKING:
     from .vera import VeraRecord
@@ -164,8 +165,6 @@ class Adapter:
         """
         if not pattern:
             return self
-        from .training.patterns import search
-
         targets = {k: t for k, t in self.targets.items() if search(pattern, k, "--only-targets")}
         if not targets:
             raise TargetError(f"--only-targets {pattern!r} matches none of adapter {self.name!r}'s targets")
