@@ -26,11 +26,11 @@ from _common import machine_details, print_table, run_child, write_results  # no
 
 CONFIG = dict(
     vocab_size=32000,
-    hidden_size=1024,
-    intermediate_size=2816,
+    hidden_size=768,
+    intermediate_size=3072,
     num_hidden_layers=12,
-    num_attention_heads=16,
-    num_key_value_heads=16,
+    num_attention_heads=12,
+    num_key_value_heads=12,
     max_position_embeddings=512,
     tie_word_embeddings=False,
 )

@@ -54,3 +54,22 @@ def first_line(e: BaseException, limit: int = 200) -> str:
 
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
     return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
+TRAIN_EXTRA = "pip install 'lora-export[train]'"
+
+
+class MissingExtraError(LoraExportError, ImportError):
+    """PyTorch (or onnxscript) is not installed: training and export are the ``lora-export[train]`` extra.
+    Merging, injecting, converting, inspecting, verifying and serving never import them."""
+
+
+def require_torch(what: str, *modules: str) -> None:
+    """Raise :class:`MissingExtraError` (one line) unless torch and ``modules`` import; ``what`` needs them."""
+    import importlib
+
+    for module in ("torch", *modules):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise MissingExtraError(f"{what} needs {module}, which is not installed: {TRAIN_EXTRA}") from None

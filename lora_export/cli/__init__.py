@@ -20,7 +20,10 @@ import click
 
 from .._version import __version__
 from ..errors import LoraExportError, VerificationError
+from ._lazy_sympy import defer_sympy
 from .terminal import clean
+
+defer_sympy()
 
 # Bare ``lora-export`` shows the help (click >= 8.2 signals it with this UsageError); older clicks lack it.
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -67,6 +70,18 @@ def _quiet_libraries() -> Iterator[None]:
 
 
 class _Group(click.Group):
+    # Commands load on first use: start-up imports click only, and each command module imports its
+    # heavy dependencies (numpy, onnx, onnx-ir, onnxruntime, torch) inside the command (issue 16).
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        from .commands import LAZY_COMMANDS
+
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        from .commands import load_command
+
+        return super().get_command(ctx, cmd_name) or load_command(cmd_name)
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         # Errors of the subcommand need to know about --json before the subcommand parses it.
         ctx.meta["lora_export.json"] = "--json" in (args[: args.index("--")] if "--" in args else args)
@@ -106,16 +121,6 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="lora-export")
 def cli() -> None:
     """Take LoRA adapters from PyTorch training to ONNX deployment."""
-
-
-def _register() -> None:
-    from .commands import COMMANDS
-
-    for command in COMMANDS:
-        cli.add_command(command)
-
-
-_register()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
 import click
 
-from ..graph.inject import InjectResult, inject_files
 from ._progress import progress_bar
 from .terminal import clean, clean_lines
+
+if TYPE_CHECKING:
+    from ..graph.inject import InjectResult
 
 
 @click.command("inject")
@@ -40,6 +43,8 @@ def inject_command(
     <name> is the adapter folder's name, or NAME with NAME=ADAPTER. Files an earlier inject wrote into
     OUTDIR and this one does not (a dropped or renamed adapter) are removed; other files stay.
     """
+    from ..graph.inject import inject_files
+
     paths, names = zip(*(parse_named(a) for a in adapters))
     with progress_bar("writing", as_json) as bar:
         result = inject_files(

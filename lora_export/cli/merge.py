@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
 
-from ..graph.merge import merge_file
-from ..graph.merge_report import MergeReport
 from ._progress import progress_bar
 from .terminal import clean, clean_lines
+
+if TYPE_CHECKING:
+    from ..graph.merge_report import MergeReport
 
 
 @click.command("merge")
@@ -54,6 +56,8 @@ def merge_command(
     The merge is recorded in OUT's metadata (lora_export.history); merging an adapter the history
     already holds is refused unless --force.
     """
+    from ..graph.merge import merge_file
+
     with progress_bar("merging", as_json) as bar:
         report = merge_file(
             base,
