@@ -121,3 +121,10 @@ def timed_process(cmd: list[str], env: dict | None = None) -> dict:
 def cli_command(probe: Path, *args: str) -> list[str]:
     """The command line that runs ``lora-export *args`` through ``probe`` (a file holding ``CLI_PROBE``)."""
     return [sys.executable, str(probe), *args]
+
+
+def tree_path(tree: Path) -> str:
+    """PYTHONPATH that imports lora_export from checkout ``tree``; entries already set come after it
+    (e.g. a folder of pinned packages to measure)."""
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join([str(tree), str(tree / "plugins"), *extra])

@@ -23,7 +23,15 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CLI_PROBE, cli_command, machine_details, print_table, timed_process, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    CLI_PROBE,
+    cli_command,
+    machine_details,
+    print_table,
+    timed_process,
+    tree_path,
+    write_results,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 GOALS = {"help": 0.25, "refusal": 0.35, "inspect_json": 0.8}
@@ -64,7 +72,7 @@ def _commands(work: Path) -> dict[str, list[str]]:
 
 
 def _run(tree: Path, args: list[str], probe: Path) -> tuple[float, dict]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(tree / "plugins")])}
+    env = {**os.environ, "PYTHONPATH": tree_path(tree)}
     cmd = [sys.executable, *args] if args[0] == "-c" else cli_command(probe, *args)
     got = timed_process(cmd, env)
     return got.pop("seconds"), got
