@@ -31,7 +31,7 @@ class _Deferred(types.ModuleType):
                 raise
         # Later reads through this object (onnx-ir holds it as its global) find the real attributes.
         for key, value in vars(real).items():
-            if key not in ("__name__", "__spec__", "__loader__"):
+            if key not in ("__name__", "__spec__", "__loader__", "__file__"):
                 self.__dict__.setdefault(key, value)
         return getattr(real, attr)
 
@@ -40,6 +40,9 @@ def _stand_in(name: str, spec) -> None:
     module = _Deferred(name)
     module.__spec__ = spec
     module.__loader__ = spec.loader
+    # Read by tools that walk sys.modules (inspect.getmodule): no reason to load the module. Not
+    # __path__: importing a submodule must load the real package first.
+    module.__file__ = spec.origin
     sys.modules[name] = module
 
 
