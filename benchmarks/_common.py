@@ -123,8 +123,8 @@ def cli_command(probe: Path, *args: str) -> list[str]:
     return [sys.executable, str(probe), *args]
 
 
-def tree_path(tree: Path) -> str:
-    """PYTHONPATH that imports lora_export from checkout ``tree``; entries already set come after it
-    (e.g. a folder of pinned packages to measure)."""
+def tree_path(tree: Path, first: list[str] | tuple[str, ...] = ()) -> str:
+    """PYTHONPATH that imports lora_export from checkout ``tree``, after the folders ``first`` (e.g. the
+    packages a new pin installs, before the venv is rebuilt); entries already set come last."""
     extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return os.pathsep.join([str(tree), str(tree / "plugins"), *extra])
+    return os.pathsep.join([*map(str, first), str(tree), str(tree / "plugins"), *extra])

@@ -9,7 +9,7 @@ alike); the table quotes medians. Commands:
   torch loaded?           whether any of these imported torch (the goal: never)
 
 ``--baseline DIR`` times another checkout (e.g. the commit before a change) in the same run, with the
-same interpreter and packages. Usage: python benchmarks/cli_start.py [--runs 9] [--baseline DIR]
+same interpreter and packages. Usage: python benchmarks/cli_start.py [--runs 9] [--baseline DIR] [--this-path PKGS]
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def _commands(work: Path) -> dict[str, list[str]]:
     }
 
 
-def _run(tree: Path, args: list[str], probe: Path) -> tuple[float, dict]:
-    env = {**os.environ, "PYTHONPATH": tree_path(tree)}
+def _run(tree: Path, args: list[str], probe: Path, first: list[str]) -> tuple[float, dict]:
+    env = {**os.environ, "PYTHONPATH": tree_path(tree, first)}
     cmd = [sys.executable, *args] if args[0] == "-c" else cli_command(probe, *args)
     got = timed_process(cmd, env)
     return got.pop("seconds"), got
@@ -87,8 +87,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--baseline", type=Path, help="another checkout to time in the same run")
+    ap.add_argument(
+        "--this-path", action="append", default=[], help="a folder put first on PYTHONPATH for this checkout only"
+    )
     args = ap.parse_args()
     trees = {"this": REPO} | ({"baseline": args.baseline.resolve()} if args.baseline else {})
+    firsts = {"this": args.this_path, "baseline": []}
     with tempfile.TemporaryDirectory(prefix="lora-export-start-") as tmp:
         work = Path(tmp)
         probe = work / "probe.py"
@@ -97,16 +101,16 @@ def main() -> None:
         times = {t: {c: [] for c in commands} for t in trees}
         info = {t: {} for t in trees}
         for c in commands:  # warm-up: bytecode caches and the page cache, not timed
-            for tree in trees.values():
-                _run(tree, commands[c], probe)
+            for t, tree in trees.items():
+                _run(tree, commands[c], probe, firsts[t])
         for _ in range(args.runs):
             for c, cmd in commands.items():
                 for t, tree in trees.items():
-                    seconds, got = _run(tree, cmd, probe)
+                    seconds, got = _run(tree, cmd, probe, firsts[t])
                     times[t][c].append(seconds)
                     info[t][c] = got
     med = {t: {c: statistics.median(v) for c, v in cs.items()} for t, cs in times.items()}
-    headers = ["command", *(f"{t} median s" for t in trees), "goal s", "exit", "torch loaded"]
+    headers = ["command", *(f"{t} median s" for t in trees), "goal s", "exit", "torch loaded", "ml_dtypes"]
     rows = []
     for c in commands:
         goal = GOALS.get(c)
@@ -117,6 +121,7 @@ def main() -> None:
                 f"{goal:.2f}" if goal else "-",
                 info["this"][c].get("exit"),
                 info["this"][c].get("torch", "-"),
+                " / ".join(str(info[t][c].get("ml_dtypes", "-")) for t in trees),
             ]
         )
     print_table(headers, rows)
@@ -124,7 +129,7 @@ def main() -> None:
         "benchmark": "cli_start",
         "machine": machine_details(),
         "runs": args.runs,
-        "trees": {t: {"path": str(p), "commit": _commit(p)} for t, p in trees.items()},
+        "trees": {t: {"path": str(p), "commit": _commit(p), "first_on_path": firsts[t]} for t, p in trees.items()},
         "seconds": times,
         "median_seconds": med,
         "children": info,

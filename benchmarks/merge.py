@@ -146,8 +146,8 @@ def _reuse(work: Path) -> dict | None:
     return saved if ready and saved.pop("config") == CONFIG else None
 
 
-def _env(tree: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": tree_path(tree)}
+def _env(tree: Path, first: list[str] | None = None) -> dict:
+    return {**os.environ, "PYTHONPATH": tree_path(tree, first or [])}
 
 
 def _cli_runs(work: Path, probe: Path, trees: dict[str, Path]) -> dict[str, list[str]]:
@@ -169,6 +169,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--usual-runs", type=int, default=1)
     ap.add_argument("--baseline", type=Path, help="another checkout whose CLI to time beside this one")
+    ap.add_argument(
+        "--this-path", action="append", default=[], help="a folder put first on PYTHONPATH for this checkout only"
+    )
     ap.add_argument("--child", choices=["ours", "usual"])
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -202,7 +205,9 @@ def main() -> None:
         out.mkdir()
         return out
 
-    subprocess_env = {v: _env(trees["baseline"] if v.endswith("@baseline") else REPO) for v in plan}
+    subprocess_env = {
+        v: _env(trees["baseline"]) if v.endswith("@baseline") else _env(REPO, args.this_path) for v in plan
+    }
     timed_process(["cp", str(work / "base.onnx.data"), str(fresh())])  # the page cache
     for i in range(args.runs):
         for variant, cmd in plan.items():
@@ -258,6 +263,7 @@ def main() -> None:
         "model": {"architecture": "LlamaForCausalLM", **CONFIG, **info, "dtype": "float32"},
         "adapter": {"rank": RANK, "targets": TARGETS},
         "trees": {k: str(v) for k, v in trees.items()},
+        "this_first_on_path": args.this_path,
         "runs": runs,
         "median_seconds": med,
         "peak_rss_mb": rss,

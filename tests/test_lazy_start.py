@@ -71,3 +71,22 @@ def test_sympy_waits_until_a_symbolic_dimension_is_evaluated(tmp_path):
         "print(json.dumps([before, 'sympy.core' in sys.modules, value, m, type(sympy.Max).__name__]))\n"
     )
     assert _child(code, tmp_path) == [False, True, 11, "Max(a, b)", "FunctionClass"]
+
+
+@pytest.mark.parametrize("case", ["missing-adapter", "output-data-is-a-folder"])
+def test_merge_refuses_before_heavy_imports_in_the_library_words(case, tmp_path):
+    from click.testing import CliRunner
+
+    from lora_export import LoraExportError, merge_file
+    from lora_export.cli import cli
+
+    out = tmp_path / "out.onnx"
+    if case == "output-data-is-a-folder":
+        (tmp_path / "out.onnx.data").mkdir()
+    args = [str(tmp_path / "missing.onnx"), str(tmp_path / "no-adapter"), "-o", str(out)]
+    with pytest.raises(LoraExportError) as library:
+        merge_file(args[0], args[1], args[3])
+    res = CliRunner().invoke(cli, ["merge", *args])
+    assert res.exit_code == 2 and res.output.strip() == f"error: {library.value}"
+    code = f"from lora_export.cli import main\ntry:\n    main(['merge', *{args!r}])\nexcept SystemExit:\n    pass"
+    assert _child(_loaded(code), tmp_path) == []
