@@ -29,6 +29,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check lora_export plugins tests samples benchmarks
 
 bench: $(STAMP)
+	$(PY) benchmarks/cli_start.py
 	$(PY) benchmarks/merge.py
 	$(PY) benchmarks/adapters.py
 
