@@ -173,7 +173,9 @@ def generate_projection(key: int, r: int, max_in: int, max_out: int) -> VeraProj
     try:
         import torch
     except ImportError:
-        raise AdapterError("regenerating VeRA projections from projection_prng_key needs torch") from None
+        raise AdapterError(
+            "regenerating VeRA projections from projection_prng_key needs torch: pip install 'lora-export[train]'"
+        ) from None
     generator = torch.Generator(device="cpu").manual_seed(int(key))
 
     def kaiming(shape: tuple[int, int]) -> np.ndarray:

@@ -6,8 +6,6 @@ import json
 
 import click
 
-from ..errors import ConfigError
-from ..graph.convert import convert_adapter, write_zero_adapter
 from .terminal import clean
 
 
@@ -49,6 +47,9 @@ def convert_command(
     LoRA-input model made by Olive or onnxruntime-genai: names, layouts and a scale kept in its graph are
     read from the graph; int4 LoRA inputs (MatMulNBits) need --requantize.
     """
+    from ..errors import ConfigError
+    from ..graph.convert import convert_adapter, write_zero_adapter
+
     if zero == (adapter is not None):
         raise ConfigError("give either ADAPTER or --zero (a zero adapter for a model made by another tool)")
     if zero:

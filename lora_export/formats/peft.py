@@ -248,7 +248,8 @@ def _read_pickle_safely(path: Path) -> dict[str, np.ndarray]:
         import torch
     except ImportError:
         raise AdapterError(
-            f"{path}: refusing a pickle-based adapter without torch's weights_only loader; convert it to safetensors"
+            f"{path}: refusing a pickle-based adapter without torch's weights_only loader; convert it to safetensors "
+            "(or install torch: pip install 'lora-export[train]')"
         ) from None
     try:
         # torch warns about the pickle protocol of files it is about to refuse: our one line says it all.

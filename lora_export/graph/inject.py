@@ -49,6 +49,7 @@ from .model_io import external_data_files, load_model, save_model
 from .packed import PackedSlice
 from .packed_branch import add_packed_branch
 from .packed_names import GenaiDims, read_genai_config
+from .patch_save import save_patched, snapshot
 from .per_row import POOL_FILE, make_per_row, pool_metadata, pool_tensors
 from .provenance import DUPLICATES_META, HistoryError, append_history, make_record, target_entry
 from .resolve import ResolvedTarget, resolve_targets
@@ -355,6 +356,7 @@ def inject_files(
     if genai is not None:  # outputs too: never a folder or special file of OUTDIR replaced by them
         refuse_blocked_outputs([out_dir / name for name in genai_file_names(genai)])
     genai_dims = read_genai_config(base_path)
+    before = snapshot(model)
     result = inject_adapters(model, adapters, base_weights=base_weights, dora=dora, genai_dims=genai_dims, force=force)
     pool = None
     if per_row:
@@ -369,7 +371,9 @@ def inject_files(
         os.mkdir(new, 0o777)
         if progress is not None:
             progress(0, total, MODEL_NAME)
-        model_files = save_model(model, new / MODEL_NAME)
+        # The weights are the base's, unchanged: copy its data file in the kernel (see patch_save).
+        model_files = save_patched(model, base_path, new / MODEL_NAME, before) if before else None
+        model_files = model_files or save_model(model, new / MODEL_NAME)
         if genai is not None:
             write_genai_side_files(genai, new, MODEL_NAME)
         done = 1

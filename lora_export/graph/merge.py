@@ -268,12 +268,15 @@ def _fold(model: ir.Model, r: ResolvedTarget, compute_dtype) -> dict:
     value for them: the target's own nodes get a private merged copy instead.
     """
     t = r.target
+    stored_before = r.value.const_value
     shared = other_readers(r.value, r.nodes)
     original = r.value.name
     if shared:
         r.value = private_copy(model, r.value, r.nodes, f"{t.name}.weight")
     merged = merged_value(r, compute_dtype)
     r.layout.write(r.node, merged)
+    del merged
+    _unmap(stored_before)  # its memory-mapped pages are not needed again: keeps peak RSS low
     stored = r.value.const_value
     if stored.dtype.is_floating_point() and not np.isfinite(stored.numpy().astype(np.float32)).all():
         raise AdapterError(f"{t.name}: the merged weight overflows {stored.dtype.name} (Inf after rounding)")
@@ -293,6 +296,16 @@ def _fold(model: ir.Model, r: ResolvedTarget, compute_dtype) -> dict:
         out["write"] = dict(write_report)
         r.layout.last_write_report = None
     return out
+
+
+def _unmap(tensor) -> None:
+    """Unmap an external tensor once read: its pages would otherwise stay in the process's resident
+    memory (as much as every merged weight again). It maps itself again if anything reads it later."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:
+            pass  # an array still views the mapping: it stays mapped
 
 
 def _replace(model: ir.Model, e, arr: np.ndarray) -> dict:
