@@ -44,11 +44,11 @@ def test_help_lists_every_command(tmp_path):
     from click.testing import CliRunner
 
     from lora_export.cli import cli
-    from lora_export.cli.commands import LAZY_COMMANDS
+    from lora_export.cli.commands import LAZY_COMMANDS, plugin_entry_points
 
     out = CliRunner().invoke(cli, ["--help"]).output
     listed = {line.split()[0] for line in out.split("Commands:")[1].splitlines() if line.strip()}
-    assert listed == set(LAZY_COMMANDS)
+    assert listed == set(LAZY_COMMANDS) | set(plugin_entry_points())
     for name in LAZY_COMMANDS:
         res = CliRunner().invoke(cli, [name, "--help"])
         assert res.exit_code == 0 and f"Usage: cli {name}" in res.output

@@ -7,7 +7,6 @@ import json
 import click
 
 from ..errors import ConfigError
-from ..formats.combined_folder import combine_files
 from .terminal import clean
 
 
@@ -36,6 +35,8 @@ def combine_command(
     too), rsLoRA and rank/alpha patterns, different target sets. svd truncates each target's sum to rank K and
     reports its spectral error (sigma_K+1) and relative Frobenius error. DoRA adapters are refused.
     """
+    from ..formats.combined_folder import combine_files  # numpy and safetensors: only when it runs
+
     result = combine_files(adapters, output, _weights(weights, len(adapters)), method=method, rank=rank)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
