@@ -28,21 +28,22 @@ from ..errors import LoraExportError, first_line
 from ..files.atomic import temp_dir
 from ..graph.model_io import INLINE_LIMIT_BYTES, initializer_bytes, load_model, save_model
 from .factory import load_factory
+from .keep import foldable_parameters, optimize_keeping
 from .manifest import MANIFEST_KEY, build_manifest
 from .quiet import native_stdout_silenced, quiet
 from .shapes import (
-    BATCH,
-    SEQUENCE,
     InputSpec,
-    axes_keys,
+    cache_output,
     dynamic_axes_of,
     dynamic_shapes_of,
     graph_axes,
     input_specs,
+    merge_sequences,
     onnx_serves,
     output_leaves,
     propose_axes,
     rename_dims,
+    sequence_labels,
     signature_order,
     torch_at_grown,
     widened,
@@ -150,6 +151,7 @@ def export_with_manifest(
     with quiet():
         reference = _forward(base, args, kwargs)
     leaves = output_leaves(reference)
+    _refuse_cache_output(reference)
     out_names = list(output_names) if output_names else (leaves[0] if leaves else None)
     options: dict[str, Any] = {"input_names": [s.name for s in specs] or None}
     if out_names:
@@ -165,7 +167,9 @@ def export_with_manifest(
     attempts: list[bool | None] = [None]
     if dynamic and not user_shapes:
         propose_axes(specs)
-        attempts = [True, False, None] if any(SEQUENCE in s.axes.values() for s in specs) else [False, None]
+        if len(sequence_labels(specs)) > 1 and _torch_fails_apart(base, args, kwargs, specs):
+            merge_sequences(specs)
+        attempts = [True, False, None] if sequence_labels(specs) else [False, None]
         if not any(s.axes for s in specs):
             attempts = [None]
     # Export into a private folder beside the output so that nothing appears at ``out`` unless
@@ -202,7 +206,7 @@ def export_with_manifest(
             axes = _finish_graph(tmp_model, trial, opset, dynamo)
             if attempt is None or not axes or last:
                 break
-            if axes_keys(axes) != axes_keys({s.name: s.axes for s in trial}):  # the exporter kept some static
+            if axes != {s.name: s.axes for s in trial if s.axes}:  # the exporter kept some static, or split names
                 probe = torch_at_grown(base, targs, tkwargs, trial, axes)
             example = {s.name: s.tensor.detach().cpu().numpy() for s in specs}
             if (
@@ -223,8 +227,26 @@ def export_with_manifest(
 
 def _restrict(specs: list[InputSpec], attempt: bool | None) -> list[InputSpec]:
     """The proposal for one attempt: True all axes, False batch only, None none."""
-    keep = {True: (BATCH, SEQUENCE), False: (BATCH,), None: ()}[attempt]
-    return [InputSpec(s.name, s.param, s.tensor, {a: v for a, v in s.axes.items() if v in keep}) for s in specs]
+    keep = {True: lambda a: True, False: lambda a: a == 0, None: lambda a: False}[attempt]
+    return [InputSpec(s.name, s.param, s.tensor, {a: v for a, v in s.axes.items() if keep(a)}) for s in specs]
+
+
+def _torch_fails_apart(base: nn.Module, args: tuple, kwargs: dict | None, specs: list[InputSpec]) -> bool:
+    """Does the torch model fail when its sequence groups (encoder, decoder) have different lengths?"""
+    with quiet():
+        return torch_at_grown(base, args, kwargs, specs, {s.name: dict(s.axes) for s in specs}) is None
+
+
+def _refuse_cache_output(out: Any) -> None:
+    """Refuse up front (the export itself would fail minutes later) a model that returns a KV cache."""
+    found = cache_output(out)
+    if found is not None:
+        where, kind = found
+        raise LoraExportError(
+            f"cannot export a model that returns a {kind} ({where}): exporters take tensors only; "
+            "make the factory return a model without a cache (use_cache=False) or a wrapper whose "
+            "forward returns tensors (e.g. the logits)"
+        )
 
 
 def _forward(model: nn.Module, args: tuple, kwargs: dict | None) -> Any:
@@ -269,11 +291,13 @@ def base_copy(model: nn.Module) -> nn.Module:
         raise LoraExportError(f"cannot copy the model for export ({type(e).__name__}: {first_line(e)})") from None
     base = _unwrap_lora(base)
     base.eval()
-    config = getattr(base, "config", None)
-    if getattr(config, "use_cache", False):
-        # transformers' KV-cache objects are not exportable outputs; a deployment graph without
-        # past key/values is what the ONNX stages expect.
-        config.use_cache = False
+    for module in base.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", False):
+            # transformers' KV-cache objects are not exportable outputs; a deployment graph without
+            # past key/values is what the ONNX stages expect. Every sub-model's config: T5's decoder
+            # has its own, which the top-level flag does not reach.
+            config.use_cache = False
     return base
 
 
@@ -319,7 +343,11 @@ def _run_exporter(
     try:
         with native_stdout_silenced(), contextlib.redirect_stdout(sink), torch.no_grad():
             if dynamo:
-                program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, verbose=False, **options)
+                # Optimized by us (``optimize_keeping``), so that no weight an adapter may replace is folded away.
+                program = torch.onnx.export(
+                    model, args, kwargs=kwargs, dynamo=True, verbose=False, optimize=False, **options
+                )
+                optimize_keeping(program, foldable_parameters(model))
                 program.save(str(path))
             else:
                 options = {k: v for k, v in options.items() if k != "dynamic_shapes"}

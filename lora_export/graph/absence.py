@@ -24,7 +24,10 @@ from .value_match import QuantHolder, ValueIndex, base_key, quantized_holds, wit
 # Ops that hold projections we cannot address one module at a time (packed, fused or quantized).
 _FUSED_OPS = {"Attention", "MultiHeadAttention", "PackedAttention", "PackedMultiHeadAttention", "QAttention"}
 _QUANTIZED_OPS = {"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "DequantizeLinear"}
-_WAY_FORWARD = "pass --base-weights to match it by value (or prove it absent), or --allow-partial to skip it"
+_WAY_FORWARD = (
+    "pass --base-weights to match it by value (or prove it absent); skipping it (--allow-partial) leaves its "
+    "delta out, and the merged model would not compute what the adapter's model computes"
+)
 
 
 def absent_or_why(g, r, proven_absent, base_weights, index: ValueIndex | None) -> None:

@@ -1,0 +1,66 @@
+"""Keeping every weight an adapter may replace through the dynamo exporter's graph optimizer.
+
+The optimizer folds what it can prove constant: an all-zero bias disappears (``x @ W + 0`` is ``x @ W``)
+and equal tensors are merged into one initializer. A freshly initialized head's ``classifier.bias`` is all
+zeros, so an adapter that replaces it (PEFT's ``modules_to_save``) would find nothing to replace. The
+weights the optimizer would treat so (uniform values, or equal to another weight) are hidden from it as
+graph inputs without a value while it runs, then restored as the initializers they were.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def foldable_parameters(model: nn.Module) -> set[str]:
+    """Names of ``model``'s parameters and buffers the optimizer could fold away or merge with another:
+    those whose elements are all equal (zeros, ones) and those equal in value to another tensor."""
+    found: set[str] = set()
+    groups: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+    seen: set[int] = set()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not isinstance(t, torch.Tensor) or t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
+            continue
+        data = t.detach()
+        if bool((data == data.reshape(-1)[0]).all()):
+            found.add(name)
+        if id(t) in seen:  # a tied weight is one tensor: sharing its initializer is right
+            continue
+        seen.add(id(t))
+        # A cheap fingerprint first: only tensors that share it are compared element by element.
+        flat = data.reshape(-1)
+        key = (tuple(data.shape), data.dtype, float(flat.double().sum()), tuple(flat[:4].tolist()))
+        groups.setdefault(key, []).append((name, data))
+    for members in groups.values():
+        for i, (name, data) in enumerate(members):
+            if any(torch.equal(data, other) for _, other in members[:i] + members[i + 1 :]):
+                found.add(name)
+    return found
+
+
+def optimize_keeping(program: Any, names: set[str]) -> None:
+    """Run the dynamo ``ONNXProgram``'s optimizer without letting it fold or merge the initializers
+    ``names`` (graph inputs without a value are opaque to it); they are initializers again after."""
+    graph = program.model.graph
+    hidden = []
+    for name in sorted(names):
+        value = graph.initializers.get(name)
+        if value is None or value.const_value is None:
+            continue
+        hidden.append((value, value.const_value))
+        graph.initializers.pop(name)
+        value.const_value = None
+        graph.inputs.append(value)
+    try:
+        program.optimize()
+    finally:
+        graph = program.model.graph
+        for value, tensor in hidden:
+            if value in graph.inputs:
+                graph.inputs.remove(value)
+            value.const_value = tensor
+            if value.uses() and value.name not in graph.initializers:
+                graph.register_initializer(value)
