@@ -51,9 +51,11 @@ from .shapes import (
 
 __all__ = ["MANIFEST_KEY", "ExportResult", "base_copy", "export", "export_with_manifest", "load_factory"]
 
-# Opsets each exporter can be asked for (TorchScript's own range; dynamo converts down from its torchlib
-# opset, and the saved model is checked: a conversion that did not happen is an error, not a surprise).
-_OPSETS = {False: (7, 20), True: (7, 23)}
+# Opsets each exporter can be asked for. Dynamo's operators exist from opset 18 (torchlib's) up; below it
+# torch converts the finished graph down, which fails or silently loses what we check for (GPT-2 at 17
+# came out with every dimension static), so it is refused with what works instead. The saved model's
+# opset is checked too: a conversion that did not happen is an error, not a surprise.
+_OPSETS = {False: (7, 20), True: (18, 23)}
 
 
 @dataclass
@@ -265,7 +267,17 @@ def _check_opset_request(opset: int | None, dynamo: bool) -> int | None:
     low, high = _OPSETS[dynamo]
     if not low <= opset <= high:
         which = "dynamo" if dynamo else "TorchScript"
-        raise LoraExportError(f"cannot export opset {opset}: the {which} exporter supports opsets {low} to {high}")
+        other_low, other_high = _OPSETS[not dynamo]
+        if other_low <= opset <= other_high:  # the other exporter writes it: say so
+            how = "use the TorchScript exporter (--torchscript)" if dynamo else "use dynamo (no --torchscript)"
+            fix = f"{how}, or an opset from {low} to {high}"
+        else:
+            fix = f"ask for an opset from {low} to {high}"
+        why = " (below that it converts the finished graph down, which fails or loses dynamic dimensions)"
+        raise LoraExportError(
+            f"cannot export opset {opset}: the {which} exporter supports opsets {low} to {high}"
+            f"{why if dynamo and opset < low else ''}; {fix}"
+        )
     return opset
 
 
