@@ -28,13 +28,14 @@ def export_command(
     batch and sequence dimensions are dynamic where the model allows it, unless --static.
     """
     from ..errors import LoraExportError
-    from ..exporting.exporter import export_with_manifest
+    from ..exporting.exporter import check_opset_request, export_with_manifest
     from ..exporting.factory import load_factory_module
     from ..exporting.quiet import stdout_to_stderr
     from ..graph.model_io import check_outputs
     from .terminal import clean
 
     check_outputs(out)
+    check_opset_request(opset, not torchscript)  # before the factory, which may take long
     with stdout_to_stderr():  # stdout carries our report (--json) only; what user code prints goes to stderr
         (model, inputs, kwargs), module = load_factory_module(factory)
     _refuse_source(getattr(module, "__file__", None), out)

@@ -148,7 +148,7 @@ def export_with_manifest(
     base = base_copy(model)
     args, kwargs = _split_inputs(example_inputs)
     kwargs = signature_order(base, kwargs)
-    opset = _check_opset_request(opset, dynamo)
+    opset = check_opset_request(opset, dynamo)
     specs = input_specs(base, args, kwargs, list(input_names) if input_names else None)
     with quiet():
         reference = _forward(base, args, kwargs)
@@ -259,7 +259,8 @@ def _forward(model: nn.Module, args: tuple, kwargs: dict | None) -> Any:
         raise LoraExportError(f"export failed: the model fails on its example inputs ({_cause(e)})") from None
 
 
-def _check_opset_request(opset: int | None, dynamo: bool) -> int | None:
+def check_opset_request(opset: int | None, dynamo: bool) -> int | None:
+    """``opset`` if the exporter can write exactly it, else a one-line error that says what works."""
     if opset is None:
         return None
     if isinstance(opset, bool) or not isinstance(opset, int):

@@ -205,15 +205,17 @@ def _check_resolution(res: Resolution, adapter: Adapter, allow_partial: bool) ->
     if unmatched and not allow_partial:
         details = [r.detail for r in res.unmatched] + [e.detail for e in res.extras if e.status == "unmatched"]
         detail = details[0] if details else ""
-        tail = "" if "--allow-partial" in detail else _partial_hint(res)
+        tail = _partial_hint(res, detail)
         raise TargetError(f"{len(unmatched)} target(s) not resolved: {_names(unmatched)}: {detail}{tail}")
 
 
-def _partial_hint(res: Resolution) -> str:
+def _partial_hint(res: Resolution, detail: str) -> str:
     """Offer --allow-partial as the way forward only when skipping changes nothing; else say what it costs."""
     extras = any(e.status == "unmatched" for e in res.extras)
     if not extras and all(_inert(r.target) for r in res.unmatched):
         return "; their deltas are zero, so --allow-partial merges the rest exactly"
+    if "--allow-partial" in detail:  # the detail already says what skipping costs
+        return ""
     return (
         "; --allow-partial would leave them out, and the merged model would not compute what the adapter's "
         "model computes"
