@@ -159,3 +159,19 @@ def test_foldable_parameters_are_uniform_or_duplicated_not_tied():
     model[3].bias = model[1].bias  # tied: one tensor, sharing its initializer is right
     found = foldable_parameters(model)
     assert found == {"0.bias", "2.weight", "1.weight", "3.weight"}
+
+
+def test_static_export_keeps_the_position_table(tmp_path):
+    """Static shapes read GPT-2's ``wpe`` at constant positions; the table stays, mapped, so LoRA can reach it."""
+    from models import tiny_gpt2
+
+    model, make = tiny_gpt2()
+    result = export_with_manifest(model, make(0), tmp_path / "g.onnx", dynamic=False)
+    assert result.unmapped == [] and "transformer.wpe" in result.manifest["modules"]
+    inputs = make(11)
+    with torch.no_grad():
+        expected = model(**inputs).logits.numpy()
+    sess = ort.InferenceSession(str(result.path), providers=CPU)
+    np.testing.assert_allclose(
+        sess.run(["logits"], {k: v.numpy() for k, v in inputs.items()})[0], expected, rtol=1e-4, atol=1e-5
+    )

@@ -1,10 +1,11 @@
 """Keeping every weight an adapter may replace through the dynamo exporter's graph optimizer.
 
-The optimizer folds what it can prove constant: an all-zero bias disappears (``x @ W + 0`` is ``x @ W``)
-and equal tensors are merged into one initializer. A freshly initialized head's ``classifier.bias`` is all
-zeros, so an adapter that replaces it (PEFT's ``modules_to_save``) would find nothing to replace. The
-weights the optimizer would treat so (uniform values, or equal to another weight) are hidden from it as
-graph inputs without a value while it runs, then restored as the initializers they were.
+The optimizer folds what it can prove constant: an all-zero bias disappears (``x @ W + 0`` is ``x @ W``),
+equal tensors are merged into one initializer, and a table read at constant positions becomes the slice.
+A freshly initialized head's ``classifier.bias`` is all zeros, so an adapter that replaces it (PEFT's
+``modules_to_save``) would find nothing to replace. The weights the optimizer would treat so (uniform
+values, equal to another weight, embedding tables) are hidden from it as graph inputs without a value
+while it runs, then restored as the initializers they were.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from torch import nn
 
 def foldable_parameters(model: nn.Module) -> set[str]:
     """Names of ``model``'s parameters and buffers the optimizer could fold away or merge with another:
-    those whose elements are all equal (zeros, ones) and those equal in value to another tensor."""
+    those whose elements are all equal (zeros, ones), those equal in value to another tensor, and
+    embedding tables (read at constant positions, they fold into a slice)."""
     found: set[str] = set()
     groups: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
     seen: set[int] = set()
@@ -38,6 +40,11 @@ def foldable_parameters(model: nn.Module) -> set[str]:
         for i, (name, data) in enumerate(members):
             if any(torch.equal(data, other) for _, other in members[:i] + members[i + 1 :]):
                 found.add(name)
+    # An embedding read at constant positions (GPT-2's ``wpe`` in a static export) folds into a slice
+    # of itself; kept as a table, a lookup costs nothing and LoRA can still target it.
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and isinstance(module.weight, torch.Tensor):
+            found.add(f"{name}.weight" if name else "weight")
     return found
 
 
