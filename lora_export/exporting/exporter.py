@@ -33,7 +33,6 @@ from .manifest import MANIFEST_KEY, build_manifest
 from .quiet import native_stdout_silenced, quiet
 from .shapes import (
     InputSpec,
-    cache_output,
     dynamic_axes_of,
     dynamic_shapes_of,
     graph_axes,
@@ -42,6 +41,7 @@ from .shapes import (
     onnx_serves,
     output_leaves,
     propose_axes,
+    refuse_cache_output,
     rename_dims,
     sequence_labels,
     signature_order,
@@ -153,7 +153,7 @@ def export_with_manifest(
     with quiet():
         reference = _forward(base, args, kwargs)
     leaves = output_leaves(reference)
-    _refuse_cache_output(reference)
+    refuse_cache_output(reference)
     out_names = list(output_names) if output_names else (leaves[0] if leaves else None)
     options: dict[str, Any] = {"input_names": [s.name for s in specs] or None}
     if out_names:
@@ -237,18 +237,6 @@ def _torch_fails_apart(base: nn.Module, args: tuple, kwargs: dict | None, specs:
     """Does the torch model fail when its sequence groups (encoder, decoder) have different lengths?"""
     with quiet():
         return torch_at_grown(base, args, kwargs, specs, {s.name: dict(s.axes) for s in specs}) is None
-
-
-def _refuse_cache_output(out: Any) -> None:
-    """Refuse up front (the export itself would fail minutes later) a model that returns a KV cache."""
-    found = cache_output(out)
-    if found is not None:
-        where, kind = found
-        raise LoraExportError(
-            f"cannot export a model that returns a {kind} ({where}): exporters take tensors only; "
-            "make the factory return a model without a cache (use_cache=False) or a wrapper whose "
-            "forward returns tensors (e.g. the logits)"
-        )
 
 
 def _forward(model: nn.Module, args: tuple, kwargs: dict | None) -> Any:

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import LoraExportError
+
 BATCH, SEQUENCE, DECODER_SEQUENCE = "batch", "sequence", "decoder_sequence"
 TOKEN_INPUTS = frozenset(
     {
@@ -283,6 +285,18 @@ def cache_output(out: Any, where: str = "output") -> tuple[str, str] | None:
         if found is not None:
             return found
     return None
+
+
+def refuse_cache_output(out: Any) -> None:
+    """Refuse up front (the export itself would fail minutes later) a model that returns a KV cache."""
+    found = cache_output(out)
+    if found is not None:
+        where, kind = found
+        raise LoraExportError(
+            f"cannot export a model that returns a {kind} ({where}): exporters take tensors only; "
+            "make the factory return a model without a cache (use_cache=False) or a wrapper whose "
+            "forward returns tensors (e.g. the logits)"
+        )
 
 
 # -- checking the exported shapes ----------------------------------------------------------------
