@@ -75,20 +75,11 @@ def test_a_factory_that_exits_is_refused_in_one_line(work, spec, code):
     assert sorted(p.name for p in work.iterdir() if p.name != "__pycache__") == before
 
 
-def test_a_factory_exit_in_a_real_process_is_exit_2(work):
-    proc = subprocess.run(
-        [sys.executable, "-m", "lora_export", "export", "factories.py:exit0", "out.onnx"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(Path(lora_export.__file__).parent.parent)},
-    )
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.count("\n") == 1 and "sys.exit(0)" in proc.stderr
-    assert not (work / "out.onnx").exists()
-
-
-@pytest.mark.parametrize("extra", [[], ["--torchscript"]], ids=["dynamo", "torchscript"])
+@pytest.mark.parametrize(
+    "extra",
+    # The redirect wraps both exporters alike; the dynamo run (slow) also covers torch's own prints.
+    [pytest.param([], id="dynamo", marks=pytest.mark.slow), pytest.param(["--torchscript"], id="torchscript")],
+)
 def test_json_stdout_is_json_only_when_user_code_prints(work, extra):
     res = _cli("factories.py:chatty", "m.onnx", "--json", *extra)
     assert res.exit_code == 0, res.output
