@@ -80,6 +80,8 @@ def assert_serves_unequal_lengths(path, model: nn.Module) -> None:
     assert shapes["input_ids"][1] == shapes["attention_mask"][1] == "sequence"
     assert shapes["decoder_input_ids"][1] == "decoder_sequence"
     out_name = sess.get_outputs()[0].name
+    # An output's length is named after the input length it follows: the logits follow the decoder.
+    assert sess.get_outputs()[0].shape == ["batch", "decoder_sequence", VOCAB]
     for i, (batch, enc, dec) in enumerate(SHAPES):
         inputs = seq2seq_inputs(batch, enc, dec, 100 + i)
         got = sess.run([out_name], {k: v.numpy() for k, v in inputs.items()})[0]

@@ -184,7 +184,7 @@ def export_with_manifest(
             trial = _restrict(specs, attempt)
             targs, tkwargs, opts = args, kwargs, dict(options)
             wide = widened(args, kwargs, trial) if attempt is not None else None
-            if wide is not None:  # traced at size 2, checked at the example's size 1 below
+            if wide is not None:  # traced at other sizes, checked at the example's own below
                 targs, tkwargs, trial = wide
             if attempt is not None:
                 if dynamo:
@@ -193,7 +193,10 @@ def export_with_manifest(
                         shapes if shapes is not None else dynamic_axes_of(trial, None, None)
                     )
                 else:
-                    traced = leaves if wide is None else output_leaves(_forward(base, targs, tkwargs))
+                    try:
+                        traced = leaves if wide is None else output_leaves(_forward(base, targs, tkwargs))
+                    except LoraExportError:  # the model cannot take the trace sizes: a less dynamic proposal
+                        continue
                     opts["dynamic_axes"] = dynamic_axes_of(trial, out_names, traced[1] if traced else None)
                 # A dimension the torch model itself cannot vary is not worth an export.
                 probe = torch_at_grown(base, targs, tkwargs, trial, {s.name: dict(s.axes) for s in trial})

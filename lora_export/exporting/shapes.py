@@ -337,11 +337,20 @@ def grown(args: tuple, kwargs: dict | None, specs: list[InputSpec], axes: dict[s
 
 def widened(args: tuple, kwargs: dict | None, specs: list[InputSpec]):
     """Trace inputs for a proposal: a proposed dimension of size 1 is repeated to 2 (exporters specialize
-    sizes 0 and 1). Returns (args, kwargs, specs over the new tensors) or None when nothing is widened."""
-    if all(s.tensor.shape[a] >= 2 for s in specs for a in s.axes):
+    sizes 0 and 1), and two lengths of one size are made different (so that an output's length says which
+    input length it follows). Returns (args, kwargs, specs over the new tensors) or None when unchanged."""
+    sizes: dict[str, int] = {}
+    for s in specs:
+        for axis, label in s.axes.items():
+            if label not in sizes:
+                new = max(int(s.tensor.shape[axis]), 2)
+                while label != BATCH and new in {n for lb, n in sizes.items() if lb != BATCH}:
+                    new += 1
+                sizes[label] = new
+    if all(s.tensor.shape[a] == sizes[label] for s in specs for a, label in s.axes.items()):
         return None
     axes = {s.name: dict(s.axes) for s in specs}
-    new_args, new_kwargs, tensors = grown(args, kwargs, specs, axes, size=lambda label, old: max(old, 2))
+    new_args, new_kwargs, tensors = grown(args, kwargs, specs, axes, size=lambda label, old: sizes[label])
     return new_args, new_kwargs, [InputSpec(s.name, s.param, tensors[s.name], dict(s.axes)) for s in specs]
 
 
