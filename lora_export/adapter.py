@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,9 @@ import numpy as np
 
 from .delta import lora_delta
 from .errors import AdapterError, ShapeError, TargetError
+from .safejson import short_repr
 from .training.config import LoraConfig
+from .training.patterns import search
 
 if TYPE_CHECKING:
     from .vera import VeraRecord
@@ -123,6 +126,9 @@ class Adapter:
     stored_base: dict[str, np.ndarray] = field(default_factory=dict)
     vera: VeraRecord | None = None
     shared: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: module → fingerprint entry of the base weight the adapter was made for (see ``fingerprint``); None:
+    #: the adapter carries none (PEFT adapters saved elsewhere). Not part of the digest.
+    base_fingerprint: dict[str, dict] | None = None
 
     def __post_init__(self) -> None:
         if self.shared:
@@ -159,8 +165,6 @@ class Adapter:
         """
         if not pattern:
             return self
-        from .training.patterns import search
-
         targets = {k: t for k, t in self.targets.items() if search(pattern, k, "--only-targets")}
         if not targets:
             raise TargetError(f"--only-targets {pattern!r} matches none of adapter {self.name!r}'s targets")
@@ -171,6 +175,11 @@ class Adapter:
             extra={k: v for k, v in self.extra.items() if search(pattern, k, "--only-targets")},
             stored_base={k: v for k, v in self.stored_base.items() if k in targets},
             shared={g: ms for g, ms in shared.items() if ms},
+            base_fingerprint=(
+                None
+                if self.base_fingerprint is None
+                else {k: v for k, v in self.base_fingerprint.items() if k in targets}
+            ),
         )
 
     def digest(self) -> str:
@@ -204,12 +213,30 @@ class Adapter:
         }
 
 
+# PEFT's key prefix for module tensors: a shared group's tensors are stored under its bare name, so a group
+# named with it would read (and write) as the LoRA of a module.
+PEFT_PREFIX = "base_model.model."
+
+
+def group_name_problem(group: str, members: tuple[str, ...], targets: Collection[str]) -> str | None:
+    """Why ``group`` cannot name a shared group of ``members`` (among ``targets``), or None."""
+    if group.startswith(PEFT_PREFIX):
+        return f"starts with PEFT's module prefix {PEFT_PREFIX!r}, so its LoRA would read as a module's"
+    if group in targets and group not in members:
+        return "is the path of a module outside the group, so their LoRA inputs would collide"
+    return None
+
+
 def check_shared(adapter: Adapter) -> None:
-    """Refuse shared groups that name unknown targets, overlap, or whose members differ in their LoRA."""
+    """Refuse shared groups that name unknown targets, overlap, or whose members differ in their LoRA;
+    and group names that read as a module's (``group_name_problem``)."""
     seen: dict[str, str] = {}
     for group, members in adapter.shared.items():
         if not isinstance(group, str) or not group or not members:
             raise AdapterError(f"adapter {adapter.name!r}: shared group {group!r} is unnamed or empty")
+        problem = group_name_problem(group, members, adapter.targets)
+        if problem:
+            raise AdapterError(f"adapter {adapter.name!r}: shared group {short_repr(group)} {problem}")
         first = None
         for m in members:
             t = adapter.targets.get(m)

@@ -23,15 +23,13 @@ import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from .adapter import Adapter, LoraTarget
 from .errors import AdapterError, ConfigError, ShapeError
-from .training.config import LoraConfig
-
-if TYPE_CHECKING:
-    from .adapter import Adapter, LoraTarget
+from .training.config import LoraConfig, _as_float, _as_int
 
 VERA_BIAS = {"none": "none", "all": "all", "vera_only": "lora_only"}
 
@@ -93,8 +91,6 @@ class VeraConfig(LoraConfig):
     @classmethod
     def from_peft_dict(cls, d: dict[str, Any]) -> VeraConfig:
         """Parse PEFT's VERA adapter_config.json; refuse what we cannot honour."""
-        from .training.config import _as_float, _as_int
-
         if d.get("layers_to_transform") not in (None, [], ""):
             raise ConfigError("layers_to_transform is not supported; list the target modules instead")
         bias = d.get("bias") or "none"
@@ -177,7 +173,9 @@ def generate_projection(key: int, r: int, max_in: int, max_out: int) -> VeraProj
     try:
         import torch
     except ImportError:
-        raise AdapterError("regenerating VeRA projections from projection_prng_key needs torch") from None
+        raise AdapterError(
+            "regenerating VeRA projections from projection_prng_key needs torch: pip install 'lora-export[train]'"
+        ) from None
     generator = torch.Generator(device="cpu").manual_seed(int(key))
 
     def kaiming(shape: tuple[int, int]) -> np.ndarray:
@@ -196,8 +194,6 @@ def vera_target(
     name: str, projection: VeraProjection, vectors: VeraVectors, in_features: int, fan_in_fan_out: bool
 ) -> LoraTarget:
     """The canonical LoRA target of one VeRA layer: A′ = Λ_d·A[:, :in], B′ = Λ_b·B[:out], scale 1 (float32)."""
-    from .adapter import LoraTarget
-
     out = int(vectors.lambda_b.shape[0])
     if vectors.lambda_d.shape != (projection.r,):
         raise ShapeError(
@@ -217,8 +213,6 @@ def vera_target(
 
 def placeholder_target(name: str, vectors: VeraVectors, r: int, fan_in_fan_out: bool) -> LoraTarget:
     """An unbound target: B′ sized (out, r), A′ of width 0, which fits no weight until ``bind``."""
-    from .adapter import LoraTarget
-
     out = int(vectors.lambda_b.shape[0])
     zeros = np.zeros
     return LoraTarget(name, "linear", zeros((r, 0), np.float32), zeros((out, r), np.float32), 1.0, None, fan_in_fan_out)

@@ -91,11 +91,16 @@ def make_batch(gen: torch.Generator, batch: int = 32, shift: int = SHIFT) -> dic
 
 
 def train_demo(
-    out_dir: str | Path = OUT_DIR, name: str = "adapter", shift: int = SHIFT, label: str | None = None
+    out_dir: str | Path = OUT_DIR,
+    name: str = "adapter",
+    shift: int = SHIFT,
+    label: str | None = None,
+    show_path: bool = True,
 ) -> tuple[torch.nn.Module, Path, dict[str, torch.Tensor]]:
     """Train LoRA on q_proj/v_proj, save the adapter to ``out_dir/<name>``, check that it reloads.
 
     Returns the trained (LoRA-wrapped, eval-mode) model, the adapter directory and example inputs.
+    ``show_path=False``: the caller moves the adapter and says where it ends up.
     """
     out_dir = Path(out_dir)
     print(f"\n== train {label or name!r}: continue a sequence by +{shift}")
@@ -125,7 +130,8 @@ def train_demo(
     print(f"next-token accuracy: base {base_acc:.0%} -> with LoRA {tuned_acc:.0%}")
 
     adapter_dir = save_adapter(model, out_dir / name, base_model_name_or_path="tiny-llama (random, seed 0)")
-    print(f"saved adapter to {adapter_dir}")
+    if show_path:
+        print(f"saved adapter to {adapter_dir}")
     check_reload(base, model, adapter_dir, example)
     return model, adapter_dir, example
 
@@ -182,7 +188,7 @@ def trained_adapter(name: str, shift: int) -> tuple[torch.nn.Module, Path, dict[
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tmp = CACHE_DIR / f".{name}-{key}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model, _, example = train_demo(tmp.parent, name=tmp.name, shift=shift, label=name)
+    model, _, example = train_demo(tmp.parent, name=tmp.name, shift=shift, label=name, show_path=False)
     (tmp / CACHE_STAMP).write_text(json.dumps({"key": key, "name": name, "shift": shift}) + "\n")
     # Published whole (a rename) and only after the reload check passed: a half-written cache is never used.
     shutil.rmtree(cached, ignore_errors=True)
@@ -190,6 +196,8 @@ def trained_adapter(name: str, shift: int) -> tuple[torch.nn.Module, Path, dict[
     for old in CACHE_DIR.glob(f"{name}-*"):
         if old != cached:
             shutil.rmtree(old, ignore_errors=True)  # adapters of an older training set-up
+    # Said only now: the folder it was trained into was a temporary name.
+    print(f"saved adapter {name!r} to {cached}")
     return model, cached, example
 
 
@@ -254,8 +262,13 @@ def _ort_logits(session, ids: torch.Tensor, adapter: str | None = None) -> np.nd
 
 
 def _rel_err(got: np.ndarray, want: torch.Tensor) -> float:
+    """Max abs error over max |logit|: one figure for the whole output. verify's max_rel is another one,
+    the largest elementwise |a - b| / |b|, which near-zero logits inflate."""
     want = want.numpy()
     return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+ERROR_LABEL = "max |error| / max |logit|"
 
 
 def export_and_merge(model: torch.nn.Module, adapter_dir: Path, example: dict, out_dir: Path) -> Path:
@@ -295,7 +308,10 @@ def export_and_merge(model: torch.nn.Module, adapter_dir: Path, example: dict, o
     )  # fmt: skip
     sess = ort.InferenceSession(str(merged), providers=["CPUExecutionProvider"])
     err = _rel_err(_ort_logits(sess, example["input_ids"]), want)
-    print(f"merged ONNX vs PyTorch LoRA model: max relative error {err:.1e}")
+    print(
+        f"merged ONNX vs PyTorch LoRA model: {ERROR_LABEL} = {err:.1e} "
+        "(verify's max_rel above is elementwise, |a - b| / |b|)"
+    )
     return base_onnx
 
 
@@ -316,7 +332,7 @@ def inject_and_swap(base_onnx: Path, adapters: dict[str, tuple[torch.nn.Module, 
         if not np.allclose(got, want.numpy(), rtol=RTOL, atol=ATOL):
             raise SystemExit(f"adapter {name!r}: the injected model differs from PyTorch beyond rtol/atol")
         print(
-            f"adapter {name!r} in the session vs its PyTorch model: max relative error "
+            f"adapter {name!r} in the session vs its PyTorch model: {ERROR_LABEL} = "
             f"{_rel_err(got, want):.1e}; next-token accuracy {_accuracy_np(got, ids):.0%}"
         )
     names = list(adapters)

@@ -27,6 +27,10 @@ def export_command(
     to its ONNX initializer. Inputs and outputs are named after the model (input_ids, logits ...);
     batch and sequence dimensions are dynamic where the model allows it, unless --static.
     """
+    from ..errors import require_torch
+
+    # torch (and onnxscript, dynamo's backend) are the [train] extra: one line when they are missing.
+    require_torch("export", *(() if torchscript else ("onnxscript",)))
     from ..errors import LoraExportError
     from ..exporting.exporter import check_opset_request, export_with_manifest
     from ..exporting.factory import load_factory_module

@@ -31,3 +31,12 @@ def clean(text: object) -> str:
 def clean_lines(text: str) -> str:
     """Multi-line output: each line cleaned, the line breaks kept."""
     return "\n".join(clean(line) for line in text.split("\n"))
+
+
+def aligned(rows: list[tuple[str, ...]], indent: str = "  ") -> list[str]:
+    """Rows of cells as lines with their columns aligned (each cell cleaned first; trailing spaces cut)."""
+    rows = [tuple(clean(c) for c in row) for row in rows]
+    if not rows:
+        return []
+    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(max(map(len, rows)))]
+    return [(indent + "  ".join(c.ljust(w) for c, w in zip(row, widths))).rstrip() for row in rows]

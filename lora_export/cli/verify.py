@@ -32,16 +32,22 @@ def _dims(values: tuple[str, ...]) -> dict[str, int]:
 @click.option("--output", "output_names", multiple=True, metavar="NAME",
               help="Compare only this output (repeatable; default: every output).")  # fmt: skip
 @click.option("--save-outputs", type=click.Path(file_okay=False), help="Write A's outputs and inputs here.")
-@click.option("--provider", "providers", multiple=True, help="ONNX Runtime provider (default CPUExecutionProvider).")
+@click.option("--provider", "providers", multiple=True,
+              help="ONNX Runtime provider (repeatable; default CPUExecutionProvider; must be available).")  # fmt: skip
+@click.option("--adapter", type=click.Path(exists=False),
+              help="Run A (an injected model) with this adapter (slot file or PEFT folder).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def verify_command(
-    a, b, inputs, references, rtol, atol, seed, dims, output_names, save_outputs, providers, as_json
+    a, b, inputs, references, rtol, atol, seed, dims, output_names, save_outputs, providers, adapter, as_json
 ) -> None:
     """Run A and B (or A and --reference outputs) on the same inputs and compare every output.
 
     An output passes when every element satisfies |a - b| <= atol + rtol * |b| (b: B or the reference);
     outputs of different shapes fail as a shape mismatch. Exit 0: all pass; 1: one differs; 2: bad input.
-    With only --save-outputs, runs A and writes reference outputs for a later verify.
+    With only --save-outputs, runs A and writes reference outputs for a later verify. With --adapter, A
+    (an injected model) runs with that adapter in its slots: check a served adapter against the merged
+    model (B) or PyTorch's outputs (--reference). Random token ids stay within the vocabulary the model's
+    embedding states.
     """
     from ..runtime.verify import run_model, save_reference, verify_models
     from .terminal import clean
@@ -53,7 +59,13 @@ def verify_command(
         if save_outputs is None:
             raise LoraExportError("nothing to compare: give a second model, --reference files or --save-outputs")
         feeds, outs = run_model(
-            a, inputs=inputs, seed=seed, providers=providers or None, dims=dim_sizes, outputs=output_names or None
+            a,
+            inputs=inputs,
+            seed=seed,
+            providers=providers or None,
+            dims=dim_sizes,
+            outputs=output_names or None,
+            adapter=adapter,
         )
         written = save_reference(save_outputs, list(outs), list(outs.values()), feeds)
         if as_json:
@@ -72,6 +84,7 @@ def verify_command(
         dims=dim_sizes,
         save_outputs=save_outputs,
         outputs=output_names or None,
+        adapter=adapter,
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

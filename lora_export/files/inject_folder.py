@@ -9,6 +9,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from .. import safejson
 from ..errors import AdapterError
 from .checks import check_output_file
 from .staging import STAGE_PREFIX
@@ -50,7 +51,7 @@ def read_files_manifest(path: Path) -> list[str]:
     try:
         if not path.is_file() or path.is_symlink() or path.stat().st_size > 1 << 20:
             return []
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = safejson.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return []
     files = data.get("files") if isinstance(data, dict) else None

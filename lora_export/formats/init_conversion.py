@@ -85,6 +85,11 @@ def convert_mutated_init(trained: Adapter, initial: Adapter) -> Adapter:
             raise AdapterError(f"{name}: the initial adapter's LoRA has another shape or layout than the trained one")
         if t0.scale != t.scale:
             raise AdapterError(f"{name}: the initial adapter's scale {t0.scale:g} differs from the trained {t.scale:g}")
+        for what, tgt in (("trained", t), ("initial", t0)):
+            for part, arr in (("lora_A", tgt.A), ("lora_B", tgt.B), ("magnitude", tgt.magnitude)):
+                # NaN/Inf would pass straight into the converted adapter and every output it touches.
+                if arr is not None and not np.isfinite(np.asarray(arr, dtype=np.float64)).all():
+                    raise AdapterError(f"{name}: the {what} adapter's {part} holds NaN or Inf; nothing to convert")
         if t.kind == "conv" and t.groups != 1:
             raise AdapterError(f"{name}: LoRA on a grouped convolution cannot be converted (its B is per group)")
         # Concatenation and negation are exact: no rounding anywhere.
@@ -94,7 +99,8 @@ def convert_mutated_init(trained: Adapter, initial: Adapter) -> Adapter:
         scale = config.scale_for(name)
         if not math.isclose(scale, t.scale, rel_tol=1e-12):
             raise AdapterError(f"{name}: the converted config would give scale {scale:g} instead of {t.scale:g}")
-    return dataclasses.replace(trained, targets=targets, config=config)
+    # The trained adapter's base (a PiSSA residual, say) is not the untouched base: no fingerprint carries over.
+    return dataclasses.replace(trained, targets=targets, config=config, base_fingerprint=None)
 
 
 def convert_init_adapter(
@@ -114,6 +120,10 @@ def convert_init_adapter(
     if initial_kind not in (None, init_kind):
         raise ConfigError(f"the initial adapter was made by {initial_kind}, the trained one by {init_kind}")
     converted = convert_mutated_init(trained, initial)
+    for key, arr in converted.extra.items():
+        arr = np.asarray(arr)
+        if arr.dtype.kind in "fcV" and not np.isfinite(arr.astype(np.float64)).all():
+            raise AdapterError(f"{trained_path}: tensor {key} holds NaN or Inf; nothing to convert")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise AdapterError(f"{out_dir} exists and is not a directory")

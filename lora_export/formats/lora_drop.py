@@ -23,7 +23,7 @@ from ..errors import AdapterError, ConfigError
 from ..files.atomic import atomic_write_text
 from ..safejson import short_repr
 from ..training.config import LoraConfig
-from .peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME, adapter_from_state_dict, adapter_state_dict
+from .peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME, adapter_from_state_dict, adapter_state_dict, weights_metadata
 from .safetensors import write_safetensors
 
 PEFT_TYPE = "LORA_DROP"
@@ -39,6 +39,13 @@ def _groups(config: dict[str, Any]) -> dict[str, tuple[str, ...]]:
         for g, ms in groups.items()
     ):
         raise ConfigError(f"LoRA-drop adapter_config.json: {GROUPS_KEY} must map group names to lists of modules")
+    for g in groups:
+        # Checked before the tensors are read: a prefixed group's tensors would be taken for a module's too.
+        if g.startswith(PREFIX):
+            raise ConfigError(
+                f"LoRA-drop adapter_config.json: shared group {short_repr(g)} starts with PEFT's module prefix "
+                f"{PREFIX!r}; group tensors are stored under the bare group name"
+            )
     return {g: tuple(ms) for g, ms in groups.items()}
 
 
@@ -84,7 +91,7 @@ def save_lora_drop_files(
             tensors[f"{group}.{part}"] = arr
             for m in members:
                 del tensors[f"{PREFIX}{m}.{part}"]
-    write_safetensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    write_safetensors(directory / WEIGHTS_NAME, tensors, metadata=weights_metadata(adapter))
     cfg = adapter.config.to_peft_dict(base_model_name_or_path)
     cfg["peft_type"] = PEFT_TYPE
     cfg[GROUPS_KEY] = {g: list(ms) for g, ms in sorted(adapter.shared.items())}

@@ -16,6 +16,7 @@ import difflib
 import numpy as np
 import onnx_ir as ir
 
+from ..errors import some
 from .layouts import DequantizedConstant, get_layout, registered_layouts
 from .module_paths import best_unique, strip_wrappers
 from .packed import slice_holder, tiled_by_base
@@ -56,7 +57,7 @@ def absent_or_why(g, r, proven_absent, base_weights, index: ValueIndex | None) -
             return
         r.detail = (
             f"its base weight is not in the graph as such, and graph tensors match no base weight "
-            f"({', '.join(loose[:3])}): maybe {_likely_cause(g, t)}"
+            f"({some(loose)}): maybe {_likely_cause(g, t)}"
         )
         return
     r.detail = f"not found ({r.detail}); maybe {_likely_cause(g, t)}; {_WAY_FORWARD}"

@@ -22,15 +22,22 @@ from ..files.atomic import refuse_overwrite
 from ..files.checks import check_output_file, require_regular_file
 from ..formats.adapter_files import ADAPTER_SUFFIXES, write_adapter_tensors
 from ..formats.peft import adapter_files, load_adapter
+from .base_check import mismatch, refuse_mismatch, slot_file_entries, slot_weights, stored_info
 from .foreign_quant import QuantWriter, read_model_slots
 from .foreign_slots import foreign_tensors, lora_input_names, slots_fingerprint
+from .history_guard import history_or_refusal, merged_repeat, refuse, safe_history, slot_digests, slots_repeat
 from .layouts import get_layout
-from .model_io import check_external_data, load_model
+from .model_io import check_external_data, load_model, note_duplicates
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors
 from .value_match import quantized_holds
 
 
 def _metadata(model_path: str | os.PathLike) -> dict[str, str]:
+    return dict(_header(model_path).metadata_props)
+
+
+def _header(model_path: str | os.PathLike) -> ir.Model:
+    """The model without its external data (nothing is read from it), checked like every model we read."""
     import onnx
 
     require_regular_file(model_path, "model", ModelError)
@@ -44,7 +51,8 @@ def _metadata(model_path: str | os.PathLike) -> dict[str, str]:
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"{model_path}: not a readable ONNX model ({type(e).__name__})") from None
     check_external_data(model, model_path)
-    return {p.key: p.value for p in proto.metadata_props}
+    note_duplicates(model, proto, model_path)
+    return model
 
 
 def read_manifest(model_path: str | os.PathLike) -> SlotManifest:
@@ -52,20 +60,23 @@ def read_manifest(model_path: str | os.PathLike) -> SlotManifest:
     return SlotManifest.from_json(_metadata(model_path).get(SLOTS_KEY))
 
 
-def weight_reader(model_path: str | os.PathLike) -> Callable[[Slot], np.ndarray]:
+def weight_reader(model_path: str | os.PathLike | ir.Model) -> Callable[[Slot], np.ndarray]:
     """A function giving the base weight behind a slot in canonical layout (DoRA's norm needs it).
 
-    The model is loaded (lazily, memory-mapped) on the first call only: non-DoRA adapters never load it.
+    The model (a path, or a loaded model) is loaded (lazily, memory-mapped) on the first call only:
+    non-DoRA adapters never load it.
     """
     cache: dict[str, dict[str, ir.Node]] = {}
 
     def located(slot: Slot):
         if "nodes" not in cache:
-            cache["nodes"] = {n.name: n for n in load_model(model_path).graph.all_nodes() if n.name}
+            model = model_path if isinstance(model_path, ir.Model) else load_model(model_path)
+            cache["nodes"] = {n.name: n for n in model.graph.all_nodes() if n.name}
         node = cache["nodes"].get(slot.node)
         layout = get_layout(node) if node is not None else None
         if layout is None or layout.weight_value(node) is None:
-            raise ModelError(f"{model_path}: the base weight of slot {slot.module} (node {slot.node!r}) is missing")
+            where = "the model" if isinstance(model_path, ir.Model) else model_path
+            raise ModelError(f"{where}: the base weight of slot {slot.module} (node {slot.node!r}) is missing")
         return node, layout
 
     def read(slot: Slot) -> np.ndarray:
@@ -76,7 +87,12 @@ def weight_reader(model_path: str | os.PathLike) -> Callable[[Slot], np.ndarray]
         node, layout = located(slot)
         return quantized_holds(layout, node, w)
 
+    def stored(slot: Slot) -> tuple[np.dtype | None, bool]:
+        node, layout = located(slot)
+        return stored_info(layout.weight_value(node), layout)
+
     read.holds = holds  # type: ignore[attr-defined]
+    read.stored = stored  # type: ignore[attr-defined]
     return read
 
 
@@ -87,6 +103,7 @@ def convert_adapter(
     *,
     only_targets: str | None = None,
     requantize: bool = False,
+    force: bool = False,
 ) -> dict:
     """Write ``adapter``'s slot tensors for the injected model at ``model_path`` to ``out_path``
     (.onnx_adapter or .safetensors, by suffix). Returns a summary.
@@ -95,7 +112,13 @@ def convert_adapter(
     ExtractAdapters, onnxruntime-genai's builder) gets tensors named, laid out and scaled as its graph
     consumes them (``foreign_slots``; the summary then has ``"foreign": true`` and the graph's scales). Quantized
     (int4) LoRA inputs are written only with ``requantize`` (lossy; the summary's ``"requantized"`` has each
-    slot's error)."""
+    slot's error).
+
+    An adapter whose base fingerprint does not match the weights behind the model's slots is refused, and
+    the file written carries the fingerprint of those weights (``base_check``). An adapter the model's
+    history records as merged (its digest, a target's tensors, or its slot tensors)
+    is refused, since loading the file would apply it twice; so is a model whose history is unreadable or
+    duplicated: both unless ``force``."""
     check_output_file(out_path, AdapterError)
     out_path = Path(out_path)
     if out_path.suffix not in ADAPTER_SUFFIXES:
@@ -108,12 +131,23 @@ def convert_adapter(
         refuse_overwrite([out_path], [Path(model_path)])
     adapter = adapter.select(only_targets)
     adapter.check_finite()
-    if SLOTS_KEY not in _metadata(model_path):
+    header = _header(model_path)
+    props = dict(header.metadata_props)
+    history = history_or_refusal(safe_history(header), force, "use --force to convert anyway")
+    hint = "use --force to convert anyway"
+    refuse(merged_repeat(history, adapter), force, hint, "loading its slot file would apply it twice")
+    if SLOTS_KEY not in props:
         return _convert_foreign(adapter, model_path, out_path, requantize)
     manifest = read_manifest(model_path)
-    tensors = adapter_tensors(adapter, manifest, weight_reader(model_path))
-    write_adapter_tensors(out_path, tensors, model_version=manifest.fingerprint)
+    read = weight_reader(model_path)
+    found = mismatch(adapter.base_fingerprint or {}, slot_weights(manifest, read, history))
+    refuse_mismatch(found, f"adapter {adapter.name!r}", "this model's", force, hint)
+    tensors = adapter_tensors(adapter, manifest, read)
+    why = slots_repeat(history, slot_digests(tensors, manifest), f"adapter {adapter.name!r}")
+    refuse(why, force, hint, "loading its slot file would apply it twice")
     covered = sorted({m for m in adapter.targets if m in manifest.slots})
+    fingerprint = slot_file_entries(manifest, read, covered)
+    write_adapter_tensors(out_path, tensors, model_version=manifest.fingerprint, fingerprint=fingerprint)
     return {
         "adapter": adapter.name,
         "output": str(out_path),

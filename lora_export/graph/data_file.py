@@ -23,8 +23,13 @@ _HASH_CHARS = 16
 def content_data_name(model_name: str, data_path: Path) -> str:
     """The data file name for ``model_name`` whose bytes are those of ``data_path``."""
     with open(data_path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return f"{model_name}.{digest[:_HASH_CHARS]}.data"
+        return data_name_for(model_name, hashlib.file_digest(f, "sha256").hexdigest())
+
+
+def data_name_for(model_name: str, sha256_hex: str) -> str:
+    """The data file name for ``model_name`` whose bytes have this sha256 (a writer that hashed them
+    as it wrote them need not read them again)."""
+    return f"{model_name}.{sha256_hex[:_HASH_CHARS]}.data"
 
 
 def is_own_data_name(model_name: str, name: str) -> bool:
@@ -101,7 +106,12 @@ def obsolete_data_files(dest: Path) -> list[str]:
 
 
 def publish_model(
-    stage: Path, out: Path, data: str | None = None, *, keep: Iterable[str | os.PathLike] = ()
+    stage: Path,
+    out: Path,
+    data: str | None = None,
+    *,
+    keep: Iterable[str | os.PathLike] = (),
+    named: bool = False,
 ) -> list[Path]:
     """The atomic model-and-data writer: publish ``stage/<out.name>`` (and its data file ``stage/<data>``,
     renamed here to its content name) at ``out`` as one unit, then remove the data files of the model it
@@ -109,10 +119,11 @@ def publish_model(
 
     ``stage`` is a staging folder in ``out``'s folder (``files.atomic.temp_dir(out.parent)``). At every
     instant, kill -9 included, ``out``'s folder holds nothing, the complete previous model or the complete
-    new one (``files.publish.publish_set``). Returns the written paths, the model last.
+    new one (``files.publish.publish_set``). Returns the written paths, the model last. ``named``: ``data``
+    already has its content name (``data_name_for``) and the model already reads it by that name.
     """
-    companions = []
-    if data is not None:
+    companions = [data] if named and data is not None else []
+    if data is not None and not named:
         name = content_data_name(out.name, stage / data)
         os.rename(stage / data, stage / name)
         rename_data_file(stage / out.name, data, name)

@@ -33,7 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..adapter import Adapter
-from ..errors import AdapterError, ModelError, ShapeError, TargetError
+from ..errors import AdapterError, ModelError, ShapeError, TargetError, some
 from .module_paths import best_unique
 from .slots import check_finite_tensors
 
@@ -297,7 +297,7 @@ def foreign_tensors(
     ``write_quantized(slot, a (in, r), b (r, out))`` stores a quantized slot's A′/B′ (float64, B′ scaled)."""
     if adapter.extra:
         raise AdapterError(
-            f"adapter {adapter.name!r}: full replacement tensors ({', '.join(sorted(adapter.extra)[:3])}) "
+            f"adapter {adapter.name!r}: full replacement tensors ({some(sorted(adapter.extra))}) "
             "cannot be swapped at run time; use merge"
         )
     chosen = match_targets(adapter, slots)

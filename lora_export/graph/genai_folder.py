@@ -11,14 +11,13 @@ injected model's file name when it differs.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from .. import safejson
-from ..errors import ModelError
+from ..errors import ModelError, some
 from ..files.beside_model import outside_reason
 
 GENAI_CONFIG = "genai_config.json"
@@ -26,25 +25,29 @@ GENAI_CONFIG = "genai_config.json"
 _NOT_SIDE_FILES = (".onnx", ".data", ".onnx_adapter", ".safetensors")
 
 
-def _filenames(node, found: list[str]) -> list[str]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "filename" and isinstance(value, str):
-                found.append(value)
-            else:
-                _filenames(value, found)
-    elif isinstance(node, list):
-        for value in node:
-            _filenames(value, found)
-    return found
+def _nodes(root) -> Iterator[dict | list]:
+    """Every dict and list in a parsed JSON value, without recursion (a config may nest deeply)."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            yield node
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            yield node
+            stack.extend(node)
 
 
-def _repointed(node, old: str, new: str):
-    if isinstance(node, dict):
-        return {k: (new if k == "filename" and v == old else _repointed(v, old, new)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_repointed(v, old, new) for v in node]
-    return node
+def _filenames(config) -> list[str]:
+    """Every string value of a ``filename`` key, at any depth."""
+    return [n["filename"] for n in _nodes(config) if isinstance(n, dict) and isinstance(n.get("filename"), str)]
+
+
+def _repoint(config, old: str, new: str) -> None:
+    """Set every ``filename`` that names ``old`` to ``new``, in place."""
+    for node in list(_nodes(config)):
+        if isinstance(node, dict) and node.get("filename") == old:
+            node["filename"] = new
 
 
 def _side_file(base: Path, entry: Path) -> str | None:
@@ -84,14 +87,15 @@ def genai_side_files(base_path: str | os.PathLike, skip: set[str], data_files: C
     try:
         config = safejson.loads(Path(cfg_real).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ModelError(f"{cfg_path}: not a readable genai_config.json ({type(e).__name__})") from None
-    names = _filenames(config, [])
+        why = f"{type(e).__name__}: {e.msg}" if isinstance(e, ValueError) and hasattr(e, "msg") else type(e).__name__
+        raise ModelError(f"{cfg_path}: not a readable genai_config.json ({why})") from None
+    names = _filenames(config)
     if base.name not in names:
         return None
     others = sorted({n for n in names if n != base.name})
     if others:
         raise ModelError(
-            f"{cfg_path} names other model files too ({', '.join(others[:3])}); inject writes only {base.name}, "
+            f"{cfg_path} names other model files too ({some(others)}); inject writes only {base.name}, "
             "so the output folder would not run in onnxruntime-genai"
         )
     files, data = [], {Path(os.path.realpath(f)) for f in data_files}
@@ -113,6 +117,7 @@ def write_genai_side_files(side: dict, out_dir: Path, model_name: str) -> None:
     """Copy the side files into ``out_dir`` (a staging folder) and write genai_config.json naming ``model_name``."""
     for name, real in side["files"]:
         shutil.copyfile(real, out_dir / name)
-    config = _repointed(side["config"], side["base_name"], model_name)
+    config = safejson.loads(safejson.dumps(side["config"]))  # a copy: side stays as read
+    _repoint(config, side["base_name"], model_name)
     with open(out_dir / GENAI_CONFIG, "w", encoding="utf-8") as f:
-        f.write(json.dumps(config, indent=4) + "\n")
+        f.write(safejson.dumps(config, indent=4) + "\n")

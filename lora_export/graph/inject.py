@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..adapter import Adapter, target_digest
-from ..errors import AdapterError, ModelError, ShapeError, TargetError
+from ..errors import AdapterError, ModelError, ShapeError, TargetError, some
 from ..files.atomic import refuse_overwrite
 from ..files.checks import require_regular_file
 from ..files.inject_folder import (
@@ -38,15 +38,20 @@ from ..files.publish import publish_folder, stage_parent
 from ..files.staging import staging_dir
 from ..formats.adapter_files import write_adapter_tensors
 from ..formats.peft import adapter_files, load_adapter
-from ..formats.safetensors import read_safetensors
+from ..formats.safetensors import read_safetensors, write_safetensors
 from ..vera import projection_entry
+from .base_check import check_base_weights, check_resolved, slot_file_entries
+from .convert import weight_reader
 from .genai_folder import genai_file_names, genai_side_files, write_genai_side_files
+from .history_guard import history_or_refusal, merged_repeat, refuse, safe_history
 from .layouts import get_layout
 from .model_io import external_data_files, load_model, save_model
 from .packed import PackedSlice
 from .packed_branch import add_packed_branch
 from .packed_names import GenaiDims, read_genai_config
-from .provenance import append_history, make_record, target_entry
+from .patch_save import save_patched, snapshot
+from .per_row import POOL_FILE, make_per_row, pool_metadata, pool_tensors
+from .provenance import DUPLICATES_META, HistoryError, append_history, make_record, target_entry
 from .resolve import ResolvedTarget, resolve_targets
 from .slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, slot_stems
 from .value_match import check_stored_base, quantized_holds
@@ -66,6 +71,7 @@ class InjectResult:
     files: list[Path] = field(default_factory=list)
     digests: dict[str, str] = field(default_factory=dict)  # adapter name → adapter_digest
     history: list[dict] = field(default_factory=list)  # the model's lora_export.history after the inject
+    fingerprints: dict[str, dict] = field(default_factory=dict)  # adapter name → its slot files' base fingerprint
 
     def to_dict(self) -> dict:
         return {
@@ -97,7 +103,7 @@ def _resolve_all(
         if not res.matched and not res.unmatched:
             target_errors.append(
                 f"{adapter.name}: none of its targets occur in the model (adapter for another model?): "
-                + ", ".join(rt.target.name for rt in res.targets[:4])
+                + some([rt.target.name for rt in res.targets], 4)
             )
         for rt in res.targets:
             name = rt.target.name
@@ -154,6 +160,7 @@ def inject_adapters(
     base_weights: Mapping[str, np.ndarray] | None = None,
     dora: bool = False,
     genai_dims: GenaiDims | None = None,
+    force: bool = False,
 ) -> InjectResult:
     """Add LoRA slots for the union of the adapters' targets to ``model`` (in place).
 
@@ -164,7 +171,11 @@ def inject_adapters(
     Returns the slot manifest (also stored in ``model.metadata_props``) and each adapter's slot tensors.
     ``genai_dims``: the onnxruntime-genai config's attention widths (names-based packed slices).
     Each adapter gets an ``inject`` record in the model's ``lora_export.history`` (see ``provenance``); an
-    unreadable history is kept under ``lora_export.history.unreadable`` and restarted.
+    unreadable history is kept under ``lora_export.history.unreadable`` and restarted. An adapter the
+    history records as merged already (its slot file would apply it twice), or a duplicated history, is
+    refused unless ``force``; so is an adapter whose base fingerprint (``base_check``) does not match the
+    weights it resolves to or ``base_weights``. Each adapter's slot files get the fingerprint of this
+    model's weights under their slots (``result.fingerprints``).
     """
     if not adapters:
         raise AdapterError("inject needs at least one adapter")
@@ -174,16 +185,28 @@ def inject_adapters(
         raise AdapterError(f"two adapters share the name {dupes[0]!r}; adapter files are named after them")
     if SLOTS_KEY in model.metadata_props:
         raise AdapterError("model already has LoRA slots; inject into the base model (or use convert)")
+    history = safe_history(model)
+    if isinstance(history, HistoryError) and DUPLICATES_META in model.meta:
+        history = history_or_refusal(history, force, "use --force to inject anyway")
+    for adapter in adapters:
+        why = merged_repeat(history, adapter) if isinstance(history, list) else None
+        refuse(why, force, "use --force to inject anyway", "its slot file would apply it a second time")
     for adapter in adapters:
         adapter.check_finite()
         if adapter.extra:
             raise AdapterError(
-                f"adapter {adapter.name!r} replaces full tensors ({', '.join(sorted(adapter.extra)[:3])}), "
+                f"adapter {adapter.name!r} replaces full tensors ({some(sorted(adapter.extra))}), "
                 "which adapter mode cannot swap; use merge"
             )
     adapters = [bind_to_graph(model, a, base_weights) for a in adapters]
     shared = None if dora else common_projection(adapters)
+    hint = "use --force to inject anyway"
+    for adapter in adapters:  # before resolving by the values of --base-weights finds nothing
+        check_base_weights(adapter, base_weights, force, hint)
     chosen, reports, absent = _resolve_all(model, adapters, base_weights, genai_dims)
+    for adapter in adapters:
+        mine = [chosen[t.name] for t in adapter if t.name in chosen]
+        check_resolved(adapter, mine, history if isinstance(history, list) else [], force, hint)
     dora_modules = set(chosen) if dora else {t.name for a in adapters for t in a if t.is_dora}
     stems = slot_stems(sorted(chosen), adapters)
     slots: dict[str, Slot] = {}
@@ -223,6 +246,10 @@ def inject_adapters(
     read_weight.holds = holds  # type: ignore[attr-defined]
 
     tensors = {a.name: adapter_tensors(a, manifest, read_weight) for a in adapters}
+    # Each slot file says which base weights it was made for: this model's, as they are, read back the way
+    # convert and LoraSession read them (by the slot's node).
+    entries = slot_file_entries(manifest, weight_reader(model), {t.name for a in adapters for t in a})
+    fingerprints = {a.name: {t.name: entries[t.name] for t in a if t.name in entries} for a in adapters}
 
     graph = model.graph
     taken = {v.name for v in graph.inputs} | set(graph.initializers)
@@ -265,7 +292,7 @@ def inject_adapters(
         entries = [target_entry(r["target"], r["status"], r["initializer"], sha.get(r["target"])) for r in rows]
         records.append(make_record("inject", a.name, digests[a.name], targets=entries))
     history = append_history(model, records, replace_unreadable=True)
-    return InjectResult(manifest, tensors, reports, digests=digests, history=history)
+    return InjectResult(manifest, tensors, reports, digests=digests, history=history, fingerprints=fingerprints)
 
 
 def inject_files(
@@ -278,6 +305,8 @@ def inject_files(
     only_targets: str | None = None,
     names: Sequence[str | None] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    force: bool = False,
+    per_row: bool = False,
 ) -> InjectResult:
     """``lora-export inject``: OUTDIR/model.onnx (+ external data when the base had it) and, per adapter,
     OUTDIR/<name>.onnx_adapter and OUTDIR/<name>.safetensors (<name>: ``names[i]`` where given, else the
@@ -289,7 +318,9 @@ def inject_files(
     along, the config pointing at OUTDIR/model.onnx (``genai_folder``). OUTDIR/.lora-export.json lists the
     files written; a later inject into the same folder removes those
     of them it no longer writes (an adapter dropped or renamed), and never any other file.
-    ``progress(done, total, file name)`` is called as the files are written.
+    ``progress(done, total, file name)`` is called as the files are written. ``force``: see ``inject_adapters``.
+    ``per_row``: slots that hold a pool of adapters and a ``lora_adapter_ids`` input picking each row's
+    (``per_row``); OUTDIR/pool.safetensors then holds the pool of these adapters (entry i+1: the i-th).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -306,6 +337,8 @@ def inject_files(
             check_adapter_name(a.name, f" (from the folder {str(p)!r}; name it with NAME=PATH)")
     outputs = [out_dir / MODEL_NAME, out_dir / f"{MODEL_NAME}.data", out_dir / FILES_MANIFEST]
     outputs += [out_dir / f"{a.name}{suffix}" for a in adapters for suffix in (".onnx_adapter", ".safetensors")]
+    if per_row:
+        outputs.append(out_dir / POOL_FILE)
     refuse_blocked_outputs(outputs)
     inputs = [Path(base_path), *(f for p in adapter_paths for f in adapter_files(p))]
     if base_weights is not None and not isinstance(base_weights, Mapping):
@@ -323,7 +356,13 @@ def inject_files(
     if genai is not None:  # outputs too: never a folder or special file of OUTDIR replaced by them
         refuse_blocked_outputs([out_dir / name for name in genai_file_names(genai)])
     genai_dims = read_genai_config(base_path)
-    result = inject_adapters(model, adapters, base_weights=base_weights, dora=dora, genai_dims=genai_dims)
+    before = snapshot(model)
+    result = inject_adapters(model, adapters, base_weights=base_weights, dora=dora, genai_dims=genai_dims, force=force)
+    pool = None
+    if per_row:
+        make_per_row(model, result.manifest)
+        order = [a.name for a in adapters]
+        pool = (pool_tensors(result.manifest, [result.tensors[n] for n in order]), pool_metadata(order))
     # Through a symlinked OUTDIR, replace the folder it points to, not the link.
     dest = Path(os.path.realpath(out_dir)) if out_dir.is_symlink() else out_dir
     total = 1 + 2 * len(result.tensors)
@@ -332,7 +371,9 @@ def inject_files(
         os.mkdir(new, 0o777)
         if progress is not None:
             progress(0, total, MODEL_NAME)
-        model_files = save_model(model, new / MODEL_NAME)
+        # The weights are the base's, unchanged: copy its data file in the kernel (see patch_save).
+        model_files = save_patched(model, base_path, new / MODEL_NAME, before) if before else None
+        model_files = model_files or save_model(model, new / MODEL_NAME)
         if genai is not None:
             write_genai_side_files(genai, new, MODEL_NAME)
         done = 1
@@ -340,8 +381,15 @@ def inject_files(
             for suffix in (".onnx_adapter", ".safetensors"):
                 if progress is not None:
                     progress(done, total, f"{name}{suffix}")
-                write_adapter_tensors(new / f"{name}{suffix}", tensors, model_version=result.manifest.fingerprint)
+                write_adapter_tensors(
+                    new / f"{name}{suffix}",
+                    tensors,
+                    model_version=result.manifest.fingerprint,
+                    fingerprint=result.fingerprints.get(name),
+                )
                 done += 1
+        if pool is not None:
+            write_safetensors(new / POOL_FILE, pool[0], metadata=pool[1])
         produced = sorted(p.name for p in new.iterdir())
         write_files_manifest(new / FILES_MANIFEST, produced)
         if progress is not None:

@@ -111,6 +111,11 @@ def inspect_model(
     report.update(_history(model))
     if slots:
         report["slots"] = slots
+        from .per_row import pool_report
+
+        per_row = pool_report(model, path)
+        if per_row is not None:
+            report["per_row"] = per_row
     if adapter is None:
         if base_weights is not None:
             raise LoraExportError("--base-weights only matters with an adapter")
@@ -136,6 +141,9 @@ def inspect_model(
     report["adapter_sha256"] = digest
     report["already_merged"] = _already_merged(report.get("history") or [], loaded, digest)
     report["resolution"] = resolution.to_report()
+    from .base_check import fingerprint_report
+
+    report["base_fingerprint"] = fingerprint_report(loaded, resolution.matched, report.get("history") or [], weights)
     report["extras"] = [e.to_dict() for e in resolution.extras]
     report["counts"] = {
         "matched": len(resolution.matched),
@@ -213,6 +221,8 @@ def format_report(report: dict) -> str:
             for s in report["slots"]
         ]
         lines += _table(header, rows)
+    if report.get("per_row"):
+        lines += _format_pool(report["per_row"])
     lines += ["", *_format_history(report)]
     if "resolution" in report:
         c = report["counts"]
@@ -226,6 +236,10 @@ def format_report(report: dict) -> str:
             lines.append(
                 f"already merged into this model (history record {', '.join(map(str, report['already_merged']))})"
             )
+        if "base_fingerprint" in report:
+            from .base_check import format_fingerprint
+
+            lines.append(format_fingerprint(report["base_fingerprint"]))
         header = ("target", "kind", "rank", "status", "strategy", "initializer", "detail")
         rows = [
             (
@@ -258,6 +272,19 @@ def format_report(report: dict) -> str:
             ]
             lines += _table(header, rows)
     return "\n".join(lines)
+
+
+def _format_pool(pr: dict) -> list[str]:
+    """Per-row slots: the ids input, and the pool file's entries and ranks."""
+    lines = ["", f"per-row adapters: input {clean(pr['ids'])} picks each row's pool entry ({pr['none']}: none)"]
+    if pr.get("pool_file") is None:
+        return lines + ["no pool.safetensors beside the model"]
+    entries = pr.get("entries") or {}
+    lines.append(f"{clean(pr['pool_file'])}: {len(entries)} adapter(s)")
+    lines += _table(("id", "adapter"), [(str(i), clean(n)) for n, i in sorted(entries.items(), key=lambda kv: kv[1])])
+    ranks = sorted(set(pr.get("ranks", {}).values()))
+    lines.append(f"pool ranks (largest per slot, zero-padded): {', '.join(map(str, ranks)) or 'none'}")
+    return lines
 
 
 def _format_history(report: dict) -> list[str]:

@@ -22,28 +22,31 @@ from ..delta import check_mergeable, merged_weight
 from ..errors import AdapterError, ConfigError, ModelError, ShapeError, TargetError
 from ..files.atomic import refuse_overwrite
 from ..files.checks import require_regular_file
+from .base_check import check_base_weights, check_resolved
 from .consumers import free_name, other_readers, private_copy
+from .convert import weight_reader
 from .float_convert import convert_lossy
+from .history_guard import (
+    history_or_refusal,
+    injected_repeat,
+    merge_slot_digests,
+    merged_repeat,
+    refuse,
+    safe_history,
+)
 from .layouts import store
 from .merge_report import MergeReport
 from .model_io import check_outputs, external_data_files, load_model, save_model
 from .packed_names import GenaiDims, read_genai_config
 from .patch_save import save_patched, snapshot
-from .provenance import (
-    HistoryError,
-    append_history,
-    extra_entry,
-    make_record,
-    merged_targets,
-    merges_of,
-    read_history,
-    target_entry,
-)
+from .provenance import append_history, extra_entry, make_record, target_entry
 from .resolve import Resolution, ResolvedTarget, resolve_targets
+from .slots import SLOTS_KEY, SlotManifest
 from .value_match import check_stored_base
 from .vera_bind import bind_to_graph
 
 Progress = Callable[[int, int, str], None]  # (done, total, current target name)
+_HINT = "use --force to merge anyway"
 _LIST_MAX = 5
 
 
@@ -71,12 +74,17 @@ def merge_adapter(
     digest the history already records as merged is refused (its delta would be added twice) unless
     ``force``, and so is one sharing a target (same module, same tensors) with an earlier merge (a
     subset merged again with ``only_targets``); so is a model whose history is unreadable (with ``force``
-    the history then restarts).
+    the history then restarts). Into an injected model, an adapter it has slots for is refused too (its slot
+    file would apply it once more) unless ``force``, and the record keeps the digests of the slot tensors
+    the adapter fills (``history_guard``), so that loading such a file into the result is refused.
 
     Quantized weights (plugin layouts with ``lossy_write``) can only take W₀ + ΔW by requantizing, which
     rounds the whole weight again: refused unless ``requantize`` (inject serves them exactly instead), or
     ``into_float``: their ops become float MatMuls on the dequantized weight + ΔW (exact; ``report.converted``).
     ``genai_dims``: the onnxruntime-genai config's attention widths (names-based packed slices).
+
+    An adapter that carries a base fingerprint (files lora-export wrote) is refused, unless ``force``, when
+    the weights it resolves to (or ``base_weights``) are not the ones it was made for (``base_check``).
     """
     if requantize and into_float:
         raise ConfigError("--requantize and --into-float exclude each other: pick one")
@@ -85,27 +93,31 @@ def merge_adapter(
     adapter = bind_to_graph(model, adapter, base_weights)  # VeRA: A′ needs each layer's input size
     digest = adapter.digest()
     target_digests = {t.name: target_digest(t) for t in adapter}
-    repeat = _repeat(model, adapter, digest, target_digests, force)
-    adapter = adapter.scaled(scale)
-    adapter.check_finite()
-    for t in adapter:
-        check_mergeable(t)  # before any weight changes
+    repeat = _repeat(model, adapter, force)
+    slots = None
+    if SLOTS_KEY in model.metadata_props:
+        # Into an injected model: record what this adapter's slot file holds, so loading it later is refused.
+        manifest = SlotManifest.from_json(model.metadata_props[SLOTS_KEY])
+        slots = merge_slot_digests(model, adapter, manifest, weight_reader(model))
+    # --base-weights of another checkpoint: say so before resolving by their values finds nothing.
+    check_base_weights(adapter, base_weights, force, _HINT)
     t0 = time.perf_counter()
-    resolution = resolve_targets(model, adapter, base_weights=base_weights, genai_dims=genai_dims)
+    adapter, resolution = plan_merge(
+        model,
+        adapter,
+        base_weights=base_weights,
+        scale=scale,
+        allow_partial=allow_partial,
+        lossy_ok=requantize or into_float,
+        genai_dims=genai_dims,
+        bound=True,
+    )
     report = MergeReport(adapter=adapter.name, resolution=resolution, scale=float(scale), adapter_sha256=digest)
     report.timings["resolve"] = time.perf_counter() - t0
-    _check_resolution(resolution, adapter, allow_partial)
-
-    for r in resolution.matched:
-        check_stored_base(adapter, r)  # before any weight changes
+    # The base checkpoint the adapter was made for (its fingerprint, when it has one): before any weight changes.
+    history = safe_history(model)
+    check_resolved(adapter, resolution.matched, history if isinstance(history, list) else [], force, _HINT)
     lossy = [r for r in resolution.matched if getattr(r.layout, "lossy_write", False)]
-    if lossy and not (requantize or into_float):
-        names = _names(f"{r.target.name} ({r.node.op_type})" for r in lossy)
-        raise TargetError(
-            f"{len(lossy)} target(s) are quantized weights: {names}; a merge requantizes them (lossy, the error "
-            "is reported per target): pass --requantize to accept that, --into-float to make them float MatMuls "
-            "(exact), or use inject (exact)"
-        )
     if lossy and into_float:
         report.converted = convert_lossy(model, resolution.matched)
 
@@ -122,42 +134,82 @@ def merge_adapter(
         progress(len(matched), len(matched), "")
     report.timings["merge"] = time.perf_counter() - t0
     record = _record(report, digest, target_digests, forced=repeat is not None)
+    if slots:
+        record["slots"] = slots
     report.history = append_history(model, [record], replace_unreadable=force)
     report.repeated = repeat
     return report
 
 
-def _repeat(model: ir.Model, adapter: Adapter, digest: str, target_digests: dict[str, str], force: bool) -> str | None:
+def plan_merge(
+    model: ir.Model,
+    adapter: Adapter,
+    *,
+    base_weights: Mapping[str, np.ndarray] | None = None,
+    scale: float = 1.0,
+    allow_partial: bool = False,
+    lossy_ok: bool = False,
+    genai_dims: GenaiDims | None = None,
+    bound: bool = False,
+) -> tuple[Adapter, Resolution]:
+    """Every check a merge makes before a weight changes: (the scaled adapter, its resolution in ``model``).
+
+    Shared by ``merge_adapter`` and ``MergedSession`` (which folds the same targets into live weights).
+    Quantized targets (layouts with ``lossy_write``) are refused unless ``lossy_ok``. ``bound``: VeRA
+    adapters are already bound to the graph.
+    """
+    if not np.isfinite(scale):
+        raise AdapterError(f"scale must be finite, got {scale}")
+    if not bound:
+        adapter = bind_to_graph(model, adapter, base_weights)
+    adapter = adapter.scaled(scale)
+    adapter.check_finite()
+    for t in adapter:
+        check_mergeable(t)  # before any weight changes
+    resolution = resolve_targets(model, adapter, base_weights=base_weights, genai_dims=genai_dims)
+    _check_resolution(resolution, adapter, allow_partial)
+    for r in resolution.matched:
+        check_stored_base(adapter, r)  # before any weight changes
+    lossy = [r for r in resolution.matched if getattr(r.layout, "lossy_write", False)]
+    if lossy and not lossy_ok:
+        names = _names(f"{r.target.name} ({r.node.op_type})" for r in lossy)
+        raise TargetError(
+            f"{len(lossy)} target(s) are quantized weights: {names}; a merge requantizes them (lossy, the error "
+            "is reported per target): pass --requantize to accept that, --into-float to make them float MatMuls "
+            "(exact), or use inject (exact)"
+        )
+    return adapter, resolution
+
+
+def merged_value(r: ResolvedTarget, compute_dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """W₀ + ΔW for one resolved target in canonical layout, in ``compute_dtype`` (the layout's ``write``
+    rounds it once into the stored dtype). W₀ is what ``r``'s initializer holds now."""
+    t = r.target
+    w0 = r.layout.read(r.node)
+    if t.kind == "linear" and not t.is_dora and w0.flags.f_contiguous and not w0.flags.c_contiguous:
+        # Stored transposed (MatMul's Wᵀ): merge the transposed problem, Wᵀ + AᵀBᵀ, so every array
+        # stays in storage order; strided adds and transposing copies would dominate the merge time.
+        flipped = dataclasses.replace(t, A=t.B.T, B=t.A.T, fan_in_fan_out=False)
+        merged = merged_weight(w0.T, flipped, compute_dtype).T
+    else:
+        merged = merged_weight(w0, t, compute_dtype)
+    if not np.isfinite(merged).all():
+        raise AdapterError(f"{t.name}: the merged weight contains NaN or Inf")
+    return merged
+
+
+def _repeat(model: ir.Model, adapter: Adapter, force: bool) -> str | None:
     """Why this merge repeats an earlier one (None if it does not); raised as an error unless ``force``.
 
-    A history we cannot read is refused too (unless ``force``): it might hold this adapter.
+    A history we cannot read (or a duplicated one) is refused too (unless ``force``): it might hold this
+    adapter. So is an adapter the model has slots for (inject): its slot file would apply it once more.
     """
-    try:
-        history = read_history(model)
-    except HistoryError as e:
-        if force:
-            return None
-        raise HistoryError(f"{e}; cannot tell what was merged before: use --force to merge anyway") from None
-    why = None
-    done = merges_of(history, digest)
-    if done:
-        n = done[-1]
-        why = (
-            f"adapter {adapter.name!r} is already merged into this model (history record {n}: merge of "
-            f"{history[n - 1]['adapter']!r}, sha256 {digest[:12]})"
-        )
-    else:
-        before = merged_targets(history)
-        again = [(name, before[(name, d)]) for name, d in target_digests.items() if (name, d) in before]
-        if again:
-            name, n = again[0]
-            more = f" and {len(again) - 1} more" if len(again) > 1 else ""
-            why = (
-                f"adapter {adapter.name!r}: target {name}{more} already merged into this model with the same tensors "
-                f"(history record {n}: merge of {history[n - 1]['adapter']!r})"
-            )
-    if why is not None and not force:
-        raise AdapterError(f"{why}; merging it again adds its delta twice: use --force to merge anyway")
+    history = history_or_refusal(safe_history(model), force, "use --force to merge anyway")
+    why = merged_repeat(history, adapter)
+    refuse(why, force, "use --force to merge anyway", "merging it again adds its delta twice")
+    if why is None:
+        why = injected_repeat(history, adapter) if SLOTS_KEY in model.metadata_props else None
+        refuse(why, force, "use --force to merge anyway", "loading that file into the merged model is then refused")
     return why
 
 
@@ -237,21 +289,15 @@ def _fold(model: ir.Model, r: ResolvedTarget, compute_dtype) -> dict:
     value for them: the target's own nodes get a private merged copy instead.
     """
     t = r.target
-    w0 = r.layout.read(r.node)
+    stored_before = r.value.const_value
     shared = other_readers(r.value, r.nodes)
     original = r.value.name
     if shared:
         r.value = private_copy(model, r.value, r.nodes, f"{t.name}.weight")
-    if t.kind == "linear" and not t.is_dora and w0.flags.f_contiguous and not w0.flags.c_contiguous:
-        # Stored transposed (MatMul's Wᵀ): merge the transposed problem, Wᵀ + AᵀBᵀ, so every array
-        # stays in storage order; strided adds and transposing copies would dominate the merge time.
-        flipped = dataclasses.replace(t, A=t.B.T, B=t.A.T, fan_in_fan_out=False)
-        merged = merged_weight(w0.T, flipped, compute_dtype).T
-    else:
-        merged = merged_weight(w0, t, compute_dtype)
-    if not np.isfinite(merged).all():
-        raise AdapterError(f"{t.name}: the merged weight contains NaN or Inf")
+    merged = merged_value(r, compute_dtype)
     r.layout.write(r.node, merged)
+    del merged
+    _unmap(stored_before)  # its memory-mapped pages are not needed again: keeps peak RSS low
     stored = r.value.const_value
     if stored.dtype.is_floating_point() and not np.isfinite(stored.numpy().astype(np.float32)).all():
         raise AdapterError(f"{t.name}: the merged weight overflows {stored.dtype.name} (Inf after rounding)")
@@ -271,6 +317,16 @@ def _fold(model: ir.Model, r: ResolvedTarget, compute_dtype) -> dict:
         out["write"] = dict(write_report)
         r.layout.last_write_report = None
     return out
+
+
+def _unmap(tensor) -> None:
+    """Unmap an external tensor once read: its pages would otherwise stay in the process's resident
+    memory (as much as every merged weight again). It maps itself again if anything reads it later."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:
+            pass  # an array still views the mapping: it stays mapped
 
 
 def _replace(model: ir.Model, e, arr: np.ndarray) -> dict:

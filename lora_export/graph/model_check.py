@@ -73,7 +73,7 @@ def _check_names(graph: ir.Graph, path: Path) -> None:
 
 
 def _check_metadata(model: ir.Model, path: Path) -> None:
-    from .slots import SLOTS_KEY, SlotManifest
+    from .slot_checks import SLOTS_KEY, SlotManifest
 
     text = model.metadata_props.get(MANIFEST_KEY)
     if text is not None and not _manifest_ok(text):

@@ -18,6 +18,7 @@ from ..files.checks import check_output_file, require_regular_file
 from .data_file import publish_model
 from .external_data import check_external_data, external_data_files, inline_attribute_tensors
 from .model_check import check_model
+from .provenance import DUPLICATES_META, HISTORY_KEY, duplicate_problem, duplicated_metadata
 
 __all__ = ["check_external_data", "external_data_files", "external_tensors", "load_model", "save_model"]
 
@@ -29,15 +30,39 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     """Load an ONNX model lazily and check its external data references before anything reads them."""
     path = require_regular_file(path, "model", ModelError)
     try:
-        model = ir.load(path)
+        model, proto = _load(path)
     except Exception as e:  # noqa: BLE001 - protobuf raises many types for a corrupt file
         raise ModelError(f"{path}: not a readable ONNX model ({type(e).__name__}: {first_line(e)})") from None
+    note_duplicates(model, proto, path)
+    del proto
     # An empty (or all-default) protobuf parses as a model with no graph: not an ONNX model at all.
     if not model.ir_version:
         raise ModelError(f"{path}: not an ONNX model (no ir_version; empty or not a model file)")
     check_external_data(model, path)
     check_model(model, path)
     return model
+
+
+def _load(path: Path):
+    """``ir.load``, keeping the protobuf: its metadata may hold a key twice, and the IR keeps only the last."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, os.path.dirname(path))
+    return model, proto
+
+
+def note_duplicates(model: ir.Model, proto, path: str | os.PathLike) -> None:
+    """Refuse lora_export.* metadata keys the model file holds twice (contradictory provenance); a
+    duplicated history goes to ``model.meta`` instead, for ``read_history`` to refuse, so that inspect can
+    still describe the model and merge --force can set the entries aside."""
+    duplicates = duplicated_metadata([(p.key, p.value) for p in proto.metadata_props])
+    for key in sorted(duplicates):
+        if key != HISTORY_KEY:
+            raise ModelError(f"{path}: {duplicate_problem(duplicates, key)}")
+    if duplicates:
+        model.meta[DUPLICATES_META] = duplicates
 
 
 def external_tensors(model: ir.Model) -> Iterator[tuple[ir.Value, ir.ExternalTensor]]:

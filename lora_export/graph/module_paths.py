@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 import onnx_ir as ir
 
+from ..errors import some
+
 # Prefixes that wrappers add to every parameter path (PEFT, torch.compile, DataParallel).
 WRAPPER_PREFIXES = ("base_model.model.", "_orig_mod.", "module.")
 _WEIGHT_SUFFIXES = (".weight", ".base_layer.weight")
@@ -57,7 +59,7 @@ def best_unique(path: str, keyed: Mapping[str, list]) -> tuple[str | None, list,
     if not best_keys:
         return None, [], "no name matches"
     if len(best_keys) > 1:
-        shown = ", ".join(sorted(best_keys)[:3])
+        shown = some(sorted(best_keys))
         return None, [], f"ambiguous: {len(best_keys)} equally good names ({shown})"
     return best_keys[0], keyed[best_keys[0]], ""
 

@@ -1,16 +1,25 @@
 """Fast save for merges: copy the base's external data file and overwrite only the merged tensors.
 
 A merge changes a few tensors without changing their size, dtype or shape, so the output's data file
-is the base's with some byte ranges rewritten. Copying the file (``copy_file_range``/``sendfile``,
-or a reflink) and patching those ranges costs about one plain copy, instead of re-serializing every
-tensor through Python. Tensor offsets are kept, so the result is byte-deterministic like any save.
+is the base's with some byte ranges rewritten. Copying the file (``copy_file_range``: a reflink where
+the filesystem shares extents, an in-kernel copy elsewhere) and patching those ranges costs about one
+plain copy, instead of re-serializing every tensor through Python. Tensor offsets are kept, so the
+result is byte-deterministic like any save.
+
+The output's data file is named after its sha256 (``data_file``). Hashing 650 MB takes longer than
+copying it (in the kernel), so a second thread hashes the output's bytes (the base's, with the patches
+in place) from the base file while the copy runs: the name is known when the copy ends, and the file is
+never read back. Both run outside the GIL, on a fixed small buffer (peak memory stays flat).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import onnx_ir as ir
@@ -18,12 +27,15 @@ import onnx_ir as ir
 from ..errors import ModelError
 from ..files.atomic import temp_dir
 from ..files.beside_model import outside_reason
-from .data_file import publish_model
+from .data_file import data_name_for, publish_model
 from .external_data import inline_attribute_tensors
 from .model_io import check_outputs, external_tensors
 
 Snapshot = dict[int, tuple[ir.Value, ir.ExternalTensor]]
 INLINE_PATCH_LIMIT = 256 * 1024 * 1024
+_CHUNK = 4 * 1024 * 1024
+# copy_file_range cannot serve this pair of files (another filesystem, an old kernel): copy another way.
+_NO_RANGE_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 
 
 def snapshot(model: ir.Model) -> Snapshot:
@@ -71,14 +83,12 @@ def save_patched(
     check_outputs(out)
     inline_attribute_tensors(model)
     out = Path(out)
-    data_name = f"{out.name}.data"
+    patches = sorted(((old.offset or 0, new) for old, new in changed), key=lambda p: p[0])
     with temp_dir(out.parent) as tmp:
         try:
-            shutil.copyfile(src, tmp / data_name)
-            with open(tmp / data_name, "r+b") as f:
-                for old, new in sorted(changed, key=lambda c: c[0].offset or 0):
-                    f.seek(old.offset or 0)
-                    f.write(new.tobytes())
+            staged = tmp / f"{out.name}.data"
+            data_name = data_name_for(out.name, copy_patched(src, staged, patches))
+            os.rename(staged, tmp / data_name)
             for value, old in before.values():
                 value.const_value = ir.ExternalTensor(
                     data_name,
@@ -90,6 +100,60 @@ def save_patched(
                     base_dir=tmp,
                 )
             ir.save(model, tmp / out.name)
-            return publish_model(tmp, out, data_name, keep=keep)
+            return publish_model(tmp, out, data_name, keep=keep, named=True)
         except OSError as e:
             raise ModelError(f"cannot write {out}: {e.strerror or e}") from None
+
+
+def copy_patched(src: str | os.PathLike, dst: Path, patches: Sequence[tuple[int, ir.TensorProtocol]]) -> str:
+    """Write ``dst`` as ``src`` with each ``(offset, tensor)`` patch's bytes written over it (sorted,
+    disjoint, inside the file); return the sha256 (hex) of ``dst``'s bytes, hashed from ``src`` during
+    the copy. Each patch's bytes exist only while they are written (memory stays flat)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(_patched_digest, src, patches)
+        _copy_file(src, dst)
+        with open(dst, "r+b") as f:
+            for offset, tensor in patches:
+                f.seek(offset)
+                f.write(tensor.tobytes())
+        return digest.result()
+
+
+def _copy_file(src: str | os.PathLike, dst: Path) -> None:
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        size, done = os.fstat(fin.fileno()).st_size, 0
+        try:
+            while done < size:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), size - done)
+                if n == 0:
+                    break
+                done += n
+        except OSError as e:
+            if e.errno not in _NO_RANGE_COPY or done:
+                raise
+        else:
+            if done == size:
+                return
+    shutil.copyfile(src, dst)
+
+
+def _patched_digest(src: str | os.PathLike, patches: Sequence[tuple[int, ir.TensorProtocol]]) -> str:
+    """sha256 of ``src``'s bytes with ``patches`` in place, read in chunks (hashlib and reads release the GIL)."""
+    h = hashlib.sha256()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    pos, i, data = 0, 0, None
+    with open(src, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            end = pos + n
+            while i < len(patches) and patches[i][0] < end:
+                offset = patches[i][0]
+                data = data if data is not None else patches[i][1].tobytes()
+                lo, hi = max(offset, pos), min(offset + len(data), end)
+                view[lo - pos : hi - pos] = data[lo - offset : hi - offset]
+                if offset + len(data) > end:
+                    break  # continues into the next chunk
+                i, data = i + 1, None
+            h.update(view[:n])
+            pos = end
+    return h.hexdigest()

@@ -9,6 +9,8 @@ appends one record per adapter (compact JSON, sorted keys)::
    "scale": 1.0,                              # --scale (inject: always 1.0)
    "tool": "lora-export", "version": "<lora_export.__version__>",
    "forced": true,                            # only on a merge repeated with --force
+   "slots": {"<module>": "<sha256>", ...},    # merge into an injected model only: the slot tensors this
+                                              # adapter's slot file holds (history_guard.slot_digests)
    "targets": [{"target": "<module path>", "status": "matched" | "absent" | "skipped",
                 "initializer": "<initializer written or slotted>" | null,
                 "sha256": "<adapter.target_digest: this target's tensors>"}, ...],
@@ -23,11 +25,16 @@ Nothing time-, host- or path-dependent is stored, so the same operation on the s
 same bytes. A history that is not valid JSON of this shape raises ``HistoryError`` (a one-line
 ``ModelError``): ``merge`` refuses it (with ``--force`` the text moves to ``lora_export.history.unreadable``
 and the history restarts), ``inject`` moves it aside the same way, ``inspect`` notes it and goes on.
+
+A model whose metadata holds ``lora_export.history`` more than once is refused the same way, whatever the
+entries say: the IR keeps only the last one, and a stale ``[]`` after the real history would hide every
+earlier merge (``model_io.load_model`` records the duplicates in ``model.meta[DUPLICATES_META]``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 
@@ -40,6 +47,8 @@ UNREADABLE_KEY = "lora_export.history.unreadable"
 OPERATIONS = ("merge", "inject")
 STATUSES = ("matched", "absent", "unmatched", "skipped")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+#: ``model.meta`` key: lora_export.* metadata keys the model file holds more than once → all their values.
+DUPLICATES_META = "lora_export.duplicated_metadata"
 
 
 class HistoryError(ModelError):
@@ -50,13 +59,39 @@ def _props(model_or_props: ir.Model | Mapping[str, str]) -> Mapping[str, str]:
     return model_or_props.metadata_props if isinstance(model_or_props, ir.Model) else model_or_props
 
 
+def duplicated_metadata(entries: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    """The ``lora_export.*`` keys that ``entries`` (a model file's metadata, in order) hold more than once."""
+    seen: dict[str, list[str]] = {}
+    for key, value in entries:
+        if key.startswith("lora_export."):
+            seen.setdefault(key, []).append(value)
+    return {k: v for k, v in seen.items() if len(v) > 1}
+
+
+def duplicate_problem(duplicates: Mapping[str, Sequence[str]], key: str = HISTORY_KEY) -> str | None:
+    """The one-line reason a model holding ``key`` several times is refused (None when it holds it once)."""
+    values = duplicates.get(key)
+    if not values:
+        return None
+    return (
+        f"duplicated {key} metadata ({len(values)} entries in the model file): contradictory provenance, "
+        "which would hide earlier records"
+    )
+
+
 def read_history(model_or_props: ir.Model | Mapping[str, str]) -> list[dict]:
     """The model's history records, oldest first ([] when it has none); HistoryError when malformed."""
+    if isinstance(model_or_props, ir.Model):
+        problem = duplicate_problem(model_or_props.meta.get(DUPLICATES_META) or {})
+        if problem:
+            raise HistoryError(problem)
     raw = _props(model_or_props).get(HISTORY_KEY)
     if raw is None:
         return []
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_not_finite, parse_float=_finite_float)
+    except _NotFinite as e:
+        raise HistoryError(f"corrupt {HISTORY_KEY} metadata ({e})") from None
     except (ValueError, RecursionError) as e:
         raise HistoryError(f"corrupt {HISTORY_KEY} metadata (not JSON: {type(e).__name__})") from None
     if not isinstance(data, list):
@@ -66,6 +101,23 @@ def read_history(model_or_props: ir.Model | Mapping[str, str]) -> list[dict]:
         if problem:
             raise HistoryError(f"corrupt {HISTORY_KEY} metadata (record {i}: {problem})")
     return data
+
+
+class _NotFinite(ValueError):
+    pass
+
+
+def _not_finite(name: str) -> float:
+    # JSON has no NaN or Infinity; Python's parser accepts them unless told otherwise, and a history holding
+    # one could never be written back (``encode`` refuses it).
+    raise _NotFinite(f"a non-finite number {name}")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise _NotFinite(f"a non-finite number {text}")
+    return value
 
 
 def record_problem(record: object) -> str | None:
@@ -83,6 +135,11 @@ def record_problem(record: object) -> str | None:
     scale = record.get("scale")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         return "'scale' missing or not a number"
+    if not math.isfinite(scale):
+        return f"'scale' is {scale} (not finite)"
+    slots = record.get("slots", {})
+    if not isinstance(slots, dict) or not all(isinstance(v, str) and _HEX64.fullmatch(v) for v in slots.values()):
+        return "'slots' is not an object of 64-hex-digit digests"
     for key, name_key in (("targets", "target"), ("extras", "tensor")):
         entries = record.get(key, [])
         if not isinstance(entries, list):
@@ -117,7 +174,13 @@ def append_history(model: ir.Model, records: Sequence[dict], *, replace_unreadab
     except HistoryError:
         if not replace_unreadable:
             raise
-        model.metadata_props[UNREADABLE_KEY] = model.metadata_props[HISTORY_KEY]
+        duplicates = (model.meta.get(DUPLICATES_META) or {}).get(HISTORY_KEY)
+        # Every entry of a duplicated history is kept aside (a JSON list of their texts).
+        model.metadata_props[UNREADABLE_KEY] = (
+            json.dumps(list(duplicates)) if duplicates else model.metadata_props[HISTORY_KEY]
+        )
+        if duplicates:
+            model.meta[DUPLICATES_META] = {k: v for k, v in model.meta[DUPLICATES_META].items() if k != HISTORY_KEY}
         history = []
     for record in records:
         problem = record_problem(record)

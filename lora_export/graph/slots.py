@@ -1,4 +1,4 @@
-"""LoRA slots of an injected model: the manifest stored in the model, and adapter tensors that fill them.
+"""LoRA slots of an injected model: the adapter tensors that fill them (the manifest: ``slot_checks``).
 
 Every injected module gets graph inputs named after its module path (ONNX Runtime's multi-LoRA
 convention: input names are the adapter parameter names):
@@ -20,150 +20,17 @@ onto the slots without resolving the graph again.
 
 from __future__ import annotations
 
-import json
-import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 
-import ml_dtypes
 import numpy as np
 
-from .. import safejson
 from ..adapter import Adapter, LoraTarget
 from ..delta import dora_scale
-from ..errors import AdapterError, DtypeError, ModelError, ShapeError, TargetError
-from .slot_checks import floating_dtype, sharing_problem, slot_problem, vera_entry_ok
+from ..errors import AdapterError, DtypeError, ModelError, ShapeError, TargetError, some
+from .slot_checks import SLOTS_KEY as SLOTS_KEY  # for importers that predate the manifest's move
+from .slot_checks import Slot, SlotManifest, floating_dtype
 from .value_match import check_stored_weight
 from .vera_slots import bind_to_slots, vector_tensors
-
-SLOTS_KEY = "lora_export.slots"
-SLOTS_VERSION = 1
-
-
-@dataclass
-class Slot:
-    """One injected module: where its branch is, which inputs feed it, and the shapes they take."""
-
-    module: str
-    kind: str  # "linear" | "conv" | "embedding"
-    op: str
-    node: str  # the primary node the branch was added to (reads the base weight for DoRA)
-    weight: str  # the base weight's initializer name
-    weight_shape: list[int]  # canonical (LoraTarget.weight_shape) layout
-    dtype: str  # numpy dtype name of A′/B′/g, the base weight's dtype
-    a: str
-    b: str
-    dora: str | None = None
-    groups: int = 1
-    vera: bool = False  # a VeRA vector-only slot: a and b are λ_d (r,) and λ_b (out,)
-
-    @property
-    def inputs(self) -> list[str]:
-        return [n for n in (self.a, self.b, self.dora) if n]
-
-    @property
-    def rank_dim(self) -> str:
-        # Named after the A input: slots that share inputs share their rank dimension too.
-        stem = self.a[: -len(".lora_A")] if self.a.endswith(".lora_A") else self.module
-        return f"{stem}.rank"
-
-    @property
-    def shared(self) -> bool:
-        """Whether the slot reads a shared group's inputs (named after the group, not the module)."""
-        return self.a != f"{self.module}.lora_A"
-
-    def a_shape(self, rank: int | str) -> list:
-        ws = self.weight_shape
-        if self.vera:
-            return [rank]
-        if self.kind == "linear":
-            return [ws[1], rank]
-        if self.kind == "embedding":
-            return [ws[0], rank]
-        return [rank, ws[1] * self.groups, *ws[2:]]
-
-    def b_shape(self, rank: int | str) -> list:
-        ws = self.weight_shape
-        if self.vera:
-            return [ws[0]]
-        if self.kind == "linear":
-            return [rank, ws[0]]
-        if self.kind == "embedding":
-            return [rank, ws[1]]
-        per_group = rank // self.groups if isinstance(rank, int) else f"{rank}/groups"
-        if self.groups == 1:
-            per_group = rank
-        return [ws[0], per_group, *([1] * (len(ws) - 2))]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight_shape[1] if self.kind == "embedding" else self.weight_shape[0]
-
-    @property
-    def np_dtype(self) -> np.dtype:
-        return np.dtype(ml_dtypes.bfloat16) if self.dtype == "bfloat16" else np.dtype(self.dtype)
-
-
-@dataclass
-class SlotManifest:
-    """All slots of an injected model, plus the adapter modules that do not occur in its graph."""
-
-    slots: dict[str, Slot]
-    absent: list[str] = field(default_factory=list)
-    vera: dict | None = None  # VeRA vector slots: the shared projections' key, r, sizes and sha256
-
-    def to_json(self) -> str:
-        # Fields at their defaults stay out, so models injected before VeRA keep their manifest bytes.
-        slots = [{k: v for k, v in asdict(s).items() if k != "vera" or v} for _, s in sorted(self.slots.items())]
-        raw = {"version": SLOTS_VERSION, "slots": slots, "absent": sorted(self.absent)}
-        if self.vera is not None:
-            raw["vera"] = self.vera
-        return json.dumps(raw, sort_keys=True, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str | None) -> SlotManifest:
-        if not text:
-            raise ModelError("not an injected model: no lora_export.slots metadata (run `lora-export inject`)")
-        try:
-            raw = safejson.loads(text)
-            slots = {d["module"]: Slot(**d) for d in raw["slots"]}
-            # Inside the try: a malformed "absent" is as corrupt as a malformed slot.
-            absent = raw.get("absent", [])
-            if not isinstance(absent, list) or not all(isinstance(m, str) for m in absent):
-                raise TypeError("absent must be a list of module names")
-            vera = raw.get("vera")
-            if vera is not None and not vera_entry_ok(vera):
-                raise TypeError("vera must describe the shared projections")
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ModelError(f"corrupt lora_export.slots metadata ({type(e).__name__})") from None
-        for slot in slots.values():
-            problem = slot_problem(slot)
-            if problem:
-                raise ModelError(
-                    f"corrupt lora_export.slots metadata (slot {safejson.short_repr(slot.module)}: {problem})"
-                )
-        if any(s.vera for s in slots.values()) != (vera is not None):
-            raise ModelError("corrupt lora_export.slots metadata (VeRA slots without their projections)")
-        problem = sharing_problem(slots)
-        if problem:
-            raise ModelError(f"corrupt lora_export.slots metadata ({problem})")
-        return cls(slots, absent, vera)
-
-    @property
-    def fingerprint(self) -> int:
-        """A 31-bit id of the slot layout, stored as the .onnx_adapter model version."""
-        return zlib.crc32(self.to_json().encode()) & 0x7FFFFFFF
-
-    def input_names(self) -> dict[str, Slot]:
-        """Slot by input name (for an input several slots share, one of them: they agree in shapes)."""
-        return {name: s for s in self.slots.values() for name in s.inputs}
-
-    def sharing(self) -> dict[str, list[str]]:
-        """A/B input name → the modules that read it, for inputs read by more than one slot."""
-        readers: dict[str, list[str]] = {}
-        for s in self.slots.values():
-            readers.setdefault(s.a, []).append(s.module)
-        return {name: sorted(ms) for name, ms in readers.items() if len(ms) > 1}
 
 
 def slot_tensors(slot: Slot, t: LoraTarget, w0: Callable[[], np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -229,7 +96,7 @@ def adapter_tensors(
     that do not fit. Modules recorded as absent from the graph are skipped (they change no output)."""
     if adapter.extra:
         raise AdapterError(
-            f"adapter {adapter.name!r}: full replacement tensors ({', '.join(sorted(adapter.extra)[:3])}) "
+            f"adapter {adapter.name!r}: full replacement tensors ({some(sorted(adapter.extra))}) "
             "cannot be swapped at run time; use merge"
         )
     if manifest.vera is not None:

@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..adapter import Adapter
-from ..errors import TargetError
+from ..errors import TargetError, some
 from ..vera import bind, placeholder_target
 from .resolve import resolve_targets
 from .value_match import base_key
@@ -49,7 +49,7 @@ def bind_to_graph(model: ir.Model, adapter: Adapter, base_weights: Mapping[str, 
         missing = [p for p in paths if p not in sizes]
         raise TargetError(
             f"adapter {adapter.name!r}: VeRA saved without its projections (save_projection=false); regenerating "
-            f"them needs every layer's size, and {', '.join(missing[:4])} has no weight of its output size found "
+            f"them needs every layer's size, and {some(missing, 4)} has no weight of its output size found "
             "by name: pass --base-weights, or re-save the adapter with save_projection=True"
         )
     return bind(adapter, sizes)

@@ -2,8 +2,10 @@
 
 This is the gate a pipeline puts after a merge: every output must agree within ``rtol``/``atol``
 (``|a - b| <= atol + rtol·|b|``, numpy's allclose with B as the reference). Inputs come from an
-``.npz``/dict or are generated from the graph's input types: token ids small ints, attention masks
-ones, token type ids zeros, floats standard normal; symbolic dimensions batch 2, sequence 8.
+``.npz``/dict or are generated from the graph's input types (``verify_inputs``: token ids within the
+vocabulary the model's embedding states). ``adapter``: model A is an injected model, run with that
+adapter's tensors in its LoRA slots (``LoraSession``), so a served adapter is checked against a merged
+model or reference outputs.
 """
 
 from __future__ import annotations
@@ -19,19 +21,24 @@ import numpy as np
 
 from ..errors import LoraExportError, ModelError, first_line
 from ..files.checks import require_regular_file
+from .verify_inputs import check_dims, model_feeds, random_inputs, symbolic_dims
+
+__all__ = [
+    "OutputComparison",
+    "VerifyReport",
+    "check_dims",
+    "check_providers",
+    "compare",
+    "random_inputs",
+    "run_model",
+    "save_reference",
+    "select_outputs",
+    "symbolic_dims",
+    "verify_models",
+]
 
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-5
-_ORT_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-    "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
 
 
 @dataclass
@@ -64,6 +71,7 @@ class VerifyReport:
     seed: int
     inputs: dict[str, dict] = field(default_factory=dict)
     outputs: list[OutputComparison] = field(default_factory=list)
+    adapter: str | None = None  # the adapter A ran with (A an injected model), or None
 
     @property
     def passed(self) -> bool:
@@ -87,14 +95,17 @@ class VerifyReport:
 
     def summary(self) -> str:
         """One line: what failed, or that everything agreed."""
-        worst = max((o.max_abs for o in self.outputs if o.max_abs is not None), default=0.0)
         if self.passed:
+            worst = max((o.max_abs for o in self.outputs if o.max_abs is not None), default=0.0)
             tol = f"rtol {self.rtol:g}, atol {self.atol:g}"
             return f"{len(self.outputs)} output(s) agree (max abs error {worst:.3g}, {tol})"
         names = ", ".join(o.name + (" (shape mismatch)" if o.shape_mismatch else "") for o in self.failed)
+        # Outputs of another shape have no elementwise error: the figure covers the others, or is left out.
+        errors = [o.max_abs for o in self.failed if o.max_abs is not None]
+        worst = f" (max abs error {max(errors):.3g})" if errors else ""
         return (
             f"{len(self.failed)} of {len(self.outputs)} output(s) differ beyond rtol {self.rtol:g}, "
-            f"atol {self.atol:g}: {names} (max abs error {worst:.3g})"
+            f"atol {self.atol:g}: {names}{worst}"
         )
 
 
@@ -110,6 +121,7 @@ def verify_models(
     dims: Mapping[str, int] | None = None,
     save_outputs: str | os.PathLike | None = None,
     outputs: Sequence[str] | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> VerifyReport:
     """Compare model ``a`` with model ``b``, or with reference outputs (``.npy`` paths).
 
@@ -118,20 +130,24 @@ def verify_models(
     means random inputs from ``seed``, with ``dims`` overriding symbolic dimensions by name.
     ``save_outputs``: a folder to write ``a``'s outputs (``<output>.npy``) and ``inputs.npz`` into,
     to verify against later. ``outputs``: compare only these outputs (by name). ``dims`` may name only
-    symbolic dimensions of ``a``'s inputs. Raises LoraExportError for bad input; never raises on
-    disagreement.
+    symbolic dimensions of ``a``'s inputs. ``adapter``: ``a`` is an injected model, run with this
+    adapter (an ``.onnx_adapter``/``.safetensors`` slot file or a PEFT folder) in its slots. Raises
+    LoraExportError for bad input; never raises on disagreement.
     """
     # NaN passes a "< 0" check and makes every comparison pass: refuse it as well.
     if not (math.isfinite(rtol) and math.isfinite(atol)) or rtol < 0 or atol < 0:
         raise LoraExportError(f"rtol and atol must be finite and non-negative, got rtol={rtol}, atol={atol}")
-    session_a = _session(a, providers)
-    names = select_outputs(session_a, outputs, a)
-    feeds = _feeds(session_a, inputs, seed, dims or {}, a)
-    outputs_a = _run(session_a, feeds, a, names)
+    model_a = _open(a, providers, adapter)
+    names = select_outputs(model_a.session, outputs, a)
+    model_b = None
     if isinstance(b, (str, os.PathLike)) and not str(b).endswith(".npy"):
-        session_b = _session(b, providers)
-        _check_same_io(session_a, session_b, a, b)
-        outputs_b = _run(session_b, feeds, b, names)
+        model_b = _open(b, providers)
+        _check_same_io(model_a.session, model_b.session, a, b)
+    bounds = _common_bounds(model_a, model_b)
+    feeds = model_feeds(model_a.session.get_inputs(), inputs, seed, dims or {}, a, bounds)
+    outputs_a = model_a.run(feeds, names, random=inputs is None)
+    if model_b is not None:
+        outputs_b = model_b.run(feeds, names, random=inputs is None)
         b_label = str(b)
     else:
         refs = _reference_paths(b, names, subset=bool(outputs))
@@ -140,6 +156,7 @@ def verify_models(
     if save_outputs is not None:
         save_reference(save_outputs, names, outputs_a, feeds)
     report = VerifyReport(str(a), b_label, float(rtol), float(atol), int(seed))
+    report.adapter = None if adapter is None else str(adapter)
     report.inputs = {
         k: {"shape": list(v.shape), "dtype": str(v.dtype), "source": "random" if inputs is None else "given"}
         for k, v in feeds.items()
@@ -159,21 +176,6 @@ def select_outputs(session, wanted: Sequence[str] | None, path) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
-def symbolic_dims(specs) -> list[str]:
-    """The names of the symbolic dimensions in ONNX Runtime input specs, in order of appearance."""
-    found = [d for spec in specs for d in (spec.shape or ()) if isinstance(d, str) and d]
-    return list(dict.fromkeys(found))
-
-
-def check_dims(specs, dims: Mapping[str, int], path="the model") -> None:
-    """Refuse a --dim for a name that is not a symbolic dimension of the model's inputs."""
-    known = symbolic_dims(specs)
-    for name in dims:
-        if name not in known:
-            have = ", ".join(known) if known else "none: every input dimension is fixed"
-            raise LoraExportError(f"--dim {name}: not a symbolic dimension of {path}'s inputs (symbolic: {have})")
-
-
 def run_model(
     path: str | os.PathLike,
     *,
@@ -182,12 +184,14 @@ def run_model(
     providers: Sequence[str] | None = None,
     dims: Mapping[str, int] | None = None,
     outputs: Sequence[str] | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Run one model: (inputs used, outputs by name; only ``outputs`` where given)."""
-    session = _session(path, providers)
-    names = select_outputs(session, outputs, path)
-    feeds = _feeds(session, inputs, seed, dims or {}, path)
-    outs = _run(session, feeds, path, names)
+    """Run one model (with ``adapter`` in its slots, if given): (inputs used, outputs by name; only
+    ``outputs`` where given)."""
+    model = _open(path, providers, adapter)
+    names = select_outputs(model.session, outputs, path)
+    feeds = model_feeds(model.session.get_inputs(), inputs, seed, dims or {}, path, model.id_bounds)
+    outs = model.run(feeds, names, random=inputs is None)
     return feeds, dict(zip(names, outs))
 
 
@@ -253,114 +257,86 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "output"
 
 
-# -- inputs ------------------------------------------------------------------------------------
-
-
-def _feeds(session, inputs, seed: int, dims: Mapping[str, int], path="the model") -> dict[str, np.ndarray]:
-    specs = session.get_inputs()
-    check_dims(specs, dims, path)
-    if inputs is None:
-        return random_inputs(specs, seed=seed, dims=dims)
-    given = _load_inputs(inputs)
-    want = [s.name for s in specs]
-    missing = [n for n in want if n not in given]
-    extra = [n for n in given if n not in want]
-    if missing or extra:
-        raise LoraExportError(
-            f"inputs do not match the model's: missing {missing or 'none'}, unexpected {extra or 'none'} "
-            f"(model inputs: {want})"
-        )
-    feeds = {}
-    for spec in specs:
-        arr = np.asarray(given[spec.name])
-        want_dtype = _ORT_TYPES.get(spec.type)
-        if want_dtype is not None and arr.dtype != want_dtype:
-            if arr.dtype.kind != np.dtype(want_dtype).kind:
-                raise LoraExportError(f"input {spec.name!r} has dtype {arr.dtype}, the model wants {spec.type}")
-            arr = arr.astype(want_dtype)
-        feeds[spec.name] = arr
-    return feeds
-
-
-def _load_inputs(inputs) -> dict[str, np.ndarray]:
-    if isinstance(inputs, Mapping):
-        return {str(k): np.asarray(v) for k, v in inputs.items()}
-    path = require_regular_file(inputs, "inputs file")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                raise ValueError("not an .npz archive")
-            return {k: data[k] for k in data.files}
-    except Exception as e:  # noqa: BLE001 - numpy raises several types for a bad archive
-        raise LoraExportError(f"{path}: not a readable .npz of inputs ({type(e).__name__}: {first_line(e)})") from None
-
-
-def random_inputs(specs, *, seed: int = 0, dims: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Inputs from ONNX Runtime input specs (name, type, shape), deterministic in ``seed``."""
-    dims = dict(dims or {})
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for spec in specs:
-        dtype = _ORT_TYPES.get(spec.type)
-        if dtype is None:
-            raise LoraExportError(f"input {spec.name!r}: cannot generate {spec.type}; pass --inputs")
-        shape = tuple(_dim(d, i, dims) for i, d in enumerate(spec.shape or ()))
-        name = spec.name.lower()
-        if np.dtype(dtype).kind == "f":
-            arr = rng.standard_normal(shape).astype(dtype)
-        elif dtype is np.bool_ or "mask" in name:
-            arr = np.ones(shape, dtype=dtype)
-        elif "token_type" in name or "segment" in name:
-            arr = np.zeros(shape, dtype=dtype)
-        elif "position" in name and shape:
-            arr = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
-        else:
-            arr = rng.integers(0, 100, size=shape).astype(dtype)
-        feeds[spec.name] = arr
-    return feeds
-
-
-def _dim(d, axis: int, dims: Mapping[str, int]) -> int:
-    if isinstance(d, int) and d >= 0:
-        return d
-    name = str(d) if d is not None else ""
-    if name in dims:
-        return int(dims[name])
-    low = name.lower()
-    if "batch" in low:
-        return 2
-    if any(k in low for k in ("seq", "len", "token", "time")):
-        return 8
-    # Exporters often name dims s0, s1 ...: by position, the first is the batch, the second a sequence.
-    return {0: 2, 1: 8}.get(axis, 1)
-
-
 # -- running -----------------------------------------------------------------------------------
 
 
-def _session(path, providers):
+def check_providers(providers: Sequence[str | tuple[str, dict]] | None) -> list[str | tuple[str, dict]]:
+    """The providers to run on (default: the CPU); one that this ONNX Runtime lacks is refused, listing
+    those it has (ONNX Runtime itself would fall back to the CPU and say so on stderr)."""
     import onnxruntime as ort
 
-    from ..graph.model_io import load_model
+    providers = list(providers or ["CPUExecutionProvider"])
+    available = ort.get_available_providers()
+    for p in providers:
+        name = p[0] if isinstance(p, tuple) else p
+        if name not in available:
+            raise LoraExportError(
+                f"provider {name!r} is not available in this ONNX Runtime; available: {', '.join(available)}"
+            )
+    return providers
 
+
+@dataclass
+class _Model:
+    """A model opened for verify: an ONNX Runtime session, or a ``LoraSession`` with the adapter loaded."""
+
+    path: Path
+    session: object
+    id_bounds: dict[str, int | None]
+    served: bool = False
+
+    def run(self, feeds: Mapping[str, np.ndarray], names: Sequence[str], random: bool) -> list[np.ndarray]:
+        try:
+            if self.served:
+                outs = self.session.run(list(names), dict(feeds), adapter=_ADAPTER)
+            else:
+                outs = self.session.run(list(names) if names else None, dict(feeds))
+            return [np.asarray(x) for x in outs]
+        except Exception as e:  # noqa: BLE001 - ORT raises its own types; LoraSession a LoraExportError
+            hint = "; the inputs were random: pass --inputs with values the model accepts" if random else ""
+            raise ModelError(f"{self.path}: inference failed ({type(e).__name__}: {first_line(e)}){hint}") from None
+
+
+_ADAPTER = "verify"
+
+
+def _open(path, providers, adapter=None) -> _Model:
+    from ..graph.model_io import load_model
+    from .token_ids import token_id_bounds
+
+    providers = check_providers(providers)
     # ONNX Runtime reads external data on its own: check the model's references as for any load first.
     path = Path(path)
-    load_model(path)
+    bounds = token_id_bounds(load_model(path))
+    if adapter is not None:
+        from .session import LoraSession
+
+        lora = LoraSession(path, providers=providers)
+        lora.load_adapter(_ADAPTER, adapter)
+        return _Model(path, lora, bounds, served=True)
+    return _Model(path, _session(path, providers), bounds)
+
+
+def _common_bounds(a: _Model, b: _Model | None) -> dict[str, int | None]:
+    """Token id bounds both models accept (the smaller table; unknown only where neither states one)."""
+    out = dict(a.id_bounds)
+    for name, bound in (b.id_bounds if b is not None else {}).items():
+        have = out.get(name)
+        out[name] = bound if have is None else (have if bound is None else min(have, bound))
+    return out
+
+
+def _session(path: Path, providers):
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     # Fatal only: warnings (unused initializers) are noise, and errors (e.g. a Gather index out of range)
     # come back as exceptions that we report in one line; ORT's own log would add more lines on stderr.
     options.log_severity_level = 4
     try:
-        return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
+        return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # noqa: BLE001 - ORT raises its own types for a corrupt or invalid model
         raise ModelError(f"{path}: ONNX Runtime cannot load the model ({type(e).__name__}: {first_line(e)})") from None
-
-
-def _run(session, feeds, path, names: Sequence[str] | None = None) -> list[np.ndarray]:
-    try:
-        return [np.asarray(x) for x in session.run(list(names) if names else None, dict(feeds))]
-    except Exception as e:  # noqa: BLE001
-        raise ModelError(f"{path}: inference failed ({type(e).__name__}: {first_line(e)})") from None
 
 
 def _check_same_io(sa, sb, a, b) -> None:
