@@ -22,6 +22,7 @@ from ..delta import check_mergeable, merged_weight
 from ..errors import AdapterError, ConfigError, ModelError, ShapeError, TargetError
 from ..files.atomic import refuse_overwrite
 from ..files.checks import require_regular_file
+from .absence import partial_hint
 from .base_check import check_base_weights, check_resolved
 from .consumers import free_name, other_readers, private_copy
 from .convert import weight_reader
@@ -257,29 +258,8 @@ def _check_resolution(res: Resolution, adapter: Adapter, allow_partial: bool) ->
     if unmatched and not allow_partial:
         details = [r.detail for r in res.unmatched] + [e.detail for e in res.extras if e.status == "unmatched"]
         detail = details[0] if details else ""
-        tail = _partial_hint(res, detail)
+        tail = partial_hint(res, detail)
         raise TargetError(f"{len(unmatched)} target(s) not resolved: {_names(unmatched)}: {detail}{tail}")
-
-
-def _partial_hint(res: Resolution, detail: str) -> str:
-    """Offer --allow-partial as the way forward only when skipping changes nothing; else say what it costs."""
-    extras = any(e.status == "unmatched" for e in res.extras)
-    if not extras and all(_inert(r.target) for r in res.unmatched):
-        return "; their deltas are zero, so --allow-partial merges the rest exactly"
-    if "--allow-partial" in detail:  # the detail already says what skipping costs
-        return ""
-    return (
-        "; --allow-partial would leave them out, and the merged model would not compute what the adapter's "
-        "model computes"
-    )
-
-
-def _inert(target) -> bool:
-    """A LoRA target whose delta is zero (an untrained B, a zero scale): leaving it out is exact."""
-    A, B = getattr(target, "A", None), getattr(target, "B", None)
-    if A is None or B is None or getattr(target, "magnitude", None) is not None:
-        return False
-    return getattr(target, "scale", 1.0) == 0 or not np.any(A) or not np.any(B)
 
 
 def _fold(model: ir.Model, r: ResolvedTarget, compute_dtype) -> dict:
