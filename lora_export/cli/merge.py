@@ -27,7 +27,11 @@ if TYPE_CHECKING:
     help="The base model's .safetensors, to match anonymous ONNX weights by value.",
 )
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply every LoRA delta by this.")
-@click.option("--allow-partial", is_flag=True, help="Merge what matches; skip targets not found in the model.")
+@click.option(
+    "--allow-partial",
+    is_flag=True,
+    help="Merge what matches; skip targets not found (the result lacks their deltas, unless those are zero).",
+)
 @click.option("--only-targets", metavar="REGEX", help="Merge only the targets whose module path matches REGEX.")
 @click.option("--force", is_flag=True, help="Merge even if the model's history records this adapter as merged.")
 @click.option(

@@ -25,7 +25,10 @@ from .value_match import QuantHolder, ValueIndex, base_key, quantized_holds, wit
 # Ops that hold projections we cannot address one module at a time (packed, fused or quantized).
 _FUSED_OPS = {"Attention", "MultiHeadAttention", "PackedAttention", "PackedMultiHeadAttention", "QAttention"}
 _QUANTIZED_OPS = {"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "DequantizeLinear"}
-_WAY_FORWARD = "pass --base-weights to match it by value (or prove it absent), or --allow-partial to skip it"
+_WAY_FORWARD = (
+    "pass --base-weights to match it by value (or prove it absent); skipping it (--allow-partial) leaves its "
+    "delta out, and the merged model would not compute what the adapter's model computes"
+)
 
 
 def absent_or_why(g, r, proven_absent, base_weights, index: ValueIndex | None) -> None:
@@ -143,3 +146,24 @@ def _bounded(dc: DequantizedConstant):
         return within_bounds(*cache[0], w)
 
     return holds
+
+
+def partial_hint(res, detail: str) -> str:
+    """Offer --allow-partial as the way forward only when skipping changes nothing; else say what it costs."""
+    extras = any(e.status == "unmatched" for e in res.extras)
+    if not extras and all(_inert(r.target) for r in res.unmatched):
+        return "; their deltas are zero, so --allow-partial merges the rest exactly"
+    if "--allow-partial" in detail:  # the detail already says what skipping costs
+        return ""
+    return (
+        "; --allow-partial would leave them out, and the merged model would not compute what the adapter's "
+        "model computes"
+    )
+
+
+def _inert(target) -> bool:
+    """A LoRA target whose delta is zero (an untrained B, a zero scale): leaving it out is exact."""
+    A, B = getattr(target, "A", None), getattr(target, "B", None)
+    if A is None or B is None or getattr(target, "magnitude", None) is not None:
+        return False
+    return getattr(target, "scale", 1.0) == 0 or not np.any(A) or not np.any(B)

@@ -22,6 +22,7 @@ from ..delta import check_mergeable, merged_weight
 from ..errors import AdapterError, ConfigError, ModelError, ShapeError, TargetError
 from ..files.atomic import refuse_overwrite
 from ..files.checks import require_regular_file
+from .absence import partial_hint
 from .base_check import check_base_weights, check_resolved
 from .consumers import free_name, other_readers, private_copy
 from .convert import weight_reader
@@ -257,7 +258,7 @@ def _check_resolution(res: Resolution, adapter: Adapter, allow_partial: bool) ->
     if unmatched and not allow_partial:
         details = [r.detail for r in res.unmatched] + [e.detail for e in res.extras if e.status == "unmatched"]
         detail = details[0] if details else ""
-        tail = "" if "--allow-partial" in detail else "; use --allow-partial to merge the rest"
+        tail = partial_hint(res, detail)
         raise TargetError(f"{len(unmatched)} target(s) not resolved: {_names(unmatched)}: {detail}{tail}")
 
 

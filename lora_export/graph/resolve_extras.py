@@ -55,6 +55,13 @@ class ResolvedExtra:
         return out
 
 
+# An exporter's optimizer folds away what it proves constant: an all-zero bias of a fresh head is gone.
+_UNNAMED = (
+    "no initializer or node names it (an exporter may have folded it away, as dynamo does an all-zero bias: "
+    "export with lora-export export, which keeps it, or --torchscript)"
+)
+
+
 def named_tensors(model: ir.Model) -> dict[str, ir.Value]:
     """Initializers by name, plus ``Identity`` copies of initializers by their output name."""
     out: dict[str, ir.Value] = {}
@@ -95,7 +102,7 @@ def resolve_extra(g, key: str, shape: tuple[int, ...]) -> ResolvedExtra:
         why = f"initializer {name!r} has shape {found}, adapter tensor has {shape}"
         return ResolvedExtra(key, shape, "unmatched", detail=why, found_shape=found)
     # Names alone prove nothing (renamed modules): the resolver may still prove it absent by value.
-    return ResolvedExtra(key, shape, "unmatched", detail="no initializer or node names it", unnamed=True)
+    return ResolvedExtra(key, shape, "unmatched", detail=_UNNAMED, unnamed=True)
 
 
 def _by_readers(key, shape, value: ir.Value, source: ir.Value, owner: str, why: str) -> ResolvedExtra:
