@@ -34,7 +34,7 @@ from ..files.checks import require_regular_file
 from ..formats.adapter_files import ADAPTER_SUFFIXES, read_adapter_tensors
 from ..formats.peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
 from ..graph.consumers import other_readers
-from ..graph.merge import merged_value, plan_merge
+from ..graph.merge_plan import merged_value, plan_merge
 from ..graph.model_io import external_tensors, load_model
 from ..graph.packed_names import read_genai_config
 from ..graph.resolve import ResolvedTarget
