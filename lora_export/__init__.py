@@ -19,22 +19,24 @@ if TYPE_CHECKING:
     # The public API as type checkers and IDEs see it; at run time ``__getattr__`` imports each name on
     # first use (keep in step with _LAZY_API and _TORCH_API), so ``import lora_export`` and the CLI's
     # start-up import neither numpy, onnx nor torch.
-    from .adapter import Adapter, LoraTarget
+    from .core.adalora_config import AdaLoraConfig
+    from .core.adapter import Adapter, LoraTarget
+    from .core.config import LoraConfig
+    from .core.vera import VeraConfig
     from .exporting.exporter import export, export_with_manifest
     from .formats.init_conversion import convert_init_adapter
     from .formats.peft import load_adapter, save_adapter_files
-    from .graph.convert import convert_adapter, write_zero_adapter
-    from .graph.folder_ops import inject_folder, merge_folder
-    from .graph.inject import InjectResult, inject_adapters, inject_files
-    from .graph.merge import merge_adapter, merge_file
-    from .graph.merge_report import MergeReport
-    from .graph.resolve import Resolution, ResolvedTarget, resolve_targets
+    from .graph.targets.resolve import Resolution, ResolvedTarget, resolve_targets
+    from .graph.verbs.convert import convert_adapter, write_zero_adapter
+    from .graph.verbs.folder_ops import inject_folder, merge_folder
+    from .graph.verbs.inject import InjectResult, inject_adapters, inject_files
+    from .graph.verbs.merge import merge_adapter, merge_file
+    from .graph.verbs.merge_report import MergeReport
     from .runtime.folder_session import LoraFolderSession
     from .runtime.merged_session import MergedSession
     from .runtime.session import LoraSession
     from .runtime.verify import VerifyReport, verify_models
     from .training.adalora import AdaLoraLinear, RankAllocator, attach_adalora, orth_regularization
-    from .training.adalora_config import AdaLoraConfig
     from .training.attach import (
         adapter_from_model,
         attach_lora,
@@ -46,14 +48,12 @@ if TYPE_CHECKING:
         unmerge_lora,
         unwrap,
     )
-    from .training.config import LoraConfig
     from .training.delta_lora import DeltaLora
     from .training.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
     from .training.lora_drop import LoraDropPlan, apply_lora_drop, lora_importance
     from .training.lora_fa import attach_lora_fa, freeze_lora_a, saved_activation_bytes
     from .training.loraplus import loraplus_param_groups
     from .training.vera import VeraLinear
-    from .vera import VeraConfig
 
 # The torch-free API: imported on first use so that start-up stays light.
 _LAZY_API = {

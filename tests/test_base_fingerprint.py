@@ -20,8 +20,8 @@ from onnx_fixtures import export_onnx, run_onnx
 
 from lora_export import LoraConfig, LoraSession, attach_lora, load_adapter, save_adapter
 from lora_export.cli import cli
+from lora_export.core.fingerprint import FINGERPRINT_KEY, entry_problem, weight_entry
 from lora_export.errors import AdapterError
-from lora_export.fingerprint import FINGERPRINT_KEY, entry_problem, weight_entry
 from lora_export.formats.adapter_files import read_adapter_file
 from lora_export.formats.safetensors import read_safetensors, write_safetensors
 

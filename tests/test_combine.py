@@ -15,7 +15,7 @@ from conftest import saved_peft_reference
 from models import tiny_llama
 
 from lora_export.cli import cli
-from lora_export.combine import combine_adapters
+from lora_export.core.combine import combine_adapters
 from lora_export.formats.peft import load_adapter
 
 PREFIX = "base_model.model."

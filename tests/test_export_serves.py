@@ -24,7 +24,7 @@ import lora_export
 from lora_export import LoraSession
 from lora_export.cli import cli
 from lora_export.exporting.exporter import export_with_manifest
-from lora_export.graph.inject import inject_files
+from lora_export.graph.verbs.inject import inject_files
 
 SHAPES = [(1, 5), (3, 9), (2, 17)]  # batch × sequence, none of them the export example's 2 × 7
 TOL = 1e-5

@@ -23,10 +23,10 @@ from lora_export import LoraSession, load_adapter
 from lora_export.cli import cli
 from lora_export.errors import AdapterError
 from lora_export.formats.adapter_files import read_adapter_tensors
-from lora_export.graph.history_guard import slot_digests
-from lora_export.graph.model_io import load_model
-from lora_export.graph.provenance import HISTORY_KEY, UNREADABLE_KEY, HistoryError, read_history, record_problem
-from lora_export.graph.slots import SLOTS_KEY, SlotManifest
+from lora_export.graph.model.model_io import load_model
+from lora_export.graph.model.provenance import HISTORY_KEY, UNREADABLE_KEY, HistoryError, read_history, record_problem
+from lora_export.graph.model.slot_manifest import SLOTS_KEY, SlotManifest
+from lora_export.graph.verbs.history_guard import slot_digests
 
 PEFT_ARGS = {"r": 2, "lora_alpha": 4, "fan_in_fan_out": True}
 

@@ -61,39 +61,6 @@ LAYER = {
     "lora_export.cli": "cli",
     "lora_export_plugins": "plugins",
 }
-# <flat-layout>: where each module goes until layout_apply.py moves it there (it deletes this block).
-LAYER.update(
-    {
-        "lora_export.cli.terminal": "base",
-        **dict.fromkeys(
-            [
-                "lora_export.adapter",
-                "lora_export.delta",
-                "lora_export.vera",
-                "lora_export.training.config",
-                "lora_export.training.patterns",
-                "lora_export.training.adalora_config",
-                "lora_export.combine",  # branch mswap's
-                "lora_export.fingerprint",  # branch provenance's
-            ],
-            "core",
-        ),
-        **{
-            f"lora_export.graph.{m}": f"graph.{sub}"
-            for sub, ms in {
-                "model": "model_io external_data data_file model_check patch_save provenance genai_folder slot_checks",
-                "match": "module_paths value_match",
-                "ops": "layouts branches consumers float_convert packed packed_branch packed_bias packed_quant",
-                "targets": "resolve resolve_extras absence packed_names vera_bind",
-                "slots": "slots vera_slots foreign_slots foreign_quant per_row",  # per_row: branch perrow's
-                # history_guard, base_check: branch provenance's; model_folder, folder_ops: branch build's
-                "verbs": "merge merge_report inject convert inspect history_guard base_check model_folder folder_ops",
-            }.items()
-            for m in ms.split()
-        },
-    }
-)
-# </flat-layout>
 TORCH_FREE = {"base", "core", "files", "formats", "graph", "runtime", "cli", "api", "plugins"}
 HEAVY = ("torch", "transformers", "peft", "onnxscript")
 

@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from lora_export.graph import patch_save
+from lora_export.graph.model import patch_save
 
 
 @pytest.mark.parametrize(

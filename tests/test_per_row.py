@@ -24,7 +24,7 @@ from safetensors.numpy import load_file
 from torch import nn
 
 from lora_export.cli import cli
-from lora_export.graph.per_row import IDS_INPUT, POOL_ORDER_KEY
+from lora_export.graph.slots.per_row import IDS_INPUT, POOL_ORDER_KEY
 
 ADAPTERS = {  # different ranks, target sets, rsLoRA and DoRA in one pool
     "qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),

@@ -18,7 +18,7 @@ from per_row_fixtures import export_with_past, feeds, step_inputs, torch_step
 
 from lora_export.cli import cli
 from lora_export.errors import AdapterError
-from lora_export.graph.convert import convert_adapter
+from lora_export.graph.verbs.convert import convert_adapter
 from lora_export.runtime.session import LoraSession
 
 ADAPTERS = {

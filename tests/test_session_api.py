@@ -303,7 +303,7 @@ def test_mypy_sees_the_lazy_api(tmp_path):
         text=True,
         env={**__import__("os").environ, "MYPYPATH": str(ROOT)},
     )
-    assert "config_or_adapter: lora_export.training.config.LoraConfig" in done.stdout, done.stdout
+    assert "config_or_adapter: lora_export.core.config.LoraConfig" in done.stdout, done.stdout
     assert 'Argument 1 to "save_adapter" has incompatible type' in done.stdout, done.stdout
 
 

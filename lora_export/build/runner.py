@@ -70,7 +70,7 @@ def _rel(recipe: Recipe, p: Path) -> str:
 
 def _model_files(model: Path) -> list[tuple[str, Path]]:
     """The files a base model is read from: the model and the external data it names."""
-    from ..graph.data_file import referenced_data_files
+    from ..graph.model.data_file import referenced_data_files
 
     if model.is_dir():
         # An export folder: every file in it (the models, their data, configs) is part of the base.

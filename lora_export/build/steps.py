@@ -43,7 +43,7 @@ def build_step(step: Step, base: Path, adapters: Mapping[str, Path], base_weight
     inject_opts = {"dora": opts.get("dora", False), "only_targets": opts.get("only_targets")}
     paths = [adapters[a] for a in step.adapters]
     if step.folder:
-        from ..graph.folder_ops import inject_folder, merge_folder
+        from ..graph.verbs.folder_ops import inject_folder, merge_folder
 
         if step.kind == "merged":
             result = merge_folder(base, paths[0], out, base_weights=base_weights, **_merge_options(opts))
@@ -55,13 +55,13 @@ def build_step(step: Step, base: Path, adapters: Mapping[str, Path], base_weight
             raise RecipeError(f"artifact kind {step.kind!r} is not available for a model folder in this version")
         return {"files": sorted(result.reports)}
     if step.kind == "merged":
-        from ..graph.merge import merge_file
+        from ..graph.verbs.merge import merge_file
 
         report = merge_file(base, paths[0], out / "model.onnx", base_weights=base_weights, **_merge_options(opts))
         counts = report.to_dict()["counts"]
         return {"merged_weights": counts["merged_weights"], "targets": counts["targets"]}
     if step.kind in ("injected", "per-row"):
-        from ..graph.inject import inject_files
+        from ..graph.verbs.inject import inject_files
 
         if step.kind == "per-row" and not per_row_available():
             raise RecipeError("artifact kind 'per-row' is not available in this version (inject --per-row)")
@@ -82,7 +82,7 @@ def per_row_available() -> bool:
     """Whether this version's inject has ``per_row`` (``inject --per-row``)."""
     import inspect
 
-    from ..graph.inject import inject_files
+    from ..graph.verbs.inject import inject_files
 
     return "per_row" in inspect.signature(inject_files).parameters
 

@@ -25,8 +25,8 @@ from .._version import __version__
 # idle one. Only the CLI sets this, before numpy loads, and only where the user has not chosen.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from ..errors import LoraExportError, VerificationError, first_line
+from ..terminal import clean
 from ._lazy_sympy import defer_sympy
-from .terminal import clean
 
 defer_sympy()
 

@@ -6,8 +6,8 @@ import json
 
 import click
 
+from ..terminal import clean
 from ._progress import phase
-from .terminal import clean
 
 
 @click.command("build")

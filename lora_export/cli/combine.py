@@ -7,7 +7,7 @@ import json
 import click
 
 from ..errors import ConfigError
-from .terminal import clean
+from ..terminal import clean
 
 
 def _weights(text: str | None, n: int) -> list[float] | None:

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .terminal import clean
+from ..terminal import clean
 
 
 @click.command("convert")
@@ -48,7 +48,7 @@ def convert_command(
     read from the graph; int4 LoRA inputs (MatMulNBits) need --requantize.
     """
     from ..errors import ConfigError
-    from ..graph.convert import convert_adapter, write_zero_adapter
+    from ..graph.verbs.convert import convert_adapter, write_zero_adapter
 
     if zero == (adapter is not None):
         raise ConfigError("give either ADAPTER or --zero (a zero adapter for a model made by another tool)")

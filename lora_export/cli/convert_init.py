@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .terminal import clean
+from ..terminal import clean
 
 
 @click.command("convert-init")

@@ -35,8 +35,8 @@ def export_command(
     from ..exporting.exporter import check_opset_request, export_with_manifest
     from ..exporting.factory import load_factory_module
     from ..exporting.quiet import stdout_to_stderr
-    from ..graph.model_io import check_outputs
-    from .terminal import clean
+    from ..graph.model.model_io import check_outputs
+    from ..terminal import clean
 
     check_outputs(out)
     check_opset_request(opset, not torchscript)  # before the factory, which may take long

@@ -6,8 +6,8 @@ import json
 
 import click
 
+from ..terminal import clean, clean_lines
 from ._progress import progress_bar
-from .terminal import clean, clean_lines
 
 
 def _placed_lines(result_dict: dict) -> list[str]:
@@ -20,7 +20,7 @@ def _placed_lines(result_dict: dict) -> list[str]:
 
 def merge_folder_command(base: str, adapter: str, output: str, as_json: bool, **options) -> None:
     """``merge FOLDER ADAPTER -o OUTDIR``."""
-    from ..graph.folder_ops import merge_folder
+    from ..graph.verbs.folder_ops import merge_folder
 
     with progress_bar("merging", as_json) as bar:
         result = merge_folder(base, adapter, output, progress=bar, **options)
@@ -38,7 +38,7 @@ def inject_folder_command(
     base: str, paths: list[str], names: list[str | None], out_dir: str, as_json: bool, **options
 ) -> None:
     """``inject FOLDER [NAME=]ADAPTER... -o OUTDIR``."""
-    from ..graph.folder_ops import inject_folder
+    from ..graph.verbs.folder_ops import inject_folder
 
     with progress_bar("injecting", as_json) as bar:
         result = inject_folder(base, paths, out_dir, names=names, progress=bar, **options)
@@ -60,8 +60,8 @@ def inspect_folder_command(
     from pathlib import Path
 
     from ..errors import LoraExportError
-    from ..graph.inspect import inspect_model
-    from ..graph.model_folder import model_files, plan_folder
+    from ..graph.verbs.inspect import inspect_model
+    from ..graph.verbs.model_folder import model_files, plan_folder
 
     files = model_files(folder)
     report: dict = {"folder": folder, "files": {f: inspect_model(Path(folder) / f) for f in files}}

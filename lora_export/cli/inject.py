@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 
 import click
 
+from ..terminal import aligned, clean, clean_lines
 from ._progress import progress_bar
-from .terminal import aligned, clean, clean_lines
 
 if TYPE_CHECKING:
-    from ..graph.inject import InjectResult
+    from ..graph.verbs.inject import InjectResult
 
 
 @click.command("inject")
@@ -57,7 +57,7 @@ def inject_command(
     BASE may be an export folder of several ONNX files: each file holding targets is injected under its own
     name, with <name>.<file stem>.onnx_adapter per adapter and file; the other files are copied.
     """
-    from ..graph.inject import inject_files
+    from ..graph.verbs.inject import inject_files
 
     paths, names = zip(*(parse_named(a) for a in adapters))
     if os.path.isdir(base):

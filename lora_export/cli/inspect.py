@@ -24,8 +24,8 @@ def inspect_command(
     report says which file each target goes to."""
     import os
 
-    from ..graph.inspect import format_report, inspect_model
-    from .terminal import clean_lines
+    from ..graph.verbs.inspect import format_report, inspect_model
+    from ..terminal import clean_lines
 
     if os.path.isdir(model):
         from .folder import inspect_folder_command

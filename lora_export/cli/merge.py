@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 
 import click
 
+from ..terminal import clean, clean_lines
 from ._progress import progress_bar
-from .terminal import clean, clean_lines
 
 if TYPE_CHECKING:
-    from ..graph.merge_report import MergeReport
+    from ..graph.verbs.merge_report import MergeReport
 
 
 @click.command("merge")
@@ -73,7 +73,7 @@ def merge_command(
         return
     if not (requantize and into_float):  # that refusal comes first in merge_file
         refuse_early(adapter, output)
-    from ..graph.merge import merge_file
+    from ..graph.verbs.merge import merge_file
 
     with progress_bar("merging", as_json) as bar:
         report = merge_file(

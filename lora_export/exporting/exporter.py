@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import LoraExportError, first_line
 from ..files.atomic import temp_dir
-from ..graph.model_io import INLINE_LIMIT_BYTES, initializer_bytes, load_model, save_model
+from ..graph.model.model_io import INLINE_LIMIT_BYTES, initializer_bytes, load_model, save_model
 from .factory import load_factory
 from .keep import foldable_parameters, optimize_keeping
 from .manifest import MANIFEST_KEY, build_manifest

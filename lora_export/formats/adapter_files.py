@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.fingerprint import FINGERPRINT_KEY, is_code, short_code
+from ..core.fingerprint import decode as decode_fingerprint
+from ..core.fingerprint import encode as encode_fingerprint
 from ..errors import AdapterError, one_line
 from ..files.atomic import atomic_path
 from ..files.checks import require_regular_file
-from ..fingerprint import FINGERPRINT_KEY, is_code, short_code
-from ..fingerprint import decode as decode_fingerprint
-from ..fingerprint import encode as encode_fingerprint
 from .safetensors import read_safetensors, write_safetensors
 
 ADAPTER_SUFFIXES = (".onnx_adapter", ".safetensors")
@@ -35,7 +35,7 @@ def write_adapter_tensors(
 ) -> Path:
     """Write slot tensors atomically; the format follows the suffix (.onnx_adapter or .safetensors).
 
-    ``fingerprint`` (module → entry, see ``lora_export.fingerprint``): the base weights the tensors were
+    ``fingerprint`` (module → entry, see ``lora_export.core.fingerprint``): the base weights the tensors were
     made for; a .safetensors file stores it whole, an .onnx_adapter as its adapter version (a code)."""
     path = Path(path)
     ordered = {k: np.ascontiguousarray(tensors[k]) for k in sorted(tensors)}

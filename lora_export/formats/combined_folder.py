@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..combine import CombineResult, combine_adapters
+from ..core.combine import CombineResult, combine_adapters
 from ..errors import AdapterError
 from ..files.atomic import refuse_overwrite
 from ..files.inject_folder import refuse_blocked_outputs

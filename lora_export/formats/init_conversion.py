@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapter import Adapter
+from ..core.adapter import Adapter
+from ..core.config import LoraConfig, base_mutating_init
 from ..errors import AdapterError, ConfigError
 from ..files.atomic import refuse_overwrite
 from ..files.inject_folder import refuse_blocked_outputs
 from ..files.publish import publish_folder, stage_parent
 from ..files.staging import staging_dir
-from ..training.config import LoraConfig, base_mutating_init
 from .peft import (
     CONFIG_NAME,
     WEIGHTS_NAME,

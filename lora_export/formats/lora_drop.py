@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from ..adapter import Adapter
+from ..core.adapter import Adapter
+from ..core.config import LoraConfig
 from ..errors import AdapterError, ConfigError
 from ..files.atomic import atomic_write_text
 from ..safejson import short_repr
-from ..training.config import LoraConfig
 from .peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME, adapter_from_state_dict, adapter_state_dict, weights_metadata
 from .safetensors import write_safetensors
 

@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from .. import safejson
-from ..adapter import Adapter, LoraTarget
+from ..core.adapter import Adapter, LoraTarget
+from ..core.config import LoraConfig
+from ..core.fingerprint import FINGERPRINT_KEY
+from ..core.fingerprint import decode as decode_fingerprint
+from ..core.fingerprint import encode as encode_fingerprint
+from ..core.vera import peft_tensors
 from ..errors import AdapterError, ConfigError
 from ..files.atomic import atomic_write_text
 from ..files.checks import require_regular_file
-from ..fingerprint import FINGERPRINT_KEY
-from ..fingerprint import decode as decode_fingerprint
-from ..fingerprint import encode as encode_fingerprint
-from ..training.config import LoraConfig
-from ..vera import peft_tensors
 from .safetensors import read_safetensors, write_safetensors
 from .variants import variant_loader
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..adapter import Adapter, LoraTarget
+from ..core.adapter import Adapter, LoraTarget
+from ..core.config import LoraConfig
 from ..errors import AdapterError
-from ..training.config import LoraConfig
 
 _PARTS = (".lora_A", ".lora_B")
 _FLOATS = ("float16", "bfloat16", "float32", "float64")

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph.layouts import GemmLayout, MatMulLayout
-from ..graph.resolve import ResolvedTarget
+from ..graph.ops.layouts import GemmLayout, MatMulLayout
+from ..graph.targets.resolve import ResolvedTarget
 
 
 def stored_orientation(r: ResolvedTarget) -> bool | None:

@@ -20,7 +20,7 @@ class LoraFolderSession:
     with the named adapter active where that adapter has tensors."""
 
     def __init__(self, folder: str | os.PathLike, *, providers: Sequence[str] | None = None) -> None:
-        from ..graph.model_folder import model_files
+        from ..graph.verbs.model_folder import model_files
 
         self.folder = Path(folder)
         if not self.folder.is_dir():
@@ -48,7 +48,7 @@ class LoraFolderSession:
     def load_adapter(self, name: str, folder: str | os.PathLike | None = None) -> None:
         """Load ``<name>.<file stem>.onnx_adapter`` from ``folder`` (default: the served folder) into each
         file's session; at least one file must have tensors for it."""
-        from ..graph.model_folder import adapter_file_name
+        from ..graph.verbs.model_folder import adapter_file_name
 
         if name in self._loaded:
             raise AdapterError(f"an adapter named {name!r} is already loaded (unload it first)")

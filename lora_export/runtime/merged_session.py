@@ -28,16 +28,16 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from ..adapter import Adapter
+from ..core.adapter import Adapter
 from ..errors import AdapterError, DtypeError, LoraExportError, TargetError, one_line
 from ..files.checks import require_regular_file
 from ..formats.adapter_files import ADAPTER_SUFFIXES, read_adapter_tensors
 from ..formats.peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
-from ..graph.consumers import other_readers
-from ..graph.merge_plan import merged_value, plan_merge
-from ..graph.model_io import external_tensors, load_model
-from ..graph.packed_names import read_genai_config
-from ..graph.resolve import ResolvedTarget
+from ..graph.model.model_io import external_tensors, load_model
+from ..graph.ops.consumers import other_readers
+from ..graph.targets.genai_names import read_genai_config
+from ..graph.targets.resolve import ResolvedTarget
+from ..graph.verbs.merge_plan import merged_value, plan_merge
 from .fast_fold import fold_into, stored_orientation
 from .feeds import checked_feeds, listed, requested_outputs
 from .rwlock import ReadWriteLock
@@ -231,7 +231,7 @@ class MergedSession:
 
             return load_adapter(path, name)
         from ..formats.slot_adapter import adapter_from_slot_tensors
-        from ..graph.resolve import resolve_targets
+        from ..graph.targets.resolve import resolve_targets
 
         tensors = read_adapter_tensors(path)
         adapter = adapter_from_slot_tensors(tensors, name)

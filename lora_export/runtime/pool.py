@@ -22,8 +22,8 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import AdapterError
-from ..graph.per_row import NO_ADAPTER
-from ..graph.slots import Slot, SlotManifest
+from ..graph.model.slot_manifest import Slot, SlotManifest
+from ..graph.slots.per_row import NO_ADAPTER
 from .feeds import listed
 
 

@@ -34,14 +34,22 @@ import ml_dtypes
 import numpy as np
 import onnxruntime as ort
 
-from ..adapter import Adapter
+from ..core.adapter import Adapter
 from ..errors import AdapterError, DtypeError, LoraExportError, one_line
 from ..files.checks import require_regular_file
 from ..formats.adapter_files import read_adapter_file
 from ..formats.peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
-from ..graph.history_guard import history_or_refusal, merged_repeat, refuse, safe_history, slot_digests, slots_repeat
-from ..graph.per_row import per_row_meta
-from ..graph.slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, check_finite_tensors, check_tensors
+from ..graph.model.slot_manifest import SLOTS_KEY, Slot, SlotManifest
+from ..graph.slots.per_row import per_row_meta
+from ..graph.slots.tensors import adapter_tensors, check_finite_tensors, check_tensors
+from ..graph.verbs.history_guard import (
+    history_or_refusal,
+    merged_repeat,
+    refuse,
+    safe_history,
+    slot_digests,
+    slots_repeat,
+)
 from .feeds import ORT_TYPES, batch_size, checked_feeds, listed, requested_outputs, run_bound
 from .pool import AdapterPool, checked_rows, pool_value_factory
 
@@ -110,7 +118,7 @@ class LoraSession:
         if providers is None:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_works() else ["CPUExecutionProvider"]
         providers = list(providers)
-        from ..graph.model_io import load_model
+        from ..graph.model.model_io import load_model
 
         # Checked like every model we read, before ONNX Runtime opens anything: external data by ONNX
         # Runtime's own rule (versions before about 1.23, which pyproject allows, do not apply it), slot
@@ -300,7 +308,7 @@ class LoraSession:
         behind the model's slots (``graph.base_check``)."""
         if fingerprint is None:
             return
-        from ..graph.base_check import code_mismatch, mismatch, refuse_mismatch, slot_weights
+        from ..graph.verbs.base_check import code_mismatch, mismatch, refuse_mismatch, slot_weights
 
         weights = slot_weights(self.manifest, self._read_weight(), history, self._base_entries)
         if isinstance(fingerprint, int):
@@ -333,7 +341,7 @@ class LoraSession:
         # A fresh reader per call: it holds the loaded model, which the session should not keep (an inline
         # model's weights would stay in memory beside ONNX Runtime's). What the fingerprint check needs of
         # the weights is cached in ``_base_entries`` instead.
-        from ..graph.convert import weight_reader
+        from ..graph.verbs.convert import weight_reader
 
         return weight_reader(self.model_path)
 

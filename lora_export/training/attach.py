@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapter import Adapter
+from ..core.adapter import Adapter
+from ..core.config import LoraConfig, closest_names
+from ..core.vera import VeraConfig
 from ..errors import ConfigError, ShapeError, TargetError
 from ..formats.peft import save_adapter_files
-from ..vera import VeraConfig
-from .config import LoraConfig, closest_names
 from .layers import SHARED_GROUP_ATTR, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, _hf_conv1d_type
 from .vera import vera_layer, vera_projections, vera_record
 
@@ -356,9 +356,9 @@ def save_adapter(
 
 
 def base_fingerprint(model: nn.Module, adapter: Adapter) -> dict[str, dict]:
-    """The fingerprint of the base weights under ``adapter``'s targets (see ``lora_export.fingerprint``), in
+    """The fingerprint of the base weights under ``adapter``'s targets (see ``lora_export.core.fingerprint``), in
     ΔW's layout: what merge, inject, convert and LoraSession compare the ONNX weights with."""
-    from ..fingerprint import weight_entry
+    from ..core.fingerprint import weight_entry
 
     layers = lora_layers(model)
     out = {}
