@@ -1,7 +1,7 @@
 """Load test of ``lora-export serve`` (Ray Serve) against one in-process LoraSession with the same batching.
 
-A random-init LLaMA (~40M parameters, fp32, sequence 32, next-token logits out) with 8 adapters (r=16, q/v) injected; 8 concurrent
-clients each send requests of one row for a random adapter. Routes, in one run on one machine:
+A random-init LLaMA (~40M parameters, fp32, sequence 32, next-token logits out) with 8 adapters (r=16, q/v)
+injected; 8 concurrent clients each send requests of one row for a random adapter. Routes, in one run on one machine:
   (a) in-process: ReplicaModel + Batcher (what one replica runs) driven by 8 asyncio clients, no HTTP
   (b) HTTP, 2 replicas, batching on (max batch 8, 2 ms wait)
   (c) HTTP, 2 replicas, batching off (max batch 1)
