@@ -1,7 +1,7 @@
 # Two commands do all set-up on a fresh clone: `make demo` and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
-# torch goes in first, from this spec: on our machines torch==2.13.0 is a local CPU wheel,
+# torch (the [train] extra) goes in first, from this spec: on our machines torch==2.13.0 is a local CPU wheel,
 # while an unpinned torch would pull several GB of CUDA wheels. Override it elsewhere.
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[train,serve,test]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -29,6 +29,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check lora_export plugins tests samples benchmarks
 
 bench: $(STAMP)
+	$(PY) benchmarks/cli_start.py
 	$(PY) benchmarks/merge.py
 	$(PY) benchmarks/adapters.py
 

@@ -85,3 +85,46 @@ def run_child(script: Path, *args: str) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{script.name} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# A CLI child that reports, on its last stderr line, whether torch (or sympy) loaded and which ml_dtypes.
+CLI_PROBE = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: sys.stderr.write("
+    "f\"\\nPROBE torch={'torch' in sys.modules} sympy={'sympy.core' in sys.modules} "
+    "ml_dtypes={getattr(sys.modules.get('ml_dtypes'), '__version__', None)}\\n\"))\n"
+    "from lora_export.cli import main\n"
+    "main(sys.argv[1:])\n"
+)
+
+
+def timed_process(cmd: list[str], env: dict | None = None) -> dict:
+    """Run ``cmd``; its wall time (process start included), exit code, peak RSS (MB, this child alone)
+    and any ``PROBE`` fields it printed (see ``CLI_PROBE``)."""
+    import time
+
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out = {"seconds": seconds, "exit": proc.returncode, "peak_rss_mb": usage.ru_maxrss / 1024}
+    for line in stderr.splitlines():
+        if line.startswith("PROBE "):
+            out.update(dict(kv.split("=", 1) for kv in line.split()[1:]))
+    if proc.returncode not in (0, 2):
+        out["stderr"] = stderr[-2000:]
+    return out
+
+
+def cli_command(probe: Path, *args: str) -> list[str]:
+    """The command line that runs ``lora-export *args`` through ``probe`` (a file holding ``CLI_PROBE``)."""
+    return [sys.executable, str(probe), *args]
+
+
+def tree_path(tree: Path, first: list[str] | tuple[str, ...] = ()) -> str:
+    """PYTHONPATH that imports lora_export from checkout ``tree``, after the folders ``first`` (e.g. the
+    packages a new pin installs, before the venv is rebuilt); entries already set come last."""
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join([*map(str, first), str(tree), str(tree / "plugins"), *extra])

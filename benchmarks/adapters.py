@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 from _common import machine_details, write_results  # noqa: E402
 
 from lora_export import LoraSession, inject_files, merge_file  # noqa: E402
-from lora_export.adapter import Adapter, LoraTarget  # noqa: E402
+from lora_export.core.adapter import Adapter, LoraTarget  # noqa: E402
+from lora_export.core.config import LoraConfig  # noqa: E402
 from lora_export.formats.peft import save_adapter_files  # noqa: E402
-from lora_export.training.config import LoraConfig  # noqa: E402
 
 FULL = dict(hidden=1024, layers=12, heads=16, intermediate=2816, vocab=32000)
 QUICK = dict(hidden=256, layers=2, heads=4, intermediate=704, vocab=4000)

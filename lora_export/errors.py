@@ -76,3 +76,22 @@ def some(names, limit: int = 3) -> str:
     names = [str(n) for n in names]
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+TRAIN_EXTRA = "pip install 'lora-export[train]'"
+
+
+class MissingExtraError(LoraExportError, ImportError):
+    """PyTorch (or onnxscript) is not installed: training and export are the ``lora-export[train]`` extra.
+    Merging, injecting, converting, inspecting, verifying and serving never import them."""
+
+
+def require_torch(what: str, *modules: str) -> None:
+    """Raise :class:`MissingExtraError` (one line) unless torch and ``modules`` import; ``what`` needs them."""
+    import importlib
+
+    for module in ("torch", *modules):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise MissingExtraError(f"{what} needs {module}, which is not installed: {TRAIN_EXTRA}") from None

@@ -19,7 +19,7 @@ from conftest import output_of, peft_reference
 from models import conv_embed_net, tiny_gpt2, tiny_llama
 from torch import nn
 
-from lora_export.graph.inject import inject_files
+from lora_export.graph.verbs.inject import inject_files
 
 REF_SEED = 100  # fresh inputs, never the export example
 

@@ -14,8 +14,8 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from lora_export.graph.layouts import get_layout
-from lora_export.graph.module_paths import name_module_paths
+from lora_export.graph.match.module_paths import name_module_paths
+from lora_export.graph.ops.layouts import get_layout
 
 BLOCK = 16
 QKV = ("q_proj", "k_proj", "v_proj")

@@ -21,6 +21,7 @@ from models import conv_embed_net, randomize_lora, tiny_bert, tiny_gpt2, tiny_ll
 
 from lora_export import AdapterError, ConfigError, LoraSession, TargetError, attach_lora, load_adapter, save_adapter
 from lora_export.cli import cli
+from lora_export.core.adalora_config import AdaLoraConfig, adalora_scale, budget_schedule
 from lora_export.exporting.exporter import export_with_manifest
 from lora_export.formats.safetensors import read_safetensors
 from lora_export.training.adalora import (
@@ -33,7 +34,6 @@ from lora_export.training.adalora import (
     sensitivity_ema,
     triplet_importance,
 )
-from lora_export.training.adalora_config import AdaLoraConfig, adalora_scale, budget_schedule
 
 MODELS = {
     "bert": (tiny_bert, ["query", "value", "dense"]),

@@ -27,15 +27,15 @@ from test_io_surface import _adapter, _assert_one_line_refusal, _base, _cli, _ha
 
 from lora_export import Adapter, LoraConfig, LoraTarget, save_adapter_files
 from lora_export.files.staging import MARKER_NAME, STAGE_PREFIX, _proof, clean_stale, remove_tree, staging_dir
-from lora_export.graph.inject import inject_files
-from lora_export.graph.merge import merge_file
+from lora_export.graph.verbs.inject import inject_files
+from lora_export.graph.verbs.merge import merge_file
 
 _SERVER = textwrap.dedent(
     """
     import json, os, signal, sys
     from lora_export.cli import main
     from lora_export.files import publish
-    from lora_export.graph.layouts import registered_layouts
+    from lora_export.graph.ops.layouts import registered_layouts
 
     registered_layouts()  # the plugins' entry points are looked up once here, not in every fork
 

@@ -24,8 +24,8 @@ from lora_export import Adapter, LoraConfig, LoraSession, LoraTarget, save_adapt
 from lora_export.cli import cli
 from lora_export.errors import LoraExportError, ModelError
 from lora_export.files.beside_model import outside_reason
-from lora_export.graph.inject import inject_files
-from lora_export.graph.model_io import load_model
+from lora_export.graph.model.model_io import load_model
+from lora_export.graph.verbs.inject import inject_files
 
 IN, OUT, R = 32, 24, 2
 DATA = "model.onnx.data"
@@ -361,7 +361,7 @@ def test_a_secret_is_never_copied_by_inject_into_an_existing_output(tmp_path, se
 
 def test_merge_checks_the_data_file_again_before_copying_it_whole(tmp_path, setup, monkeypatch):
     """merge copies the base's data file outside onnx-ir (patch_save): a link swapped in before that copy."""
-    import lora_export.graph.merge as merge_module
+    import lora_export.graph.verbs.merge as merge_module
 
     model, secret = _arrange(tmp_path / "L", setup[1], "plain")
     real_save = merge_module.save_patched

@@ -19,7 +19,7 @@ from robust_fixtures import IN, OUT, write_adapter, write_model
 
 from lora_export import Adapter, LoraConfig, LoraTarget, save_adapter_files
 from lora_export.cli import _progress, cli
-from lora_export.graph.inject import FILES_MANIFEST
+from lora_export.graph.verbs.inject import FILES_MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]
 

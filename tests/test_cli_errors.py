@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from robust_fixtures import tiny_model, write_adapter, write_model
 
-import lora_export.graph.inspect as inspect_mod
+import lora_export.graph.verbs.inspect as inspect_mod
 from lora_export.cli import cli
 from lora_export.errors import ModelError
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_export import LoraConfig, LoraTarget
-from lora_export.delta import dora_scale, lora_delta, merged_weight
+from lora_export.core.delta import dora_scale, lora_delta, merged_weight
 from lora_export.errors import ConfigError, ShapeError
 from lora_export.formats.safetensors import read_safetensors, write_safetensors
 

@@ -24,7 +24,7 @@ from lora_export import (
     remove_lora,
     save_adapter,
 )
-from lora_export.delta import merged_weight
+from lora_export.core.delta import merged_weight
 from lora_export.training.attach import lora_layers
 from lora_export.training.delta_lora import DeltaLora
 

@@ -263,7 +263,7 @@ def test_private_copy_with_external_data(gpt2_tied, tmp_path, monkeypatch, limit
     limit the full external-data save takes over; both give the adapter's model."""
     import onnx
 
-    from lora_export.graph import patch_save
+    from lora_export.graph.model import patch_save
 
     if limit is not None:
         monkeypatch.setattr(patch_save, "INLINE_PATCH_LIMIT", limit)

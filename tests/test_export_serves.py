@@ -24,7 +24,7 @@ import lora_export
 from lora_export import LoraSession
 from lora_export.cli import cli
 from lora_export.exporting.exporter import export_with_manifest
-from lora_export.graph.inject import inject_files
+from lora_export.graph.verbs.inject import inject_files
 
 SHAPES = [(1, 5), (3, 9), (2, 17)]  # batch × sequence, none of them the export example's 2 × 7
 TOL = 1e-5
@@ -297,9 +297,9 @@ def test_cli_file_factory_dynamic_by_default_and_static_on_request(factory_file)
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["{f}:build", "--opset", "99"], "cannot export opset 99: the dynamo exporter supports opsets 7 to 23"),
+        (["{f}:build", "--opset", "99"], "cannot export opset 99: the dynamo exporter supports opsets 18 to 23"),
         (["{f}:build", "--opset", "21", "--torchscript"], "opset 21: the TorchScript exporter supports opsets 7 to 20"),
-        (["{f}:build", "--opset", "13"], "cannot export opset 13: the dynamo exporter produced opset 18"),
+        (["{f}:build", "--opset", "13"], "cannot export opset 13: the dynamo exporter supports opsets 18 to 23"),
         (["{d}/missing.py:build"], "no such file"),
         (["{f}:nope"], "has no attribute 'nope'"),
         (["{d}/helpers.py"], "FILE.py:FUNCTION"),

@@ -25,10 +25,10 @@ from robust_fixtures import conv_model, tiny_model, write_adapter, write_conv_ad
 from lora_export import LoraConfig, load_adapter, merge_file
 from lora_export.errors import LoraExportError
 from lora_export.formats.safetensors import read_safetensors
-from lora_export.graph.inject import inject_files
-from lora_export.graph.inspect import inspect_model
-from lora_export.graph.model_io import load_model
-from lora_export.graph.resolve import resolve_targets
+from lora_export.graph.model.model_io import load_model
+from lora_export.graph.targets.resolve import resolve_targets
+from lora_export.graph.verbs.inject import inject_files
+from lora_export.graph.verbs.inspect import inspect_model
 
 FAST = settings(
     max_examples=60,
@@ -406,7 +406,7 @@ def injected(workdir):
 
 
 def _slots_case(root: Path, injected: onnx.ModelProto, data: st.DataObject, session: bool) -> None:
-    from lora_export.graph.convert import convert_adapter
+    from lora_export.graph.verbs.convert import convert_adapter
     from lora_export.runtime.session import LoraSession
 
     proto = onnx.ModelProto()

@@ -28,7 +28,7 @@ og = pytest.importorskip("onnxruntime_genai")
 pytest.importorskip("onnxruntime_genai.models.builder")
 
 from lora_export import convert_adapter  # noqa: E402
-from lora_export.graph.inject import inject_files  # noqa: E402
+from lora_export.graph.verbs.inject import inject_files  # noqa: E402
 
 TOL = 1e-5
 VOCAB = 256  # not 128: with vocab_size == intermediate_size the genai builder (0.18) writes a wrong model

@@ -191,7 +191,7 @@ def test_a_folder_of_outdir_named_like_a_side_file_is_refused_not_replaced(tmp_p
 @pytest.mark.parametrize("inside", [True, False])
 def test_genai_dims_are_read_only_from_a_config_the_rule_allows(tmp_path, inside):
     """The widths that prove packed q/k/v slices come from genai_config.json only under the rule."""
-    from lora_export.graph.packed_names import GenaiDims, read_genai_config
+    from lora_export.graph.targets.genai_names import GenaiDims, read_genai_config
 
     decoder = {"filename": "model.onnx", "num_attention_heads": 4, "num_key_value_heads": 2, "head_size": 8}
     src = _genai_folder(tmp_path / "g", extra={"model": {"decoder": decoder}})

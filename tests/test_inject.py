@@ -13,7 +13,7 @@ from inject_fixtures import conv_case_fixture, gpt2_case_fixture, llama_case_fix
 
 from lora_export.cli import cli
 from lora_export.formats.adapter_files import read_adapter_tensors
-from lora_export.graph.slots import SLOTS_KEY
+from lora_export.graph.model.slot_manifest import SLOTS_KEY
 
 TOL = 1e-5
 
@@ -113,8 +113,8 @@ def test_cli_is_deterministic_and_refuses_misfits(llama_case, gpt2_case, tmp_pat
 
 
 def test_external_data_is_kept(llama_case, tmp_path):
-    from lora_export.graph.inject import inject_files
-    from lora_export.graph.model_io import load_model, save_model
+    from lora_export.graph.model.model_io import load_model, save_model
+    from lora_export.graph.verbs.inject import inject_files
 
     base = tmp_path / "ext" / "base.onnx"
     save_model(load_model(llama_case.base_onnx), base, external=True)
@@ -143,7 +143,7 @@ def test_float16_model_gets_float16_slots(tmp_path):
     from conftest import peft_reference
     from inject_fixtures import export_base
 
-    from lora_export.graph.inject import inject_files
+    from lora_export.graph.verbs.inject import inject_files
 
     class Net(torch.nn.Module):
         def __init__(self) -> None:

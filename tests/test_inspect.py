@@ -12,7 +12,7 @@ from torch import nn
 
 import lora_export
 from lora_export.cli import cli
-from lora_export.graph.inspect import inspect_model
+from lora_export.graph.verbs.inspect import inspect_model
 
 
 class Net(nn.Module):

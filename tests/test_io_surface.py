@@ -25,10 +25,10 @@ from lora_export import Adapter, LoraConfig, LoraTarget, save_adapter_files
 from lora_export.cli import cli
 from lora_export.errors import AdapterError, LoraExportError, ModelError
 from lora_export.files.staging import STAGE_PREFIX
-from lora_export.graph.convert import convert_adapter
-from lora_export.graph.inject import inject_files
-from lora_export.graph.merge import merge_file
-from lora_export.graph.model_io import load_model
+from lora_export.graph.model.model_io import load_model
+from lora_export.graph.verbs.convert import convert_adapter
+from lora_export.graph.verbs.inject import inject_files
+from lora_export.graph.verbs.merge import merge_file
 from lora_export.runtime.verify import save_reference
 
 IN, OUT, R = 32, 24, 2

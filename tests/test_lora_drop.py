@@ -30,7 +30,7 @@ from lora_export import (
 )
 from lora_export.formats.adapter_files import read_adapter_tensors
 from lora_export.formats.safetensors import read_safetensors
-from lora_export.graph.slots import SLOTS_KEY
+from lora_export.graph.model.slot_manifest import SLOTS_KEY
 from lora_export.training.lora_drop import apply_lora_drop, lora_importance, select_kept
 
 TOL = 1e-5
@@ -234,7 +234,7 @@ def test_inject_beside_a_plain_adapter_keeps_own_slots(trained, tmp_path):
 
 def test_corrupt_sharing_in_slot_metadata_is_refused():
     from lora_export import ModelError
-    from lora_export.graph.slots import Slot, SlotManifest
+    from lora_export.graph.model.slot_manifest import Slot, SlotManifest
 
     def slot(module, shape):
         return Slot(module, "linear", "MatMul", f"n_{module}", f"w_{module}", shape, "float32", "g.lora_A", "g.lora_B")

@@ -15,7 +15,7 @@ from models import conv_embed_net, tiny_bert, tiny_gpt2, tiny_llama
 from onnx_fixtures import Wrapped, export_onnx, file_hashes, run_onnx
 
 from lora_export import load_adapter, merge_adapter, merge_file
-from lora_export.delta import merged_weight
+from lora_export.core.delta import merged_weight
 from lora_export.errors import ShapeError, TargetError
 
 BUILDERS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}

@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 
 from lora_export import ModelError
-from lora_export.graph import model_io as onnx_model
-from lora_export.graph.model_io import load_model, save_model
+from lora_export.graph.model import model_io as onnx_model
+from lora_export.graph.model.model_io import load_model, save_model
 
 
 def _matmul_model(rng: np.random.Generator) -> ir.Model:

@@ -22,8 +22,8 @@ from torch import nn
 from lora_export.cli import cli
 from lora_export.errors import ModelError
 from lora_export.formats.peft import load_adapter
-from lora_export.graph.inject import inject_adapters, inject_files
-from lora_export.graph.resolve import resolve_targets
+from lora_export.graph.targets.resolve import resolve_targets
+from lora_export.graph.verbs.inject import inject_adapters, inject_files
 from lora_export.runtime.session import LoraSession
 
 ADAPTERS = {
@@ -297,7 +297,7 @@ def test_a_slice_held_twice_is_not_guessed(tmp_path, where):
 def test_fp16_packed_merge_rounds_once_and_keeps_other_slices(tmp_path):
     """In a float16 packed weight, the merged slices are W₀ + ΔW (computed in float32) rounded once into
     float16; k's slice stays bit-identical."""
-    from lora_export.graph.merge import merge_adapter
+    from lora_export.graph.verbs.merge import merge_adapter
 
     torch.manual_seed(0)
     m = _Attn().eval()

@@ -20,8 +20,8 @@ from onnx import version_converter
 from quant_fixtures import QKV, dequantized_torch, pack, quantize, state_dict_of
 from safetensors.numpy import save_file
 
-from lora_export.graph.inject import inject_files
-from lora_export.graph.packed_branch import group_stem
+from lora_export.graph.ops.packed_branch import group_stem
+from lora_export.graph.verbs.inject import inject_files
 from lora_export.runtime.session import LoraSession
 
 ADAPTERS = {

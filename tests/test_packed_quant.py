@@ -20,11 +20,11 @@ from quant_fixtures import BLOCK, dequantized_torch, genai_config, pack, quantiz
 from safetensors.numpy import save_file
 
 from lora_export.cli import cli
-from lora_export.delta import merged_weight
+from lora_export.core.delta import merged_weight
 from lora_export.formats.adapter_files import read_adapter_tensors
 from lora_export.formats.peft import load_adapter
-from lora_export.graph.merge import merge_file
-from lora_export.graph.resolve import resolve_targets
+from lora_export.graph.targets.resolve import resolve_targets
+from lora_export.graph.verbs.merge import merge_file
 
 QKVO = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 QV = dict(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"])
@@ -106,7 +106,7 @@ def test_quantized_slices_resolve_by_value(case, weights):
 def test_slice_holds_only_its_weight(case, plugin):
     from safetensors.numpy import load_file
 
-    from lora_export.graph.packed_quant import QuantPackedSlice
+    from lora_export.graph.ops.packed_quant import QuantPackedSlice
 
     nodes, _ = _nbits(case["root"] / "int4" / "model.onnx")
     node = nodes[QKV0]
@@ -123,7 +123,7 @@ def test_ambiguous_slices_are_unmatched(plugin, tmp_path):
     """A weight that fits two offsets (k = v) is never guessed."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
-    from lora_export.graph.packed_quant import find_packed_quantized
+    from lora_export.graph.ops.packed_quant import find_packed_quantized
 
     rng = np.random.default_rng(0)
     wq, wk = rng.normal(size=(16, 32)).astype(np.float32), rng.normal(size=(8, 32)).astype(np.float32)
@@ -177,7 +177,7 @@ def test_merge_requantizes_only_the_slices(case, tmp_path, plugin, name):
     of the new scale per entry, a whole step where the code clamps); other columns are bit-identical."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
-    from lora_export.graph.packed_quant import QuantPackedSlice
+    from lora_export.graph.ops.packed_quant import QuantPackedSlice
 
     root = case["root"]
     src = root / "int4" / "model.onnx"

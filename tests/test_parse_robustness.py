@@ -15,7 +15,7 @@ from robust_fixtures import write_adapter, write_model
 from lora_export import LoraConfig, load_adapter
 from lora_export.errors import AdapterError, ConfigError, LoraExportError, ModelError
 from lora_export.formats.safetensors import read_safetensors
-from lora_export.graph.slots import SlotManifest
+from lora_export.graph.model.slot_manifest import SlotManifest
 
 EVIL = "(a+)+$"
 LONG_NAME = "a" * 5000 + "!"
@@ -253,7 +253,7 @@ def test_well_formed_slot_is_accepted():
 
 @pytest.fixture(scope="module")
 def injected(tmp_path_factory):
-    from lora_export.graph.inject import inject_files
+    from lora_export.graph.verbs.inject import inject_files
 
     root = tmp_path_factory.mktemp("nonfinite")
     model = write_model(root / "base" / "model.onnx")
@@ -263,7 +263,7 @@ def injected(tmp_path_factory):
 
 
 def test_inject_refuses_adapter_that_overflows_when_scaled(tmp_path, injected):
-    from lora_export.graph.inject import inject_files
+    from lora_export.graph.verbs.inject import inject_files
 
     _, model = injected
     adapter = write_adapter(tmp_path / "huge", b_value=3e38, lora_alpha=4)  # scale 2: B·2 = Inf in float32
@@ -274,7 +274,7 @@ def test_inject_refuses_adapter_that_overflows_when_scaled(tmp_path, injected):
 
 
 def test_convert_refuses_adapter_that_overflows_when_scaled(tmp_path, injected):
-    from lora_export.graph.convert import convert_adapter
+    from lora_export.graph.verbs.convert import convert_adapter
 
     root, _ = injected
     adapter = write_adapter(tmp_path / "huge", b_value=3e38, lora_alpha=4)
@@ -403,7 +403,7 @@ def test_corrupt_onnx_model_is_a_model_error_at_load(tmp_path, mutate, fragment)
     from robust_fixtures import tiny_model
 
     from lora_export import merge_file
-    from lora_export.graph.inspect import inspect_model
+    from lora_export.graph.verbs.inspect import inspect_model
 
     proto = tiny_model()
     mutate(proto)
@@ -445,7 +445,7 @@ def test_target_weight_of_wrong_rank_is_refused(tmp_path, shape):
 def test_invalid_utf8_node_name_is_a_model_error(tmp_path):
     from robust_fixtures import tiny_model
 
-    from lora_export.graph.model_io import load_model
+    from lora_export.graph.model.model_io import load_model
 
     proto = tiny_model()
     proto.graph.node[1].name = "/fc/NAMEX"
@@ -481,7 +481,7 @@ def test_inject_refuses_non_float_target_weight(tmp_path, table):
     from onnx import TensorProto, helper
     from robust_fixtures import tiny_model
 
-    from lora_export.graph.inject import inject_files
+    from lora_export.graph.verbs.inject import inject_files
 
     proto = tiny_model()
     if table == "int64":

@@ -98,8 +98,8 @@ def test_merge_and_inject_equal_peft(fused):
 
 
 def test_scaled_fused_matmul_is_not_a_weight(fused):
-    from lora_export.graph.layouts import get_layout
-    from lora_export.graph.model_io import load_model
+    from lora_export.graph.model.model_io import load_model
+    from lora_export.graph.ops.layouts import get_layout
 
     *_, path, _ = fused
     model = load_model(path)

@@ -22,8 +22,8 @@ from onnx_fixtures import export_onnx, run_onnx
 from lora_export import load_adapter, merge_file
 from lora_export.cli import cli
 from lora_export.formats.adapter_files import read_adapter_tensors
-from lora_export.graph.inject import inject_files
-from lora_export.graph.layouts import get_layout
+from lora_export.graph.ops.layouts import get_layout
+from lora_export.graph.verbs.inject import inject_files
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 16

@@ -25,7 +25,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 
 from lora_export.cli import cli
 from lora_export.formats.adapter_files import read_adapter_tensors
-from lora_export.graph.inject import inject_files
+from lora_export.graph.verbs.inject import inject_files
 
 TOL = 1e-5
 TARGETS = ["q_proj", "v_proj", "down_proj"]

@@ -13,7 +13,7 @@ from robust_fixtures import IN, OUT, VOCAB, write_adapter, write_model
 from safetensors.numpy import load_file, save_file
 
 from lora_export import Adapter, AdapterError, LoraConfig, LoraSession, LoraTarget, ModelError, safejson
-from lora_export.graph.slots import SLOTS_KEY
+from lora_export.graph.model.slot_manifest import SLOTS_KEY
 
 
 def _nested(depth: int) -> str:

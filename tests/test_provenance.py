@@ -20,13 +20,11 @@ from torch import nn
 
 import lora_export
 from lora_export import Adapter, LoraConfig, LoraTarget, load_adapter, merge_adapter, merge_file, save_adapter_files
-from lora_export.adapter import adapter_digest, target_digest
 from lora_export.cli import cli
+from lora_export.core.adapter import adapter_digest, target_digest
 from lora_export.errors import AdapterError, ModelError
-from lora_export.graph.inject import inject_files
-from lora_export.graph.inspect import format_report, inspect_model
-from lora_export.graph.model_io import load_model, save_model
-from lora_export.graph.provenance import (
+from lora_export.graph.model.model_io import load_model, save_model
+from lora_export.graph.model.provenance import (
     HISTORY_KEY,
     UNREADABLE_KEY,
     HistoryError,
@@ -35,6 +33,8 @@ from lora_export.graph.provenance import (
     read_history,
     record_problem,
 )
+from lora_export.graph.verbs.inject import inject_files
+from lora_export.graph.verbs.inspect import format_report, inspect_model
 
 
 class Net(nn.Module):

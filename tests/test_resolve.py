@@ -13,8 +13,8 @@ from torch import nn
 
 from lora_export import Adapter, LoraConfig, LoraTarget, merge_adapter
 from lora_export.errors import ShapeError, TargetError
-from lora_export.graph.module_paths import scope_module_paths, strip_wrappers, suffix_score
-from lora_export.graph.resolve import MANIFEST_KEY, resolve_targets
+from lora_export.graph.match.module_paths import scope_module_paths, strip_wrappers, suffix_score
+from lora_export.graph.targets.resolve import MANIFEST_KEY, resolve_targets
 
 
 class Block(nn.Module):

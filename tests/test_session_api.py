@@ -236,7 +236,8 @@ def test_py_typed_is_in_the_package_and_the_wheel(tmp_path):
 
 
 def _init_names() -> tuple[set[str], set[str], list[str], dict[str, str]]:
-    """Names bound by __init__.py's plain imports, by its TYPE_CHECKING imports, __all__, and _TORCH_API."""
+    """Names bound by __init__.py's plain imports, by its TYPE_CHECKING imports, __all__, and the lazily
+    imported API (_LAZY_API and _TORCH_API)."""
     tree = ast.parse((ROOT / "lora_export" / "__init__.py").read_text())
     plain: set[str] = set()
     typing_only: set[str] = set()
@@ -255,10 +256,11 @@ def _init_names() -> tuple[set[str], set[str], list[str], dict[str, str]]:
         elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
             if node.targets[0].id == "__all__":
                 all_names = ast.literal_eval(node.value)
-            elif node.targets[0].id == "_TORCH_API":
-                lazy = ast.literal_eval(node.value)
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == "_TORCH_API":
-            lazy = ast.literal_eval(node.value)
+            elif node.targets[0].id in ("_TORCH_API", "_LAZY_API"):
+                lazy.update(ast.literal_eval(node.value))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if node.target.id in ("_TORCH_API", "_LAZY_API"):
+                lazy.update(ast.literal_eval(node.value))
     return plain, typing_only, all_names, lazy
 
 
@@ -301,7 +303,7 @@ def test_mypy_sees_the_lazy_api(tmp_path):
         text=True,
         env={**__import__("os").environ, "MYPYPATH": str(ROOT)},
     )
-    assert "config_or_adapter: lora_export.training.config.LoraConfig" in done.stdout, done.stdout
+    assert "config_or_adapter: lora_export.core.config.LoraConfig" in done.stdout, done.stdout
     assert 'Argument 1 to "save_adapter" has incompatible type' in done.stdout, done.stdout
 
 

@@ -18,9 +18,9 @@ from models import tiny_bert, tiny_gpt2, tiny_llama
 
 from lora_export import AdapterError, LoraSession, attach_lora, load_adapter, merge_lora, save_adapter
 from lora_export.cli import cli
+from lora_export.core.vera import VeraConfig, generate_projection
 from lora_export.formats.safetensors import read_safetensors
 from lora_export.training.attach import lora_layers
-from lora_export.vera import VeraConfig, generate_projection
 
 MODELS = {
     # BERT's pooler is not in a last_hidden_state export: "dense" would need --base-weights there.

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from polish_fixtures import one_error_line, reference, run_cli
 from robust_fixtures import VOCAB, tiny_model, write_adapter, write_model
 
-import lora_export.graph.inspect as inspect_mod
+import lora_export.graph.verbs.inspect as inspect_mod
 from lora_export.cli import cli
 from lora_export.errors import first_line, summarize
 

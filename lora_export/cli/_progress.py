@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import click
 
-from .terminal import clean
+from ..terminal import clean
 
 
 def on_terminal(as_json: bool = False) -> bool:

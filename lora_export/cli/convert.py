@@ -6,9 +6,7 @@ import json
 
 import click
 
-from ..errors import ConfigError
-from ..graph.convert import convert_adapter, write_zero_adapter
-from .terminal import clean
+from ..terminal import clean
 
 
 @click.command("convert")
@@ -26,9 +24,21 @@ from .terminal import clean
 @click.option(
     "--zero", is_flag=True, help="Instead of ADAPTER: a file of zeros that makes a foreign LoRA-input model the base."
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Convert even an adapter the model's history records as merged, or one made for other base weights.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 def convert_command(
-    adapter: str | None, model: str, output: str, only_targets: str | None, requantize: bool, zero: bool, as_json: bool
+    adapter: str | None,
+    model: str,
+    output: str,
+    only_targets: str | None,
+    requantize: bool,
+    zero: bool,
+    force: bool,
+    as_json: bool,
 ) -> None:
     """Convert ADAPTER (a PEFT adapter directory) into slot tensors for an injected MODEL.
 
@@ -37,6 +47,9 @@ def convert_command(
     LoRA-input model made by Olive or onnxruntime-genai: names, layouts and a scale kept in its graph are
     read from the graph; int4 LoRA inputs (MatMulNBits) need --requantize.
     """
+    from ..errors import ConfigError
+    from ..graph.verbs.convert import convert_adapter, write_zero_adapter
+
     if zero == (adapter is not None):
         raise ConfigError("give either ADAPTER or --zero (a zero adapter for a model made by another tool)")
     if zero:
@@ -44,7 +57,7 @@ def convert_command(
             raise ConfigError("--zero writes zeros for every slot: it takes neither --only-targets nor --requantize")
         report = write_zero_adapter(model, output)
     else:
-        report = convert_adapter(adapter, model, output, only_targets=only_targets, requantize=requantize)
+        report = convert_adapter(adapter, model, output, only_targets=only_targets, requantize=requantize, force=force)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

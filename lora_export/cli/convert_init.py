@@ -6,8 +6,7 @@ import json
 
 import click
 
-from ..formats.init_conversion import convert_init_adapter
-from .terminal import clean
+from ..terminal import clean
 
 
 @click.command("convert-init")
@@ -28,6 +27,8 @@ def convert_init_command(adapter: str, initial: str, output: str, as_json: bool)
     base. With the initial adapter, dW = s*(B*A - B0*A0) = s*[B, -B0]*[A; A0] fits the untouched base
     (PEFT's path_initial_model_for_weight_conversion); OUTPUT is a PEFT adapter folder.
     """
+    from ..formats.init_conversion import convert_init_adapter
+
     report = convert_init_adapter(adapter, initial, output)
     if as_json:
         click.echo(json.dumps(report, indent=2))

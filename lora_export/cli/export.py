@@ -27,14 +27,21 @@ def export_command(
     to its ONNX initializer. Inputs and outputs are named after the model (input_ids, logits ...);
     batch and sequence dimensions are dynamic where the model allows it, unless --static.
     """
+    from ..errors import require_torch
+
+    # torch (and onnxscript, dynamo's backend) are the [train] extra: one line when they are missing.
+    require_torch("export", *(() if torchscript else ("onnxscript",)))
     from ..errors import LoraExportError
-    from ..exporting.exporter import export_with_manifest
+    from ..exporting.exporter import check_opset_request, export_with_manifest
     from ..exporting.factory import load_factory_module
-    from ..graph.model_io import check_outputs
-    from .terminal import clean
+    from ..exporting.quiet import stdout_to_stderr
+    from ..graph.model.model_io import check_outputs
+    from ..terminal import clean
 
     check_outputs(out)
-    (model, inputs, kwargs), module = load_factory_module(factory)
+    check_opset_request(opset, not torchscript)  # before the factory, which may take long
+    with stdout_to_stderr():  # stdout carries our report (--json) only; what user code prints goes to stderr
+        (model, inputs, kwargs), module = load_factory_module(factory)
     _refuse_source(getattr(module, "__file__", None), out)
     kwargs = {k: v for k, v in kwargs.items() if k not in ("path", "dynamo")}
     if opset is not None:
@@ -44,7 +51,8 @@ def export_command(
     if static:
         kwargs["dynamic"] = False
     try:
-        result = export_with_manifest(model, inputs, out, dynamo=not torchscript, **kwargs)
+        with stdout_to_stderr():
+            result = export_with_manifest(model, inputs, out, dynamo=not torchscript, **kwargs)
     except TypeError as e:  # an unknown key in the factory's export kwargs
         raise LoraExportError(f"bad export arguments from {factory}: {e}") from None
     if as_json:

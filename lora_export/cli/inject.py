@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
 import click
 
-from ..graph.inject import InjectResult, inject_files
+from ..terminal import aligned, clean, clean_lines
 from ._progress import progress_bar
-from .terminal import aligned, clean, clean_lines
+
+if TYPE_CHECKING:
+    from ..graph.verbs.inject import InjectResult
 
 
 @click.command("inject")
-@click.argument("base", type=click.Path(dir_okay=False))
+@click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True, metavar="[NAME=]ADAPTER...")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option(
@@ -23,6 +26,16 @@ from .terminal import aligned, clean, clean_lines
 )
 @click.option("--only-targets", metavar="REGEX", help="Inject only the targets whose module path matches REGEX.")
 @click.option("--dora", is_flag=True, help="Give every slot a DoRA scale input, so DoRA adapters converted later fit.")
+@click.option(
+    "--per-row",
+    is_flag=True,
+    help="Slots hold a pool of adapters; the int64 input lora_adapter_ids picks each batch row's (0: none).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Inject even an adapter the model's history records as merged, or one made for other base weights.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 def inject_command(
     base: str,
@@ -31,6 +44,8 @@ def inject_command(
     base_weights: str | None,
     only_targets: str | None,
     dora: bool,
+    per_row: bool,
+    force: bool,
     as_json: bool,
 ) -> None:
     """Inject LoRA slots for ADAPTERS (PEFT adapter directories) into BASE.onnx.
@@ -39,8 +54,18 @@ def inject_command(
     model, and per adapter OUTDIR/<name>.onnx_adapter and OUTDIR/<name>.safetensors to fill them.
     <name> is the adapter folder's name, or NAME with NAME=ADAPTER. Files an earlier inject wrote into
     OUTDIR and this one does not (a dropped or renamed adapter) are removed; other files stay.
+    BASE may be an export folder of several ONNX files: each file holding targets is injected under its own
+    name, with <name>.<file stem>.onnx_adapter per adapter and file; the other files are copied.
     """
+    from ..graph.verbs.inject import inject_files
+
     paths, names = zip(*(parse_named(a) for a in adapters))
+    if os.path.isdir(base):
+        from .folder import inject_folder_command
+
+        inject_folder_command(base, list(paths), list(names), out_dir, as_json, base_weights=base_weights,
+                              dora=dora, only_targets=only_targets)  # fmt: skip
+        return
     with progress_bar("writing", as_json) as bar:
         result = inject_files(
             base,
@@ -51,6 +76,8 @@ def inject_command(
             only_targets=only_targets,
             names=list(names),
             progress=bar,
+            per_row=per_row,
+            force=force,
         )
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))

@@ -10,7 +10,7 @@ from ..errors import VerificationError
 
 
 @click.command("inspect")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.argument("adapter", required=False, type=click.Path())
 @click.option("--base-weights", type=click.Path(dir_okay=False), help="The base's .safetensors, for fingerprinting.")
 @click.option("--only-targets", metavar="REGEX", help="Resolve only the targets whose module path matches REGEX.")
@@ -18,10 +18,20 @@ from ..errors import VerificationError
 def inspect_command(
     model: str, adapter: str | None, base_weights: str | None, only_targets: str | None, as_json: bool
 ) -> None:
-    """List the weights LoRA can target in MODEL; with ADAPTER, where each of its targets lands."""
-    from ..graph.inspect import format_report, inspect_model
-    from .terminal import clean_lines
+    """List the weights LoRA can target in MODEL; with ADAPTER, where each of its targets lands.
 
+    MODEL may be an export folder of several ONNX files: each file is inspected, and with ADAPTER the
+    report says which file each target goes to."""
+    import os
+
+    from ..graph.verbs.inspect import format_report, inspect_model
+    from ..terminal import clean_lines
+
+    if os.path.isdir(model):
+        from .folder import inspect_folder_command
+
+        inspect_folder_command(model, adapter, base_weights, only_targets, as_json)
+        return
     report = inspect_model(model, adapter, base_weights=base_weights, only_targets=only_targets)
     click.echo(json.dumps(report, indent=2) if as_json else clean_lines(format_report(report)))
     nothing = nothing_matched(report)

@@ -50,7 +50,7 @@ def verify_command(
     embedding states.
     """
     from ..runtime.verify import run_model, save_reference, verify_models
-    from .terminal import clean
+    from ..terminal import clean
 
     dim_sizes = _dims(dims)
     if b is not None and references:

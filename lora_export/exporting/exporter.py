@@ -26,23 +26,24 @@ from torch import nn
 
 from ..errors import LoraExportError, first_line
 from ..files.atomic import temp_dir
-from ..graph.model_io import INLINE_LIMIT_BYTES, initializer_bytes, load_model, save_model
+from ..graph.model.model_io import INLINE_LIMIT_BYTES, initializer_bytes, load_model, save_model
 from .factory import load_factory
+from .keep import foldable_parameters, optimize_keeping
 from .manifest import MANIFEST_KEY, build_manifest
 from .quiet import native_stdout_silenced, quiet
 from .shapes import (
-    BATCH,
-    SEQUENCE,
     InputSpec,
-    axes_keys,
     dynamic_axes_of,
     dynamic_shapes_of,
     graph_axes,
     input_specs,
+    merge_sequences,
     onnx_serves,
     output_leaves,
     propose_axes,
+    refuse_cache_output,
     rename_dims,
+    sequence_labels,
     signature_order,
     torch_at_grown,
     widened,
@@ -50,9 +51,11 @@ from .shapes import (
 
 __all__ = ["MANIFEST_KEY", "ExportResult", "base_copy", "export", "export_with_manifest", "load_factory"]
 
-# Opsets each exporter can be asked for (TorchScript's own range; dynamo converts down from its torchlib
-# opset, and the saved model is checked: a conversion that did not happen is an error, not a surprise).
-_OPSETS = {False: (7, 20), True: (7, 23)}
+# Opsets each exporter can be asked for. Dynamo's operators exist from opset 18 (torchlib's) up; below it
+# torch converts the finished graph down, which fails or silently loses what we check for (GPT-2 at 17
+# came out with every dimension static), so it is refused with what works instead. The saved model's
+# opset is checked too: a conversion that did not happen is an error, not a surprise.
+_OPSETS = {False: (7, 20), True: (18, 23)}
 
 
 @dataclass
@@ -145,11 +148,12 @@ def export_with_manifest(
     base = base_copy(model)
     args, kwargs = _split_inputs(example_inputs)
     kwargs = signature_order(base, kwargs)
-    opset = _check_opset_request(opset, dynamo)
+    opset = check_opset_request(opset, dynamo)
     specs = input_specs(base, args, kwargs, list(input_names) if input_names else None)
     with quiet():
         reference = _forward(base, args, kwargs)
     leaves = output_leaves(reference)
+    refuse_cache_output(reference)
     out_names = list(output_names) if output_names else (leaves[0] if leaves else None)
     options: dict[str, Any] = {"input_names": [s.name for s in specs] or None}
     if out_names:
@@ -165,7 +169,9 @@ def export_with_manifest(
     attempts: list[bool | None] = [None]
     if dynamic and not user_shapes:
         propose_axes(specs)
-        attempts = [True, False, None] if any(SEQUENCE in s.axes.values() for s in specs) else [False, None]
+        if len(sequence_labels(specs)) > 1 and _torch_fails_apart(base, args, kwargs, specs):
+            merge_sequences(specs)
+        attempts = [True, False, None] if sequence_labels(specs) else [False, None]
         if not any(s.axes for s in specs):
             attempts = [None]
     # Export into a private folder beside the output so that nothing appears at ``out`` unless
@@ -178,7 +184,7 @@ def export_with_manifest(
             trial = _restrict(specs, attempt)
             targs, tkwargs, opts = args, kwargs, dict(options)
             wide = widened(args, kwargs, trial) if attempt is not None else None
-            if wide is not None:  # traced at size 2, checked at the example's size 1 below
+            if wide is not None:  # traced at other sizes, checked at the example's own below
                 targs, tkwargs, trial = wide
             if attempt is not None:
                 if dynamo:
@@ -187,7 +193,10 @@ def export_with_manifest(
                         shapes if shapes is not None else dynamic_axes_of(trial, None, None)
                     )
                 else:
-                    traced = leaves if wide is None else output_leaves(_forward(base, targs, tkwargs))
+                    try:
+                        traced = leaves if wide is None else output_leaves(_forward(base, targs, tkwargs))
+                    except LoraExportError:  # the model cannot take the trace sizes: a less dynamic proposal
+                        continue
                     opts["dynamic_axes"] = dynamic_axes_of(trial, out_names, traced[1] if traced else None)
                 # A dimension the torch model itself cannot vary is not worth an export.
                 probe = torch_at_grown(base, targs, tkwargs, trial, {s.name: dict(s.axes) for s in trial})
@@ -202,7 +211,7 @@ def export_with_manifest(
             axes = _finish_graph(tmp_model, trial, opset, dynamo)
             if attempt is None or not axes or last:
                 break
-            if axes_keys(axes) != axes_keys({s.name: s.axes for s in trial}):  # the exporter kept some static
+            if axes != {s.name: s.axes for s in trial if s.axes}:  # the exporter kept some static, or split names
                 probe = torch_at_grown(base, targs, tkwargs, trial, axes)
             example = {s.name: s.tensor.detach().cpu().numpy() for s in specs}
             if (
@@ -223,8 +232,14 @@ def export_with_manifest(
 
 def _restrict(specs: list[InputSpec], attempt: bool | None) -> list[InputSpec]:
     """The proposal for one attempt: True all axes, False batch only, None none."""
-    keep = {True: (BATCH, SEQUENCE), False: (BATCH,), None: ()}[attempt]
-    return [InputSpec(s.name, s.param, s.tensor, {a: v for a, v in s.axes.items() if v in keep}) for s in specs]
+    keep = {True: lambda a: True, False: lambda a: a == 0, None: lambda a: False}[attempt]
+    return [InputSpec(s.name, s.param, s.tensor, {a: v for a, v in s.axes.items() if keep(a)}) for s in specs]
+
+
+def _torch_fails_apart(base: nn.Module, args: tuple, kwargs: dict | None, specs: list[InputSpec]) -> bool:
+    """Does the torch model fail when its sequence groups (encoder, decoder) have different lengths?"""
+    with quiet():
+        return torch_at_grown(base, args, kwargs, specs, {s.name: dict(s.axes) for s in specs}) is None
 
 
 def _forward(model: nn.Module, args: tuple, kwargs: dict | None) -> Any:
@@ -235,7 +250,8 @@ def _forward(model: nn.Module, args: tuple, kwargs: dict | None) -> Any:
         raise LoraExportError(f"export failed: the model fails on its example inputs ({_cause(e)})") from None
 
 
-def _check_opset_request(opset: int | None, dynamo: bool) -> int | None:
+def check_opset_request(opset: int | None, dynamo: bool) -> int | None:
+    """``opset`` if the exporter can write exactly it, else a one-line error that says what works."""
     if opset is None:
         return None
     if isinstance(opset, bool) or not isinstance(opset, int):
@@ -243,7 +259,17 @@ def _check_opset_request(opset: int | None, dynamo: bool) -> int | None:
     low, high = _OPSETS[dynamo]
     if not low <= opset <= high:
         which = "dynamo" if dynamo else "TorchScript"
-        raise LoraExportError(f"cannot export opset {opset}: the {which} exporter supports opsets {low} to {high}")
+        other_low, other_high = _OPSETS[not dynamo]
+        if other_low <= opset <= other_high:  # the other exporter writes it: say so
+            how = "use the TorchScript exporter (--torchscript)" if dynamo else "use dynamo (no --torchscript)"
+            fix = f"{how}, or an opset from {low} to {high}"
+        else:
+            fix = f"ask for an opset from {low} to {high}"
+        why = " (below that it converts the finished graph down, which fails or loses dynamic dimensions)"
+        raise LoraExportError(
+            f"cannot export opset {opset}: the {which} exporter supports opsets {low} to {high}"
+            f"{why if dynamo and opset < low else ''}; {fix}"
+        )
     return opset
 
 
@@ -269,11 +295,13 @@ def base_copy(model: nn.Module) -> nn.Module:
         raise LoraExportError(f"cannot copy the model for export ({type(e).__name__}: {first_line(e)})") from None
     base = _unwrap_lora(base)
     base.eval()
-    config = getattr(base, "config", None)
-    if getattr(config, "use_cache", False):
-        # transformers' KV-cache objects are not exportable outputs; a deployment graph without
-        # past key/values is what the ONNX stages expect.
-        config.use_cache = False
+    for module in base.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", False):
+            # transformers' KV-cache objects are not exportable outputs; a deployment graph without
+            # past key/values is what the ONNX stages expect. Every sub-model's config: T5's decoder
+            # has its own, which the top-level flag does not reach.
+            config.use_cache = False
     return base
 
 
@@ -319,7 +347,11 @@ def _run_exporter(
     try:
         with native_stdout_silenced(), contextlib.redirect_stdout(sink), torch.no_grad():
             if dynamo:
-                program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, verbose=False, **options)
+                # Optimized by us (``optimize_keeping``), so that no weight an adapter may replace is folded away.
+                program = torch.onnx.export(
+                    model, args, kwargs=kwargs, dynamo=True, verbose=False, optimize=False, **options
+                )
+                optimize_keeping(program, foldable_parameters(model))
                 program.save(str(path))
             else:
                 options = {k: v for k, v in options.items() if k != "dynamic_shapes"}

@@ -37,6 +37,8 @@ def import_source(source: str) -> ModuleType:
         sys.path.insert(0, cwd)
     try:
         return importlib.import_module(source)
+    except SystemExit as e:
+        raise LoraExportError(f"cannot import {source!r}: {_exited(e)}") from None
     except Exception as e:  # noqa: BLE001 - user code raises anything while importing
         raise LoraExportError(f"cannot import {source!r}: {type(e).__name__}: {first_line(e)}") from None
 
@@ -58,6 +60,9 @@ def _import_file(path: Path) -> ModuleType:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
+    except SystemExit as e:
+        sys.modules.pop(name, None)
+        raise LoraExportError(f"cannot import {str(path)!r}: {_exited(e)}") from None
     except Exception as e:  # noqa: BLE001 - user code raises anything while importing
         sys.modules.pop(name, None)
         raise LoraExportError(f"cannot import {str(path)!r}: {type(e).__name__}: {first_line(e)}") from None
@@ -65,6 +70,11 @@ def _import_file(path: Path) -> ModuleType:
         if added and folder in sys.path:
             sys.path.remove(folder)
     return module
+
+
+def _exited(e: SystemExit) -> str:
+    # Even sys.exit(0) is a failure here: nothing was exported, and exit 0 would tell CI it was.
+    return f"called sys.exit({e.code!r}) instead of returning, so nothing was exported"
 
 
 def load_factory_module(spec: str) -> tuple[tuple[nn.Module, Any, dict], ModuleType]:
@@ -80,6 +90,8 @@ def load_factory_module(spec: str) -> tuple[tuple[nn.Module, Any, dict], ModuleT
         raise LoraExportError(f"{spec} is not callable")
     try:
         result = func()
+    except SystemExit as e:
+        raise LoraExportError(f"{spec}() {_exited(e)}; it must return (model, example_inputs)") from None
     except Exception as e:  # noqa: BLE001
         raise LoraExportError(f"{spec}() failed: {type(e).__name__}: {first_line(e)}") from None
     if not isinstance(result, tuple) or len(result) not in (2, 3):

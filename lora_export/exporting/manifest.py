@@ -15,8 +15,8 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from ..graph.layouts import OpLayout, get_layout
-from ..graph.module_paths import node_module_paths
+from ..graph.match.module_paths import node_module_paths
+from ..graph.ops.layouts import OpLayout, get_layout
 from ..training.layers import _hf_conv1d_type
 
 MANIFEST_KEY = "lora_export.manifest"
@@ -129,7 +129,7 @@ def _proven_absent(onnx_model: ir.Model, torch_model: nn.Module, modules: dict[s
     own state dict as the base weights): not in it by value, and every graph tensor accounted for."""
     if not modules:
         return []
-    from ..graph.value_match import ValueIndex
+    from ..graph.match.value_match import ValueIndex
 
     state = {}
     for k, v in torch_model.state_dict().items():

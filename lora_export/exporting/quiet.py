@@ -34,12 +34,16 @@ def quiet() -> Iterator[None]:
 @contextlib.contextmanager
 def native_stdout_silenced() -> Iterator[None]:
     """Point file descriptor 1 at /dev/null for the block (what C++ writes with std::cout), then restore it."""
+    # Descriptor 1 itself, not sys.stdout's: that may be redirected (``stdout_to_stderr``) or a test
+    # runner's buffer, while C++ writes to 1 whatever Python does.
+    fd = 1
     try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # no real stdout (captured by a test runner): nothing to do
+        os.fstat(fd)
+    except OSError:  # no descriptor 1: nothing to silence
         yield
         return
-    sys.stdout.flush()
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        sys.stdout.flush()
     saved = os.dup(fd)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
@@ -49,3 +53,28 @@ def native_stdout_silenced() -> Iterator[None]:
         os.dup2(saved, fd)
         os.close(saved)
         os.close(devnull)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send what user code prints (Python's ``print`` and native writes to descriptor 1) to stderr for
+    the block: a factory's or a model's chatter must not mix into ``--json`` output on stdout."""
+    fd, err = 1, 2
+    try:
+        os.fstat(fd), os.fstat(err)
+    except OSError:  # no descriptors to point: Python level only
+        fd = None
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        sys.stdout.flush()
+    saved = os.dup(fd) if fd is not None else None
+    try:
+        if saved is not None:
+            os.dup2(err, fd)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                sys.stdout.flush()
+            os.dup2(saved, fd)
+            os.close(saved)

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-BATCH, SEQUENCE = "batch", "sequence"
+from ..errors import LoraExportError
+
+BATCH, SEQUENCE, DECODER_SEQUENCE = "batch", "sequence", "decoder_sequence"
 TOKEN_INPUTS = frozenset(
     {
         "input_ids",
@@ -36,8 +38,9 @@ TOKEN_INPUTS = frozenset(
         "global_attention_mask",
     }
 )
-# How much each dimension grows when the exported model is checked at another shape.
-_GROWTH = {BATCH: 1, SEQUENCE: 3}
+# How much each dimension grows when the exported model is checked at another shape: each named
+# dimension by its own amount, so that two dimensions the graph wrongly calls equal are caught.
+_GROWTH = {BATCH: (1, 1), SEQUENCE: (3, 2)}  # (first, step) for batch-like and sequence-like dimensions
 
 
 @dataclass
@@ -93,13 +96,37 @@ def input_specs(model: nn.Module, args: tuple, kwargs: dict | None, names: list[
 def propose_axes(specs: list[InputSpec], *, sequence: bool = True) -> None:
     """Mark dim 0 of each input ``batch`` and dim 1 of token-like inputs ``sequence`` (not empty ones;
     a size of 1 is traced at 2, see ``widened``)."""
+    tokens = [s for s in specs if sequence and s.tensor.ndim >= 2 and s.tensor.shape[1] >= 1 and _token_like(s)]
     for spec in specs:
         t, axes = spec.tensor, {}
         if t.ndim >= 1 and t.shape[0] >= 1:
             axes[0] = BATCH
-        if sequence and t.ndim >= 2 and t.shape[1] >= 1 and _token_like(spec):
-            axes[1] = SEQUENCE
+        if any(spec is s for s in tokens):
+            axes[1] = sequence_label(spec, alone=len(tokens) == 1)
         spec.axes = axes
+
+
+def sequence_label(spec: InputSpec, alone: bool = False) -> str:
+    """The proposed name of an input's length: ``decoder_sequence`` for a decoder's inputs, ``sequence``
+    for the other known token inputs (or a lone one), ``<name>_sequence`` for an input we know nothing of.
+
+    One name tells ONNX Runtime the lengths are equal: an encoder-decoder's two lengths are not. Inputs
+    of one group (ids and their mask) are equal by their meaning; groups are checked to vary apart."""
+    if spec.name.startswith("decoder_") or spec.param.startswith("decoder_"):
+        return DECODER_SEQUENCE
+    if alone or spec.param in TOKEN_INPUTS or spec.name in TOKEN_INPUTS:
+        return SEQUENCE
+    return f"{spec.name}_{SEQUENCE}"
+
+
+def sequence_labels(specs: list[InputSpec]) -> set[str]:
+    return {label for s in specs for axis, label in s.axes.items() if axis != 0}
+
+
+def merge_sequences(specs: list[InputSpec]) -> None:
+    """One ``sequence`` for every token input: for a model whose code needs all its lengths equal."""
+    for s in specs:
+        s.axes = {a: (label if a == 0 else SEQUENCE) for a, label in s.axes.items()}
 
 
 def _token_like(spec: InputSpec) -> bool:
@@ -112,7 +139,7 @@ def _token_like(spec: InputSpec) -> bool:
 def dynamic_axes_of(specs: list[InputSpec], out_names: list[str] | None, outputs: list[torch.Tensor] | None) -> dict:
     """TorchScript ``dynamic_axes``: the inputs' axes, and output axes whose size matches a dynamic size."""
     axes = {s.name: dict(s.axes) for s in specs if s.axes}
-    sizes = {}
+    sizes: dict[str, int] = {}
     for s in specs:
         for axis, label in s.axes.items():
             sizes.setdefault(label, int(s.tensor.shape[axis]))
@@ -121,8 +148,10 @@ def dynamic_axes_of(specs: list[InputSpec], out_names: list[str] | None, outputs
             found = {}
             if t.ndim >= 1 and sizes.get(BATCH) == t.shape[0]:
                 found[0] = BATCH
-            if t.ndim >= 2 and sizes.get(SEQUENCE) == t.shape[1]:
-                found[1] = SEQUENCE
+            # An output's length is named only when one input length has its size (else it is ambiguous).
+            lengths = [label for label, n in sizes.items() if label != BATCH and t.ndim >= 2 and n == t.shape[1]]
+            if len(lengths) == 1:
+                found[1] = lengths[0]
             if found:
                 axes[name] = found
     return axes
@@ -170,9 +199,10 @@ def rename_dims(proto, specs: list[InputSpec]) -> dict[str, str]:
         dims = vi.type.tensor_type.shape.dim
         for axis, label in spec.axes.items():
             if axis < len(dims) and dims[axis].dim_param:
-                symbol = dims[axis].dim_param
-                # torch.export may give each input's batch its own symbol; one name says they are equal.
-                mapping.setdefault(symbol, label)
+                # torch.export may give each input's batch its own symbol (GPT-2's mask and ids): the
+                # proposal's label is the name. One symbol on two labels is one dimension torch.export
+                # proved equal: it keeps the first.
+                mapping.setdefault(dims[axis].dim_param, label)
     if not mapping:
         return {}
     pattern = re.compile(r"\b(" + "|".join(re.escape(s) for s in sorted(mapping, key=len, reverse=True)) + r")\b")
@@ -239,24 +269,65 @@ def output_leaves(out: Any) -> tuple[list[str], list[torch.Tensor]] | None:
     return names, tensors
 
 
+def cache_output(out: Any, where: str = "output") -> tuple[str, str] | None:
+    """(where, type name) of the first KV-cache object (transformers' ``*Cache``) in a model's output."""
+    if out is None or isinstance(out, torch.Tensor):
+        return None
+    if isinstance(out, Mapping):
+        items = [(str(k), v) for k, v in out.items()]
+    elif isinstance(out, (tuple, list)):
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(out)]
+    else:
+        kind = type(out).__name__
+        return (where, kind) if kind.endswith("Cache") else None
+    for name, value in items:
+        found = cache_output(value, name)
+        if found is not None:
+            return found
+    return None
+
+
+def refuse_cache_output(out: Any) -> None:
+    """Refuse up front (the export itself would fail minutes later) a model that returns a KV cache."""
+    found = cache_output(out)
+    if found is not None:
+        where, kind = found
+        raise LoraExportError(
+            f"cannot export a model that returns a {kind} ({where}): exporters take tensors only; "
+            "make the factory return a model without a cache (use_cache=False) or a wrapper whose "
+            "forward returns tensors (e.g. the logits)"
+        )
+
+
 # -- checking the exported shapes ----------------------------------------------------------------
 
 
 def grown(args: tuple, kwargs: dict | None, specs: list[InputSpec], axes: dict[str, dict[int, str]], size=None):
-    """The example inputs with each dynamic dimension resized (values repeated cyclically along it) to
-    ``size(label, old)``, by default grown a little. Returns (args, kwargs, {input name: new tensor})."""
-    size = size or (lambda label, old: old + _GROWTH[label])
-    new_size = {}
+    """The example inputs with each dimension named in ``axes`` ({input: {axis: name}}) resized (values
+    repeated cyclically along it) to ``size(label, old)``, by default grown a little, each name by its own
+    amount. Returns (args, kwargs, {input name: new tensor})."""
+    first: dict[str, tuple[str, int]] = {}  # dimension name -> (proposed label, example size)
     for s in specs:
         for axis, label in s.axes.items():
             if axis in axes.get(s.name, {}):
-                new_size.setdefault(label, size(label, int(s.tensor.shape[axis])))
+                first.setdefault(axes[s.name][axis], (label, int(s.tensor.shape[axis])))
+    if size is None:
+        counts = {BATCH: 0, SEQUENCE: 0}
+
+        def size(label: str, old: int) -> int:
+            kind = BATCH if label == BATCH else SEQUENCE
+            start, step = _GROWTH[kind]
+            counts[kind] += 1
+            return old + start + step * (counts[kind] - 1)
+
+    new_size = {dim: size(label, old) for dim, (label, old) in first.items()}
     replaced = {}
     for s in specs:
         t = s.tensor
-        for axis, label in s.axes.items():
-            if axis in axes.get(s.name, {}) and t.shape[axis] != new_size[label]:
-                index = torch.arange(new_size[label]) % t.shape[axis]
+        for axis in s.axes:
+            dim = axes.get(s.name, {}).get(axis)
+            if dim is not None and t.shape[axis] != new_size[dim]:
+                index = torch.arange(new_size[dim]) % t.shape[axis]
                 t = t.index_select(axis, index.to(t.device))
         replaced[id(s.tensor)] = (s.name, t)
     new_args = tuple(replaced[id(a)][1] if id(a) in replaced else a for a in args)
@@ -266,11 +337,20 @@ def grown(args: tuple, kwargs: dict | None, specs: list[InputSpec], axes: dict[s
 
 def widened(args: tuple, kwargs: dict | None, specs: list[InputSpec]):
     """Trace inputs for a proposal: a proposed dimension of size 1 is repeated to 2 (exporters specialize
-    sizes 0 and 1). Returns (args, kwargs, specs over the new tensors) or None when nothing is widened."""
-    if all(s.tensor.shape[a] >= 2 for s in specs for a in s.axes):
+    sizes 0 and 1), and two lengths of one size are made different (so that an output's length says which
+    input length it follows). Returns (args, kwargs, specs over the new tensors) or None when unchanged."""
+    sizes: dict[str, int] = {}
+    for s in specs:
+        for axis, label in s.axes.items():
+            if label not in sizes:
+                new = max(int(s.tensor.shape[axis]), 2)
+                while label != BATCH and new in {n for lb, n in sizes.items() if lb != BATCH}:
+                    new += 1
+                sizes[label] = new
+    if all(s.tensor.shape[a] == sizes[label] for s in specs for a, label in s.axes.items()):
         return None
     axes = {s.name: dict(s.axes) for s in specs}
-    new_args, new_kwargs, tensors = grown(args, kwargs, specs, axes, size=lambda label, old: max(old, 2))
+    new_args, new_kwargs, tensors = grown(args, kwargs, specs, axes, size=lambda label, old: sizes[label])
     return new_args, new_kwargs, [InputSpec(s.name, s.param, tensors[s.name], dict(s.axes)) for s in specs]
 
 
@@ -290,11 +370,6 @@ def outputs_agree(actual: list[np.ndarray], expected: list[torch.Tensor], rel: f
         if e.size and float(np.abs(a.astype(np.float64) - e).max()) > rel * scale + 1e-6:
             return False
     return True
-
-
-def axes_keys(axes: dict) -> dict:
-    """{input: set of axes}, for comparing a proposal with what a graph kept."""
-    return {k: set(v) for k, v in axes.items() if v}
 
 
 def torch_at_grown(base: nn.Module, args: tuple, kwargs: dict | None, specs: list[InputSpec], axes: dict):

@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from ..adapter import Adapter, LoraTarget
+from ..core.adapter import Adapter, LoraTarget
+from ..core.config import LoraConfig
 from ..errors import AdapterError, ConfigError
 from ..files.atomic import atomic_write_text
 from ..safejson import short_repr
-from ..training.config import LoraConfig
 from .peft import CONFIG_NAME, WEIGHTS_NAME, adapter_from_state_dict, adapter_state_dict
 from .safetensors import write_safetensors
 

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapter import Adapter
+from ..core.adapter import Adapter
+from ..core.config import LoraConfig, base_mutating_init
 from ..errors import AdapterError, ConfigError
 from ..files.atomic import refuse_overwrite
 from ..files.inject_folder import refuse_blocked_outputs
 from ..files.publish import publish_folder, stage_parent
 from ..files.staging import staging_dir
-from ..training.config import LoraConfig, base_mutating_init
 from .peft import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -99,7 +99,8 @@ def convert_mutated_init(trained: Adapter, initial: Adapter) -> Adapter:
         scale = config.scale_for(name)
         if not math.isclose(scale, t.scale, rel_tol=1e-12):
             raise AdapterError(f"{name}: the converted config would give scale {scale:g} instead of {t.scale:g}")
-    return dataclasses.replace(trained, targets=targets, config=config)
+    # The trained adapter's base (a PiSSA residual, say) is not the untouched base: no fingerprint carries over.
+    return dataclasses.replace(trained, targets=targets, config=config, base_fingerprint=None)
 
 
 def convert_init_adapter(

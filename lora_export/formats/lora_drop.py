@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from ..adapter import Adapter
+from ..core.adapter import Adapter
+from ..core.config import LoraConfig
 from ..errors import AdapterError, ConfigError
 from ..files.atomic import atomic_write_text
 from ..safejson import short_repr
-from ..training.config import LoraConfig
-from .peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME, adapter_from_state_dict, adapter_state_dict
+from .peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME, adapter_from_state_dict, adapter_state_dict, weights_metadata
 from .safetensors import write_safetensors
 
 PEFT_TYPE = "LORA_DROP"
@@ -91,7 +91,7 @@ def save_lora_drop_files(
             tensors[f"{group}.{part}"] = arr
             for m in members:
                 del tensors[f"{PREFIX}{m}.{part}"]
-    write_safetensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    write_safetensors(directory / WEIGHTS_NAME, tensors, metadata=weights_metadata(adapter))
     cfg = adapter.config.to_peft_dict(base_model_name_or_path)
     cfg["peft_type"] = PEFT_TYPE
     cfg[GROUPS_KEY] = {g: list(ms) for g, ms in sorted(adapter.shared.items())}

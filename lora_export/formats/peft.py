@@ -17,12 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from .. import safejson
-from ..adapter import Adapter, LoraTarget
+from ..core.adapter import Adapter, LoraTarget
+from ..core.config import LoraConfig
+from ..core.fingerprint import FINGERPRINT_KEY
+from ..core.fingerprint import decode as decode_fingerprint
+from ..core.fingerprint import encode as encode_fingerprint
+from ..core.vera import peft_tensors
 from ..errors import AdapterError, ConfigError
 from ..files.atomic import atomic_write_text
 from ..files.checks import require_regular_file
-from ..training.config import LoraConfig
-from ..vera import peft_tensors
 from .safetensors import read_safetensors, write_safetensors
 from .variants import variant_loader
 
@@ -47,8 +50,34 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> Adapter:
     raw, tensors, name = read_adapter_raw(path, name)
     loader = variant_loader(raw.get("peft_type") if isinstance(raw, dict) else None)
     if loader is not None:
-        return loader(raw, tensors, name)
-    return adapter_from_state_dict(tensors, LoraConfig.from_peft_dict(raw), name=name)
+        adapter = loader(raw, tensors, name)
+    else:
+        adapter = adapter_from_state_dict(tensors, LoraConfig.from_peft_dict(raw), name=name)
+    fingerprint = read_base_fingerprint(path)
+    if fingerprint is not None:
+        adapter.base_fingerprint = {k: v for k, v in fingerprint.items() if k in adapter.targets}
+    return adapter
+
+
+def read_base_fingerprint(path: str | os.PathLike) -> dict[str, dict] | None:
+    """The base fingerprint an adapter folder's weights file carries (lora-export's ``save_adapter`` writes
+    one; PEFT's does not: None)."""
+    directory, path = _adapter_location(Path(path))
+    weights = _weights_file(directory, path)
+    if weights.suffix != ".safetensors":
+        return None
+    text = read_safetensors(weights)[1].get(FINGERPRINT_KEY)
+    return None if text is None else decode_fingerprint(text, weights)
+
+
+def _weights_file(directory: Path, path: Path) -> Path:
+    if path.is_file():
+        return path
+    if os.path.lexists(directory / WEIGHTS_NAME):
+        return directory / WEIGHTS_NAME
+    if os.path.lexists(directory / PICKLE_NAME):
+        return directory / PICKLE_NAME
+    raise AdapterError(f"{directory}: no {WEIGHTS_NAME} (or {PICKLE_NAME})")
 
 
 def read_adapter_raw(
@@ -80,14 +109,7 @@ def read_adapter_raw(
     elif variant_loader(raw.get("peft_type") if isinstance(raw, dict) else None) is None:
         LoraConfig.from_peft_dict(raw)
 
-    if path.is_file():
-        weights = path
-    elif os.path.lexists(directory / WEIGHTS_NAME):
-        weights = directory / WEIGHTS_NAME
-    elif os.path.lexists(directory / PICKLE_NAME):
-        weights = directory / PICKLE_NAME
-    else:
-        raise AdapterError(f"{directory}: no {WEIGHTS_NAME} (or {PICKLE_NAME})")
+    weights = _weights_file(directory, path)
     require_regular_file(weights, "adapter weights", AdapterError)
     tensors = _read_pickle_safely(weights) if weights.suffix == ".bin" else read_safetensors(weights)[0]
     # abspath, not resolve: "." or "x/.." need a real name (output files are named after it), but a
@@ -226,7 +248,8 @@ def _read_pickle_safely(path: Path) -> dict[str, np.ndarray]:
         import torch
     except ImportError:
         raise AdapterError(
-            f"{path}: refusing a pickle-based adapter without torch's weights_only loader; convert it to safetensors"
+            f"{path}: refusing a pickle-based adapter without torch's weights_only loader; convert it to safetensors "
+            "(or install torch: pip install 'lora-export[train]')"
         ) from None
     try:
         # torch warns about the pickle protocol of files it is about to refuse: our one line says it all.
@@ -249,10 +272,18 @@ def save_adapter_files(
     if directory.exists() and not directory.is_dir():
         raise AdapterError(f"{directory} exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
-    write_safetensors(directory / WEIGHTS_NAME, adapter_state_dict(adapter), metadata={"format": "pt"})
+    write_safetensors(directory / WEIGHTS_NAME, adapter_state_dict(adapter), metadata=weights_metadata(adapter))
     cfg = adapter.config.to_peft_dict(base_model_name_or_path)
     atomic_write_text(directory / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return directory
+
+
+def weights_metadata(adapter: Adapter) -> dict[str, str]:
+    """The weights file's ``__metadata__``: PEFT's format tag, and the adapter's base fingerprint if it has one."""
+    meta = {"format": "pt"}
+    if adapter.base_fingerprint:
+        meta[FINGERPRINT_KEY] = encode_fingerprint(adapter.base_fingerprint)
+    return meta
 
 
 def adapter_state_dict(adapter: Adapter) -> dict[str, np.ndarray]:

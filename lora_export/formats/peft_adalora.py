@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from ..adapter import Adapter, LoraTarget
+from ..core.adalora_config import adalora_scale
+from ..core.adapter import Adapter, LoraTarget
+from ..core.config import LoraConfig
 from ..errors import AdapterError, ConfigError
 from ..files.atomic import atomic_write_text
 from ..safejson import short_repr
-from ..training.adalora_config import adalora_scale
-from ..training.config import LoraConfig
 from .peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME, adapter_from_state_dict, full_tensor_items
 from .safetensors import write_safetensors
 

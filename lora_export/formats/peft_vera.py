@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from ..adapter import Adapter
+from ..core.adapter import Adapter
+from ..core.vera import VeraConfig, VeraProjection, VeraRecord, VeraVectors, placeholder_target
 from ..errors import AdapterError
-from ..vera import VeraConfig, VeraProjection, VeraRecord, VeraVectors, placeholder_target
 from .peft import PREFIX, _plain_extra_key, _upcast
 
 _LAMBDA = re.compile(r"^(?P<path>.+?)\.vera_lambda_(?P<part>[bd])(?:\.(?P<adapter>[A-Za-z0-9_\-]+))?$")

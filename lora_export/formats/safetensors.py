@@ -106,7 +106,8 @@ def write_safetensors(
             bf16[k] = a
         else:
             plain[k] = a
-    if not bf16:
+    if not bf16 and len(metadata or {}) <= 1:
+        # safetensors' writer orders several metadata keys nondeterministically: those go through _encode.
         atomic_write_bytes(path, _st_save(plain, metadata=metadata))
         return
     atomic_write_bytes(path, _encode(dict(sorted({**plain, **bf16}.items())), metadata))
@@ -116,7 +117,7 @@ def _encode(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None) -> 
     names = {v: k for k, v in _DTYPES.items()}
     header: dict = {}
     if metadata:
-        header["__metadata__"] = dict(metadata)
+        header["__metadata__"] = dict(sorted(metadata.items()))
     offset = 0
     blobs = []
     for k, a in tensors.items():

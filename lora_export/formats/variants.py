@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..adapter import Adapter
+from ..core.adapter import Adapter
 
 # peft_type (upper case) -> "module:function", relative to this package.
 _LOADERS: dict[str, str] = {

@@ -25,7 +25,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from ..errors import ModelError
-from ..graph.slots import SlotManifest
+from ..graph.model.slot_manifest import SlotManifest
 
 # Initializers at least this large are shared between the sessions; smaller ones are just copied.
 SHARE_MIN_BYTES = 1024

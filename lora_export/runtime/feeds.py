@@ -108,3 +108,49 @@ def _check_shape(name: str, shape: list[int], declared: list | None) -> None:
     fixed = [d if isinstance(d, int) else (d or "?") for d in declared]
     if len(shape) != len(declared) or any(isinstance(d, int) and d >= 0 and d != n for d, n in zip(declared, shape)):
         raise ShapeError(f"input {name!r} has shape {tuple(shape)}, the model expects {tuple(fixed)}")
+
+
+def batch_size(bound: Mapping, inputs: Mapping[str, ort.NodeArg]) -> int | None:
+    """The batch size: the leading dimension of the first fed input whose declared leading dimension is symbolic."""
+    for k, v in bound.items():
+        declared = inputs[k].shape
+        if declared and not isinstance(declared[0], int):
+            shape = v.shape() if isinstance(v, ort.OrtValue) else v.shape
+            return int(shape[0]) if len(shape) else None
+    return None
+
+
+def run_bound(
+    session, names: list[str], bound: Mapping, values: Mapping, run_options, *, on_cpu: bool
+) -> list[np.ndarray]:
+    """Run ``session`` with IOBinding: the user feeds ``bound``, the LoRA inputs ``values``; outputs ``names``."""
+    binding = session.io_binding()
+    for k, v in bound.items():
+        if isinstance(v, ort.OrtValue):
+            binding.bind_ortvalue_input(k, v)
+        else:
+            binding.bind_cpu_input(k, v)
+    for k, v in values.items():
+        # Inputs with a default are not in the binding's input list: numpy must come as an OrtValue.
+        binding.bind_ortvalue_input(k, v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v))
+    unique = list(dict.fromkeys(names))  # ONNX Runtime allows repeats; a binding holds each output once
+    for name in unique:
+        binding.bind_output(name)
+    try:
+        session.run_with_iobinding(binding, run_options)
+    except Exception as e:  # noqa: BLE001
+        raise LoraExportError(f"inference failed: {one_line(e)}") from None
+    if on_cpu:
+        # Zero-copy views of ORT's output buffers; copy_outputs_to_cpu would copy every output once more.
+        results = [v.numpy() for v in binding.get_outputs()]
+    else:
+        results = binding.copy_outputs_to_cpu()
+    if len(unique) == len(names):
+        return results
+    by_name = dict(zip(unique, results))
+    seen: set[str] = set()
+    out = []
+    for name in names:  # a repeated name gets its own copy, as ONNX Runtime's run gives
+        out.append(by_name[name].copy() if name in seen else by_name[name])
+        seen.add(name)
+    return out

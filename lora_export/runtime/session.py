@@ -8,6 +8,9 @@ Cost of the rank-0 branches: none measurable. benchmarks/noadapter_probe.py (220
 CPU, seq 128, batch 1, 40 interleaved rounds): injected-with-no-adapter / base = 0.986 (quartiles 0.969 to
 1.014); the +2.5% once reported by benchmarks/adapters.py at batch 1 was run-to-run noise.
 
+A per-row model (``inject --per-row``) serves a different adapter per batch row: ``run(..., adapters=[...])``
+binds the resident pool (``runtime.pool``) and the ids picking each row's entry.
+
 ``base_session=True`` adds a branch-free twin session (``base_path.strip_branches``) that serves
 ``adapter=None``. Its large initializers come from the same host memory as the main session's
 (``SessionOptions.add_initializer`` / ``add_external_initializers`` over one set of numpy arrays), but on
@@ -31,13 +34,24 @@ import ml_dtypes
 import numpy as np
 import onnxruntime as ort
 
-from ..adapter import Adapter
+from ..core.adapter import Adapter
 from ..errors import AdapterError, DtypeError, LoraExportError, one_line
 from ..files.checks import require_regular_file
-from ..formats.adapter_files import read_adapter_tensors
+from ..formats.adapter_files import read_adapter_file
 from ..formats.peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
-from ..graph.slots import SLOTS_KEY, Slot, SlotManifest, adapter_tensors, check_finite_tensors, check_tensors
-from .feeds import ORT_TYPES, checked_feeds, listed, requested_outputs
+from ..graph.model.slot_manifest import SLOTS_KEY, Slot, SlotManifest
+from ..graph.slots.per_row import per_row_meta
+from ..graph.slots.tensors import adapter_tensors, check_finite_tensors, check_tensors
+from ..graph.verbs.history_guard import (
+    history_or_refusal,
+    merged_repeat,
+    refuse,
+    safe_history,
+    slot_digests,
+    slots_repeat,
+)
+from .feeds import ORT_TYPES, batch_size, checked_feeds, listed, requested_outputs, run_bound
+from .pool import AdapterPool, checked_rows, pool_value_factory
 
 
 @functools.cache
@@ -77,6 +91,9 @@ class LoraSession:
 
     ``base_session=True``: ``adapter=None`` runs a branch-free twin session whose initializers share the
     main session's host memory (see the module docstring for the memory it still costs; off by default).
+    A per-row model (``inject --per-row``) keeps its adapters in one resident pool of up to ``pool_size``
+    entries (``runtime.pool``); ``run(..., adapters=[name or None per row])`` mixes them in one batch. A full
+    pool refuses a load, or with ``evict="lru"`` frees the least recently used adapter.
     ``base_prepacking=False`` disables ONNX Runtime's weight prepacking in the twin (less memory, slower).
     With ``base_session=True`` the given ``sess_options`` get the shared initializers (and, with
     ``base_prepacking=False``, the disable-prepacking entry) added: do not reuse them for other models.
@@ -90,6 +107,8 @@ class LoraSession:
         sess_options: ort.SessionOptions | None = None,
         base_session: bool = False,
         base_prepacking: bool = True,
+        pool_size: int = 64,
+        evict: str | None = None,
     ) -> None:
         self.model_path = require_regular_file(model_path, "model")
         if sess_options is None:
@@ -99,12 +118,14 @@ class LoraSession:
         if providers is None:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_works() else ["CPUExecutionProvider"]
         providers = list(providers)
-        from ..graph.model_io import load_model
+        from ..graph.model.model_io import load_model
 
         # Checked like every model we read, before ONNX Runtime opens anything: external data by ONNX
         # Runtime's own rule (versions before about 1.23, which pyproject allows, do not apply it), slot
         # metadata, structure.
         model = load_model(self.model_path)
+        # What was merged into the weights: an adapter loaded on top must not be one of those.
+        self._history = safe_history(model)
         self._shared: dict[str, ort.OrtValue] = {}
         base_model = None
         if base_session:
@@ -116,6 +137,17 @@ class LoraSession:
         self.device_type, self.device_id = ("cuda", 0) if on_cuda else ("cpu", 0)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.manifest = SlotManifest.from_json(meta.get(SLOTS_KEY))
+        per_row = per_row_meta(meta)
+        #: The resident adapter pool of a per-row model (None: one adapter per run).
+        self.pool: AdapterPool | None = None
+        if per_row is not None:
+            if base_session:
+                raise AdapterError(
+                    "base_session=True does not apply to a per-row model (rows without adapter are exact)"
+                )
+            self.pool = AdapterPool(
+                self.manifest, pool_size, evict, pool_value_factory(self.device_type, self.device_id)
+            )
         #: The branch-free twin that serves ``adapter=None`` (None: the rank-0 branches serve it).
         self.base_session: ort.InferenceSession | None = None
         if base_model is not None:
@@ -128,6 +160,9 @@ class LoraSession:
             self.base_session = self._create(twin_proto(base_model, self._shared), sess_options, providers)
             del base_model
         self._slot_inputs = {n for slot in self.manifest.slots.values() for n in slot.inputs}
+        if per_row is not None:
+            self._slot_inputs.add(per_row["ids"])
+            self._ids_input = per_row["ids"]
         # ONNX Runtime lists inputs with a default (the LoRA slots) as overridable initializers, not as inputs;
         # filter both lists anyway, so an older IR that lists them as inputs gives the same split.
         graph_inputs = self.session.get_inputs() + self.session.get_overridable_initializers()
@@ -137,6 +172,7 @@ class LoraSession:
         self._outputs = [o.name for o in self._output_args]
         self._adapters: dict[str, dict[str, ort.OrtValue]] = {}
         self._lock = threading.Lock()
+        self._base_entries: dict = {}  # module → its base weight's fingerprint entry, read once (base_check)
 
     def _create(self, model, sess_options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
         try:
@@ -168,8 +204,15 @@ class LoraSession:
     @property
     def adapters(self) -> list[str]:
         """Names of the loaded adapters."""
+        if self.pool is not None:
+            return self.pool.names
         with self._lock:
             return sorted(self._adapters)
+
+    @property
+    def per_row(self) -> bool:
+        """Whether the model picks an adapter per batch row (``inject --per-row``; ``run(adapters=...)``)."""
+        return self.pool is not None
 
     @property
     def slots(self) -> dict[str, Slot]:
@@ -208,22 +251,42 @@ class LoraSession:
             f"slots={len(self.slots)} adapters={self.adapters}{twin}>"
         )
 
-    def load_adapter(self, name: str, source: str | os.PathLike | Adapter | Mapping[str, np.ndarray]) -> None:
+    def load_adapter(
+        self,
+        name: str,
+        source: str | os.PathLike | Adapter | Mapping[str, np.ndarray],
+        *,
+        force: bool = False,
+    ) -> None:
         """Validate and place an adapter on the device under ``name``.
 
         ``source``: a ``.onnx_adapter`` or ``.safetensors`` file of slot tensors, a PEFT adapter directory
         or ``Adapter`` (converted in memory), or a dict of slot tensors.
+
+        An adapter the model's history records as merged into its weights (by its digest, a target's
+        tensors, or its slot tensors) is refused: it would apply twice. So is any adapter when the history
+        is unreadable or duplicated. An adapter carrying a base fingerprint (files lora-export wrote) that
+        does not match the weights behind the model's slots is refused too. ``force=True`` loads it anyway.
         """
         if not name or not isinstance(name, str):
             raise AdapterError("an adapter needs a non-empty name")
         with self._lock:
             if name in self._adapters:
                 raise AdapterError(f"an adapter named {name!r} is already loaded (unload it first)")
-        tensors, what = self._tensors_of(source)
+        hint = "pass force=True to load it anyway"
+        history = history_or_refusal(self._history, force, hint)
+        tensors, what, adapter, fingerprint = self._tensors_of(source)
+        if adapter is not None:
+            refuse(merged_repeat(history, adapter), force, hint)
+        refuse(slots_repeat(history, slot_digests(tensors, self.manifest), what), force, hint)
+        self._check_base(what, tensors, fingerprint, history, force, hint)
         check_tensors(tensors, self.manifest, what)
         self._check_dtypes(tensors, what)
         # Files and dicts come from anywhere: NaN/Inf in a slot would turn every output NaN, silently.
         check_finite_tensors(tensors, what)
+        if self.pool is not None:
+            self.pool.load(name, tensors)
+            return
         values = {k: self._ort_value(v) for k, v in sorted(tensors.items())}
         with self._lock:
             if name in self._adapters:
@@ -231,27 +294,54 @@ class LoraSession:
             self._adapters[name] = values
 
     def unload_adapter(self, name: str) -> None:
-        """Forget an adapter; runs already in flight keep their references and finish normally."""
+        """Forget an adapter; runs already in flight keep their references and finish normally (per-row
+        model: the pool entry is freed once the runs in flight are done)."""
+        if self.pool is not None:
+            self.pool.unload(name)
+            return
         with self._lock:
             if self._adapters.pop(name, None) is None:
                 raise AdapterError(f"no adapter named {name!r} is loaded")
 
-    def _tensors_of(self, source) -> tuple[dict[str, np.ndarray], str]:
+    def _check_base(self, what: str, tensors, fingerprint, history: list[dict], force: bool, hint: str) -> None:
+        """The base fingerprint the adapter carries (entries or an .onnx_adapter's code) against the weights
+        behind the model's slots (``graph.base_check``)."""
+        if fingerprint is None:
+            return
+        from ..graph.verbs.base_check import code_mismatch, mismatch, refuse_mismatch, slot_weights
+
+        weights = slot_weights(self.manifest, self._read_weight(), history, self._base_entries)
+        if isinstance(fingerprint, int):
+            filled = [m for m, s in self.manifest.slots.items() if any(n in tensors for n in s.inputs)]
+            found = code_mismatch(fingerprint, filled, weights)
+        else:
+            found = mismatch(fingerprint, weights)
+        refuse_mismatch(found, what, "this model's", force, hint)
+
+    def _tensors_of(self, source) -> tuple[dict[str, np.ndarray], str, Adapter | None, dict | int | None]:
+        """The slot tensors of ``source``, what to call it, the Adapter it came from (if any) and the base
+        fingerprint it carries (if any)."""
         if isinstance(source, Mapping):
-            return {k: np.asarray(v) for k, v in source.items()}, "adapter tensors"
+            return {k: np.asarray(v) for k, v in source.items()}, "adapter tensors", None, None
         if isinstance(source, Adapter):
-            return adapter_tensors(source, self.manifest, self._read_weight()), f"adapter {source.name!r}"
+            tensors = adapter_tensors(source, self.manifest, self._read_weight())
+            return tensors, f"adapter {source.name!r}", source, source.base_fingerprint
         path = Path(source)
         # A PEFT adapter: its folder, or one of its files (slot files have other names).
         if path.is_dir() or path.name in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME):
             from ..formats.peft import load_adapter
 
             adapter = load_adapter(path)
-            return adapter_tensors(adapter, self.manifest, self._read_weight()), f"adapter {adapter.name!r}"
-        return read_adapter_tensors(path), str(path)
+            tensors = adapter_tensors(adapter, self.manifest, self._read_weight())
+            return tensors, f"adapter {adapter.name!r}", adapter, adapter.base_fingerprint
+        tensors, fingerprint = read_adapter_file(path)
+        return tensors, str(path), None, fingerprint
 
     def _read_weight(self) -> Callable[[Slot], np.ndarray]:
-        from ..graph.convert import weight_reader
+        # A fresh reader per call: it holds the loaded model, which the session should not keep (an inline
+        # model's weights would stay in memory beside ONNX Runtime's). What the fingerprint check needs of
+        # the weights is cached in ``_base_entries`` instead.
+        from ..graph.verbs.convert import weight_reader
 
         return weight_reader(self.model_path)
 
@@ -280,15 +370,36 @@ class LoraSession:
         feeds: Mapping[str, np.ndarray | ort.OrtValue],
         adapter: str | None = None,
         run_options: ort.RunOptions | None = None,
+        *,
+        adapters: Sequence[str | None] | None = None,
     ) -> list[np.ndarray]:
         """``InferenceSession.run`` with the named adapter active (None: the base model).
 
         ``output_names``: a list of output names, or None (or empty) for all, as in ONNX Runtime.
         ``feeds``: every user input (``get_inputs()``) as a numpy array (or array-like, or OrtValue) of the
         model's dtype: nothing is cast. Returns numpy arrays, one per requested output, in the order asked.
+        ``adapters``: per batch row, an adapter name or None (no adapter), in place of ``adapter``; a per-row
+        model (``inject --per-row``) runs them in one batch; another model takes only one name for all rows.
         """
         names = requested_outputs(output_names, self._outputs)
         bound = checked_feeds(feeds, self._inputs, self._slot_inputs)
+        if adapters is not None:
+            if adapter is not None:
+                raise AdapterError("give adapter= (one for all rows) or adapters= (one per row), not both")
+            rows = checked_rows(adapters, batch_size(bound, self._inputs), self.pool is not None)
+            if self.pool is None or len(set(rows)) == 1:
+                # One adapter for all rows: ids of shape (1,) broadcast (one MatMul, no per-row copies);
+                # all None: the defaults, no pool bound at all.
+                adapter = rows[0]
+            else:
+                with self.pool.reading(rows) as (ids, values):
+                    return self._bound_run(self.session, names, bound, {self._ids_input: ids, **values}, run_options)
+        if self.pool is not None:
+            if adapter is None:
+                return self._bound_run(self.session, names, bound, {}, run_options)
+            # One entry for every row: ids of shape (1,) broadcast over the batch.
+            with self.pool.reading([adapter]) as (ids, values):
+                return self._bound_run(self.session, names, bound, {self._ids_input: ids, **values}, run_options)
         values: dict[str, ort.OrtValue] = {}
         if adapter is not None:
             with self._lock:
@@ -300,32 +411,7 @@ class LoraSession:
         session = self.session
         if adapter is None and self.base_session is not None:
             session = self.base_session
-        binding = session.io_binding()
-        for k, v in bound.items():
-            if isinstance(v, ort.OrtValue):
-                binding.bind_ortvalue_input(k, v)
-            else:
-                binding.bind_cpu_input(k, v)
-        for k, v in values.items():
-            binding.bind_ortvalue_input(k, v)
-        unique = list(dict.fromkeys(names))  # ONNX Runtime allows repeats; a binding holds each output once
-        for name in unique:
-            binding.bind_output(name)
-        try:
-            session.run_with_iobinding(binding, run_options)
-        except Exception as e:  # noqa: BLE001
-            raise LoraExportError(f"inference failed: {one_line(e)}") from None
-        if self.device_type == "cpu":
-            # Zero-copy views of ORT's output buffers; copy_outputs_to_cpu would copy every output once more.
-            results = [v.numpy() for v in binding.get_outputs()]
-        else:
-            results = binding.copy_outputs_to_cpu()
-        if len(unique) == len(names):
-            return results
-        by_name = dict(zip(unique, results))
-        seen: set[str] = set()
-        out = []
-        for name in names:  # a repeated name gets its own copy, as ONNX Runtime's run gives
-            out.append(by_name[name].copy() if name in seen else by_name[name])
-            seen.add(name)
-        return out
+        return self._bound_run(session, names, bound, values, run_options)
+
+    def _bound_run(self, session, names, bound, values, run_options) -> list[np.ndarray]:
+        return run_bound(session, names, bound, values, run_options, on_cpu=self.device_type == "cpu")

@@ -301,7 +301,7 @@ _ADAPTER = "verify"
 
 
 def _open(path, providers, adapter=None) -> _Model:
-    from ..graph.model_io import load_model
+    from ..graph.model.model_io import load_model
     from .token_ids import token_id_bounds
 
     providers = check_providers(providers)

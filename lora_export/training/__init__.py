@@ -1,1 +1,1 @@
-"""Training in PyTorch: LoraConfig, the LoRA/DoRA layers, attaching and saving, LoRA+ groups."""
+"""Training in PyTorch: the LoRA/DoRA layers, attaching and saving, LoRA+ groups (configs: ``core``)."""

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import Adapter, LoraTarget
+from ..core.adalora_config import AdaLoraConfig, budget_schedule
+from ..core.adapter import Adapter, LoraTarget
 from ..errors import TargetError
 from ..formats.peft_adalora import compile_svd_target, pinned_config, save_adalora_files
-from .adalora_config import AdaLoraConfig, budget_schedule
 from .attach import (
     _CONFIG_ATTR,
     VARIANT_ATTR,

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapter import Adapter
+from ..core.adapter import Adapter
+from ..core.config import LoraConfig, closest_names
+from ..core.vera import VeraConfig
 from ..errors import ConfigError, ShapeError, TargetError
 from ..formats.peft import save_adapter_files
-from ..vera import VeraConfig
-from .config import LoraConfig, closest_names
 from .layers import SHARED_GROUP_ATTR, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, _hf_conv1d_type
 from .vera import vera_layer, vera_projections, vera_record
 
@@ -347,11 +347,27 @@ def save_adapter(
     if variant is not None:
         return variant.save(model, directory, base)
     adapter = adapter_from_model(model, name=Path(directory).name)
+    adapter.base_fingerprint = base_fingerprint(model, adapter)
     if adapter.shared:  # PEFT's format cannot hold one LoRA for several modules: the LoRA-drop format can
         from ..formats.lora_drop import save_lora_drop_files
 
         return save_lora_drop_files(adapter, directory, base)
     return save_adapter_files(adapter, directory, base)
+
+
+def base_fingerprint(model: nn.Module, adapter: Adapter) -> dict[str, dict]:
+    """The fingerprint of the base weights under ``adapter``'s targets (see ``lora_export.core.fingerprint``), in
+    ΔW's layout: what merge, inject, convert and LoraSession compare the ONNX weights with."""
+    from ..core.fingerprint import weight_entry
+
+    layers = lora_layers(model)
+    out = {}
+    for name, target in adapter.targets.items():
+        weight = layers[name].base_layer.weight.detach()
+        dtype = str(weight.dtype).removeprefix("torch.")
+        w = weight.to("cpu", torch.float32).numpy()
+        out[name] = weight_entry(w.T if target.fan_in_fan_out else w, dtype=dtype)  # HF Conv1D: (in, out)
+    return out
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapter import Adapter
+from ..core.adapter import Adapter
 from ..errors import ConfigError, TargetError
 from ..formats.delta_lora import compile_delta_lora, save_delta_lora_files
 from .attach import MOVED_BASE_ATTR, collect_adapter, lora_layers

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import LoraTarget
-from ..delta import check_mergeable, dora_scale, expand_channel, lora_delta, merged_weight
+from ..core.adapter import LoraTarget
+from ..core.delta import check_mergeable, dora_scale, expand_channel, lora_delta, merged_weight
 from ..errors import ShapeError
 
 # Set on each LoRA layer of a group that shares one LoRA (LoRA-drop): the group's name, after which the

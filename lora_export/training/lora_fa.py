@@ -17,9 +17,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..core.config import LoraConfig
 from ..errors import TargetError
 from .attach import attach_lora, lora_layers, remove_lora
-from .config import LoraConfig
 
 
 def attach_lora_fa(model: nn.Module, config: LoraConfig, *, verbose: bool = True) -> nn.Module:

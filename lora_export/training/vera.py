@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapter import Adapter
+from ..core.adapter import Adapter
+from ..core.vera import VeraConfig, VeraProjection, VeraRecord, VeraVectors, bind, generate_projection
 from ..errors import ShapeError, TargetError
-from ..vera import VeraConfig, VeraProjection, VeraRecord, VeraVectors, bind, generate_projection
 from .layers import LoraLayer, LoraLinear, _hf_conv1d_type, _np
 
 

@@ -5,7 +5,7 @@ MatMuls and bias Adds by one ``Attention(x, W, bias, mask_index, ...)`` node: W 
 ``concat([Wqᵀ, Wkᵀ, Wvᵀ], axis=1)`` (widths in ``qkv_hidden_sizes`` when they differ) and bias the three
 biases end to end. The layout stores like MatMul's (in, out) and is a ``packed_weight`` layout: names say
 nothing about which columns are whose, so a target resolves to its slice of W only by value
-(``--base-weights``, see ``lora_export.graph.packed``).
+(``--base-weights``, see ``lora_export.graph.ops.packed``).
 
 - ``merge`` writes W₀ + ΔW into the target's slice only (the other slices stay bit-identical); DoRA merges
   too (its norm is per output row, and a slice holds whole rows). A trained bias of a target (PEFT
@@ -13,7 +13,7 @@ nothing about which columns are whose, so a target resolves to its slice of W on
 - ``inject``: the projection happens inside the op, so no side branch can reach its output. The op is fed an
   effective weight computed in the graph instead, W_eff = W + A_cat·B_cat (one MatMul and one Add before
   the op: its targets' A′ concatenated, their B′ each padded into its slice and stacked, see
-  ``lora_export.graph.packed_branch``): exactly what a merge of the active adapter stores, computed per run
+  ``lora_export.graph.ops.packed_branch``): exactly what a merge of the active adapter stores, computed per run
   at Σr·in·(q+k+v) multiply-adds, independent of batch and sequence length.
   q, k and v slots of different ranks share the op; with no adapter (rank-0 defaults) A′·Pad(B′) is a zero
   matrix and W_eff = W bit for bit. ONNX Runtime's CPU Attention kernel takes a computed weight (checked
@@ -32,7 +32,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from lora_export.errors import ModelError
-from lora_export.graph.layouts import MatMulLayout, register_layout, through_transpose
+from lora_export.graph.ops.layouts import MatMulLayout, register_layout, through_transpose
 
 _X, _W, _BIAS = range(3)
 
@@ -44,7 +44,7 @@ def _is_slot_delta(value: ir.Value | None) -> bool:
         return False
     a = node.inputs[0]
     group = a.producer() if a is not None else None
-    # Several slots of one op share one delta: their A′ inputs concatenated (lora_export.graph.packed_branch).
+    # Several slots of one op share one delta: their A′ inputs concatenated (lora_export.graph.ops.packed_branch).
     slots = group.inputs if group is not None and group.op_type == "Concat" else [a]
     return all(v is not None and v.is_graph_input() and (v.name or "").endswith(".lora_A") for v in slots)
 
@@ -95,7 +95,7 @@ class AttentionLayout(MatMulLayout):
     def add_branch(self, graph, node, a_value, b_value, dora_scale_value=None) -> None:
         """Feed the op W + A′·B′ (B′ already padded to the packed width, its slots grouped, by inject): see the
         module docstring. A further branch on the same op would chain one more Add onto the effective weight."""
-        from lora_export.graph.branches import _prefix
+        from lora_export.graph.ops.branches import _prefix
 
         prefix = _prefix(graph, node, a_value)
         if dora_scale_value is not None:

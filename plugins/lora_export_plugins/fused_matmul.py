@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from lora_export.graph.layouts import GemmLayout, register_layout
+from lora_export.graph.ops.layouts import GemmLayout, register_layout
 
 
 def _attr(node: ir.Node, name: str, default: float) -> float:
@@ -47,7 +47,7 @@ class FusedMatMulLayout(GemmLayout):
 
     def add_branch(self, graph, node, a_value, b_value, dora_scale_value=None) -> None:
         # The branch reads the op's own input x: the same (x·A′)·B′ as for a MatMul.
-        from lora_export.graph.branches import matmul_branch
+        from lora_export.graph.ops.branches import matmul_branch
 
         matmul_branch(graph, node, a_value, b_value, dora_scale_value)
 

@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lora_export.errors import ModelError, ShapeError
-from lora_export.graph.layouts import InputWeight, OpLayout, register_layout, store
+from lora_export.graph.ops.layouts import InputWeight, OpLayout, register_layout, store
 
 _A, _B, _SCALES, _ZP, _GIDX, _BIAS = range(6)
 
@@ -286,7 +286,7 @@ class MatMulNBitsLayout(OpLayout):
     def to_float(self, model: ir.Model, node: ir.Node) -> ir.Node:
         """``merge --into-float``: a float MatMul on deq(B)ᵀ in the activations' dtype (+ the bias input),
         exactly the weight this node applies (for accuracy_level 0; a higher level also rounds x)."""
-        from lora_export.graph.float_convert import replace_with_matmul
+        from lora_export.graph.ops.float_convert import replace_with_matmul
 
         self._checked(node)
         self._refuse_shared(node)
@@ -358,7 +358,7 @@ class MatMulNBitsLayout(OpLayout):
     # -- inject ----------------------------------------------------------------------------------
 
     def add_branch(self, graph, node, a_value, b_value, dora_scale_value=None) -> None:
-        from lora_export.graph.branches import _finish, _prefix
+        from lora_export.graph.ops.branches import _finish, _prefix
 
         self._checked(node)
         prefix = _prefix(graph, node, a_value)

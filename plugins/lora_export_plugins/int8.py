@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lora_export.errors import ModelError
-from lora_export.graph.layouts import DequantizedConstant, OpLayout, register_layout
+from lora_export.graph.ops.layouts import DequantizedConstant, OpLayout, register_layout
 
 from .int8_weights import (
     _DQ_TYPES,
@@ -151,7 +151,7 @@ class DequantizeLinearLayout(OpLayout):
     def to_float(self, model: ir.Model, node: ir.Node) -> ir.Node:
         """``merge --into-float``: the MatMul reads the dequantized weight (in the scale's dtype) as a float
         initializer instead of DequantizeLinear's output; returns the MatMul."""
-        from lora_export.graph.float_convert import float_names
+        from lora_export.graph.ops.float_convert import float_names
 
         qw, matmul = self._checked(node)
         dtype = self.activation_dtype(node)
@@ -168,7 +168,7 @@ class DequantizeLinearLayout(OpLayout):
         return matmul
 
     def add_branch(self, graph, node, a_value, b_value, dora_scale_value=None) -> None:
-        from lora_export.graph.branches import _finish, _prefix
+        from lora_export.graph.ops.branches import _finish, _prefix
 
         _, matmul = self._checked(node)
         prefix = _prefix(graph, matmul, a_value)
@@ -269,7 +269,7 @@ class MatMulIntegerLayout(OpLayout):
         return self._parse(node).qw.scale.const_value.dtype
 
     def add_branch(self, graph, node, a_value, b_value, dora_scale_value=None) -> None:
-        from lora_export.graph.branches import _finish, _prefix
+        from lora_export.graph.ops.branches import _finish, _prefix
 
         p = self._checked(node)
         prefix = _prefix(graph, node, a_value)
@@ -340,7 +340,7 @@ class _FusedLayout(OpLayout):
         return self._qw(node).scale.const_value.dtype
 
     def add_branch(self, graph, node, a_value, b_value, dora_scale_value=None) -> None:
-        from lora_export.graph.branches import _finish, _prefix
+        from lora_export.graph.ops.branches import _finish, _prefix
 
         self._checked(node)
         x = self._float_input(node)

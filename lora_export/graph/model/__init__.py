@@ -1,0 +1,2 @@
+"""An ONNX model file: validated loading, external data, atomic and patched saves, and the metadata
+lora-export stores in a model (its history, the slot manifest)."""

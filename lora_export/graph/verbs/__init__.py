@@ -1,0 +1,1 @@
+"""The graph stages the API and the CLI call: merge, inject, convert, inspect."""

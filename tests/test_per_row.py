@@ -1,0 +1,222 @@
+"""``inject --per-row``: every row of one batch runs its own adapter from the pool (or none), in stock ONNX
+Runtime ops. Reference: PEFT with that row's adapter alone; rows without adapter: the base ONNX model.
+
+Covered: our tiny LLaMA exported with its KV cache (prefill and decode steps), the same wrapped in Optimum's
+``If`` (decoder_model_merged), packed q/k/v (+gate/up) in fp32 and int4 (the genai builder's layout), plain
+ONNX Runtime fed pool.safetensors, adapters of different ranks, targets, rsLoRA and DoRA in one pool, and
+the one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import peft_reference
+from foreign_graphs import wrap_in_if
+from models import tiny_llama
+from per_row_fixtures import export_with_past, feeds, step_inputs, torch_step
+from safetensors.numpy import load_file
+from torch import nn
+
+from lora_export.cli import cli
+from lora_export.graph.slots.per_row import IDS_INPUT, POOL_ORDER_KEY
+
+ADAPTERS = {  # different ranks, target sets, rsLoRA and DoRA in one pool
+    "qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "vdown": dict(r=2, lora_alpha=4, target_modules=["v_proj", "down_proj"], use_rslora=True),
+    "qo": dict(r=3, lora_alpha=5, target_modules=["q_proj", "o_proj"]),
+    "dora": dict(r=2, lora_alpha=4, target_modules=["v_proj", "o_proj"], use_dora=True),
+}
+ROWS = ["qv", None, "vdown", "qo", "dora", "qv"]
+
+
+def _cli(*args) -> tuple[int, str, str]:
+    res = CliRunner().invoke(cli, [*map(str, args)])
+    return res.exit_code, res.stdout, res.stderr
+
+
+def _session(path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 2
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _rel(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("per-row")
+    base, _ = tiny_llama()
+    export_with_past(base, root / "base.onnx")
+    peft = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, (name, config) in enumerate(ADAPTERS.items()):
+            peft[name] = peft_reference(base, seed=40 + i, **config)
+            peft[name].save_pretrained(str(root / name))
+    return {"root": root, "base": base, "peft": peft}
+
+
+def _inject(case, out, base=None, names=tuple(ADAPTERS), extra=()) -> tuple[int, str]:
+    root = case["root"]
+    args = ["inject", base or root / "base.onnx", *(f"{n}={root / n}" for n in names), "-o", out, "--per-row"]
+    code, _, err = _cli(*args, *extra)
+    return code, err
+
+
+def _pool_feeds(folder) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """pool.safetensors as plain ONNX Runtime users read it: tensors, and adapter name → id."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "pool.safetensors"), "np") as f:
+        order = json.loads(f.metadata()[POOL_ORDER_KEY])
+    return load_file(str(folder / "pool.safetensors")), {n: i + 1 for i, n in enumerate(order)}
+
+
+def _check_rows(case, got: list[np.ndarray], inputs, rows, base_out: list[np.ndarray]) -> None:
+    for i, row in enumerate(rows):
+        if row is None:
+            for g, b in zip(got, base_out):
+                np.testing.assert_allclose(g[i], b[i], rtol=0, atol=1e-6)
+            continue
+        one = {k: v[i : i + 1] for k, v in inputs.items()}
+        ref = torch_step(case["peft"][row], one)
+        assert _rel(got[0][i], ref[0][0]) <= 1e-5, (i, row)
+        assert _rel(got[0][i], base_out[0][i]) > 1e-3, (i, row)  # the adapter changes the row: not vacuous
+        for g, r in zip(got[1:], ref[1:]):
+            assert _rel(g[i], r[0]) <= 1e-5, (i, row)
+
+
+@pytest.mark.parametrize("step", [(0, 5), (4, 1)], ids=["prefill", "decode"])
+def test_every_row_runs_its_own_adapter_in_plain_onnxruntime(case, tmp_path, step):
+    code, err = _inject(case, tmp_path / "out")
+    assert code == 0, err
+    pool, ids_of = _pool_feeds(tmp_path / "out")
+    inputs = step_inputs(len(ROWS), *step, seed=11)
+    sess = _session(tmp_path / "out" / "model.onnx")
+    ids = np.array([ids_of[r] if r else 0 for r in ROWS], dtype=np.int64)
+    got = sess.run(None, {**feeds(inputs), **pool, IDS_INPUT: ids})
+    base_out = _session(case["root"] / "base.onnx").run(None, feeds(inputs))
+    _check_rows(case, got, inputs, ROWS, base_out)
+    # The defaults (no pool fed, ids [0]) are the base model; ids of shape (1,) apply one adapter to all rows.
+    for g, b in zip(sess.run(None, feeds(inputs)), base_out):
+        np.testing.assert_allclose(g, b, rtol=0, atol=1e-6)
+    one = sess.run(None, {**feeds(inputs), **pool, IDS_INPUT: np.array([ids_of["qo"]], dtype=np.int64)})
+    _check_rows(case, one, inputs, ["qo"] * len(ROWS), base_out)
+
+
+def test_optimum_merged_decoder_with_past(case, tmp_path):
+    """Optimum's decoder_model_merged: the branches live in both If subgraphs; the pool and ids in the top graph."""
+    merged = wrap_in_if(case["root"] / "base.onnx", tmp_path / "decoder_model_merged.onnx")
+    code, err = _inject(case, tmp_path / "out", base=merged, names=["qv", "vdown", "dora"])
+    assert code == 0, err
+    pool, ids_of = _pool_feeds(tmp_path / "out")
+    rows = ["dora", "qv", None, "vdown"]
+    ids = np.array([ids_of[r] if r else 0 for r in rows], dtype=np.int64)
+    sess = _session(tmp_path / "out" / "model.onnx")
+    for step, flag in (((0, 4), False), ((3, 1), True)):
+        inputs = step_inputs(len(rows), *step, seed=12)
+        f = {**feeds(inputs), "use_cache_branch": np.array(flag)}
+        got = sess.run(None, {**f, **pool, IDS_INPUT: ids})
+        base_out = _session(merged).run(None, f)
+        _check_rows(case, got, inputs, rows, base_out)
+
+
+@pytest.fixture(scope="module")
+def packed(case):
+    """The genai builder's layout: q/k/v and gate/up packed into one MatMul each, fp32 and int4, with
+    adapters trained on the int4 model's dequantized weights (QLoRA)."""
+    from lora_export_plugins import int4
+    from quant_fixtures import dequantized_torch, pack, quantize, state_dict_of
+    from safetensors.numpy import save_file
+
+    int4.register()
+    root = case["root"] / "packed"
+    root.mkdir()
+    pack(case["root"] / "base.onnx", root / "fp32.onnx", gate_up=True)
+    quantize(root / "fp32.onnx", root / "int4.onnx")
+    deq = dequantized_torch(case["base"], root / "int4.onnx")
+    save_file(state_dict_of(case["base"]), str(root / "base.safetensors"))
+    refs = {"fp32": {}, "int4": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, (name, config) in enumerate(
+            {
+                "qkv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]),
+                "v": ADAPTERS["vdown"],
+            }.items()
+        ):
+            for kind, model in (("fp32", case["base"]), ("int4", deq)):
+                refs[kind][name] = peft_reference(model, seed=60 + i, **config)
+                refs[kind][name].save_pretrained(str(root / kind / name))
+    return root, refs, deq
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int4"])
+def test_packed_and_int4_projections(case, packed, tmp_path, kind):
+    root, refs, deq = packed
+    args = ["inject", root / f"{kind}.onnx", *(f"{n}={root / kind / n}" for n in ("qkv", "v")), "-o", tmp_path / "o"]
+    code, _, err = _cli(*args, "--per-row", "--base-weights", root / "base.safetensors")
+    assert code == 0, err
+    pool, ids_of = _pool_feeds(tmp_path / "o")
+    rows = ["v", None, "qkv"]
+    inputs = step_inputs(len(rows), 2, 3, seed=13)
+    ids = np.array([ids_of[r] if r else 0 for r in rows], dtype=np.int64)
+    got = _session(tmp_path / "o" / "model.onnx").run(None, {**feeds(inputs), **pool, IDS_INPUT: ids})
+    base_out = _session(root / f"{kind}.onnx").run(None, feeds(inputs))
+    _check_rows({"peft": refs[kind]}, got, inputs, rows, base_out)
+
+
+class _QKV(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(8, 8, bias=False) for _ in range(4))
+
+    def forward(self, x):
+        return self.o_proj(self.q_proj(x) * self.k_proj(x) + self.v_proj(x))
+
+
+def test_two_dimensional_activations_refused(tmp_path):
+    """(tokens, features) activations have no batch axis to pick adapters by: refused, nothing written."""
+    from foreign_graphs import packed_attention
+    from safetensors.numpy import save_file
+
+    torch.manual_seed(0)
+    m = _QKV().eval()
+    packed_attention(m, tmp_path / "model.onnx")
+    save_file({k: v.detach().numpy().copy() for k, v in m.state_dict().items()}, str(tmp_path / "w.st"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_reference(m, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]).save_pretrained(str(tmp_path / "a"))
+    args = [
+        "inject",
+        tmp_path / "model.onnx",
+        tmp_path / "a",
+        "-o",
+        tmp_path / "o",
+        "--base-weights",
+        tmp_path / "w.st",
+    ]
+    code, _, err = _cli(*args)
+    assert code == 0, err  # without --per-row it injects
+    code, _, err = _cli(*args[:4], tmp_path / "o2", *args[5:], "--per-row")
+    assert code == 2 and "batch-first" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o2").exists()
+
+
+def test_conv_slots_refused(tmp_path):
+    from robust_fixtures import conv_model, write_conv_adapter
+
+    (tmp_path / "conv.onnx").write_bytes(conv_model().SerializeToString())
+    adapter = write_conv_adapter(tmp_path / "a")
+    code, _, err = _cli("inject", tmp_path / "conv.onnx", adapter, "-o", tmp_path / "o", "--per-row")
+    assert code == 2 and "per-row" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
