@@ -51,8 +51,9 @@ PAIRS = {
 }
 
 
-def build_base(cfg: dict, out: Path) -> tuple[Path, int]:
-    """Export a random-init LlamaForCausalLM (input_ids → logits) with the TorchScript exporter."""
+def build_base(cfg: dict, out: Path, next_token: bool = False) -> tuple[Path, int]:
+    """Export a random-init LlamaForCausalLM (input_ids → logits) with the TorchScript exporter;
+    ``next_token``: only the last position's logits, as a generation server returns."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -77,7 +78,8 @@ def build_base(cfg: dict, out: Path) -> tuple[Path, int]:
             self.model = m
 
         def forward(self, input_ids, attention_mask):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return logits[:, -1, :] if next_token else logits
 
     ids = torch.randint(0, cfg["vocab"], (1, SEQ))
     with warnings.catch_warnings(), torch.no_grad():

@@ -34,61 +34,13 @@ sys.path.insert(0, str(ROOT.parent / "plugins"))
 sys.path.insert(0, str(ROOT))
 
 from _common import machine_details, print_table, write_results  # noqa: E402
-from adapters import make_adapter  # noqa: E402
+from adapters import build_base, make_adapter  # noqa: E402
 
 FULL = dict(hidden=512, layers=8, heads=8, intermediate=1408, vocab=16000)
 QUICK = dict(hidden=128, layers=2, heads=4, intermediate=352, vocab=2000)
 SEQ = 32
 CLIENTS = 8
 ADAPTERS = 8
-
-
-def build_base(cfg: dict, out: Path) -> tuple[Path, int]:
-    """A random-init LlamaForCausalLM exported (TorchScript) to return the next-token logits, as a
-    generation server does: a response of one vocabulary row, not sequence x vocabulary."""
-    import warnings
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=cfg["vocab"],
-        hidden_size=cfg["hidden"],
-        intermediate_size=cfg["intermediate"],
-        num_hidden_layers=cfg["layers"],
-        num_attention_heads=cfg["heads"],
-        num_key_value_heads=cfg["heads"],
-        max_position_embeddings=2 * SEQ,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).float().eval()
-    params = sum(p.numel() for p in model.parameters())
-
-    class NextToken(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.model = m
-
-        def forward(self, input_ids, attention_mask):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            return out.logits[:, -1, :]
-
-    ids = torch.randint(0, cfg["vocab"], (1, SEQ))
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            NextToken(model),
-            (ids, torch.ones_like(ids)),
-            str(out),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
-            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}},
-            dynamo=False,
-            opset_version=17,
-        )
-    return out, params
 
 
 def _feeds(cfg: dict, rng) -> dict:
@@ -185,7 +137,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="lxb"))
     try:
-        base, params = build_base(cfg, work / "base.onnx")
+        base, params = build_base(cfg, work / "base.onnx", next_token=True)
         adapters = [make_adapter(cfg, i, work / f"ad{i}") for i in range(ADAPTERS)]
         kwargs = {"per_row": True} if args.per_row else {}
         inject_files(base, adapters, work / "served", **kwargs)

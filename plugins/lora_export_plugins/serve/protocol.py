@@ -13,17 +13,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-# ONNX Runtime's type strings for the inputs a request may carry (others are refused).
-_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-    "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
+from lora_export.runtime.feeds import ORT_TYPES
+
+# The input types JSON numbers can carry exactly (bfloat16 and other opaque types are refused).
+_TYPES = {k: v.type for k, v in ORT_TYPES.items() if v.kind in "biuf"}
 MAX_BODY = 64 << 20
 
 
