@@ -10,6 +10,7 @@ read: when absent the tests fail, saying how to build them."""
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from lora_export.runtime.folder_session import LoraFolderSession
 
 GRAPHS = Path(__file__).parent / ".optimum-graphs"
 TARGETS = {"bart": ["q_proj", "v_proj"], "t5": ["q", "v"]}
+CROSS_V = {"bart": "encoder_attn.v_proj", "t5": "EncDecAttention.v"}  # reads the cache in decoder_with_past
 DECODERS = ["decoder_model.onnx", "decoder_with_past_model.onnx", "decoder_model_merged.onnx"]
 RTOL = 1e-4
 
@@ -57,7 +59,7 @@ def model(request, tmp_path_factory):
         args = [verb, str(folder), adapter, "-o", str(outs[verb]), "--base-weights", weights]
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 0, result.output
-    return name, folder, peft_model, outs["merge"], outs["inject"]
+    return name, folder, peft_model, outs["merge"], outs["inject"], tmp / "adapter"
 
 
 def _inputs(seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -145,17 +147,22 @@ def test_optimum_export_has_every_decoder(model):
 
 
 def test_merged_optimum_folder_matches_peft(model):
-    _, folder, peft_model, merged, _ = model
+    _, folder, peft_model, merged, *_ = model
     assert sorted(p.name for p in merged.iterdir()) == sorted(p.name for p in folder.iterdir())
     errs = _check_folder(_plain(merged), peft_model, seed=11)
     assert set(errs) >= {"encoder", "decoder", "decoder_with_past", "merged, cache branch"}
-    # The adapter has an effect to check: the untouched export is far from PEFT.
-    with pytest.raises(AssertionError, match="rel err"):
+    # The adapter has an effect to check, in the encoder and in the decoders: the untouched export is far from
+    # PEFT, and so are the untouched decoders fed by the merged encoder.
+    with pytest.raises(AssertionError, match="enc: rel err"):
         _check_folder(_plain(folder), peft_model, seed=11)
+    merged_run, base_run = _plain(merged), _plain(folder)
+    hybrid = lambda f, feeds: (merged_run if f == "encoder_model.onnx" else base_run)(f, feeds)  # noqa: E731
+    with pytest.raises(AssertionError, match="decoder logits: rel err"):
+        _check_folder(hybrid, peft_model, seed=11)
 
 
 def test_injected_optimum_folder_served_by_folder_session_matches_peft(model):
-    _, folder, peft_model, _, injected = model
+    _, folder, peft_model, _, injected, _ = model
     session = LoraFolderSession(injected, providers=["CPUExecutionProvider"])
     session.load_adapter("a")
     for f in ("encoder_model.onnx", *DECODERS):
@@ -170,3 +177,37 @@ def test_injected_optimum_folder_served_by_folder_session_matches_peft(model):
     enc, _ = _inputs(13)
     base = session.run("encoder_model.onnx", None, enc)[0]
     np.testing.assert_allclose(base, _plain(folder)("encoder_model.onnx", enc)["last_hidden_state"], atol=1e-6)
+
+
+def test_inspect_optimum_folder_says_where_each_target_goes(model):
+    name, folder, peft_model, *_, adapter = model
+    weights = str(folder.parent / "hf" / "model.safetensors")
+    result = CliRunner().invoke(cli, ["inspect", str(folder), str(adapter), "--base-weights", weights, "--json"])
+    assert result.exit_code == 0, result.output
+    targets = json.loads(result.stdout)["targets"]
+    peft_targets = {k for k in peft_model.base_model.model.state_dict() if ".lora_A." in k}
+    assert len(targets) == len(peft_targets) == 12  # q and v of 2 encoder layers, 2 x (self + cross) decoder
+    for target, where in targets.items():
+        if ".encoder." in f".{target}":
+            assert where == {"encoder_model.onnx": "matched"}, target
+        elif target.endswith(CROSS_V[name]):
+            assert where == {**{f: "matched" for f in DECODERS}, "decoder_with_past_model.onnx": "absent"}, target
+        else:
+            assert where == {f: "matched" for f in DECODERS}, target
+
+
+def test_cross_attention_target_without_base_weights_is_refused(model, tmp_path):
+    """The real with-past decoder has no cross-attention v projection (it reads the cache): without the
+    base weights to prove it absent there, the folder is refused in one line, nothing written."""
+    name, folder, *_, adapter = model
+    result = CliRunner().invoke(cli, ["merge", str(folder), str(adapter), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert "\n" not in line and CROSS_V[name] in line and "decoder_with_past_model.onnx" in line
+    assert "--base-weights" in line and not (tmp_path / "out").exists()
+
+
+def test_missing_graphs_fail_with_the_make_target(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys.modules[__name__], "GRAPHS", tmp_path)
+    with pytest.raises(pytest.fail.Exception, match="make optimum-graphs"):
+        _graphs("bart")
