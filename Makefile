@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean optimum-graphs
 
 setup: $(STAMP)
 
@@ -21,7 +21,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) samples/demo.py
 
-test: $(STAMP)
+# Optimum's BART and T5 exports for tests/test_optimum_multi_file.py, made in a side venv (.venv-optimum):
+# optimum-onnx pins transformers < 4.58. Quick once made: each model is skipped when complete.
+optimum-graphs:
+	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" sh tests/side/optimum_export.sh tests/.optimum-graphs
+
+test: $(STAMP) optimum-graphs
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
@@ -34,4 +39,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/adapters.py
 
 clean:
-	rm -rf $(VENV) samples/out
+	rm -rf $(VENV) .venv-optimum tests/.optimum-graphs samples/out
