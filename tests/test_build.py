@@ -319,3 +319,49 @@ def test_a_changed_dist_file_is_restored_not_reported_up_to_date(project, tmp_pa
     again = _build(root, dist, "--cache", cache)
     assert again.exit_code == 0 and "up to date" not in again.stdout, again.output
     assert _tree(dist) == before
+
+
+def test_a_changed_module_of_the_factory_rebuilds_the_base(tmp_path):
+    """The factory imports its seed from another module: editing that module (not the factory file) must
+    rebuild, and the merged artifact must follow the new weights, never a cached export of the old ones."""
+    import importlib.util
+    import sys
+
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "factory.py").write_text(
+        FACTORY.replace("torch.manual_seed(0)", "from weights_seed import SEED\n\n    torch.manual_seed(SEED)")
+    )
+    (root / "weights_seed.py").write_text("SEED = 0\n")
+    (root / "recipe.toml").write_text(
+        '[base]\nexport = "factory.py:build"\n[adapters]\nad = "ad"\n'
+        '[[artifact]]\nkind = "merged"\nadapters = ["ad"]\n[verify]\ntolerance = 1e-5\nrtol = 1e-4\n'
+    )
+
+    def peft_on_current_base():
+        sys.modules.pop("weights_seed", None)  # each CLI run is a fresh process; this test runs in one
+        sys.path.insert(0, str(root))
+        try:
+            spec = importlib.util.spec_from_file_location("_build_test_factory2", root / "factory.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return peft_reference(module.make(), seed=4, r=2, lora_alpha=4, target_modules=["fc1", "fc2"])
+        finally:
+            sys.path.remove(str(root))
+            sys.modules.pop("weights_seed", None)
+
+    first = peft_on_current_base()
+    first.save_pretrained(root / "ad")
+    assert _build(root, tmp_path / "dist").exit_code == 0
+    (root / "weights_seed.py").write_text("SEED = 1\n")
+    second = peft_on_current_base()
+    again = _build(root, tmp_path / "dist")
+    assert again.exit_code == 0, again.output
+    assert "up to date" not in again.stdout
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        old, new = first(x).numpy(), second(x).numpy()
+    merged = ort.InferenceSession(str(tmp_path / "dist/merged/ad/model.onnx"), providers=["CPUExecutionProvider"])
+    got = merged.run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, new, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(got, old, rtol=1e-4, atol=1e-5)

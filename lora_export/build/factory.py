@@ -1,6 +1,7 @@
 """A recipe whose base is an export factory (``export = "mymodels:build"`` or ``"file.py:fn"``): the
-base exported into the cache (keyed by the factory's source file), its example inputs as verification
-inputs, and reference outputs computed by the factory's PyTorch model with each adapter attached.
+base exported into the cache (keyed by the model the factory builds and its project's sources), its
+example inputs as verification inputs, and reference outputs computed by the factory's PyTorch model with
+each adapter attached.
 
 torch is imported here only, and only for such recipes.
 """
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import importlib.util
+import os
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -71,19 +74,70 @@ def _factory(spec: str, root: Path):
         return load_factory(_spec_at(spec, root))
 
 
-def exported_base(spec: str, root: Path, cache: Path, phase) -> Path:
-    """The factory's base model exported to ONNX, cached by the sha256 of the factory's source file.
+def _sources_digest(source: Path) -> str:
+    """sha256 over the Python files of the factory's project: every ``.py`` below the factory file's folder
+    (hidden folders and ``__pycache__`` left out), so an edited module the factory imports changes the key."""
+    h = hashlib.sha256()
+    root = source.parent
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in ("__pycache__", "site-packages"))
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                p = Path(dirpath) / name
+                h.update(f"{p.relative_to(root).as_posix()}\0{cachelib.file_sha256(p)}\n".encode())
+    return h.hexdigest()
 
-    Only that file is hashed: a change in a module it imports needs a changed factory file (or a cleared cache)."""
+
+def _tensors_digest(h, label: str, value) -> None:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{label}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        for k in sorted(value, key=str):
+            _tensors_digest(h, f"{label}.{k}", value[k])
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _tensors_digest(h, f"{label}[{i}]", v)
+    else:
+        h.update(f"{label}\0{value!r}\n".encode())
+
+
+def _model_digest(model, inputs, kwargs) -> str:
+    """sha256 of what the factory built: every parameter and buffer, the example inputs, the export options.
+    A factory that loads other weights, or builds another model, gets another key."""
+    h = hashlib.sha256()
+    _tensors_digest(h, "state", dict(model.state_dict()))
+    _tensors_digest(h, "inputs", inputs)
+    _tensors_digest(h, "kwargs", {k: v for k, v in kwargs.items() if k != "path"})
+    return h.hexdigest()
+
+
+def exported_base(spec: str, root: Path, cache: Path, phase) -> Path:
+    """The factory's base model exported to ONNX, cached by what the factory builds.
+
+    The key holds the factory's model (its weights, example inputs and export options), the Python files of
+    its project and the versions of torch and transformers: the factory runs each build (building a model is
+    cheap next to exporting it), so a changed checkpoint or module cannot leave a stale export "up to date"."""
     from importlib import metadata
 
     source = _source_file(spec, root)
+    with phase(f"running {spec}"):
+        model, inputs, kwargs = _factory(spec, root)
+    try:
+        transformers = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        transformers = None
     key = cachelib.key_of(
         {
             "tool": __version__,
             "export": spec,
-            "source": cachelib.file_sha256(source),
+            "sources": _sources_digest(source),
+            "model": _model_digest(model, inputs, kwargs),
             "torch": metadata.version("torch"),
+            "transformers": transformers,
         }
     )
     model_path = cache / key / "files" / "model.onnx"
@@ -92,7 +146,6 @@ def exported_base(spec: str, root: Path, cache: Path, phase) -> Path:
     from ..exporting.exporter import export_with_manifest
 
     with phase(f"exporting {spec}"):
-        model, inputs, kwargs = _factory(spec, root)
         kwargs = {k: v for k, v in kwargs.items() if k not in ("path",)}
         with cachelib.new_entry(cache, key) as tmp:
             try:
