@@ -128,3 +128,23 @@ def tree_path(tree: Path, first: list[str] | tuple[str, ...] = ()) -> str:
     packages a new pin installs, before the venv is rebuilt); entries already set come last."""
     extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     return os.pathsep.join([*map(str, first), str(tree), str(tree / "plugins"), *extra])
+
+
+def llama_with_external_data(work: Path, config: dict, export) -> tuple[object, int]:
+    """A random-init LlamaForCausalLM (seed 0) built from ``config``: its weights saved as safetensors in
+    ``work/torch_base``, and ``export(model, path)``'s ONNX re-saved with all weights in ``base.onnx.data``.
+    Returns the model and its parameter count."""
+    import onnx
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config, attn_implementation="eager")).eval()
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(work / "torch_base", safe_serialization=True)
+    # onnx appends to an existing data file: a reused --workdir would grow it with dead bytes on every run.
+    (work / "base.onnx.data").unlink(missing_ok=True)
+    export(model, work / "base.onnx")
+    proto = onnx.load(str(work / "base.onnx"))
+    onnx.save(proto, str(work / "base.onnx"), save_as_external_data=True, location="base.onnx.data", size_threshold=0)
+    return model, params

@@ -38,7 +38,7 @@ if __name__ == "__main__":  # before numpy loads: OpenBLAS reads it once
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_details, print_table, run_child, write_results  # noqa: E402
+from _common import llama_with_external_data, machine_details, print_table, run_child, write_results  # noqa: E402
 
 CONFIG = dict(
     vocab_size=32000,
@@ -83,22 +83,12 @@ def _export(model, path: Path) -> None:
 
 def setup(work: Path) -> dict:
     """The base (torch weights and ONNX with external data), two random r=16 q/v adapters, merge's file for a1."""
-    import onnx
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from lora_export import merge_file
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**CONFIG, attn_implementation="eager")).eval()
-    params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(work / "torch_base", safe_serialization=True)
-    (work / "base.onnx.data").unlink(missing_ok=True)
-    _export(model, work / "base.onnx")
-    proto = onnx.load(str(work / "base.onnx"))
-    onnx.save(proto, str(work / "base.onnx"), save_as_external_data=True, location="base.onnx.data", size_threshold=0)
-    del proto
+    model, params = llama_with_external_data(work, CONFIG, _export)
     for seed, name in ((1, "a1"), (2, "a2")):
         peft_model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=32, target_modules=TARGETS))
         g = torch.Generator().manual_seed(seed)

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     CLI_PROBE,
     cli_command,
+    llama_with_external_data,
     machine_details,
     print_table,
     run_child,
@@ -89,21 +90,10 @@ def _export(model, path: Path) -> None:
 
 def setup(work: Path) -> dict:
     """Base weights (safetensors), random nonzero r=16 adapter, and the base ONNX with external data."""
-    import onnx
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**CONFIG, attn_implementation="eager")).eval()
-    params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(work / "torch_base", safe_serialization=True)
-    # onnx appends to an existing data file: a reused --workdir would grow it with dead bytes on every run.
-    (work / "base.onnx.data").unlink(missing_ok=True)
-    _export(model, work / "base.onnx")
-    proto = onnx.load(str(work / "base.onnx"))
-    onnx.save(proto, str(work / "base.onnx"), save_as_external_data=True, location="base.onnx.data", size_threshold=0)
-    del proto
+    model, params = llama_with_external_data(work, CONFIG, _export)
     peft_model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=32, target_modules=TARGETS))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

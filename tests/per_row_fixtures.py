@@ -94,3 +94,31 @@ def torch_step(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[np.nda
 
 def feeds(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in inputs.items()}
+
+
+def cli_run(*args) -> tuple[int, str, str]:
+    """``lora-export ARGS`` in process: exit code, stdout, stderr."""
+    from click.testing import CliRunner
+
+    from lora_export.cli import cli
+
+    res = CliRunner().invoke(cli, [*map(str, args)])
+    return res.exit_code, res.stdout, res.stderr
+
+
+def rel(got: np.ndarray, ref: np.ndarray) -> float:
+    """max |got - ref| / max |ref|."""
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def saved_peft_adapters(root: Path, base: nn.Module, adapters: dict, seed: int) -> dict:
+    """PEFT models on ``base`` with random nonzero LoRA weights (seeds from ``seed``), each saved to root/<name>."""
+    from conftest import peft_reference
+
+    peft = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, (name, config) in enumerate(adapters.items()):
+            peft[name] = peft_reference(base, seed=seed + i, **config)
+            peft[name].save_pretrained(str(root / name))
+    return peft

@@ -15,15 +15,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from click.testing import CliRunner
 from conftest import peft_reference
 from foreign_graphs import wrap_in_if
 from models import tiny_llama
-from per_row_fixtures import export_with_past, feeds, step_inputs, torch_step
+from per_row_fixtures import cli_run, export_with_past, feeds, rel, saved_peft_adapters, step_inputs, torch_step
 from safetensors.numpy import load_file
 from torch import nn
 
-from lora_export.cli import cli
 from lora_export.graph.slots.per_row import IDS_INPUT, POOL_ORDER_KEY
 
 ADAPTERS = {  # different ranks, target sets, rsLoRA and DoRA in one pool
@@ -35,11 +33,6 @@ ADAPTERS = {  # different ranks, target sets, rsLoRA and DoRA in one pool
 ROWS = ["qv", None, "vdown", "qo", "dora", "qv"]
 
 
-def _cli(*args) -> tuple[int, str, str]:
-    res = CliRunner().invoke(cli, [*map(str, args)])
-    return res.exit_code, res.stdout, res.stderr
-
-
 def _session(path) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -47,28 +40,19 @@ def _session(path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _rel(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(got - ref).max() / np.abs(ref).max())
-
-
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     root = tmp_path_factory.mktemp("per-row")
     base, _ = tiny_llama()
     export_with_past(base, root / "base.onnx")
-    peft = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for i, (name, config) in enumerate(ADAPTERS.items()):
-            peft[name] = peft_reference(base, seed=40 + i, **config)
-            peft[name].save_pretrained(str(root / name))
+    peft = saved_peft_adapters(root, base, ADAPTERS, seed=40)
     return {"root": root, "base": base, "peft": peft}
 
 
 def _inject(case, out, base=None, names=tuple(ADAPTERS), extra=()) -> tuple[int, str]:
     root = case["root"]
     args = ["inject", base or root / "base.onnx", *(f"{n}={root / n}" for n in names), "-o", out, "--per-row"]
-    code, _, err = _cli(*args, *extra)
+    code, _, err = cli_run(*args, *extra)
     return code, err
 
 
@@ -89,10 +73,10 @@ def _check_rows(case, got: list[np.ndarray], inputs, rows, base_out: list[np.nda
             continue
         one = {k: v[i : i + 1] for k, v in inputs.items()}
         ref = torch_step(case["peft"][row], one)
-        assert _rel(got[0][i], ref[0][0]) <= 1e-5, (i, row)
-        assert _rel(got[0][i], base_out[0][i]) > 1e-3, (i, row)  # the adapter changes the row: not vacuous
+        assert rel(got[0][i], ref[0][0]) <= 1e-5, (i, row)
+        assert rel(got[0][i], base_out[0][i]) > 1e-3, (i, row)  # the adapter changes the row: not vacuous
         for g, r in zip(got[1:], ref[1:]):
-            assert _rel(g[i], r[0]) <= 1e-5, (i, row)
+            assert rel(g[i], r[0]) <= 1e-5, (i, row)
 
 
 @pytest.mark.parametrize("step", [(0, 5), (4, 1)], ids=["prefill", "decode"])
@@ -164,7 +148,7 @@ def packed(case):
 def test_packed_and_int4_projections(case, packed, tmp_path, kind):
     root, refs, deq = packed
     args = ["inject", root / f"{kind}.onnx", *(f"{n}={root / kind / n}" for n in ("qkv", "v")), "-o", tmp_path / "o"]
-    code, _, err = _cli(*args, "--per-row", "--base-weights", root / "base.safetensors")
+    code, _, err = cli_run(*args, "--per-row", "--base-weights", root / "base.safetensors")
     assert code == 0, err
     pool, ids_of = _pool_feeds(tmp_path / "o")
     rows = ["v", None, "qkv"]
@@ -205,9 +189,9 @@ def test_two_dimensional_activations_refused(tmp_path):
         "--base-weights",
         tmp_path / "w.st",
     ]
-    code, _, err = _cli(*args)
+    code, _, err = cli_run(*args)
     assert code == 0, err  # without --per-row it injects
-    code, _, err = _cli(*args[:4], tmp_path / "o2", *args[5:], "--per-row")
+    code, _, err = cli_run(*args[:4], tmp_path / "o2", *args[5:], "--per-row")
     assert code == 2 and "batch-first" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o2").exists()
 
@@ -217,6 +201,6 @@ def test_conv_slots_refused(tmp_path):
 
     (tmp_path / "conv.onnx").write_bytes(conv_model().SerializeToString())
     adapter = write_conv_adapter(tmp_path / "a")
-    code, _, err = _cli("inject", tmp_path / "conv.onnx", adapter, "-o", tmp_path / "o", "--per-row")
+    code, _, err = cli_run("inject", tmp_path / "conv.onnx", adapter, "-o", tmp_path / "o", "--per-row")
     assert code == 2 and "per-row" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()

@@ -6,17 +6,13 @@ References: PEFT with each row's adapter alone; rows without adapter: the base O
 from __future__ import annotations
 
 import threading
-import warnings
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
-from conftest import peft_reference
 from models import tiny_llama
-from per_row_fixtures import export_with_past, feeds, step_inputs, torch_step
+from per_row_fixtures import cli_run, export_with_past, feeds, rel, saved_peft_adapters, step_inputs, torch_step
 
-from lora_export.cli import cli
 from lora_export.errors import AdapterError
 from lora_export.graph.verbs.convert import convert_adapter
 from lora_export.runtime.session import LoraSession
@@ -28,28 +24,16 @@ ADAPTERS = {
 }
 
 
-def _cli(*args) -> tuple[int, str, str]:
-    res = CliRunner().invoke(cli, [*map(str, args)])
-    return res.exit_code, res.stdout, res.stderr
-
-
-def _rel(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(got - ref).max() / np.abs(ref).max())
-
-
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     """A per-row model injected with "qv" only (the slots: q, v, o); "v8" and "qo" come later."""
     root = tmp_path_factory.mktemp("per-row-session")
     base, _ = tiny_llama()
     export_with_past(base, root / "base.onnx")
-    peft = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for i, (name, config) in enumerate(ADAPTERS.items()):
-            peft[name] = peft_reference(base, seed=70 + i, **config)
-            peft[name].save_pretrained(str(root / name))
-    code, _, err = _cli("inject", root / "base.onnx", f"qv={root / 'qv'}", root / "qo", "-o", root / "out", "--per-row")
+    peft = saved_peft_adapters(root, base, ADAPTERS, seed=70)
+    code, _, err = cli_run(
+        "inject", root / "base.onnx", f"qv={root / 'qv'}", root / "qo", "-o", root / "out", "--per-row"
+    )
     assert code == 0, err
     inputs = step_inputs(4, 3, 1, seed=21)
     so = ort.SessionOptions()
@@ -78,9 +62,9 @@ def _check(case, got, rows) -> None:
                 np.testing.assert_allclose(g[i], b[i], rtol=0, atol=1e-6)
             continue
         ref = case["refs"][row][i]
-        assert _rel(got[0][i], case["base_out"][0][i]) > 1e-3, (i, row)  # the adapter matters here
+        assert rel(got[0][i], case["base_out"][0][i]) > 1e-3, (i, row)  # the adapter matters here
         for g, r in zip(got, ref):
-            assert _rel(g[i], r[0]) <= 1e-5, (i, row)
+            assert rel(g[i], r[0]) <= 1e-5, (i, row)
 
 
 def test_rows_run_their_own_adapters(case, tmp_path):
@@ -160,7 +144,7 @@ def test_sixty_four_resident_adapters(case):
     _check(case, got, ["qv", None, SKIP, "qv"])
     one = sess.run(None, {k: v[2:3] for k, v in f.items()}, adapter="a63")
     np.testing.assert_allclose(got[0][2], one[0][0], rtol=1e-6, atol=1e-6)
-    assert _rel(got[0][2], case["refs"]["qv"][2][0][0]) > 1e-3  # a63 is not qv
+    assert rel(got[0][2], case["refs"]["qv"][2][0][0]) > 1e-3  # a63 is not qv
 
 
 def test_runs_see_a_consistent_pool_while_others_load_and_unload(case):
@@ -208,7 +192,7 @@ def test_runs_see_a_consistent_pool_while_others_load_and_unload(case):
 
 
 def test_inspect_shows_the_pool(case):
-    code, out, err = _cli("inspect", case["model"])
+    code, out, err = cli_run("inspect", case["model"])
     assert code == 0, err
     assert "per-row adapters: input lora_adapter_ids" in out
     assert "2 adapter(s)" in out and "qv" in out and "qo" in out
@@ -230,12 +214,12 @@ def test_cuda_pool_is_resident_and_rows_match(case):
     got = sess.run(None, feeds(case["inputs"]), adapters=rows)
     for i, row in enumerate(rows):  # TF32/fused kernels on GPU: a looser tolerance than on CPU
         ref = case["base_out"][0][i] if row is None else case["refs"][row][i][0][0]
-        assert _rel(got[0][i], ref) <= 1e-3
+        assert rel(got[0][i], ref) <= 1e-3
 
 
 def test_single_adapter_model_takes_one_name_for_all_rows(case, tmp_path):
     """adapters= on a model injected without --per-row: one name for every row works, a mix is refused."""
-    code, _, err = _cli("inject", case["root"] / "base.onnx", f"qv={case['root'] / 'qv'}", "-o", tmp_path / "o")
+    code, _, err = cli_run("inject", case["root"] / "base.onnx", f"qv={case['root'] / 'qv'}", "-o", tmp_path / "o")
     assert code == 0, err
     sess = LoraSession(tmp_path / "o" / "model.onnx", providers=["CPUExecutionProvider"])
     sess.load_adapter("qv", tmp_path / "o" / "qv.onnx_adapter")

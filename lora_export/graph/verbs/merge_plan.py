@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from lora_export.core.adapter import Adapter
 from lora_export.core.delta import check_mergeable, merged_weight
-from lora_export.errors import AdapterError, ShapeError, TargetError
+from lora_export.errors import AdapterError, ShapeError, TargetError, some
 
 from ..match.value_match import check_stored_base
 from ..targets.absence import partial_hint
@@ -19,7 +19,7 @@ from ..targets.genai_names import GenaiDims
 from ..targets.resolve import Resolution, ResolvedTarget, resolve_targets
 from ..targets.vera_bind import bind_to_graph
 
-_LIST_MAX = 5
+_LIST_MAX = 5  # names shown in one-line errors before "... (N more)"
 
 
 def plan_merge(
@@ -53,7 +53,7 @@ def plan_merge(
         check_stored_base(adapter, r)  # before any weight changes
     lossy = [r for r in resolution.matched if getattr(r.layout, "lossy_write", False)]
     if lossy and not lossy_ok:
-        names = list_names(f"{r.target.name} ({r.node.op_type})" for r in lossy)
+        names = some([f"{r.target.name} ({r.node.op_type})" for r in lossy], _LIST_MAX)
         raise TargetError(
             f"{len(lossy)} target(s) are quantized weights: {names}; a merge requantizes them (lossy, the error "
             "is reported per target): pass --requantize to accept that, --into-float to make them float MatMuls "
@@ -95,10 +95,10 @@ def check_resolution(res: Resolution, adapter: Adapter, allow_partial: bool) -> 
     ambiguous = [r for r in res.unmatched if r.detail.startswith("ambiguous")]
     if ambiguous:
         # Refused whatever --allow-partial says: these targets do occur, we cannot tell where.
-        names = list_names(sorted({r.target.name for r in ambiguous}))
+        names = some(sorted({r.target.name for r in ambiguous}), _LIST_MAX)
         raise TargetError(f"{len(ambiguous)} target(s) ambiguous: {names}: {ambiguous[0].detail}")
     if not res.matched:
-        names = list_names(r.target.name for r in res.targets)
+        names = some([r.target.name for r in res.targets], _LIST_MAX)
         detail = res.targets[0].detail if res.targets else ""
         raise TargetError(
             f"none of the adapter's {len(res.targets)} targets ({names}) match a weight in this model "
@@ -109,11 +109,4 @@ def check_resolution(res: Resolution, adapter: Adapter, allow_partial: bool) -> 
         details = [r.detail for r in res.unmatched] + [e.detail for e in res.extras if e.status == "unmatched"]
         detail = details[0] if details else ""
         tail = partial_hint(res, detail)
-        raise TargetError(f"{len(unmatched)} target(s) not resolved: {list_names(unmatched)}: {detail}{tail}")
-
-
-def list_names(names, limit: int = _LIST_MAX) -> str:
-    """The first ``limit`` names, then how many more: a one-line message never drops them silently."""
-    names = list(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+        raise TargetError(f"{len(unmatched)} target(s) not resolved: {some(unmatched, _LIST_MAX)}: {detail}{tail}")
