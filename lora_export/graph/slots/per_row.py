@@ -30,6 +30,7 @@ import onnx_ir as ir
 from lora_export.errors import ModelError
 
 from ..model.slot_manifest import Slot, SlotManifest
+from ..ops.branches import _const
 
 PER_ROW_KEY = "lora_export.per_row"
 IDS_INPUT = "lora_adapter_ids"
@@ -117,14 +118,6 @@ def _pool_input(graph: ir.Graph, old: ir.Value, slot: Slot, ids: ir.Value) -> tu
         nodes.append(unsq)
         out = unsq.outputs[0]
     return nodes, out
-
-
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    if name in graph.initializers:
-        return graph.initializers[name]
-    value = ir.val(name, const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
 
 
 def _lift_uses(graph: ir.Graph, old: ir.Value, new: ir.Value, name: str, ranks, *, dora: bool) -> None:
