@@ -6,16 +6,14 @@ the filesystem shares extents, an in-kernel copy elsewhere) and patching those r
 plain copy, instead of re-serializing every tensor through Python. Tensor offsets are kept, so the
 result is byte-deterministic like any save.
 
-The output's data file is named after its sha256 (``data_file``). Hashing 650 MB takes longer than
-copying it (in the kernel), so a second thread hashes the output's bytes (the base's, with the patches
-in place) from the base file while the copy runs: the name is known when the copy ends, and the file is
-never read back. Both run outside the GIL, on a fixed small buffer (peak memory stays flat).
+The output's data file is named after its content digest (``data_file``). A second thread hashes the
+output's bytes (the base's, with the patches in place) from a mapping of the base file while the copy
+runs, so the name is known when the copy ends and the file is never read back.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 from collections.abc import Iterable, Sequence
@@ -28,13 +26,12 @@ from lora_export.errors import ModelError
 from lora_export.files.atomic import temp_dir
 from lora_export.files.beside_model import outside_reason
 
-from .data_file import data_name_for, publish_model
+from .data_file import content_digest, data_name_for, publish_model
 from .external_data import inline_attribute_tensors
 from .model_io import check_outputs, external_tensors
 
 Snapshot = dict[int, tuple[ir.Value, ir.ExternalTensor]]
 INLINE_PATCH_LIMIT = 256 * 1024 * 1024
-_CHUNK = 4 * 1024 * 1024
 # copy_file_range cannot serve this pair of files (another filesystem, an old kernel): copy another way.
 _NO_RANGE_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 
@@ -108,15 +105,16 @@ def save_patched(
 
 def copy_patched(src: str | os.PathLike, dst: Path, patches: Sequence[tuple[int, ir.TensorProtocol]]) -> str:
     """Write ``dst`` as ``src`` with each ``(offset, tensor)`` patch's bytes written over it (sorted,
-    disjoint, inside the file); return the sha256 (hex) of ``dst``'s bytes, hashed from ``src`` during
-    the copy. Each patch's bytes exist only while they are written (memory stays flat)."""
+    disjoint, inside the file); return the content digest (``data_file.content_digest``) of ``dst``'s
+    bytes, hashed from ``src`` during the copy."""
+    data = [(offset, tensor.tobytes()) for offset, tensor in patches]
     with ThreadPoolExecutor(max_workers=1) as pool:
-        digest = pool.submit(_patched_digest, src, patches)
+        digest = pool.submit(content_digest, src, data)
         _copy_file(src, dst)
         with open(dst, "r+b") as f:
-            for offset, tensor in patches:
+            for offset, chunk in data:
                 f.seek(offset)
-                f.write(tensor.tobytes())
+                f.write(chunk)
         return digest.result()
 
 
@@ -136,25 +134,3 @@ def _copy_file(src: str | os.PathLike, dst: Path) -> None:
             if done == size:
                 return
     shutil.copyfile(src, dst)
-
-
-def _patched_digest(src: str | os.PathLike, patches: Sequence[tuple[int, ir.TensorProtocol]]) -> str:
-    """sha256 of ``src``'s bytes with ``patches`` in place, read in chunks (hashlib and reads release the GIL)."""
-    h = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    pos, i, data = 0, 0, None
-    with open(src, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            end = pos + n
-            while i < len(patches) and patches[i][0] < end:
-                offset = patches[i][0]
-                data = data if data is not None else patches[i][1].tobytes()
-                lo, hi = max(offset, pos), min(offset + len(data), end)
-                view[lo - pos : hi - pos] = data[lo - offset : hi - offset]
-                if offset + len(data) > end:
-                    break  # continues into the next chunk
-                i, data = i + 1, None
-            h.update(view[:n])
-            pos = end
-    return h.hexdigest()
