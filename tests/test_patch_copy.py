@@ -14,7 +14,16 @@ from lora_export.graph.model import patch_save
 
 @pytest.mark.parametrize(
     "spans",
-    [[], [(0, 8)], [(5, 40), (60, 64)], [(30, 70)], [(100, 137)], [(0, 137)], [(3, 4), (16, 48), (130, 137)], [(3, 4), (4, 9)]],
+    [
+        [],
+        [(0, 8)],
+        [(5, 40), (60, 64)],
+        [(30, 70)],
+        [(100, 137)],
+        [(0, 137)],
+        [(3, 4), (16, 48), (130, 137)],
+        [(3, 4), (4, 9)],
+    ],
 )
 def test_copy_patched_writes_and_hashes_the_patched_bytes(tmp_path, spans):
     rng = np.random.default_rng(len(spans))
