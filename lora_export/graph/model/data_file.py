@@ -17,6 +17,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import onnx
 import xxhash
@@ -24,6 +25,10 @@ import xxhash
 from lora_export.files.publish import publish_set
 
 _HASH_CHARS = 16
+
+
+class _HasBytes(Protocol):
+    def tobytes(self) -> bytes: ...
 
 
 def content_data_name(model_name: str, data_path: Path) -> str:
@@ -37,10 +42,11 @@ def data_name_for(model_name: str, digest_hex: str) -> str:
     return f"{model_name}.{digest_hex[:_HASH_CHARS]}.data"
 
 
-def content_digest(path: str | os.PathLike, patches: Sequence[tuple[int, bytes]] = ()) -> str:
-    """The content digest (hex) of the bytes of the file at ``path`` with each ``(offset, bytes)`` patch
+def content_digest(path: str | os.PathLike, patches: Sequence[tuple[int, bytes | _HasBytes]] = ()) -> str:
+    """The content digest (hex) of the bytes of the file at ``path`` with each ``(offset, data)`` patch
     written over them (sorted, disjoint, inside the file), as if the patched file had been written:
-    hashed from a read-only mapping, so the bytes are never copied into Python."""
+    hashed from a read-only mapping, so the file's bytes are never copied into Python. ``data``: bytes,
+    or a tensor whose ``tobytes()`` is taken one patch at a time (memory stays flat)."""
     h = xxhash.xxh3_128()
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -54,7 +60,8 @@ def content_digest(path: str | os.PathLike, patches: Sequence[tuple[int, bytes]]
             mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
     with mapped, memoryview(mapped) as view:
         pos = 0
-        for offset, data in patches:
+        for offset, patch in patches:
+            data = patch.tobytes() if hasattr(patch, "tobytes") else patch
             h.update(view[pos:offset])
             h.update(data)
             pos = offset + len(data)

@@ -106,15 +106,15 @@ def save_patched(
 def copy_patched(src: str | os.PathLike, dst: Path, patches: Sequence[tuple[int, ir.TensorProtocol]]) -> str:
     """Write ``dst`` as ``src`` with each ``(offset, tensor)`` patch's bytes written over it (sorted,
     disjoint, inside the file); return the content digest (``data_file.content_digest``) of ``dst``'s
-    bytes, hashed from ``src`` during the copy."""
-    data = [(offset, tensor.tobytes()) for offset, tensor in patches]
+    bytes, hashed from ``src`` during the copy. Each patch's bytes exist only while they are hashed or
+    written (memory stays flat)."""
     with ThreadPoolExecutor(max_workers=1) as pool:
-        digest = pool.submit(content_digest, src, data)
+        digest = pool.submit(content_digest, src, patches)
         _copy_file(src, dst)
         with open(dst, "r+b") as f:
-            for offset, chunk in data:
+            for offset, tensor in patches:
                 f.seek(offset)
-                f.write(chunk)
+                f.write(tensor.tobytes())
         return digest.result()
 
 
