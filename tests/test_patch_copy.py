@@ -4,6 +4,8 @@ written, for patches at the file's ends, adjacent, covering it all, and with no 
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -61,3 +63,20 @@ def test_an_empty_data_file_has_the_digest_of_no_bytes(tmp_path):
     src.write_bytes(b"")
     assert patch_save.copy_patched(src, tmp_path / "out.data", []) == xxhash.xxh3_128(b"").hexdigest()
     assert (tmp_path / "out.data").read_bytes() == b""
+
+
+def test_the_digest_is_that_of_the_patched_bytes_across_mapping_windows(tmp_path, monkeypatch):
+    from lora_export.graph.model import data_file
+
+    step = mmap.ALLOCATIONGRANULARITY
+    monkeypatch.setattr(data_file, "_WINDOW", step)  # many windows, so ranges and patches straddle them
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 256, 5 * step + 123, dtype=np.uint8).tobytes()
+    src = tmp_path / "base.data"
+    src.write_bytes(base)
+    patches = [(step - 3, b"a" * 9), (2 * step + 1, b"b" * (step + 5)), (5 * step + 120, b"c" * 3)]
+    want = bytearray(base)
+    for offset, data in patches:
+        want[offset : offset + len(data)] = data
+    assert data_file.content_digest(src, patches) == xxhash.xxh3_128(bytes(want)).hexdigest()
+    assert data_file.content_digest(src) == xxhash.xxh3_128(base).hexdigest()

@@ -25,6 +25,7 @@ import xxhash
 from lora_export.files.publish import publish_set
 
 _HASH_CHARS = 16
+_WINDOW = 16 * 1024 * 1024  # a multiple of every mmap.ALLOCATIONGRANULARITY
 
 
 class _HasBytes(Protocol):
@@ -45,28 +46,35 @@ def data_name_for(model_name: str, digest_hex: str) -> str:
 def content_digest(path: str | os.PathLike, patches: Sequence[tuple[int, bytes | _HasBytes]] = ()) -> str:
     """The content digest (hex) of the bytes of the file at ``path`` with each ``(offset, data)`` patch
     written over them (sorted, disjoint, inside the file), as if the patched file had been written:
-    hashed from a read-only mapping, so the file's bytes are never copied into Python. ``data``: bytes,
-    or a tensor whose ``tobytes()`` is taken one patch at a time (memory stays flat)."""
+    hashed from read-only mappings of the file, so its bytes are never copied into Python. ``data``:
+    bytes, or a tensor whose ``tobytes()`` is taken one patch at a time (memory stays flat)."""
     h = xxhash.xxh3_128()
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return h.hexdigest()
-        # MAP_POPULATE reads the file in ahead of the hash (Linux); elsewhere pages fault in as read.
-        populate = getattr(mmap, "MAP_POPULATE", 0)
-        if populate:
-            mapped = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ)
-        else:
-            mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
-    with mapped, memoryview(mapped) as view:
         pos = 0
         for offset, patch in patches:
             data = patch.tobytes() if hasattr(patch, "tobytes") else patch
-            h.update(view[pos:offset])
+            _hash_range(h, f.fileno(), pos, offset)
             h.update(data)
             pos = offset + len(data)
-        h.update(view[pos:])
+        _hash_range(h, f.fileno(), pos, size)
     return h.hexdigest()
+
+
+def _hash_range(h: xxhash.xxh3_128, fd: int, lo: int, hi: int) -> None:
+    # One window mapped at a time: a whole-file mapping would count the file in the process's RSS.
+    # MAP_POPULATE reads each window in ahead of the hash (Linux); elsewhere pages fault in as read.
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    start = lo - lo % mmap.ALLOCATIONGRANULARITY
+    while start < hi:
+        length = min(_WINDOW, hi - start)
+        if populate:
+            mapped = mmap.mmap(fd, length, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ, offset=start)
+        else:
+            mapped = mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=start)
+        with mapped, memoryview(mapped) as view:
+            h.update(view[max(lo - start, 0) :])
+        start += length
 
 
 def is_own_data_name(model_name: str, name: str) -> bool:
