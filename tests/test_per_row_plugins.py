@@ -2,6 +2,8 @@
 
 - FusedMatMul (ORT's extended optimization of a LLaMA whose linears are MatMul(x, Transpose(W))): every row
   against PEFT with that row's adapter alone, rows without adapter bit-identical to the fused file;
+- int8 QDQ from ``quantize_static``: weight-only, every row against PEFT alone on the dequantized weights;
+  with quantized activations (calibrated constant scales), every row equal to that row run alone;
 - int8 from ``quantize_dynamic`` (MatMulInteger) and as ORT's optimizer saves it (DynamicQuantizeMatMul):
   activations are quantized at run time with one scale for the whole tensor, so no float reference is
   exact; each row's LoRA contribution, per-row model − base, is checked against x_i·ΔW_iᵀ of its own adapter
@@ -176,6 +178,64 @@ def test_dynamic_int8_rows_add_their_own_adapter(tmp_path, fused):
         expected = h[i] @ (delta * mod.scaling["default"]).T
         assert np.abs(expected).max() > 1e-3
         assert rel(got[i] - base_out[i], expected) <= 1e-4, (i, row)  # a difference of outputs: fp32 cancellation
+
+
+@pytest.fixture(scope="module")
+def qdq(tmp_path_factory):
+    """A tiny LLaMA through ``quantize_static`` (QDQ, per channel): the full graph (activations quantized with
+    calibrated constant scales) and its weight-only form, with adapters trained on the dequantized weights."""
+    from lora_export_plugins import int8
+    from models import tiny_llama
+    from onnxruntime.quantization import QuantFormat, quantize_static
+    from test_plugin_int8 import _deq_weights, _Reader, _strip_activation_qdq, _with_weights
+
+    int8.register()
+    root = tmp_path_factory.mktemp("per-row-qdq")
+    base, make_inputs = tiny_llama()
+    export_base(base, make_inputs(0), root / "base.onnx")
+    quantize_static(
+        str(root / "base.onnx"), str(root / "full.onnx"), _Reader(make_inputs), quant_format=QuantFormat.QDQ,
+        per_channel=True, op_types_to_quantize=["MatMul"],
+    )  # fmt: skip
+    _strip_activation_qdq(root / "full.onnx", root / "weight_only.onnx")
+    deq = _with_weights(base, _deq_weights(root / "weight_only.onnx"))
+    save_file({k: v.detach().numpy().copy() for k, v in base.state_dict().items()}, str(root / "w.safetensors"))
+    adapters = {
+        "qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "down": dict(r=2, lora_alpha=4, target_modules=["v_proj", "down_proj"], use_rslora=True),
+    }
+    return root, make_inputs, _saved(root, deq, adapters, seed=130)
+
+
+@pytest.mark.parametrize("graph", ["weight_only", "full"])
+def test_qdq_int8_rows(qdq, tmp_path, graph):
+    """Weight-only QDQ computes the dequantized model: rows against PEFT alone on it. With quantized
+    activations (static scales: rows stay independent) no float reference is exact: each row of the mixed
+    batch equals that row run alone with its adapter."""
+    root, make_inputs, peft = qdq
+    names = [f"{n}={root / n}" for n in peft]
+    code, _, err = cli_run(
+        "inject", root / f"{graph}.onnx", *names, "-o", tmp_path / "rows", "--per-row",
+        "--base-weights", root / "w.safetensors",  # ORT names the DequantizeLinear nodes after the weights
+    )  # fmt: skip
+    assert code == 0, err
+    rows = ["down", None, "qv", "down"]
+    inputs = _batch(make_inputs, [11, 12])
+    basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # extended would fuse DQ → MatMul into MatMulNBits
+    sess = _session(tmp_path / "rows" / "model.onnx", basic)
+    pool = _pool(tmp_path / "rows", rows)
+    got = sess.run(None, {**feeds_of(inputs), **pool})[0]
+    base_out = _session(root / f"{graph}.onnx", basic).run(None, feeds_of(inputs))[0]
+    if graph == "weight_only":
+        _check_rows_vs_peft(got, base_out, inputs, rows, peft)
+        return
+    for i, row in enumerate(rows):
+        if row is None:
+            np.testing.assert_array_equal(got[i], base_out[i])
+            continue
+        one = {k: v[i : i + 1] for k, v in feeds_of(inputs).items()}
+        alone = sess.run(None, {**one, **pool, IDS_INPUT: pool[IDS_INPUT][i : i + 1]})[0]
+        assert rel(got[i], alone[0]) <= 1e-5 and rel(got[i], base_out[i]) > 1e-3, (i, row)
 
 
 # -- ORT's transformer optimizer: Attention refused, MultiHeadAttention per row ---------------------
