@@ -35,10 +35,19 @@ def batchable(session) -> bool:
 class ReplicaModel:
     """A LoraSession over ``model_dir/model.onnx`` with adapters loaded on demand from ``catalog``."""
 
-    def __init__(self, model_dir: Path, catalog: Catalog, providers: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, model_dir: Path, catalog: Catalog, providers: Sequence[str] | None = None, threads: int | None = None
+    ) -> None:
+        """``threads``: ONNX Runtime's intra-op threads (default: its own, every core of the machine)."""
+        import onnxruntime as ort
+
         from lora_export import LoraSession
 
-        self.session = LoraSession(Path(model_dir) / "model.onnx", providers=providers)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # as LoraSession's default: its LoRA inputs' defaults are not news
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self.session = LoraSession(Path(model_dir) / "model.onnx", providers=providers, sess_options=options)
         self.catalog = catalog
         self.per_row = per_row(self.session)
         self.batchable = batchable(self.session)
