@@ -4,8 +4,8 @@ A random-init LLaMA (~40M parameters, fp32, sequence 32, next-token logits out) 
 injected; 8 concurrent clients each send requests of one row for a random adapter. Routes, interleaved in
 rounds in one run on one machine (every application deployed at once, so a round measures them all alike):
   in-process, batching on/off: ReplicaModel + Batcher (what one replica runs) driven by 8 asyncio clients
-  HTTP, 2 replicas, batching on (max batch 8) / off (max batch 1): the CLI's defaults for ``--replicas 2``
-  HTTP, 1 replica, batching on / off
+  HTTP, 2 replicas, batching on (max batch 8) / off (max batch 1), each replica on 1 ONNX Runtime thread
+  HTTP, 1 replica, batching on / off, on 2 ONNX Runtime threads (on 2 cores; the CLI's choices for each)
 Figures: requests/s (median over rounds), p50 and p99 latency (over all rounds), mean rows per executed group,
 and where the CPU went (ms of CPU per request: replicas, Serve's HTTP proxy, Ray's other processes, the
 clients, and processes that are not ours, on a shared machine). Goals: HTTP on / in-process on >= 0.8 and
@@ -46,7 +46,8 @@ QUICK = dict(hidden=128, layers=2, heads=4, intermediate=352, vocab=2000)
 SEQ = 32
 CLIENTS = 8
 ADAPTERS = 8
-# application name -> (replicas, max batch rows); each replica reserves one CPU, as the CLI gives it
+# application name -> (replicas, max batch rows); each replica reserves cores / replicas CPUs, as the CLI gives
+# them (and runs ONNX Runtime on that many threads)
 HTTP_APPS = {"http_2rep_on": (2, 8), "http_2rep_off": (2, 1), "http_1rep_on": (1, 8), "http_1rep_off": (1, 1)}
 
 
@@ -231,8 +232,9 @@ def main() -> None:
         inject_files(base, adapters, work / "served", **kwargs)
         plans = [_plan(cfg, per_client, seed) for seed in range(rounds)]
         local = in_process_runner(work / "served")
-        # Logical CPUs: one per replica of every application, all deployed at once (only one is loaded at a time).
-        cpus = sum(r for r, _ in HTTP_APPS.values())
+        # Logical CPUs: every application's reservation, all deployed at once (only one is loaded at a time).
+        cores = os.cpu_count() or 1
+        cpus = cores * len(HTTP_APPS)
         ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=str(work / "ray"), log_to_driver=False,
                  logging_level="ERROR")  # fmt: skip
         with socket.socket() as s:
@@ -240,9 +242,8 @@ def main() -> None:
             port = s.getsockname()[1]
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
         for app, (replicas, rows) in HTTP_APPS.items():
-            built = build_app(
-                work / "served", replicas=replicas, max_adapters_per_replica=ADAPTERS, max_batch_size=rows
-            )
+            built = build_app(work / "served", replicas=replicas, max_adapters_per_replica=ADAPTERS,
+                              max_batch_size=rows, ray_actor_options={"num_cpus": cores / replicas})  # fmt: skip
             serve.run(built, name=app, route_prefix=f"/{app}")
         for rows in (8, 1):  # warm-up: every adapter loaded, every route's code paths run once
             local(plans[0], rows, 2)
