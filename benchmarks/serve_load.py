@@ -313,7 +313,7 @@ def main() -> None:
         "results": results,
         "ratios_median_per_round": ratios,
     }
-    print(write_results("serve_load", data))
+    print(write_results("serve_load_quick" if args.quick else "serve_load", data))
 
 
 if __name__ == "__main__":
