@@ -187,3 +187,25 @@ def test_builders_default_int4_rows_equal_the_same_rows_alone(built):
         for g, a in zip(got, alone, strict=True):
             assert rel(g[i], a[0]) <= 1e-5, (i, row)
         assert rel(got[0][i], base_out[0][i]) > 1e-3, (i, row)  # the adapter matters
+
+
+def test_lora_session_serves_the_builders_per_row_model(built):
+    """``LoraSession(adapters=[...])`` on the builder's per-row model, its adapters loaded from inject's files:
+    the same rows as plain ONNX Runtime fed pool.safetensors."""
+    from test_per_row import _pool_feeds
+
+    from lora_export.runtime.session import LoraSession
+
+    case = built["fp32"]
+    sess = LoraSession(case["rows"] / "model.onnx", providers=["CPUExecutionProvider"], pool_size=8)
+    for name in ADAPTERS:
+        sess.load_adapter(name, case["rows"] / f"{name}.onnx_adapter")
+    feeds, _ = _step(len(ROWS), 2, 1, seed=71)
+    got = sess.run(OUTPUTS, feeds, adapters=ROWS)
+    pool, _ = _pool_feeds(case["rows"])
+    plain = _session(case["rows"] / "model.onnx").run(OUTPUTS, {**feeds, **pool, IDS_INPUT: _ids(case["rows"], ROWS)})
+    for g, p in zip(got, plain, strict=True):
+        np.testing.assert_allclose(g, p, rtol=0, atol=1e-6)
+    base_out = _session(case["folder"] / "model.onnx").run(OUTPUTS, feeds)
+    assert ROWS[1] is None and np.array_equal(got[0][1], base_out[0][1])
+    assert rel(got[0][0], base_out[0][0]) > 1e-3  # the adapter is applied

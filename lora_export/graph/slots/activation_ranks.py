@@ -134,11 +134,11 @@ _SAME_RANK = {
     "Cast", "Identity", "Relu", "Sigmoid", "Tanh", "Erf", "Neg", "Sqrt", "Softmax", "Gelu", "FastGelu", "QuickGelu",
     "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
     "Silu", "Dropout", "Reciprocal", "Exp", "Log", "Abs", "Split", "Slice", "Transpose", "Pad", "Concat", "Not",
-    "Trilu", "Sin", "Cos", "Mod",
+    "Trilu", "Sin", "Cos",
 }  # fmt: skip
 _BROADCAST = {
     "Add", "Mul", "Sub", "Div", "Pow", "Where", "Max", "Min", "Equal", "Less", "Greater", "LessOrEqual",
-    "GreaterOrEqual", "And", "Or",
+    "GreaterOrEqual", "And", "Or", "Mod",
 }  # fmt: skip
 
 
