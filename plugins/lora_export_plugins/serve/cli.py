@@ -98,7 +98,8 @@ def serve_command(
         on_signal()  # Ray's core worker replaces our handlers; a stop must drain, not exit on the spot
         if stop.is_set():
             return
-        serve.start(http_options={"host": host, "port": port})
+        # Serve's proxy would log every request at INFO; ours logs them at DEBUG.
+        serve.start(http_options={"host": host, "port": port}, logging_config={"enable_access_log": False})
         app = build_app(
             directory,
             adapters_dir=adapters_dir,
