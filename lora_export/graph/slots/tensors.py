@@ -30,6 +30,7 @@ from lora_export.errors import AdapterError, DtypeError, ModelError, ShapeError,
 
 from ..match.value_match import check_stored_weight
 from ..model.slot_manifest import Slot, SlotManifest, floating_dtype
+from .packed_cat import cat_tensors, module_view
 from .vera import bind_to_slots, vector_tensors
 
 
@@ -113,6 +114,7 @@ def adapter_tensors(
     _check_shared_cover(adapter, manifest)
     tensors: dict[str, np.ndarray] = {}
     writer: dict[str, str] = {}
+    packed: dict[str, dict[str, np.ndarray]] = {}  # module → its own A′/B′, placed in its group's A_cat/B_cat
     for t in adapter:
         slot = manifest.slots.get(t.name)
         if slot is None:
@@ -122,6 +124,9 @@ def adapter_tensors(
         if stored is not None and read_weight is not None and not (quantized_ok and quantized_ok(slot, stored)):
             check_stored_weight(adapter.name, t, stored, read_weight(slot), slot.np_dtype)
         w0 = (lambda s=slot: read_weight(s)) if read_weight is not None else None
+        if slot.packed is not None:
+            packed[t.name] = slot_tensors(module_view(slot), t, w0)
+            continue
         for name, arr in slot_tensors(slot, t, w0).items():
             # A shared input is written once; every module reading it must bring the same tensor.
             if name in tensors and not np.array_equal(tensors[name], arr):
@@ -131,6 +136,7 @@ def adapter_tensors(
                 )
             tensors.setdefault(name, arr)
             writer.setdefault(name, t.name)
+    tensors.update(cat_tensors(manifest, packed))
     return tensors
 
 
