@@ -5,6 +5,7 @@ session strips the group again."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -20,7 +21,10 @@ from onnx import version_converter
 from quant_fixtures import QKV, dequantized_torch, pack, quantize, state_dict_of
 from safetensors.numpy import save_file
 
+from lora_export.errors import LoraExportError, ModelError
+from lora_export.graph.model.slot_manifest import SLOTS_KEY, SlotManifest
 from lora_export.graph.ops.packed_branch import group_stem
+from lora_export.graph.verbs.convert import convert_adapter
 from lora_export.graph.verbs.inject import inject_files
 from lora_export.runtime.session import LoraSession
 
@@ -210,3 +214,55 @@ def test_tiling_slots_on_matmul_and_gemm(tmp_path, gemm):
     np.testing.assert_array_equal(run_plain(inj / "model.onnx", x)[0], base)
     sess = LoraSession(inj / "model.onnx", providers=["CPUExecutionProvider"], base_session=True)
     np.testing.assert_array_equal(sess.run(None, x)[0], base)
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int4"])
+@pytest.mark.parametrize("form", ["cat", "split"])
+def test_later_adapters_and_switching_in_both_forms(case, tmp_path, variant, form):
+    """convert of a later adapter (other ranks, other parts) and LoraSession switching between adapters of
+    different ranks, on the concatenated form and on the per-slot form of models injected before it (its
+    manifest has no ``packed`` entries: read as it was written)."""
+    v = case["variants"][variant]
+    out_dir = tmp_path / "inj"
+    weights = case["root"] / "base.safetensors"
+    inject_files(
+        v["model"], [v["adapters"]["ranks"]], out_dir, base_weights=weights, names=["ranks"], packed_cat=form == "cat"
+    )
+    model = out_dir / "model.onnx"
+    raw = json.loads(ir.load(model).metadata_props[SLOTS_KEY])["slots"]
+    packed = [s for s in raw if "packed" in s]
+    assert len(packed) == (6 if form == "cat" else 0)  # q, k, v of two layers
+    late = tmp_path / "qv.onnx_adapter"
+    convert_adapter(v["adapters"]["qv"], model, late)
+    assert _rel(run_injected(model, late, case["feeds"])[0], v["refs"]["qv"]) <= 1e-5
+    sess = LoraSession(model, providers=["CPUExecutionProvider"])
+    sess.load_adapter("qv", late)
+    sess.load_adapter("ranks", out_dir / "ranks.safetensors")
+    for name in ("qv", "ranks", "qv"):
+        assert _rel(sess.run(None, case["feeds"], adapter=name)[0], v["refs"][name]) <= 1e-5, name
+    np.testing.assert_array_equal(sess.run(None, case["feeds"])[0], v["out"])
+    if form == "cat":  # a file for the other form does not fit: named inputs of another layout
+        with pytest.raises(LoraExportError):
+            sess.load_adapter("old", {f"{s['module']}.lora_A": np.ones((32, 2), np.float32) for s in packed})
+
+
+def _manifest(**slot) -> str:
+    base = dict(kind="linear", op="MatMul", node="n", weight="w", weight_shape=[4, 8], dtype="float32")
+    slots = [{**base, "module": m, "a": "g.lora_A", "b": "g.lora_B", **s} for m, s in slot.items()]
+    return json.dumps({"version": 1, "slots": slots, "absent": []})
+
+
+def test_packed_entries_are_checked_when_read():
+    ok = SlotManifest.from_json(_manifest(q={"packed": [0, 12]}, v={"packed": [8, 12]}))
+    assert [s.module for s in ok.packed_groups()["g.lora_A"]] == ["q", "v"]
+    assert ok.slots["q"].b_shape(3) == [3, 12] and not ok.sharing() and not ok.slots["q"].shared
+    for bad in (
+        _manifest(q={"packed": [0, 12]}, v={"packed": [2, 12]}),  # overlapping columns
+        _manifest(q={"packed": [10, 12]}),  # past the packed width
+        _manifest(q={"packed": [0, 12]}, v={"packed": [8, 16]}),  # one pair, two widths
+        _manifest(q={"packed": [0, 12]}, v={}),  # one pair, packed and not
+        _manifest(q={"packed": [0]}),
+        _manifest(q={"packed": [0, 12], "dora": "q.dora_scale"}),
+    ):
+        with pytest.raises(ModelError, match="corrupt"):
+            SlotManifest.from_json(bad)
