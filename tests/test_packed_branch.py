@@ -21,7 +21,9 @@ from onnx import version_converter
 from quant_fixtures import QKV, dequantized_torch, pack, quantize, state_dict_of
 from safetensors.numpy import save_file
 
-from lora_export.errors import LoraExportError, ModelError
+from lora_export.errors import AdapterError, LoraExportError, ModelError
+from lora_export.formats.adapter_files import read_adapter_tensors
+from lora_export.formats.slot_adapter import adapter_from_slot_tensors
 from lora_export.graph.model.slot_manifest import SLOTS_KEY, SlotManifest
 from lora_export.graph.ops.packed_branch import group_stem
 from lora_export.graph.verbs.convert import convert_adapter
@@ -242,6 +244,8 @@ def test_later_adapters_and_switching_in_both_forms(case, tmp_path, variant, for
         assert _rel(sess.run(None, case["feeds"], adapter=name)[0], v["refs"][name]) <= 1e-5, name
     np.testing.assert_array_equal(sess.run(None, case["feeds"])[0], v["out"])
     if form == "cat":  # a file for the other form does not fit: named inputs of another layout
+        with pytest.raises(AdapterError, match="packed projection"):  # nor serves on a plain base (MergedSession)
+            adapter_from_slot_tensors(read_adapter_tensors(out_dir / "ranks.safetensors"), "ranks")
         with pytest.raises(LoraExportError):
             sess.load_adapter("old", {f"{s['module']}.lora_A": np.ones((32, 2), np.float32) for s in packed})
 
