@@ -28,6 +28,7 @@ from lora_export.graph.model.slot_manifest import SLOTS_KEY, SlotManifest
 from lora_export.graph.ops.packed_branch import group_stem
 from lora_export.graph.verbs.convert import convert_adapter
 from lora_export.graph.verbs.inject import inject_files
+from lora_export.graph.verbs.inspect import inspect_model
 from lora_export.runtime.session import LoraSession
 
 ADAPTERS = {
@@ -234,6 +235,8 @@ def test_later_adapters_and_switching_in_both_forms(case, tmp_path, variant, for
     raw = json.loads(ir.load(model).metadata_props[SLOTS_KEY])["slots"]
     packed = [s for s in raw if "packed" in s]
     assert len(packed) == (6 if form == "cat" else 0)  # q, k, v of two layers
+    shown = [s.get("packed") for s in inspect_model(model)["slots"] if s["module"].endswith("0.self_attn.k_proj")]
+    assert shown == ([{"offset": 32, "total": 64}] if form == "cat" else [None])
     late = tmp_path / "qv.onnx_adapter"
     convert_adapter(v["adapters"]["qv"], model, late)
     assert _rel(run_injected(model, late, case["feeds"])[0], v["refs"]["qv"]) <= 1e-5

@@ -13,7 +13,9 @@ A′/B′ (``slots/vera``); the manifest's ``vera`` entry names the shared proje
 ``r`` is the symbolic dimension ``<module>.rank``; the defaults are rank 0 (and g = 1), which is the
 base model. Modules whose adapters share one LoRA (``Adapter.shared``, LoRA-drop) share one pair of
 inputs named after the group, ``<group>.lora_A`` / ``<group>.lora_B`` (rank ``<group>.rank``): several
-slots then read the same two inputs, and an adapter file holds them once. The manifest
+slots then read the same two inputs, and an adapter file holds them once. The plain slots of one packed op
+(q/k/v of a fused ``qkv_proj``) read one concatenated pair, ``<group>.lora_A`` (in, Σr) and the block-diagonal
+``<group>.lora_B`` (Σr, total) (``packed_cat``; the manifest's ``packed`` entries). The manifest
 (``metadata_props["lora_export.slots"]``, JSON) lets ``convert`` and the runtime map a later adapter
 onto the slots without resolving the graph again.
 """
