@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) samples/demo.py
 
-# Optimum's BART and T5 exports for tests/test_optimum_multi_file.py, made in a side venv (.venv-optimum):
+# Optimum's BART, T5 and LLaMA-with-past exports (tests/test_optimum_multi_file.py, tests/test_per_row_optimum.py),
+# made in a side venv (.venv-optimum):
 # optimum-onnx pins transformers < 4.58. Quick once made: each model is skipped when complete.
 optimum-graphs:
 	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" sh tests/side/optimum_export.sh tests/.optimum-graphs

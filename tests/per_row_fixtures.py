@@ -122,3 +122,42 @@ def saved_peft_adapters(root: Path, base: nn.Module, adapters: dict, seed: int) 
             peft[name] = peft_reference(base, seed=seed + i, **config)
             peft[name].save_pretrained(str(root / name))
     return peft
+
+
+def hf_step(model: nn.Module, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
+    """A Hugging Face causal LM (or PEFT model on one) for one step over ``past`` ([k0, v0, k1, v1, ...],
+    post-RoPE as a cache holds them): logits and present k/v in that order, as numpy."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i in range(len(past) // 2):
+        cache.update(torch.from_numpy(past[2 * i]), torch.from_numpy(past[2 * i + 1]), i)
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            past_key_values=cache,
+            use_cache=True,
+        )
+    present = []
+    for layer in out.past_key_values.layers:
+        present += [layer.keys.numpy(), layer.values.numpy()]
+    return [out.logits.numpy(), *present]
+
+
+def check_rows(peft: dict, got: list[np.ndarray], step, rows, base_out: list[np.ndarray], tol: float = 1e-5) -> float:
+    """Each row against ``hf_step`` of PEFT with that row's adapter alone (``step(i)``: that row's ids, mask
+    and past); rows without adapter bit-identical to ``base_out``. Returns the largest relative error."""
+    worst = 0.0
+    for i, row in enumerate(rows):
+        if row is None:
+            for g, b in zip(got, base_out, strict=True):
+                np.testing.assert_array_equal(g[i], b[i])
+            continue
+        ref = hf_step(peft[row], *step(i))
+        assert rel(got[0][i], base_out[0][i]) > 1e-3, (i, row)  # the adapter changes the row: not vacuous
+        for g, r in zip(got, ref, strict=True):
+            err = rel(g[i], r[0])
+            assert err <= tol, (i, row, err)
+            worst = max(worst, err)
+    return worst

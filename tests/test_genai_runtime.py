@@ -54,11 +54,13 @@ def _tokenizer(path) -> None:
     fast.save_pretrained(path)
 
 
-def _build(hf, out, cache, adapter=None) -> None:
+def _build(hf, out, cache, adapter=None, precision: str = "fp32", options: tuple[str, ...] = ()) -> None:
+    """The builder on the Hugging Face folder ``hf``; ``options``: its --extra_options KEY=VALUE."""
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out)]
-    cmd += ["-p", "fp32", "-e", "cpu", "-c", str(cache)]
-    if adapter is not None:
-        cmd += ["--extra_options", f"adapter_path={adapter}"]
+    cmd += ["-p", precision, "-e", "cpu", "-c", str(cache)]
+    options = (*options, f"adapter_path={adapter}") if adapter is not None else options
+    if options:
+        cmd += ["--extra_options", *options]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

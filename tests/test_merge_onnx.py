@@ -17,6 +17,7 @@ from onnx_fixtures import Wrapped, export_onnx, file_hashes, run_onnx
 from lora_export import load_adapter, merge_adapter, merge_file
 from lora_export.core.delta import merged_weight
 from lora_export.errors import ShapeError, TargetError
+from lora_export.graph.verbs import merge as merge_module
 
 BUILDERS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
 TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
@@ -199,6 +200,10 @@ def test_fp16_model_rounds_once(exported, tmp_path):
         assert np.abs(ours.T - exact).max() <= np.abs(theirs - exact).max() + 1e-12
 
 
+def _refuse(*_args, **_kwargs):
+    raise ShapeError("stand-in refusal")
+
+
 def test_deterministic_and_external_data(tmp_path):
     """Same inputs → same bytes; an external-data base gives an external-data output."""
     base, make_inputs = tiny_llama()
@@ -215,6 +220,17 @@ def test_deterministic_and_external_data(tmp_path):
     np.testing.assert_array_equal(
         run_onnx(tmp_path / "a" / "m.onnx", inputs), run_onnx(tmp_path / "b" / "m.onnx", inputs)
     )
+    # The copy begun while the merge is computed == the copy begun at the save.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(merge_module, "start_copy", lambda *args: None)
+        late = merge_file(onnx_path, adapter_dir, tmp_path / "d" / "m.onnx").files
+    assert [open(p, "rb").read() for p in late] == [open(p, "rb").read() for p in a]
+    # A refusal after the copy began leaves no output and no staging folder.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(merge_module, "merge_adapter", _refuse)
+        with pytest.raises(ShapeError, match="stand-in"):
+            merge_file(onnx_path, adapter_dir, tmp_path / "e" / "m.onnx")
+    assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())
     # The fast path (patched copy of the base's data file) == a full re-serialization.
     inline = merge_file(onnx_path, adapter_dir, tmp_path / "c" / "m.onnx", external=False).files
     assert [p.rsplit("/", 1)[1] for p in inline] == ["m.onnx"]

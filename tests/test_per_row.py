@@ -204,3 +204,46 @@ def test_conv_slots_refused(tmp_path):
     code, _, err = cli_run("inject", tmp_path / "conv.onnx", adapter, "-o", tmp_path / "o", "--per-row")
     assert code == 2 and "per-row" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("shape", ["computed (batch, seq, -1)", "constant (-1, features)"])
+def test_activation_ranks_past_contrib_ops(shape):
+    """Past a contrib op ONNX inference knows nothing of (FusedMatMul), a Reshape's rank is the length of its
+    shape tensor: 3 for TorchScript's Concat(batch, seq, -1), 2 for a constant (tokens, features) — which
+    per-row slots must refuse."""
+    import onnx
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from lora_export.graph.slots.activation_ranks import ActivationRanks
+
+    const = lambda name, v: helper.make_tensor(name, TensorProto.INT64, [len(v)], v)  # noqa: E731
+    nodes = [helper.make_node("FusedMatMul", ["x", "w"], ["y"], domain="com.microsoft")]
+    inits = [helper.make_tensor("w", TensorProto.FLOAT, [4, 4], [0.5] * 16), const("minus1", [-1])]
+    if shape.startswith("computed"):
+        nodes += [
+            helper.make_node("Shape", ["y"], ["s"]),
+            helper.make_node("Gather", ["s", "zero"], ["b"], axis=0),
+            helper.make_node("Gather", ["s", "one"], ["t"], axis=0),
+            helper.make_node("Unsqueeze", ["b", "axes"], ["b1"]),
+            helper.make_node("Unsqueeze", ["t", "axes"], ["t1"]),
+            helper.make_node("Concat", ["b1", "t1", "minus1"], ["shape"], axis=0),
+        ]
+        scalar = lambda name, v: helper.make_tensor(name, TensorProto.INT64, [], [v])  # noqa: E731
+        inits += [scalar("zero", 0), scalar("one", 1), const("axes", [0])]
+    else:
+        inits += [const("shape", [-1, 4])]
+    nodes += [helper.make_node("Reshape", ["y", "shape"], ["z"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 4])
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "g", [x], [z], inits)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    ir_model = ir.serde.deserialize_model(model)
+    inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
+    assert not {"y", "z"} & {v.name for v in inferred if v.type.tensor_type.HasField("shape")}  # unknown to ONNX
+    values = {v.name: v for n in ir_model.graph for v in n.outputs}
+    ranks = ActivationRanks(ir_model)
+    assert ranks.rank(values["y"]) == 3
+    assert ranks.rank(values["z"]) == (3 if shape.startswith("computed") else 2)

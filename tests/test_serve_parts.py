@@ -1,4 +1,5 @@
-"""The serve plugin's pure parts, without Ray: request parsing, the adapter catalog, the micro-batcher."""
+"""The serve plugin's pure parts, without Ray: request parsing, response encoding, the adapter catalog, the
+micro-batcher."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from lora_export_plugins.serve import encode
 from lora_export_plugins.serve.batcher import Batcher, concat, split
 from lora_export_plugins.serve.catalog import Catalog, scan
 from lora_export_plugins.serve.protocol import BadRequest, parse_run, to_feeds
@@ -129,3 +131,63 @@ def test_batcher_passes_a_failure_to_every_request_of_its_group():
                                     return_exceptions=True)  # fmt: skip
 
     assert all(isinstance(r, RuntimeError) for r in asyncio.run(main()))
+
+
+def test_batcher_runs_one_group_at_a_time_and_queues_the_next_requests_into_one():
+    calls: list = []
+    running = [0, 0]  # now, most at once
+
+    def run(items):
+        running[0] += 1
+        running[1] = max(running)
+        time.sleep(0.05)
+        running[0] -= 1
+        calls.append(len(items))
+        return [[f["x"] * 2] for _, f in items]
+
+    batcher = Batcher(run, max_rows=8, wait_s=0.0, mixed=True)
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((1, 4)) for _ in range(6)]
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit("a", {"x": xs[0]}))
+        await asyncio.sleep(0.01)  # the first group is running: the next five wait for it, together
+        rest = [batcher.submit(f"b{i}", {"x": x}) for i, x in enumerate(xs[1:])]
+        return await asyncio.gather(first, *rest)
+
+    for x, (out,) in zip(xs, asyncio.run(main())):
+        np.testing.assert_array_equal(out, x * 2)
+    assert calls == [1, 5] and running[1] == 1
+
+
+@pytest.fixture(params=["orjson", "fallback"])
+def encoder(request, monkeypatch):
+    if request.param == "orjson":
+        pytest.importorskip("orjson")
+    else:
+        monkeypatch.setattr(encode, "_orjson", None)
+    return encode
+
+
+def test_response_bodies_carry_every_value_exactly(encoder):
+    rng = np.random.default_rng(4)
+    scale = np.float32(10.0) ** rng.integers(-30, 30, (2, 3, 40)).astype(np.float32)
+    values = [
+        rng.standard_normal((2, 40)).astype(np.float32),
+        (rng.standard_normal((2, 3, 40)).astype(np.float32) * scale).astype(np.float32),
+        np.array([[1.0, -0.0, 123456792.0, 3e9, -2.5]], np.float32),  # whole numbers stay floats
+        rng.standard_normal((3, 5)).astype(np.float16),
+        rng.standard_normal((2, 4)),
+        rng.integers(-(2**40), 2**40, (2, 3)),
+        rng.standard_normal((2, 2)) > 0,
+        np.array([[np.nan, np.inf, 1.5]], np.float32),  # as Python's json spells them
+        np.zeros((2, 0), np.float32),
+    ]
+    names = [f"out{i}" for i in range(len(values))]
+    body = json.loads(encoder.outputs_body(names, values))
+    reference = json.loads(json.dumps({"outputs": {n: v.tolist() for n, v in zip(names, values)}}))
+    assert list(body) == ["outputs"] and list(body["outputs"]) == names
+    for n, v in zip(names, values):
+        got = body["outputs"][n]
+        assert np.asarray(got).dtype == np.asarray(reference["outputs"][n]).dtype  # floats stay floats
+        np.testing.assert_array_equal(np.array(got, dtype=v.dtype), v)

@@ -1,4 +1,5 @@
-"""Export tiny random-init BART and T5 with Optimum (``optimum-onnx``) for tests/test_optimum_multi_file.py.
+"""Export tiny random-init BART and T5 (tests/test_optimum_multi_file.py) and a decoder-only LLaMA with its
+KV cache (tests/test_per_row_optimum.py) with Optimum (``optimum-onnx``).
 
 Run in the side venv ``.venv-optimum`` (Optimum pins transformers < 4.58), through ``make optimum-graphs``.
 Writes, per model, ``OUT/<name>/hf`` (``save_pretrained``: the weights PEFT is applied to in the main venv)
@@ -13,11 +14,13 @@ import shutil
 import sys
 from pathlib import Path
 
-NAMES = ("bart", "t5")
+NAMES = ("bart", "t5", "llama")
+TASKS = {"bart": "text2text-generation-with-past", "t5": "text2text-generation-with-past"}
+TASKS["llama"] = "text-generation-with-past"  # one model.onnx with past inputs (or a merged decoder)
 
 
 def _configs() -> dict:
-    from transformers import BartConfig, T5Config
+    from transformers import BartConfig, LlamaConfig, T5Config
 
     return {
         "bart": BartConfig(
@@ -48,6 +51,18 @@ def _configs() -> dict:
             eos_token_id=1,
             decoder_start_token_id=0,
         ),
+        "llama": LlamaConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=2,
+        ),
     }
 
 
@@ -55,18 +70,19 @@ def export_one(name: str, config, out: Path) -> None:
     """Build the model from ``config`` (seed 0), save it and export it with Optimum into ``out/name``."""
     import torch
     from optimum.exporters.onnx import main_export
-    from transformers import AutoModelForSeq2SeqLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     final = out / name
     work = out / f".{name}.tmp"
     shutil.rmtree(work, ignore_errors=True)
     torch.manual_seed(0)
-    model = AutoModelForSeq2SeqLM.from_config(config).eval()
+    auto = AutoModelForCausalLM if TASKS[name].startswith("text-generation") else AutoModelForSeq2SeqLM
+    model = auto.from_config(config).eval()
     model.save_pretrained(work / "hf")
     main_export(
         str(work / "hf"),
         output=work / "onnx",
-        task="text2text-generation-with-past",
+        task=TASKS[name],
         opset=18,
         device="cpu",
         do_validation=True,

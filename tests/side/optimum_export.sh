@@ -1,5 +1,6 @@
 #!/bin/sh
-# Export tiny BART and T5 with Optimum into tests/.optimum-graphs/ for tests/test_optimum_multi_file.py.
+# Export tiny BART, T5 and a decoder-only LLaMA with Optimum into tests/.optimum-graphs/ (tests/test_optimum_multi_file.py,
+# tests/test_per_row_optimum.py).
 # Optimum (optimum-onnx) pins transformers < 4.58, so it gets its own venv, .venv-optimum (gitignored).
 # Idempotent: the venv is kept once installed (stamp file) and each model is skipped once exported (COMPLETE).
 set -eu

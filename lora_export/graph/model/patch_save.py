@@ -6,20 +6,20 @@ the filesystem shares extents, an in-kernel copy elsewhere) and patching those r
 plain copy, instead of re-serializing every tensor through Python. Tensor offsets are kept, so the
 result is byte-deterministic like any save.
 
-The output's data file is named after its sha256 (``data_file``). Hashing 650 MB takes longer than
-copying it (in the kernel), so a second thread hashes the output's bytes (the base's, with the patches
-in place) from the base file while the copy runs: the name is known when the copy ends, and the file is
-never read back. Both run outside the GIL, on a fixed small buffer (peak memory stays flat).
+The output's data file is named after its content digest (``data_file``). A second thread hashes the
+output's bytes (the base's, with the patches in place) from a mapping of the base file while the copy
+runs, so the name is known when the copy ends and the file is never read back.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
+import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import onnx_ir as ir
@@ -28,13 +28,13 @@ from lora_export.errors import ModelError
 from lora_export.files.atomic import temp_dir
 from lora_export.files.beside_model import outside_reason
 
-from .data_file import data_name_for, publish_model
+from .data_file import content_digest, data_name_for, publish_model
 from .external_data import inline_attribute_tensors
 from .model_io import check_outputs, external_tensors
 
 Snapshot = dict[int, tuple[ir.Value, ir.ExternalTensor]]
 INLINE_PATCH_LIMIT = 256 * 1024 * 1024
-_CHUNK = 4 * 1024 * 1024
+_COPY_STEP = 256 * 1024 * 1024  # between steps, a copy no longer needed can stop
 # copy_file_range cannot serve this pair of files (another filesystem, an old kernel): copy another way.
 _NO_RANGE_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 
@@ -45,24 +45,23 @@ def snapshot(model: ir.Model) -> Snapshot:
 
 
 def save_patched(
-    model: ir.Model, base_path: str | os.PathLike, out: str | os.PathLike, before: Snapshot, keep: Iterable[Path] = ()
+    model: ir.Model,
+    base_path: str | os.PathLike,
+    out: str | os.PathLike,
+    before: Snapshot,
+    keep: Iterable[Path] = (),
+    early: EarlyCopy | None = None,
 ):
     """Save ``model`` to ``out`` by patching a copy of the base's data file; None if not applicable.
 
     Applies when all external data lives in one file and every replaced external tensor kept its
     byte size. Atomic like ``save_model``: nothing appears at ``out`` unless everything succeeds, and
     a crash never leaves the model beside another save's data (``data_file.publish_model``).
+    ``early``: the copy ``start_copy`` began for this save (its staging folder is used).
     """
-    # The copy reads the whole file outside onnx-ir: checked again here, as each tensor read is.
-    for location in sorted({t.location for _, t in before.values()}):
-        why = outside_reason(base_path, location)
-        if why is not None:
-            raise ModelError(f"{base_path}: external data points outside the model's folder ({location!r}, {why})")
-    # The paths the loader reads (relative to the model path as given, links allowed), not re-derived.
-    files = {os.path.realpath(t.path) for _, t in before.values()}
-    if len(files) != 1:
+    src = _single_source(base_path, before)
+    if src is None:
         return None
-    (src,) = files
     changed = []
     for value, old in before.values():
         new = value.const_value
@@ -85,10 +84,14 @@ def save_patched(
     inline_attribute_tensors(model)
     out = Path(out)
     patches = sorted(((old.offset or 0, new) for old, new in changed), key=lambda p: p[0])
-    with temp_dir(out.parent) as tmp:
+    with nullcontext(early.tmp) if early is not None else temp_dir(out.parent) as tmp:
         try:
             staged = tmp / f"{out.name}.data"
-            data_name = data_name_for(out.name, copy_patched(src, staged, patches))
+            if early is not None:
+                digest = early.finish(patches)
+            else:
+                digest = copy_patched(src, staged, patches)
+            data_name = data_name_for(out.name, digest)
             os.rename(staged, tmp / data_name)
             for value, old in before.values():
                 value.const_value = ir.ExternalTensor(
@@ -106,26 +109,78 @@ def save_patched(
             raise ModelError(f"cannot write {out}: {e.strerror or e}") from None
 
 
+def _single_source(base_path: str | os.PathLike, before: Snapshot) -> str | None:
+    """The one data file the external tensors in ``before`` read (None if several)."""
+    # The copy reads the whole file outside onnx-ir: checked again here, as each tensor read is.
+    for location in sorted({t.location for _, t in before.values()}):
+        why = outside_reason(base_path, location)
+        if why is not None:
+            raise ModelError(f"{base_path}: external data points outside the model's folder ({location!r}, {why})")
+    # The paths the loader reads (relative to the model path as given, links allowed), not re-derived.
+    files = {os.path.realpath(t.path) for _, t in before.values()}
+    return next(iter(files)) if len(files) == 1 else None
+
+
+class EarlyCopy:
+    """The base's data file being copied (in the kernel, on a thread) into the staging folder of ``out``
+    while the merge is computed: the copy, the largest cost of a merge after start-up, overlaps the
+    work that decides the patches. Made by ``start_copy``; the staging folder and the thread end with
+    the ``ExitStack`` given there (an unfinished copy is stopped between chunks)."""
+
+    def __init__(self, stack: ExitStack, src: str, out: Path):
+        self.src, self.tmp = src, stack.enter_context(temp_dir(out.parent))
+        self.staged = self.tmp / f"{out.name}.data"
+        pool = ThreadPoolExecutor(max_workers=1)
+        stack.callback(pool.shutdown)
+        self._stop = threading.Event()
+        stack.callback(self._stop.set)  # runs first: a copy still going stops before the folder goes
+        self._copy = pool.submit(_copy_file, src, self.staged, self._stop)
+
+    def finish(self, patches: Sequence[tuple[int, ir.TensorProtocol]]) -> str:
+        """Write the patches over the finished copy; return its content digest (hashed meanwhile)."""
+        digest = content_digest(self.src, patches)
+        self._copy.result()
+        _write_patches(self.staged, patches)
+        return digest
+
+
+def start_copy(stack: ExitStack, base_path: str | os.PathLike, out: str | os.PathLike, before: Snapshot):
+    """Begin copying the base's data file for a ``save_patched`` of ``out`` (None where that save
+    cannot apply: no external data, or several data files)."""
+    src = _single_source(base_path, before) if before else None
+    if src is None:
+        return None
+    check_outputs(out)
+    return EarlyCopy(stack, src, Path(out))
+
+
 def copy_patched(src: str | os.PathLike, dst: Path, patches: Sequence[tuple[int, ir.TensorProtocol]]) -> str:
     """Write ``dst`` as ``src`` with each ``(offset, tensor)`` patch's bytes written over it (sorted,
-    disjoint, inside the file); return the sha256 (hex) of ``dst``'s bytes, hashed from ``src`` during
-    the copy. Each patch's bytes exist only while they are written (memory stays flat)."""
+    disjoint, inside the file); return the content digest (``data_file.content_digest``) of ``dst``'s
+    bytes, hashed from ``src`` during the copy. Each patch's bytes exist only while they are hashed or
+    written (memory stays flat)."""
     with ThreadPoolExecutor(max_workers=1) as pool:
-        digest = pool.submit(_patched_digest, src, patches)
+        digest = pool.submit(content_digest, src, patches)
         _copy_file(src, dst)
-        with open(dst, "r+b") as f:
-            for offset, tensor in patches:
-                f.seek(offset)
-                f.write(tensor.tobytes())
+        _write_patches(dst, patches)
         return digest.result()
 
 
-def _copy_file(src: str | os.PathLike, dst: Path) -> None:
+def _write_patches(dst: Path, patches: Sequence[tuple[int, ir.TensorProtocol]]) -> None:
+    with open(dst, "r+b") as f:
+        for offset, tensor in patches:
+            f.seek(offset)
+            f.write(tensor.tobytes())
+
+
+def _copy_file(src: str | os.PathLike, dst: Path, stop: threading.Event | None = None) -> None:
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         size, done = os.fstat(fin.fileno()).st_size, 0
         try:
             while done < size:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), size - done)
+                if stop is not None and stop.is_set():
+                    return
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), min(size - done, _COPY_STEP))
                 if n == 0:
                     break
                 done += n
@@ -136,25 +191,3 @@ def _copy_file(src: str | os.PathLike, dst: Path) -> None:
             if done == size:
                 return
     shutil.copyfile(src, dst)
-
-
-def _patched_digest(src: str | os.PathLike, patches: Sequence[tuple[int, ir.TensorProtocol]]) -> str:
-    """sha256 of ``src``'s bytes with ``patches`` in place, read in chunks (hashlib and reads release the GIL)."""
-    h = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    pos, i, data = 0, 0, None
-    with open(src, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            end = pos + n
-            while i < len(patches) and patches[i][0] < end:
-                offset = patches[i][0]
-                data = data if data is not None else patches[i][1].tobytes()
-                lo, hi = max(offset, pos), min(offset + len(data), end)
-                view[lo - pos : hi - pos] = data[lo - offset : hi - offset]
-                if offset + len(data) > end:
-                    break  # continues into the next chunk
-                i, data = i + 1, None
-            h.update(view[:n])
-            pos = end
-    return h.hexdigest()

@@ -32,6 +32,7 @@ from lora_export.errors import ModelError
 
 from ..model.slot_manifest import Slot, SlotManifest
 from ..ops.branches import _const
+from .activation_ranks import ActivationRanks
 
 PER_ROW_KEY = "lora_export.per_row"
 IDS_INPUT = "lora_adapter_ids"
@@ -78,7 +79,7 @@ def make_per_row(model: ir.Model, manifest: SlotManifest) -> None:
     graph.register_initializer(ids)
     inputs = {v.name: v for v in graph.inputs}
     first = next(iter(graph), None)
-    ranks = _ActivationRanks(model)
+    ranks = ActivationRanks(model)
     for name, slot in sorted(manifest.input_names().items()):
         old = inputs[name]
         nodes, gathered = _pool_input(graph, old, slot, ids)
@@ -152,12 +153,44 @@ def _check_readers(graph: ir.Graph, value: ir.Value, name: str, ranks, dora: boo
             if axis >= 0:  # a per-row tensor has one more leading axis
                 node.attributes["axis"] = ir.AttrInt64("axis", axis + 1)
         else:
-            raise ModelError(
-                f"--per-row: {name} feeds {what}, which cannot take a different adapter per row "
-                "(e.g. a fused op fed a computed weight); inject without --per-row, or merge"
-            )
+            raise ModelError(_refusal(name, node))
         seen.add(id(node))
         _check_readers(graph, node.outputs[0], name, ranks, dora, seen)
+
+
+def _refusal(name: str, node: ir.Node) -> str:
+    """Why ``node`` cannot read a per-row slot tensor, naming the op that ends up with it: a fused op fed a
+    weight computed from the slot (e.g. ORT's Attention fed W + A′·B′) takes one weight for the whole batch."""
+    fused = _weight_reader(node)
+    if fused is None:
+        what = f"{node.op_type} {node.name!r}"
+        return (
+            f"--per-row: {name} feeds {what}, which cannot take a different adapter per row; "
+            "inject without --per-row, or merge"
+        )
+    return (
+        f"--per-row: {name} becomes part of the weight of {fused.op_type} {fused.name!r}, one weight for the whole "
+        "batch, so its rows cannot take different adapters; inject without --per-row (one adapter per run), "
+        "merge, or keep these projections as separate MatMuls (for ONNX Runtime's attention fusion: "
+        "MultiHeadAttention)"
+    )
+
+
+def _weight_reader(node: ir.Node, depth: int = 0) -> ir.Node | None:
+    """The op that reads, as a weight (not input 0), what ``node`` computes from a slot tensor, following
+    MatMul/Add/Cast/Transpose; None when there is no such op."""
+    if depth > 6:
+        return None
+    for out in node.outputs:
+        for use in out.uses():
+            reader = use.node
+            if reader.op_type in ("MatMul", "Add", "Cast", "Transpose", "Reshape") and reader.domain in ("", "ai.onnx"):
+                found = _weight_reader(reader, depth + 1)
+                if found is not None:
+                    return found
+            elif use.idx > 0:
+                return reader
+    return None
 
 
 def _lift_pad(graph: ir.Graph, node: ir.Node) -> None:
@@ -199,93 +232,6 @@ def _gathered(value: ir.Value | None, depth: int = 0) -> bool:
     return any(_gathered(i, depth + 1) for i in producer.inputs[:1] if producer.op_type == "Pad") or (
         producer.op_type == "Concat" and any(_gathered(i, depth + 1) for i in producer.inputs)
     )
-
-
-class _ActivationRanks:
-    """Ranks of graph values: declared where the model records them, else by ONNX shape inference, else
-    carried forward through rank-keeping ops (ONNX inference stops at contrib ops such as MatMulNBits)."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self.model = model
-        self._ranks: dict[int, int] | None = None
-
-    def rank(self, value: ir.Value | None) -> int | None:
-        if value is None:
-            return None
-        if value.shape is not None:
-            return len(value.shape)
-        if self._ranks is None:
-            self._ranks = self._forward(_inferred_ranks(self.model))
-        return self._ranks.get(id(value))
-
-    def _forward(self, inferred: dict[str, int]) -> dict[int, int]:
-        ranks: dict[int, int] = {}
-
-        def known(v: ir.Value | None) -> int | None:
-            if v is None:
-                return None
-            if v.shape is not None:
-                return len(v.shape)
-            return ranks.get(id(v), inferred.get(v.name or ""))
-
-        for node in ir.traversal.RecursiveGraphIterator(self.model.graph):
-            for out in node.outputs:
-                r = known(out)
-                if r is None:
-                    r = _rule(node, known)
-                if r is not None:
-                    ranks[id(out)] = r
-        return ranks
-
-
-def _rule(node: ir.Node, known) -> int | None:
-    op = node.op_type
-    keepdims = node.attributes.get("keepdims")
-    if op.startswith("Reduce") and (keepdims is None or keepdims.as_int() == 1):
-        return known(node.inputs[0])
-    if op in _SAME_RANK or (op == "MatMulNBits" and node.domain == "com.microsoft"):
-        return known(node.inputs[0])
-    if op == "Gather" and len(node.inputs) == 2:
-        data, idx = known(node.inputs[0]), known(node.inputs[1])
-        return None if data is None or idx is None else data - 1 + idx
-    if op in _BROADCAST or op == "MatMul":  # MatMul of rank >= 2 operands broadcasts like them
-        ranks = [known(i) for i in node.inputs if i is not None]
-        return None if not ranks or None in ranks else max(ranks)
-    return None
-
-
-# Ops whose output has the rank of their first input / of their broadcast inputs (for ``_ActivationRanks``).
-_SAME_RANK = {
-    "Cast", "Identity", "Relu", "Sigmoid", "Tanh", "Erf", "Neg", "Sqrt", "Softmax", "Gelu", "FastGelu", "QuickGelu",
-    "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
-    "Silu", "Dropout", "Reciprocal", "Exp", "Log", "Abs", "Split", "Slice", "Transpose", "Pad", "Concat",
-}  # fmt: skip
-_BROADCAST = {"Add", "Mul", "Sub", "Div", "Pow", "Where", "Max", "Min"}
-
-
-def _inferred_ranks(model: ir.Model) -> dict[str, int]:
-    import onnx
-
-    proto = ir.serde.serialize_model(model)
-    try:
-        proto = onnx.shape_inference.infer_shapes(proto)
-    except Exception:  # noqa: BLE001 - no inferred shapes: unknown ranks are refused by the caller
-        return {}
-    out: dict[str, int] = {}
-
-    def walk(g) -> None:
-        for vi in [*g.value_info, *g.input, *g.output]:
-            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-                out[vi.name] = len(vi.type.tensor_type.shape.dim)
-        for n in g.node:
-            for a in n.attribute:
-                if a.HasField("g"):
-                    walk(a.g)
-                for sub in a.graphs:
-                    walk(sub)
-
-    walk(proto.graph)
-    return out
 
 
 def pool_report(model: ir.Model, path) -> dict | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from lora_export.formats.safetensors import read_safetensors, write_safetensors
 from ..match.value_match import quantized_holds
 from ..model.genai_folder import genai_file_names, genai_side_files, write_genai_side_files
 from ..model.model_io import external_data_files, load_model, save_model
-from ..model.patch_save import save_patched, snapshot
+from ..model.patch_save import save_patched, snapshot, start_copy
 from ..model.provenance import DUPLICATES_META, HistoryError, append_history, make_record, target_entry
 from ..model.slot_manifest import SLOTS_KEY, Slot, SlotManifest
 from ..ops.layouts import get_layout
@@ -318,24 +319,33 @@ def inject_files(
         refuse_blocked_outputs([out_dir / name for name in genai_file_names(genai)])
     genai_dims = read_genai_config(base_path)
     before = snapshot(model)
-    result = inject_adapters(
-        model, adapters, base_weights=base_weights, dora=dora, genai_dims=genai_dims, force=force, packed_cat=packed_cat
-    )
-    pool = None
-    if per_row:
-        make_per_row(model, result.manifest)
-        order = [a.name for a in adapters]
-        pool = (pool_tensors(result.manifest, [result.tensors[n] for n in order]), pool_metadata(order))
     # Through a symlinked OUTDIR, replace the folder it points to, not the link.
     dest = Path(os.path.realpath(out_dir)) if out_dir.is_symlink() else out_dir
-    total = 1 + 2 * len(result.tensors)
     with staging_dir(stage_parent(dest)) as stage:
         new = stage / "out"
         os.mkdir(new, 0o777)
-        if progress is not None:
-            progress(0, total, MODEL_NAME)
-        # The weights are the base's, unchanged: copy its data file in the kernel (see patch_save).
-        model_files = save_patched(model, base_path, new / MODEL_NAME, before) if before else None
+        with ExitStack() as copying:
+            # The weights are the base's, unchanged: its data file is copied in the kernel while the slots
+            # are made (see patch_save).
+            early = start_copy(copying, base_path, new / MODEL_NAME, before)
+            result = inject_adapters(
+                model,
+                adapters,
+                base_weights=base_weights,
+                dora=dora,
+                genai_dims=genai_dims,
+                force=force,
+                packed_cat=packed_cat,
+            )
+            pool = None
+            if per_row:
+                make_per_row(model, result.manifest)
+                order = [a.name for a in adapters]
+                pool = (pool_tensors(result.manifest, [result.tensors[n] for n in order]), pool_metadata(order))
+            total = 1 + 2 * len(result.tensors)
+            if progress is not None:
+                progress(0, total, MODEL_NAME)
+            model_files = save_patched(model, base_path, new / MODEL_NAME, before, early=early) if before else None
         model_files = model_files or save_model(model, new / MODEL_NAME)
         if genai is not None:
             write_genai_side_files(genai, new, MODEL_NAME)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from lora_export.files.atomic import refuse_overwrite
 from lora_export.files.checks import require_regular_file
 
 from ..model.model_io import check_outputs, external_data_files, load_model, save_model
-from ..model.patch_save import save_patched, snapshot
+from ..model.patch_save import save_patched, snapshot, start_copy
 from ..model.provenance import append_history, extra_entry, make_record, target_entry
 from ..model.slot_manifest import SLOTS_KEY, SlotManifest
 from ..ops.consumers import free_name, other_readers, private_copy
@@ -282,25 +283,28 @@ def merge_file(
     _refuse_overwrite(base_path, out_path, base_data)
     before = snapshot(model)
     t_load = time.perf_counter() - t0
-    report = merge_adapter(
-        model,
-        adapter,
-        base_weights=base_weights,
-        scale=scale,
-        allow_partial=allow_partial,
-        compute_dtype=compute_dtype,
-        progress=progress,
-        force=force,
-        requantize=requantize,
-        into_float=into_float,
-        genai_dims=read_genai_config(base_path),
-    )
-    t0 = time.perf_counter()
-    written = None
-    if external is not False and before:
-        written = save_patched(model, base_path, out_path, before, keep=base_data)
-    if written is None:
-        written = save_model(model, out_path, external=external, keep=base_data)
+    with ExitStack() as stack:
+        # The base's data file is copied for the output while the merge is computed (patch_save).
+        early = start_copy(stack, base_path, out_path, before) if external is not False else None
+        report = merge_adapter(
+            model,
+            adapter,
+            base_weights=base_weights,
+            scale=scale,
+            allow_partial=allow_partial,
+            compute_dtype=compute_dtype,
+            progress=progress,
+            force=force,
+            requantize=requantize,
+            into_float=into_float,
+            genai_dims=read_genai_config(base_path),
+        )
+        t0 = time.perf_counter()
+        written = None
+        if external is not False and before:
+            written = save_patched(model, base_path, out_path, before, keep=base_data, early=early)
+        if written is None:
+            written = save_model(model, out_path, external=external, keep=base_data)
     report.timings = {"load": t_load, **report.timings, "save": time.perf_counter() - t0}
     report.timings["total"] = time.perf_counter() - t_start
     report.base, report.output = str(base_path), str(out_path)

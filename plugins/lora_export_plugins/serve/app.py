@@ -15,7 +15,8 @@ from typing import Any
 
 from .batcher import Batcher
 from .catalog import Catalog
-from .protocol import BadRequest, UnknownAdapter, outputs_json, parse_run, to_feeds
+from .encode import outputs_body
+from .protocol import BadRequest, UnknownAdapter, parse_run, to_feeds
 from .replica import ReplicaModel
 
 log = logging.getLogger("lora_export.serve")
@@ -34,10 +35,11 @@ class _Held:
             self.model.release(self.name)
 
 
-def _response(status: int, doc: dict):
+def _response(status: int, doc: dict | bytes):
     from starlette.responses import Response
 
-    return Response(json.dumps(doc, separators=(",", ":")), status_code=status, media_type="application/json")
+    body = doc if isinstance(doc, bytes) else json.dumps(doc, separators=(",", ":"))
+    return Response(body, status_code=status, media_type="application/json")
 
 
 def build_app(
@@ -50,24 +52,38 @@ def build_app(
     batch_wait_ms: float = 2.0,
     providers: list[str] | None = None,
     ray_actor_options: dict[str, Any] | None = None,
+    max_ongoing_requests: int | None = None,
 ):
     """The Serve application for an inject output ``model_dir`` (per-row or not).
 
     ``adapters_dir``: a second folder of adapters (``.onnx_adapter``, ``.safetensors``, PEFT folders) loaded
     on demand; files dropped there become servable without a restart. ``max_batch_size=1`` turns batching
-    off. Returns ``Deployment.bind(...)``: pass it to ``serve.run``.
+    off. ``max_ongoing_requests`` (default: twice the batch, at least Serve's 5) bounds the requests a replica
+    holds: enough for the next batch to fill while one runs. Each replica runs ONNX Runtime on as many
+    threads as the CPUs it reserves (``ray_actor_options["num_cpus"]``, default 1), not on every core of its
+    node, which replicas sharing a node would fight over. Returns ``Deployment.bind(...)``: pass it to
+    ``serve.run``.
     """
     from ray import serve
 
     model_dir = Path(model_dir).resolve()
     folders = [model_dir] + ([Path(adapters_dir).resolve()] if adapters_dir is not None else [])
     options = {"num_cpus": 1, **(ray_actor_options or {})}
+    threads = max(1, int(options["num_cpus"] or 1))
+    ongoing = max_ongoing_requests or max(5, 2 * max_batch_size)
 
-    @serve.deployment(name="lora-export", num_replicas=replicas, ray_actor_options=options)
+    # Serve's access log writes a line per request at INFO; ours is at DEBUG (see __call__).
+    @serve.deployment(
+        name="lora-export",
+        num_replicas=replicas,
+        ray_actor_options=options,
+        max_ongoing_requests=ongoing,
+        logging_config={"enable_access_log": False},
+    )
     class LoraServer:
         def __init__(self) -> None:
             self.catalog = Catalog(folders)
-            self.model = ReplicaModel(model_dir, self.catalog, providers)
+            self.model = ReplicaModel(model_dir, self.catalog, providers, threads)
             rows = max_batch_size if self.model.batchable else 1
             self.batcher = Batcher(
                 self.model.run_group, max_rows=rows, wait_s=batch_wait_ms / 1000, mixed=self.model.per_row
@@ -113,7 +129,13 @@ def build_app(
             log.log(level, "%s %s adapter=%s %d %.1f ms", method, path, adapter, status, ms)
             return _response(status, doc)
 
-        async def _run(self, body: bytes) -> tuple[str | None, dict]:
+        def batch_rows(self) -> dict:
+            """This replica's id and the rows of each group it ran (not an HTTP endpoint: for load tests)."""
+            from ray import serve as _serve
+
+            return {"replica": _serve.get_replica_context().replica_id.unique_id, "rows": list(self.batcher.group_rows)}
+
+        async def _run(self, body: bytes) -> tuple[str | None, bytes]:
             adapter, named, inputs = parse_run(body)
             routed = serve.get_multiplexed_model_id() or None
             if not named:
@@ -126,6 +148,6 @@ def build_app(
                     raise UnknownAdapter(f"no adapter named {adapter!r} (GET /v1/adapters lists them)")
                 await self.hold(adapter)
             values = await self.batcher.submit(adapter, feeds)
-            return adapter, outputs_json(self.model.outputs, values)
+            return adapter, outputs_body(self.model.outputs, values)
 
     return LoraServer.bind()

@@ -1,10 +1,12 @@
 """Mixed-adapter micro-batches inside one replica, as plain asyncio: no Ray here, so it is tested alone.
 
-Requests whose inputs agree on everything but the batch dimension join one group; a group runs when it
-holds ``max_rows`` rows or ``wait_s`` after its first request, whichever comes first. With a per-row model
-a group mixes adapters (each row carries its own); otherwise a group holds one adapter. ``run_group``
-receives ``[(adapter, feeds), ...]`` and returns one list of outputs per request; it runs in a worker
-thread, so the event loop keeps accepting requests meanwhile.
+Requests whose inputs agree on everything but the batch dimension join one group. A group is due when it
+holds ``max_rows`` rows or ``wait_s`` after its first request, and runs when it is due and the model is free:
+one group runs at a time (more would only share the same cores), so while the model is busy the next
+requests wait together and run as one group — what makes batches form under load. With a per-row model a
+group mixes adapters (each row carries its own); otherwise a group holds one adapter. ``run_group`` receives
+``[(adapter, feeds), ...]`` and returns one list of outputs per request; it runs in a worker thread, so the
+event loop keeps accepting requests meanwhile.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ Item = tuple[str | None, Mapping[str, np.ndarray]]
 RunGroup = Callable[[Sequence[Item]], list[list[np.ndarray]]]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Group:
+    key: tuple | None
     items: list[Item] = field(default_factory=list)
     futures: list[asyncio.Future] = field(default_factory=list)
     rows: int = 0
+    due: bool = False
     timer: asyncio.TimerHandle | None = None
 
 
@@ -33,7 +37,7 @@ def signature(feeds: Mapping[str, np.ndarray]) -> tuple:
 
 
 class Batcher:
-    """Collects requests into groups and runs each group once."""
+    """Collects requests into groups and runs each group once, one group at a time."""
 
     def __init__(self, run_group: RunGroup, *, max_rows: int, wait_s: float, mixed: bool) -> None:
         if max_rows < 1:
@@ -42,7 +46,9 @@ class Batcher:
         self.max_rows = max_rows
         self.wait_s = max(0.0, wait_s)
         self.mixed = mixed
-        self._groups: dict[tuple, _Group] = {}
+        self._open: dict[tuple, _Group] = {}  # groups still taking rows, by signature
+        self._queue: list[_Group] = []  # groups not started yet, oldest first
+        self._running = False
         #: Rows per executed group, for the load test's figures.
         self.group_rows: list[int] = []
 
@@ -52,44 +58,61 @@ class Batcher:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if rows >= self.max_rows:
-            self._start(loop, [(adapter, feeds)], [future], rows)
-            return await future
-        key = signature(feeds) if self.mixed else (adapter, signature(feeds))
-        group = self._groups.get(key)
-        if group is not None and group.rows + rows > self.max_rows:
-            self._flush(loop, key)
-            group = None
-        if group is None:
-            group = self._groups[key] = _Group()
-            group.timer = loop.call_later(self.wait_s, self._flush, loop, key)
+            group = _Group(None, due=True)
+            self._queue.append(group)
+        else:
+            key = signature(feeds) if self.mixed else (adapter, signature(feeds))
+            group = self._open.get(key)
+            if group is not None and group.rows + rows > self.max_rows:
+                self._close(group)
+                group = None
+            if group is None:
+                group = self._open[key] = _Group(key)
+                self._queue.append(group)
+                group.timer = loop.call_later(self.wait_s, self._due, group)
         group.items.append((adapter, feeds))
         group.futures.append(future)
         group.rows += rows
         if group.rows >= self.max_rows:
-            self._flush(loop, key)
+            self._close(group)
+        self._pump(loop)
         return await future
 
-    def _flush(self, loop: asyncio.AbstractEventLoop, key: tuple) -> None:
-        group = self._groups.pop(key, None)
+    def _close(self, group: _Group) -> None:
+        """No more rows for ``group``: it is due."""
+        if group.key is not None and self._open.get(group.key) is group:
+            del self._open[group.key]
+        group.due = True
+
+    def _due(self, group: _Group) -> None:
+        group.due = True  # still open: rows arriving before the model is free join it
+        self._pump(asyncio.get_running_loop())
+
+    def _pump(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._running:
+            return
+        group = next((g for g in self._queue if g.due), None)
         if group is None:
             return
+        self._queue.remove(group)
+        self._close(group)
         if group.timer is not None:
             group.timer.cancel()
-        self._start(loop, group.items, group.futures, group.rows)
-
-    def _start(self, loop, items, futures, rows: int) -> None:
-        self.group_rows.append(rows)
-        task = loop.run_in_executor(None, self.run_group, items)
+        self._running = True
+        self.group_rows.append(group.rows)
+        task = loop.run_in_executor(None, self.run_group, group.items)
 
         def done(t: asyncio.Future) -> None:
+            self._running = False
             error = t.exception()
-            for i, f in enumerate(futures):
+            for i, f in enumerate(group.futures):
                 if f.done():
                     continue
                 if error is not None:
                     f.set_exception(error)
                 else:
                     f.set_result(t.result()[i])
+            self._pump(loop)
 
         task.add_done_callback(done)
 

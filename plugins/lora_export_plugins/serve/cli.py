@@ -29,6 +29,12 @@ def summary(e: BaseException) -> str:
     return one_line(Exception((errors or lines or [type(e).__name__])[-1]))
 
 
+def _local_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+
+
 def _check_dir(folder: Path) -> None:
     model = folder / "model.onnx"
     if not folder.is_dir():
@@ -100,8 +106,10 @@ def serve_command(
             max_adapters_per_replica=max_adapters_per_replica,
             max_batch_size=max_batch_size,
             batch_wait_ms=batch_wait_ms,
-            # Serve's default of one CPU per replica would leave replicas beyond the local cores unscheduled.
-            ray_actor_options=None if address else {"num_cpus": min(1.0, (os.cpu_count() or 1) / replicas)},
+            # Locally, the replicas share the machine's cores: Serve's default of one CPU per replica would leave
+            # replicas beyond the cores unscheduled, and fewer replicas than cores would leave cores idle (a
+            # replica runs ONNX Runtime on as many threads as the CPUs it reserves).
+            ray_actor_options=None if address else {"num_cpus": _local_cpus() / replicas},
         )
         try:
             serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)

@@ -104,8 +104,3 @@ def _array(name: str, value, want) -> np.ndarray:
     if kind == "f" and raw.size and not all(math.isfinite(float(v)) for v in (raw.min(), raw.max())):
         raise BadRequest(f"input {name!r} holds a non-finite number")
     return np.ascontiguousarray(raw.astype(want))
-
-
-def outputs_json(names: list[str], values: list[np.ndarray]) -> dict:
-    """The response body for ``/v1/run``."""
-    return {"outputs": {n: np.asarray(v).tolist() for n, v in zip(names, values)}}
