@@ -10,9 +10,11 @@ Run:  .venv/bin/python benchmarks/branch_profile.py [--phase decode|prompt] [--r
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -38,7 +40,9 @@ def _options(threads: int, profile: str | None = None) -> ort.SessionOptions:
 
 
 def profile(path: str, adapter: str | None, phase: str, reps: int, threads: int) -> dict:
-    """{"nodes": all kernel µs per run, "branch": branch kernel µs per run, "by_op": branch µs by op type}."""
+    """{"nodes": all kernel µs per run, "branch": branch kernel µs per run, "by_op": branch µs by op type (means
+    over the runs), "per_run": medians over the runs of all-node µs, branch µs and branch share (a run slowed
+    by another process moves a mean, not a median)}."""
     warm = ort.InferenceSession(path, _options(threads), providers=["CPUExecutionProvider"])
     sess = ort.InferenceSession(path, _options(threads, "/tmp/branch_profile"), providers=["CPUExecutionProvider"])
     ro, lora = ort.RunOptions(), None
@@ -56,14 +60,26 @@ def profile(path: str, adapter: str | None, phase: str, reps: int, threads: int)
         sess.run(names, feeds, ro)
     trace = sess.end_profiling()
     with open(trace) as fh:
-        events = [e for e in json.load(fh) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+        trace_events = json.load(fh)
     os.remove(trace)
+    events = [e for e in trace_events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    starts = sorted(e["ts"] for e in trace_events if e.get("cat") == "Session" and e["name"] == "model_run")
     by_op: collections.Counter = collections.Counter()
+    runs = collections.defaultdict(lambda: [0.0, 0.0])  # run → [all nodes µs, branch µs]
     for e in events:
+        run = runs[bisect.bisect_right(starts, e["ts"])]
+        run[0] += e["dur"]
         if any(m in e["name"] for m in BRANCH_MARKS):
             by_op[e["args"].get("op_name", "?")] += e["dur"] / reps
+            run[1] += e["dur"]
     total = sum(e["dur"] for e in events) / reps
-    return {"nodes": round(total, 1), "branch": round(sum(by_op.values()), 1), "by_op": dict(by_op)}
+    per_run = {
+        "nodes": statistics.median(r[0] for r in runs.values()),
+        "branch": statistics.median(r[1] for r in runs.values()),
+        "share": round(statistics.median(r[1] / r[0] for r in runs.values() if r[0]), 5),
+    }
+    out = {"nodes": round(total, 1), "branch": round(sum(by_op.values()), 1), "by_op": dict(by_op)}
+    return {**out, "per_run": per_run}
 
 
 def main() -> None:
@@ -78,7 +94,8 @@ def main() -> None:
         path, _, adapter = rest.partition(":")
         r = profile(path, adapter or None, args.phase, args.reps, args.threads)
         ops = " ".join(f"{k}:{v:.0f}" for k, v in sorted(r["by_op"].items()))
-        print(f"{label:10s} all nodes {r['nodes']:9.1f} µs  branch {r['branch']:7.1f} µs  {ops}", flush=True)
+        share = 100 * r["per_run"]["share"]
+        print(f"{label:10s} all nodes {r['nodes']:9.1f} µs  branch {r['branch']:7.1f} µs ({share:.2f} %)  {ops}")
 
 
 if __name__ == "__main__":

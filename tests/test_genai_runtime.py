@@ -27,7 +27,8 @@ from onnx import numpy_helper
 og = pytest.importorskip("onnxruntime_genai")
 pytest.importorskip("onnxruntime_genai.models.builder")
 
-from lora_export import convert_adapter  # noqa: E402
+from lora_export import LoraSession, convert_adapter  # noqa: E402
+from lora_export.graph.verbs.convert import read_manifest  # noqa: E402
 from lora_export.graph.verbs.inject import inject_files  # noqa: E402
 
 TOL = 1e-5
@@ -128,6 +129,16 @@ def test_inject_into_a_genai_folder_runs_with_og_adapters(genai, tmp_path):
     convert_adapter(root / "other", out / "model.onnx", later)
     assert _rel(_logits(out, ids, later), refs["other"]) <= TOL
     assert _rel(_logits(out, ids), refs["base"]) <= TOL
+    # Each layer's packed qkv_proj reads one concatenated pair (A_cat (in, 4+4), B_cat (8, q+k+v)): r=4 and r=6
+    # adapters switch on one session.
+    manifest = read_manifest(out / "model.onnx")
+    groups = manifest.packed_groups()
+    assert len(groups) == 2 and all(len(g) == 2 for g in groups.values())
+    sess = LoraSession(out / "model.onnx", providers=["CPUExecutionProvider"])
+    sess.load_adapter("first", out / "first.onnx_adapter")
+    sess.load_adapter("other", later)
+    for name in ("other", "first"):
+        assert _rel(_session_logits(sess, out, ids, name), refs[name]) <= TOL, name
 
     # The same folder in the Hugging Face cache's layout (every file a link into blobs/): the links are
     # followed (ONNX Runtime's rule), so the output holds the real tokenizer and config and runs.
@@ -142,6 +153,17 @@ def test_inject_into_a_genai_folder_runs_with_og_adapters(genai, tmp_path):
     assert not any(p.is_symlink() for p in cached.iterdir())
     assert (cached / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
     assert _rel(_logits(cached, ids, cached / "first.onnx_adapter"), refs["first"]) <= TOL
+
+
+def _session_logits(sess, folder, ids, adapter: str) -> np.ndarray:
+    """One prompt through a LoraSession over a genai decoder (empty past, positions from the mask)."""
+    dec = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    ids = np.asarray(ids)
+    feeds = {"input_ids": ids, "attention_mask": np.ones(ids.shape, np.int64)}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feeds[i.name] = np.zeros((ids.shape[0], dec["num_key_value_heads"], 0, dec["head_size"]), np.float32)
+    return sess.run(["logits"], feeds, adapter=adapter)[0]
 
 
 def _lora_initializers_to_inputs(path) -> None:

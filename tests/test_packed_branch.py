@@ -5,6 +5,7 @@ session strips the group again."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -20,8 +21,14 @@ from onnx import version_converter
 from quant_fixtures import QKV, dequantized_torch, pack, quantize, state_dict_of
 from safetensors.numpy import save_file
 
+from lora_export.errors import AdapterError, LoraExportError, ModelError
+from lora_export.formats.adapter_files import read_adapter_tensors
+from lora_export.formats.slot_adapter import adapter_from_slot_tensors
+from lora_export.graph.model.slot_manifest import SLOTS_KEY, SlotManifest
 from lora_export.graph.ops.packed_branch import group_stem
+from lora_export.graph.verbs.convert import convert_adapter
 from lora_export.graph.verbs.inject import inject_files
+from lora_export.graph.verbs.inspect import inspect_model
 from lora_export.runtime.session import LoraSession
 
 ADAPTERS = {
@@ -90,19 +97,42 @@ def _branch_adds(node: ir.Node) -> int:
     return sum(u.node.op_type == "Add" for u in node.outputs[0].uses())
 
 
+def _cat_branch(model: ir.Model, node: ir.Node, base_joins: int) -> None:
+    """The packed op's branch is MatMul(x, A_cat) → MatMul(·, B_cat) → Add, over the group's two inputs, with
+    no Pad or Concat anywhere (``slots.packed_cat``)."""
+    add = next(u.node for u in node.outputs[0].uses() if u.node.op_type == "Add")
+    b_op = add.inputs[1].producer()
+    a_op = b_op.inputs[0].producer()
+    assert (a_op.op_type, b_op.op_type) == ("MatMul", "MatMul") and a_op.inputs[0] is node.inputs[0]
+    a_in, b_in = a_op.inputs[1], b_op.inputs[1]
+    assert a_in in model.graph.inputs and b_in in model.graph.inputs
+    assert a_in.name.endswith(".lora_A") and "_proj+" in a_in.name  # named after its slots, by offset
+    total = node.attributes["N"].as_int() if node.op_type == "MatMulNBits" else node.inputs[1].shape[-1]
+    assert a_in.shape[1] == b_in.shape[0] and b_in.shape[1] == total
+    assert base_joins == len([n for n in model.graph if n.op_type in ("Pad", "Concat")])
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("which", ["both", "qv"])
-def test_one_branch_per_packed_op_is_exact(case, tmp_path, variant, which):
+@pytest.mark.parametrize("form", ["cat", "split"])
+def test_one_branch_per_packed_op_is_exact(case, tmp_path, variant, which, form):
+    """``cat`` (the default): one A_cat/B_cat pair per packed op; ``split`` (``packed_cat=False``, the form of
+    models injected before): a pair per slot, their deltas joined in the graph. Both exact."""
     v = case["variants"][variant]
     names = list(ADAPTERS) if which == "both" else ["qv"]
     out_dir = tmp_path / "inj"
     paths = [v["adapters"][n] for n in names]
-    inject_files(v["model"], paths, out_dir, base_weights=case["root"] / "base.safetensors", names=names)
+    weights = case["root"] / "base.safetensors"
+    inject_files(v["model"], paths, out_dir, base_weights=weights, names=names, packed_cat=form == "cat")
     model = ir.load(out_dir / "model.onnx")
     packed = _packed_nodes(model)
     assert len(packed) == 2  # one per layer
+    joins = len([n for n in ir.load(v["model"]).graph if n.op_type in ("Pad", "Concat")])
     for node in packed:
         assert _branch_adds(node) == 1, node.name
+        if form == "cat":
+            _cat_branch(model, node, joins)
+            continue
         add = next(u.node for u in node.outputs[0].uses() if u.node.op_type == "Add")
         delta = add.inputs[1].producer()
         if which == "both" or VARIANTS[variant][1] >= 18:  # each slot's delta side by side (k's columns: a Pad)
@@ -159,11 +189,12 @@ class _Attn(torch.nn.Module):
 
 @pytest.mark.parametrize("gemm", [False, True], ids=["matmul", "gemm-transB"])
 def test_tiling_slots_on_matmul_and_gemm(tmp_path, gemm):
-    """q, k, v (ranks 1, 2, 3) on a packed MatMul or Gemm (stored (out, in)): deltas side by side, exact; the
-    twin session is the base again."""
+    """q, k, v (ranks 1, 2, 3) on a packed MatMul or Gemm (stored (out, in)): one A_cat/B_cat branch (two
+    MatMuls, no Pad or Concat), exact; the twin session is the base again."""
     torch.manual_seed(0)
     m = _Attn().eval()
-    packed_attention(m, tmp_path / "model.onnx", gemm=gemm)
+    m_path = tmp_path / "model.onnx"
+    packed_attention(m, m_path, gemm=gemm)
     save_file({k: t.detach().numpy().copy() for k, t in m.state_dict().items()}, str(tmp_path / "w.st"))
     config = dict(
         r=1, lora_alpha=2, rank_pattern={"k_proj": 2, "v_proj": 3}, target_modules=["q_proj", "k_proj", "v_proj"]
@@ -175,7 +206,10 @@ def test_tiling_slots_on_matmul_and_gemm(tmp_path, gemm):
     inj = tmp_path / "inj"
     inject_files(tmp_path / "model.onnx", [tmp_path / "adapter"], inj, base_weights=tmp_path / "w.st")
     model = ir.load(inj / "model.onnx")
-    assert sum(n.op_type == "Concat" for n in model.graph) == 1 and not [n for n in model.graph if n.op_type == "Pad"]
+    assert not [n for n in model.graph if n.op_type in ("Pad", "Concat")]
+    assert sum(n.op_type == "MatMul" for n in model.graph) == 2 + sum(
+        n.op_type == "MatMul" for n in ir.load(m_path).graph
+    )
     x = {"x": torch.randn(2, 8).numpy()}
     ref = peft_model(torch.from_numpy(x["x"])).detach().numpy()
     assert _rel(run_injected(inj / "model.onnx", inj / "adapter.onnx_adapter", x)[0], ref) <= 1e-5
@@ -183,3 +217,59 @@ def test_tiling_slots_on_matmul_and_gemm(tmp_path, gemm):
     np.testing.assert_array_equal(run_plain(inj / "model.onnx", x)[0], base)
     sess = LoraSession(inj / "model.onnx", providers=["CPUExecutionProvider"], base_session=True)
     np.testing.assert_array_equal(sess.run(None, x)[0], base)
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int4"])
+@pytest.mark.parametrize("form", ["cat", "split"])
+def test_later_adapters_and_switching_in_both_forms(case, tmp_path, variant, form):
+    """convert of a later adapter (other ranks, other parts) and LoraSession switching between adapters of
+    different ranks, on the concatenated form and on the per-slot form of models injected before it (its
+    manifest has no ``packed`` entries: read as it was written)."""
+    v = case["variants"][variant]
+    out_dir = tmp_path / "inj"
+    weights = case["root"] / "base.safetensors"
+    inject_files(
+        v["model"], [v["adapters"]["ranks"]], out_dir, base_weights=weights, names=["ranks"], packed_cat=form == "cat"
+    )
+    model = out_dir / "model.onnx"
+    raw = json.loads(ir.load(model).metadata_props[SLOTS_KEY])["slots"]
+    packed = [s for s in raw if "packed" in s]
+    assert len(packed) == (6 if form == "cat" else 0)  # q, k, v of two layers
+    shown = [s.get("packed") for s in inspect_model(model)["slots"] if s["module"].endswith("0.self_attn.k_proj")]
+    assert shown == ([{"offset": 32, "total": 64}] if form == "cat" else [None])
+    late = tmp_path / "qv.onnx_adapter"
+    convert_adapter(v["adapters"]["qv"], model, late)
+    assert _rel(run_injected(model, late, case["feeds"])[0], v["refs"]["qv"]) <= 1e-5
+    sess = LoraSession(model, providers=["CPUExecutionProvider"])
+    sess.load_adapter("qv", late)
+    sess.load_adapter("ranks", out_dir / "ranks.safetensors")
+    for name in ("qv", "ranks", "qv"):
+        assert _rel(sess.run(None, case["feeds"], adapter=name)[0], v["refs"][name]) <= 1e-5, name
+    np.testing.assert_array_equal(sess.run(None, case["feeds"])[0], v["out"])
+    if form == "cat":  # a file for the other form does not fit: named inputs of another layout
+        with pytest.raises(AdapterError, match="packed projection"):  # nor serves on a plain base (MergedSession)
+            adapter_from_slot_tensors(read_adapter_tensors(out_dir / "ranks.safetensors"), "ranks")
+        with pytest.raises(LoraExportError):
+            sess.load_adapter("old", {f"{s['module']}.lora_A": np.ones((32, 2), np.float32) for s in packed})
+
+
+def _manifest(**slot) -> str:
+    base = dict(kind="linear", op="MatMul", node="n", weight="w", weight_shape=[4, 8], dtype="float32")
+    slots = [{**base, "module": m, "a": "g.lora_A", "b": "g.lora_B", **s} for m, s in slot.items()]
+    return json.dumps({"version": 1, "slots": slots, "absent": []})
+
+
+def test_packed_entries_are_checked_when_read():
+    ok = SlotManifest.from_json(_manifest(q={"packed": [0, 12]}, v={"packed": [8, 12]}))
+    assert [s.module for s in ok.packed_groups()["g.lora_A"]] == ["q", "v"]
+    assert ok.slots["q"].b_shape(3) == [3, 12] and not ok.sharing() and not ok.slots["q"].shared
+    for bad in (
+        _manifest(q={"packed": [0, 12]}, v={"packed": [2, 12]}),  # overlapping columns
+        _manifest(q={"packed": [10, 12]}),  # past the packed width
+        _manifest(q={"packed": [0, 12]}, v={"packed": [8, 16]}),  # one pair, two widths
+        _manifest(q={"packed": [0, 12]}, v={}),  # one pair, packed and not
+        _manifest(q={"packed": [0]}),
+        _manifest(q={"packed": [0, 12], "dora": "q.dora_scale"}),
+    ):
+        with pytest.raises(ModelError, match="corrupt"):
+            SlotManifest.from_json(bad)

@@ -23,6 +23,7 @@ from lora_export.cli import cli
 from lora_export.core.delta import merged_weight
 from lora_export.formats.adapter_files import read_adapter_tensors
 from lora_export.formats.peft import load_adapter
+from lora_export.graph.model.slot_manifest import SLOTS_KEY, SlotManifest
 from lora_export.graph.targets.resolve import resolve_targets
 from lora_export.graph.verbs.merge import merge_file
 
@@ -376,8 +377,21 @@ def test_read_tensors_match_the_slots(case, tmp_path):
     )
     assert code == 0, err
     tensors = read_adapter_tensors(tmp_path / "inj" / "qv.safetensors")
-    q = next(v for k, v in tensors.items() if k.endswith("layers.0.self_attn.q_proj.lora_B"))
-    assert q.shape == (2, 32)
+    # One packed op's q and v read one pair: A_cat = [A′_q | A′_v] (in, 2+2), B_cat (2+2, total) block-diagonal,
+    # each B′ in its slot's columns, zeros elsewhere (k's columns included).
+    a = next(v for k, v in tensors.items() if k.endswith("layers.0.self_attn.q_proj+v_proj.lora_A"))
+    b = next(v for k, v in tensors.items() if k.endswith("layers.0.self_attn.q_proj+v_proj.lora_B"))
+    manifest = SlotManifest.from_json(ir.load(tmp_path / "inj" / "model.onnx").metadata_props[SLOTS_KEY])
+    q, v = (
+        next(s for m, s in manifest.slots.items() if m.endswith(f"layers.0.self_attn.{p}"))
+        for p in ("q_proj", "v_proj")
+    )
+    assert a.shape == (32, 4) and b.shape == (4, q.packed[1]) and q.a == v.a
+    (qo, _), (vo, _), width = q.packed, v.packed, q.weight_shape[0]
+    assert np.abs(b[:2, qo : qo + width]).min() > 0 and np.abs(b[2:, vo : vo + v.weight_shape[0]]).min() > 0
+    b[:2, qo : qo + width] = 0
+    b[2:, vo : vo + v.weight_shape[0]] = 0
+    assert not b.any()
 
 
 def test_other_slices_stay_bit_identical_whatever_quantized_them(case, tmp_path, plugin):

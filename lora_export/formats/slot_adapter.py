@@ -3,7 +3,9 @@ adapter, for serving on a plain base model (``MergedSession``).
 
 A slot file holds, per module, ``<module>.lora_A`` = Aᵀ and ``<module>.lora_B`` = (s·B)ᵀ (linear and embedding)
 or A and s·B (conv): the scale is folded into B′, so the target's scale is 1. DoRA's ``dora_scale`` (g, computed
-from the injected model's own W₀) and VeRA's vector-only slots have no canonical form here: refused.
+from the injected model's own W₀), VeRA's vector-only slots and a packed op's concatenated pair
+(``<stem>.q_proj+v_proj.lora_A``: which columns are whose is in the model's manifest) have no canonical form
+here: refused.
 """
 
 from __future__ import annotations
@@ -33,7 +35,14 @@ def adapter_from_slot_tensors(
                 f"adapter {name!r}: {key} is {what}; serve it on the injected model (LoraSession), or give the "
                 "PEFT adapter folder"
             )
-        modules.setdefault(key[: -len(part)], {})[part] = np.asarray(arr)
+        module = key[: -len(part)]
+        if "+" in module.rsplit(".", 1)[-1]:  # graph.slots.packed_cat: the columns of several modules
+            raise AdapterError(
+                f"adapter {name!r}: {key} holds a packed projection's slots concatenated (its column blocks are "
+                "in the injected model's manifest); serve it on the injected model (LoraSession), or give the "
+                "PEFT adapter folder"
+            )
+        modules.setdefault(module, {})[part] = np.asarray(arr)
     if not modules:
         raise AdapterError(f"adapter {name!r}: no slot tensors")
     targets: dict[str, LoraTarget] = {}

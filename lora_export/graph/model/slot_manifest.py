@@ -1,7 +1,12 @@
 """The slot manifest an injected model stores (``metadata_props["lora_export.slots"]``), and its checks.
 
 One ``Slot`` per injected module: where its branch is, which inputs feed it, the shapes they take (the
-inputs themselves: ``slots``). A manifest read back from a model is checked field by field, shared inputs
+inputs themselves: ``slots``). The slots of one packed projection (a fused ``qkv_proj``) may read one
+concatenated pair (``Slot.packed``): A_cat (in, Σr) and the block-diagonal B_cat (Σr, total), each slot a
+row block of B_cat and its own columns [offset, offset + out) of the packed output; older manifests have no
+``packed`` entries, and their packed slots each read their own pair.
+
+A manifest read back from a model is checked field by field, shared inputs
 included: one that fails is corrupt, and nothing is built from it. Model loading checks it (``model_check``),
 so this module needs nothing above the model layer.
 """
@@ -38,6 +43,9 @@ class Slot:
     dora: str | None = None
     groups: int = 1
     vera: bool = False  # a VeRA vector-only slot: a and b are λ_d (r,) and λ_b (out,)
+    # [offset, total]: a slice of a packed op's output whose a/b are the op's concatenated A_cat (in, Σr) and
+    # block-diagonal B_cat (Σr, total), shared with the op's other slots (``graph.slots.packed_cat``).
+    packed: list[int] | None = None
 
     @property
     def inputs(self) -> list[str]:
@@ -51,8 +59,9 @@ class Slot:
 
     @property
     def shared(self) -> bool:
-        """Whether the slot reads a shared group's inputs (named after the group, not the module)."""
-        return self.a != f"{self.module}.lora_A"
+        """Whether the slot reads a shared group's inputs (named after the group, not the module; a packed
+        op's concatenated pair is not a shared LoRA: each slot has its own block)."""
+        return self.packed is None and self.a != f"{self.module}.lora_A"
 
     def a_shape(self, rank: int | str) -> list:
         ws = self.weight_shape
@@ -69,7 +78,7 @@ class Slot:
         if self.vera:
             return [ws[0]]
         if self.kind == "linear":
-            return [rank, ws[0]]
+            return [rank, ws[0] if self.packed is None else self.packed[1]]
         if self.kind == "embedding":
             return [rank, ws[1]]
         per_group = rank // self.groups if isinstance(rank, int) else f"{rank}/groups"
@@ -100,7 +109,10 @@ class SlotManifest:
 
     def to_json(self) -> str:
         # Fields at their defaults stay out, so models injected before VeRA keep their manifest bytes.
-        slots = [{k: v for k, v in asdict(s).items() if k != "vera" or v} for _, s in sorted(self.slots.items())]
+        slots = [
+            {k: v for k, v in asdict(s).items() if k not in ("vera", "packed") or v}
+            for _, s in sorted(self.slots.items())
+        ]
         raw = {"version": SLOTS_VERSION, "slots": slots, "absent": sorted(self.absent)}
         if self.vera is not None:
             raw["vera"] = self.vera
@@ -145,11 +157,21 @@ class SlotManifest:
         return {name: s for s in self.slots.values() for name in s.inputs}
 
     def sharing(self) -> dict[str, list[str]]:
-        """A/B input name → the modules that read it, for inputs read by more than one slot."""
+        """A/B input name → the modules that read it, for inputs read by more than one slot (a shared LoRA;
+        packed groups: ``packed_groups``)."""
         readers: dict[str, list[str]] = {}
         for s in self.slots.values():
-            readers.setdefault(s.a, []).append(s.module)
+            if s.packed is None:
+                readers.setdefault(s.a, []).append(s.module)
         return {name: sorted(ms) for name, ms in readers.items() if len(ms) > 1}
+
+    def packed_groups(self) -> dict[str, list[Slot]]:
+        """A_cat input name → the slots of that packed op, by offset (only slots with ``packed``)."""
+        groups: dict[str, list[Slot]] = {}
+        for s in self.slots.values():
+            if s.packed is not None:
+                groups.setdefault(s.a, []).append(s)
+        return {a: sorted(ss, key=lambda s: s.packed[0]) for a, ss in groups.items()}
 
 
 def sharing_problem(slots: Mapping[str, Slot]) -> str | None:
@@ -164,6 +186,14 @@ def sharing_problem(slots: Mapping[str, Slot]) -> str | None:
                     f"slots {safejson.short_repr(first.module)} and {safejson.short_repr(s.module)} share "
                     f"{safejson.short_repr(name)} but not its pair or shape"
                 )
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for s in slots.values():
+        if s.packed is not None:
+            spans.setdefault(s.a, []).append((s.packed[0], s.packed[0] + s.weight_shape[0]))
+    for name, ranges in spans.items():
+        ranges.sort()
+        if any(a[1] > b[0] for a, b in zip(ranges, ranges[1:])):
+            return f"packed slots of {safejson.short_repr(name)} overlap"
     roles = [n for s in slots.values() for n in (s.dora,) if n] + list(by_input)
     if len(roles) != len(set(roles)) or any(s.a == s.b for s in slots.values()):
         return "an input name serves two roles"
@@ -171,6 +201,8 @@ def sharing_problem(slots: Mapping[str, Slot]) -> str | None:
 
 
 def _pair_key(s: Slot) -> tuple:
+    if s.packed is not None:  # one packed op's slots: same input width and packed width, each its own columns
+        return ("packed", s.a, s.b, s.weight_shape[1], s.packed[1], s.dtype)
     return (s.a, s.b, s.kind, list(s.weight_shape), s.dtype, s.groups)
 
 
@@ -203,6 +235,11 @@ def slot_problem(slot: Slot) -> str | None:
         return f"weight_shape {safejson.short_repr(ws)} does not fit a {slot.kind} weight"
     if type(slot.groups) is not int or slot.groups < 1:
         return "groups is not a positive integer"
+    if slot.packed is not None:
+        p = slot.packed
+        ok = isinstance(p, list) and len(p) == 2 and all(type(d) is int for d in p)
+        if not ok or p[0] < 0 or p[0] + ws[0] > p[1] or slot.kind != "linear" or slot.dora or slot.vera:
+            return "packed is not [offset, total] of a linear slot's columns"
     if not floating_dtype(slot):
         return f"unsupported dtype {safejson.short_repr(slot.dtype)}"
     return None

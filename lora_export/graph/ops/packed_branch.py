@@ -1,4 +1,7 @@
-"""One LoRA branch per packed op: the q, k and v slots of one packed weight share a single side branch.
+"""One LoRA branch per packed op over per-slot inputs: the q, k and v slots of one packed weight, each with
+its own A′/B′ inputs, share a single side branch. Since ``slots.packed_cat`` inject gives plain slots one
+concatenated A_cat/B_cat pair instead (three ops, no Pad or Concat); this form serves models injected before
+that (theirs stay as written), ``packed_cat=False``, and DoRA/shared slots (DoRA is refused here).
 
 Per slice, a branch ``(x·A′)·Pad(B′)`` with its own full-width Add costs two MatMuls, a Pad of B′ and a
 full-width Add per part, at rank 0 too. Grouped, one of two forms; each slot keeps its inputs (names, shapes,

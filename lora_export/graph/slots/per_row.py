@@ -13,10 +13,11 @@ the same batched MatMuls as one adapter), unlike a masked concatenation of every
 Ranks and target sets may differ across the pool: each slot's pool is zero-padded to its largest rank (zero
 columns of A′ meet zero rows of B′: exact), and an adapter without a target has zeros there.
 
-The pass rewrites only what reads the slot inputs: Pad and Concat of the packed-projection branches get
-one more leading axis; every path must end in a MatMul that takes a per-row activation (rank ≥ 3: batch
-first), or DoRA's Mul. Anything else (a fused Attention fed a computed weight, conv, embedding, a 2-D
-activation) is refused in one line: it cannot be per-row exact.
+The pass rewrites only what reads the slot inputs: a packed projection's concatenated A_cat/B_cat pair
+(``packed_cat``) pools like any pair (its rank: the largest Σr in the pool); Pad and Concat of the per-slot
+packed branches (``packed_cat=False``) get one more leading axis; every path must end in a MatMul that takes a
+per-row activation (rank ≥ 3: batch first), or DoRA's Mul. Anything else (a fused Attention fed a computed
+weight, conv, embedding, a 2-D activation) is refused in one line: it cannot be per-row exact.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ A′/B′ (``slots/vera``); the manifest's ``vera`` entry names the shared proje
 ``r`` is the symbolic dimension ``<module>.rank``; the defaults are rank 0 (and g = 1), which is the
 base model. Modules whose adapters share one LoRA (``Adapter.shared``, LoRA-drop) share one pair of
 inputs named after the group, ``<group>.lora_A`` / ``<group>.lora_B`` (rank ``<group>.rank``): several
-slots then read the same two inputs, and an adapter file holds them once. The manifest
+slots then read the same two inputs, and an adapter file holds them once. The plain slots of one packed op
+(q/k/v of a fused ``qkv_proj``) read one concatenated pair, ``<group>.lora_A`` (in, Σr) and the block-diagonal
+``<group>.lora_B`` (Σr, total) (``packed_cat``; the manifest's ``packed`` entries). The manifest
 (``metadata_props["lora_export.slots"]``, JSON) lets ``convert`` and the runtime map a later adapter
 onto the slots without resolving the graph again.
 """
@@ -30,6 +32,7 @@ from lora_export.errors import AdapterError, DtypeError, ModelError, ShapeError,
 
 from ..match.value_match import check_stored_weight
 from ..model.slot_manifest import Slot, SlotManifest, floating_dtype
+from .packed_cat import cat_tensors, module_view
 from .vera import bind_to_slots, vector_tensors
 
 
@@ -113,6 +116,7 @@ def adapter_tensors(
     _check_shared_cover(adapter, manifest)
     tensors: dict[str, np.ndarray] = {}
     writer: dict[str, str] = {}
+    packed: dict[str, dict[str, np.ndarray]] = {}  # module → its own A′/B′, placed in its group's A_cat/B_cat
     for t in adapter:
         slot = manifest.slots.get(t.name)
         if slot is None:
@@ -122,6 +126,9 @@ def adapter_tensors(
         if stored is not None and read_weight is not None and not (quantized_ok and quantized_ok(slot, stored)):
             check_stored_weight(adapter.name, t, stored, read_weight(slot), slot.np_dtype)
         w0 = (lambda s=slot: read_weight(s)) if read_weight is not None else None
+        if slot.packed is not None:
+            packed[t.name] = slot_tensors(module_view(slot), t, w0)
+            continue
         for name, arr in slot_tensors(slot, t, w0).items():
             # A shared input is written once; every module reading it must bring the same tensor.
             if name in tensors and not np.array_equal(tensors[name], arr):
@@ -131,6 +138,7 @@ def adapter_tensors(
                 )
             tensors.setdefault(name, arr)
             writer.setdefault(name, t.name)
+    tensors.update(cat_tensors(manifest, packed))
     return tensors
 
 

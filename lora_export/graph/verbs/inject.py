@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from lora_export.core.adapter import Adapter, target_digest
 from lora_export.core.vera import projection_entry
-from lora_export.errors import AdapterError, ModelError, ShapeError, TargetError, some
+from lora_export.errors import AdapterError, ModelError, TargetError, some
 from lora_export.files.atomic import refuse_overwrite
 from lora_export.files.checks import require_regular_file
 from lora_export.files.inject_folder import (
@@ -42,7 +42,7 @@ from lora_export.formats.adapter_files import write_adapter_tensors
 from lora_export.formats.peft import adapter_files, load_adapter
 from lora_export.formats.safetensors import read_safetensors, write_safetensors
 
-from ..match.value_match import check_stored_base, quantized_holds
+from ..match.value_match import quantized_holds
 from ..model.genai_folder import genai_file_names, genai_side_files, write_genai_side_files
 from ..model.model_io import external_data_files, load_model, save_model
 from ..model.patch_save import save_patched, snapshot, start_copy
@@ -51,15 +51,16 @@ from ..model.slot_manifest import SLOTS_KEY, Slot, SlotManifest
 from ..ops.layouts import get_layout
 from ..ops.packed import PackedSlice
 from ..ops.packed_branch import add_packed_branch
+from ..slots.packed_cat import cat_plan
 from ..slots.per_row import POOL_FILE, make_per_row, pool_metadata, pool_tensors
 from ..slots.tensors import adapter_tensors, slot_stems
 from ..slots.vera import branch_factors, common_projection, projection_values, vera_slot_fields
 from ..targets.genai_names import GenaiDims, read_genai_config
-from ..targets.resolve import ResolvedTarget, resolve_targets
 from ..targets.vera_bind import bind_to_graph
 from .base_check import check_base_weights, check_resolved, slot_file_entries
 from .convert import weight_reader
 from .history_guard import history_or_refusal, merged_repeat, refuse, safe_history
+from .inject_resolve import resolve_all
 
 MODEL_NAME = "model.onnx"
 
@@ -92,61 +93,6 @@ class InjectResult:
         }
 
 
-def _resolve_all(
-    model: ir.Model, adapters: Sequence[Adapter], base_weights, genai_dims=None
-) -> tuple[dict[str, ResolvedTarget], dict[str, list[dict]], set[str]]:
-    """Resolve every adapter; refuse, listing every misfit, if any target cannot be placed."""
-    chosen: dict[str, ResolvedTarget] = {}
-    reports: dict[str, list[dict]] = {}
-    absent: set[str] = set()
-    shape_errors, target_errors = [], []
-    for adapter in adapters:
-        res = resolve_targets(model, adapter, base_weights=base_weights, genai_dims=genai_dims)
-        reports[adapter.name] = res.to_report()
-        if not res.matched and not res.unmatched:
-            target_errors.append(
-                f"{adapter.name}: none of its targets occur in the model (adapter for another model?): "
-                + some([rt.target.name for rt in res.targets], 4)
-            )
-        for rt in res.targets:
-            name = rt.target.name
-            if rt.status == "absent":
-                absent.add(name)
-            elif rt.status == "unmatched":
-                (shape_errors if rt.found_shape is not None else target_errors).append(
-                    f"{adapter.name}:{name} ({rt.detail})"
-                )
-            elif name in chosen and chosen[name].value is not rt.value:
-                target_errors.append(f"{adapter.name}:{name} (resolves to another weight than in another adapter)")
-            else:
-                check_stored_base(adapter, rt)
-                chosen.setdefault(name, rt)
-    # Across adapters too, a node applies one module: two module paths landing on it are ambiguous.
-    owner: dict[int, str] = {}
-    for name, rt in sorted(chosen.items()):
-        for node in rt.nodes:
-            other = owner.setdefault((id(node), getattr(rt.layout, "offset", None)), name)
-            if other != name:
-                target_errors.append(
-                    f"{name} (ambiguous: node {node.name!r} is also {other}; choose with --only-targets REGEX)"
-                )
-    if shape_errors:
-        raise ShapeError(f"adapter targets do not fit the model: {_listed(shape_errors)}")
-    if target_errors:
-        raise TargetError(f"adapter targets not found in the model: {_listed(target_errors)}")
-    return chosen, reports, absent - set(chosen)
-
-
-def _listed(errors: list[str], limit: int = 4) -> str:
-    """``a:x, a:y, ... (n more): <the first reason>``: reasons repeat across targets, one is enough."""
-    # Ambiguity first: those targets do occur, and the line should say so.
-    errors = sorted(errors, key=lambda e: "(ambiguous" not in e)
-    labels = [e.split(" (", 1)[0] for e in errors]
-    reason = errors[0].split(" (", 1)[1][:-1] if " (" in errors[0] else ""
-    shown = ", ".join(labels[:limit]) + (f", ... ({len(labels) - limit} more)" if len(labels) > limit else "")
-    return f"{shown}: {reason}" if reason else shown
-
-
 def _slot_input(graph: ir.Graph, name: str, dtype: ir.DataType, shape: list, default: np.ndarray) -> ir.Value:
     # The declared shape keeps the rank symbolic; the default tensor is the rank-0 instance of it.
     value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
@@ -164,6 +110,7 @@ def inject_adapters(
     dora: bool = False,
     genai_dims: GenaiDims | None = None,
     force: bool = False,
+    packed_cat: bool = True,
 ) -> InjectResult:
     """Add LoRA slots for the union of the adapters' targets to ``model`` (in place).
 
@@ -178,7 +125,8 @@ def inject_adapters(
     history records as merged already (its slot file would apply it twice), or a duplicated history, is
     refused unless ``force``; so is an adapter whose base fingerprint (``base_check``) does not match the
     weights it resolves to or ``base_weights``. Each adapter's slot files get the fingerprint of this
-    model's weights under their slots (``result.fingerprints``).
+    model's weights under their slots (``result.fingerprints``). ``packed_cat``: the slots of a packed op read
+    one concatenated A_cat/B_cat pair (``slots.packed_cat``; False: a pair per slot, the form of older models).
     """
     if not adapters:
         raise AdapterError("inject needs at least one adapter")
@@ -206,7 +154,7 @@ def inject_adapters(
     hint = "use --force to inject anyway"
     for adapter in adapters:  # before resolving by the values of --base-weights finds nothing
         check_base_weights(adapter, base_weights, force, hint)
-    chosen, reports, absent = _resolve_all(model, adapters, base_weights, genai_dims)
+    chosen, reports, absent = resolve_all(model, adapters, base_weights, genai_dims)
     for adapter in adapters:
         mine = [chosen[t.name] for t in adapter if t.name in chosen]
         check_resolved(adapter, mine, history if isinstance(history, list) else [], force, hint)
@@ -235,6 +183,9 @@ def inject_adapters(
         )
         if shared is not None:
             slots[module] = dataclasses.replace(slots[module], **vera_slot_fields(module))
+    if packed_cat and shared is None:
+        for module, fields in cat_plan(chosen, stems, dora_modules).items():
+            slots[module] = dataclasses.replace(slots[module], **fields)
     manifest = SlotManifest(slots, sorted(absent), projection_entry(shared) if shared is not None else None)
 
     # Tensors first: DoRA's g reads the base weights, which the graph edits below leave untouched anyway.
@@ -261,6 +212,7 @@ def inject_adapters(
         raise ModelError(f"the model already has a value named {clash[0]!r}, which a LoRA slot input needs")
     made: dict[str, ir.Value] = {}  # a shared group's inputs are made once, for its first module
     packed: dict[int, tuple[ir.Node, list]] = {}  # packed op → its slots, given one branch together
+    cat_done: set[str] = set()  # A_cat inputs whose packed op has its branch
     for module, slot in sorted(slots.items()):
         rt = chosen[module]
         dtype = rt.layout.activation_dtype(rt.node)
@@ -279,6 +231,11 @@ def inject_adapters(
         if not rt.nodes:
             raise TargetError(f"{module}: no node applies its weight")
         for node in rt.nodes:
+            if slot.packed is not None:  # the op's own branch over A_cat/B_cat, once for all its slots
+                if slot.a not in cat_done:
+                    cat_done.add(slot.a)
+                    rt.layout.inner.add_branch(graph, node, a, b, None)
+                continue
             if isinstance(rt.layout, PackedSlice):
                 packed.setdefault(id(node), (node, []))[1].append((rt.layout, a, b, g))
                 continue
@@ -310,6 +267,7 @@ def inject_files(
     progress: Callable[[int, int, str], None] | None = None,
     force: bool = False,
     per_row: bool = False,
+    packed_cat: bool = True,
 ) -> InjectResult:
     """``lora-export inject``: OUTDIR/model.onnx (+ external data when the base had it) and, per adapter,
     OUTDIR/<name>.onnx_adapter and OUTDIR/<name>.safetensors (<name>: ``names[i]`` where given, else the
@@ -324,6 +282,7 @@ def inject_files(
     ``progress(done, total, file name)`` is called as the files are written. ``force``: see ``inject_adapters``.
     ``per_row``: slots that hold a pool of adapters and a ``lora_adapter_ids`` input picking each row's
     (``per_row``); OUTDIR/pool.safetensors then holds the pool of these adapters (entry i+1: the i-th).
+    ``packed_cat``: see ``inject_adapters``.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -370,7 +329,13 @@ def inject_files(
             # are made (see patch_save).
             early = start_copy(copying, base_path, new / MODEL_NAME, before)
             result = inject_adapters(
-                model, adapters, base_weights=base_weights, dora=dora, genai_dims=genai_dims, force=force
+                model,
+                adapters,
+                base_weights=base_weights,
+                dora=dora,
+                genai_dims=genai_dims,
+                force=force,
+                packed_cat=packed_cat,
             )
             pool = None
             if per_row:

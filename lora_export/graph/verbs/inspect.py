@@ -183,6 +183,7 @@ def _slots(model: ir.Model) -> list[dict]:
             "weight_shape": list(s.weight_shape),
             "node": s.node,
             "inputs": s.inputs,
+            **({"packed": {"offset": s.packed[0], "total": s.packed[1]}} if s.packed is not None else {}),
         }
         for _, s in sorted(manifest.slots.items())
     ]
