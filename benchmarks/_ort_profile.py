@@ -6,6 +6,7 @@ line by line keeps memory flat for traces of hundreds of MB (a decode step of a 
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 
@@ -35,3 +36,30 @@ def kernel_us_per_run(trace: str, remove: bool = True) -> list[tuple[float, int]
     if remove:
         os.remove(trace)
     return runs
+
+
+class Traced:
+    """A ``LoraSession`` whose every ``run`` is labelled (first argument), so that its profiled runs can be
+    told apart afterwards; labels are ``(route, rep)`` or None (not counted)."""
+
+    def __init__(self, session, profiled: bool) -> None:
+        self.session, self.profiled, self.labels = session, profiled, []
+
+    def run(self, label, *args, **kw):
+        self.labels.append(label)
+        return self.session.run(*args, **kw)
+
+    def kernel_ms(self) -> tuple[dict, dict]:
+        """({label: kernel ms summed over its runs}, {label: node events per run}); ends profiling."""
+        if not self.profiled:
+            return {}, {}
+        runs = kernel_us_per_run(self.session.session.end_profiling())
+        if len(runs) != len(self.labels):
+            raise RuntimeError(f"profile has {len(runs)} runs, {len(self.labels)} were made")
+        ms: dict = collections.defaultdict(float)
+        nodes: dict = collections.defaultdict(set)
+        for label, (us, n) in zip(self.labels, runs):
+            if label is not None:
+                ms[label] += us / 1000
+                nodes[label[0]].add(n)
+        return ms, {k: sorted(v) for k, v in nodes.items()}

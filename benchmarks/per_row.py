@@ -28,7 +28,6 @@ Run: .venv/bin/python benchmarks/per_row.py [--quick] [--workdir DIR] [--decode-
 from __future__ import annotations
 
 import argparse
-import collections
 import copy
 import json
 import os
@@ -194,33 +193,9 @@ def options(threads: int = 2, profile: str | None = None) -> ort.SessionOptions:
     return _ort_profile.enable(so, profile) if profile else so
 
 
-class Traced:
-    """A LoraSession whose every ``run`` is labelled, so the profiler's runs can be told apart afterwards."""
-
-    def __init__(self, session: LoraSession, profiled: bool) -> None:
-        self.session, self.profiled, self.labels = session, profiled, []
-
-    def run(self, label, *args, **kw):
-        self.labels.append(label)
-        return self.session.run(*args, **kw)
-
-    def kernel_ms(self) -> tuple[dict, dict]:
-        """({label: kernel ms summed over its runs}, {label: node events per run}); ends profiling."""
-        if not self.profiled:
-            return {}, {}
-        runs = _ort_profile.kernel_us_per_run(self.session.session.end_profiling())
-        if len(runs) != len(self.labels):
-            raise RuntimeError(f"profile has {len(runs)} runs, {len(self.labels)} were made")
-        ms: dict = collections.defaultdict(float)
-        nodes: dict = collections.defaultdict(set)
-        for label, (us, n) in zip(self.labels, runs):
-            if label is not None:
-                ms[label] += us / 1000
-                nodes[label[0]].add(n)
-        return ms, {k: sorted(v) for k, v in nodes.items()}
-
-
-def sessions(work: Path, adapters: list[str], profile: str | None) -> tuple[Traced, Traced, dict]:
+def sessions(
+    work: Path, adapters: list[str], profile: str | None
+) -> tuple[_ort_profile.Traced, _ort_profile.Traced, dict]:
     """Sessions with the 8 adapters and with 64 resident (a0's tensors rescaled for the other 56)."""
     model, served = work / "served" / "model.onnx", work / "served"
     so8, so64 = (options(profile=f"{profile}_{n}" if profile else None) for n in (8, 64))
@@ -237,10 +212,10 @@ def sessions(work: Path, adapters: list[str], profile: str | None) -> tuple[Trac
         sess64.load_adapter(f"x{i}", {k: v * np.float32(1 + i / 100) for k, v in extra.items()})
     pool_mb = sum(v.nbytes for v in sess64.pool._arrays.values()) / 2**20
     info = {"load_adapter_s": round(load_s, 3), "pool_mb_64": round(pool_mb, 1)}
-    return Traced(sess8, profile is not None), Traced(sess64, profile is not None), info
+    return _ort_profile.Traced(sess8, profile is not None), _ort_profile.Traced(sess64, profile is not None), info
 
 
-def checks(cfg, inputs, feeds, sess8: Traced, peft, base, base_ort, adapters) -> dict:
+def checks(cfg, inputs, feeds, sess8: _ort_profile.Traced, peft, base, base_ort, adapters) -> dict:
     """Every row of (a) vs PEFT with that row's adapter alone; rows without an adapter vs the plain base."""
     wrapped = WithPast(peft, cfg["layers"])
     got = sess8.run(None, ["logits"], feeds, adapters=adapters)[0]
