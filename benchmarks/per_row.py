@@ -296,20 +296,25 @@ def measure(cfg, past, new, reps, sess, peft, base, base_ort, adapters, peft_rep
     return got, found
 
 
-def summarize(per_rep: dict) -> tuple[dict, dict]:
-    """({metric: {route: median ms}}, {ratio: {metric: median of per-rep ratios}})."""
+def summarize(per_rep: dict) -> tuple[dict, dict, dict]:
+    """({metric: {route: median ms}}, {ratio: {metric: median of per-rep ratios}}, {ratio: {metric: their
+    quartiles [q1, q3]}}): the quartiles say how steady a ratio was over the reps."""
     medians = {
         m: {k: round(statistics.median(x for x in v if x is not None), 2) for k, v in routes.items()}
         for m, routes in per_rep.items()
     }
     ratios: dict = {}
+    spread: dict = {}
     for name, (num, den) in RATIOS.items():
         for m, routes in per_rep.items():
             if num in routes and den in routes:
                 pairs = [n / d for n, d in zip(routes[num], routes[den]) if n is not None and d is not None]
                 if pairs:
                     ratios.setdefault(name, {})[m] = round(statistics.median(pairs), 4)
-    return medians, ratios
+                if len(pairs) > 1:
+                    q = statistics.quantiles(pairs, n=4)
+                    spread.setdefault(name, {})[m] = [round(q[0], 4), round(q[2], 4)]
+    return medians, ratios, spread
 
 
 def main() -> None:
@@ -347,16 +352,18 @@ def main() -> None:
             print(f"{phase}: {summarize(results[phase])} {found[phase]}", file=sys.stderr, flush=True)
     summary = {phase: summarize(r) for phase, r in results.items()}
     table = []
-    for phase, (medians, _) in summary.items():
+    for phase, (medians, _, _) in summary.items():
         for k in medians["wall"]:
             table.append([phase, k, *(f"{medians[m][k]:.1f}" if k in medians.get(m, {}) else "-" for m in METRICS)])
     print_table(["step", "route", "wall ms", "cpu ms", "kernel ms"], table)
     print()
     rows = []
-    for phase, (_, ratios) in summary.items():
+    for phase, (_, ratios, spread) in summary.items():
         for name, by in ratios.items():
-            rows.append([phase, name, *(f"{by[m]:.3f}" if m in by else "-" for m in METRICS)])
-    print_table(["step", "ratio (median of per-rep)", *METRICS], rows)
+            q = spread.get(name, {})
+            cell = {m: f"{by[m]:.3f}" + (f" [{q[m][0]:.3f}-{q[m][1]:.3f}]" if m in q else "") for m in by}
+            rows.append([phase, name, *(cell.get(m, "-") for m in METRICS)])
+    print_table(["step", "ratio: median of per-rep [quartiles]", *METRICS], rows)
     print("checks:", found)
     print("load average (1, 5, 15 min):", load)
     data = {
@@ -375,6 +382,7 @@ def main() -> None:
         "peft_reps": args.peft_reps,
         "median_ms": {phase: s[0] for phase, s in summary.items()},
         "ratios": {phase: s[1] for phase, s in summary.items()},
+        "ratio_quartiles": {phase: s[2] for phase, s in summary.items()},
         "per_rep_ms": results,
         "checks": found,
         "build": {**build_info, **session_info},
