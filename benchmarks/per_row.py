@@ -12,15 +12,18 @@ Routes:
 Checks: every row of (a) against PEFT with that row's adapter alone; rows without an adapter (all rows, and
 the None rows of a batch mixing adapters and None) against plain ONNX Runtime on the exported base model.
 
-Three figures per route and repetition, all from the same call: wall time, the process's CPU time (all
-threads; ORT's workers do not spin, so this is work done), and the sum of node kernel times in ONNX Runtime's
-profiler (PyTorch routes: no kernel time). On a shared machine whole-step wall time moves by several percent;
-CPU and kernel times are steadier. Each rep runs every route once, in an order rotated per rep; ratios are
-medians of per-rep ratios. Results: a table, and JSON with machine details and load averages in
+Four figures per route and repetition, all from the same call: wall time; the process's CPU time (all
+threads; ORT's workers do not spin, so this is work done); the calling thread's CPU time (with ``--threads 1``
+ONNX Runtime and PyTorch compute on that thread, so this is all the work, and a thread that waits for the
+core does not count: the steadiest figure on a shared machine); the sum of node kernel times in ONNX
+Runtime's profiler (wall time inside kernels; PyTorch routes: none). On a shared machine whole-step wall
+time moves by several percent from rep to rep; CPU times move less. Each rep runs every route once, in an
+order rotated per rep; ratios are medians of per-rep ratios (with their quartiles). Results: a table, and JSON with machine details and load averages in
 benchmarks/results/per_row-<host>-<date>.json.
 
 Run: .venv/bin/python benchmarks/per_row.py [--quick] [--workdir DIR] [--decode-reps N] [--prefill-reps N]
      [--peft-reps N]
+     [--threads N] [--no-profile]
 ``--workdir``: keep the exported and injected model and the adapters there and reuse them on the next run
 (the build is deterministic; the exactness checks confirm a reused one).
 """
@@ -67,7 +70,7 @@ RATIOS = {
     "b_over_base_time": ("b_one", "base_no_adapter"),
     "peft_throughput_mixed_over_one": ("peft_one", "peft_mixed"),
 }
-METRICS = ("wall", "cpu", "kernel")
+METRICS = ("wall", "cpu", "thread_cpu", "kernel")
 
 
 class WithPast(torch.nn.Module):
@@ -194,11 +197,11 @@ def options(threads: int = 2, profile: str | None = None) -> ort.SessionOptions:
 
 
 def sessions(
-    work: Path, adapters: list[str], profile: str | None
+    work: Path, adapters: list[str], profile: str | None, threads: int
 ) -> tuple[_ort_profile.Traced, _ort_profile.Traced, dict]:
     """Sessions with the 8 adapters and with 64 resident (a0's tensors rescaled for the other 56)."""
     model, served = work / "served" / "model.onnx", work / "served"
-    so8, so64 = (options(profile=f"{profile}_{n}" if profile else None) for n in (8, 64))
+    so8, so64 = (options(threads, f"{profile}_{n}" if profile else None) for n in (8, 64))
     sess8 = LoraSession(model, providers=["CPUExecutionProvider"], sess_options=so8)
     sess64 = LoraSession(model, providers=["CPUExecutionProvider"], sess_options=so64)
     for a in adapters:
@@ -274,17 +277,18 @@ def measure(cfg, past, new, reps, sess, peft, base, base_ort, adapters, peft_rep
         if not k.startswith("peft") or peft_reps > 1:
             print(f"  warm-up {'decode' if past else 'prefill'} {k}", file=sys.stderr, flush=True)
             fn(None)
-    got: dict = {m: {k: [None] * reps for k in routes} for m in ("wall", "cpu")}
+    got: dict = {m: {k: [None] * reps for k in routes} for m in ("wall", "cpu", "thread_cpu")}
     names = list(routes)
     for rep in range(reps):
         order = names[rep % len(names) :] + names[: rep % len(names)]
         for k in order:
             if k.startswith("peft") and rep >= peft_reps:
                 continue
-            c, t = time.process_time(), time.perf_counter()
+            c, tc, t = time.process_time(), time.thread_time(), time.perf_counter()
             routes[k]((k, rep))
             got["wall"][k][rep] = (time.perf_counter() - t) * 1000
             got["cpu"][k][rep] = (time.process_time() - c) * 1000
+            got["thread_cpu"][k][rep] = (time.thread_time() - tc) * 1000
         print(f"  rep {rep + 1}/{reps} load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     got["kernel"], nodes = {}, {}
     for s in sess:
@@ -325,24 +329,29 @@ def main() -> None:
     ap.add_argument("--prefill-reps", type=int, default=5)
     ap.add_argument("--decode-reps", type=int, default=None, help="default: 12 (--quick: 5)")
     ap.add_argument("--peft-reps", type=int, default=None, help="PyTorch reps (default: as ours; 0: none)")
+    ap.add_argument(
+        "--threads", type=int, default=2, help="ORT intra-op and PyTorch threads (1: thread_cpu is all work)"
+    )
     ap.add_argument("--no-profile", action="store_true", help="no ORT profiler (no kernel times)")
     args = ap.parse_args()
     cfg = QUICK if args.quick else FULL
     reps = {"prefill": args.prefill_reps, "decode": args.decode_reps or (5 if args.quick else 12)}
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     load = {"start": os.getloadavg()}
     results, found, session_info = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         base, peft, adapters, build_info = build(cfg, work)
-        base_ort = ort.InferenceSession(str(work / "base.onnx"), options(), providers=["CPUExecutionProvider"])
+        base_ort = ort.InferenceSession(
+            str(work / "base.onnx"), options(args.threads), providers=["CPUExecutionProvider"]
+        )
         steps = {"decode": (PAST, 1), "prefill": (0, PROMPT)}
         for phase in args.steps.split(","):
             past, new = steps[phase]
             peft_reps = reps[phase] if args.peft_reps is None else min(args.peft_reps, reps[phase])
             profile = None if args.no_profile else f"{tmp}/per_row_{phase}"
-            sess8, sess64, session_info = sessions(work, adapters, profile)
+            sess8, sess64, session_info = sessions(work, adapters, profile, args.threads)
             load[f"{phase}_before"] = os.getloadavg()
             results[phase], found[phase] = measure(
                 cfg, past, new, reps[phase], (sess8, sess64), peft, base, base_ort, adapters, peft_reps
@@ -355,7 +364,7 @@ def main() -> None:
     for phase, (medians, _, _) in summary.items():
         for k in medians["wall"]:
             table.append([phase, k, *(f"{medians[m][k]:.1f}" if k in medians.get(m, {}) else "-" for m in METRICS)])
-    print_table(["step", "route", "wall ms", "cpu ms", "kernel ms"], table)
+    print_table(["step", "route", *(f"{m} ms" for m in METRICS)], table)
     print()
     rows = []
     for phase, (_, ratios, spread) in summary.items():
@@ -380,6 +389,7 @@ def main() -> None:
         "quick": args.quick,
         "reps": reps,
         "peft_reps": args.peft_reps,
+        "threads": args.threads,
         "median_ms": {phase: s[0] for phase, s in summary.items()},
         "ratios": {phase: s[1] for phase, s in summary.items()},
         "ratio_quartiles": {phase: s[2] for phase, s in summary.items()},
@@ -387,7 +397,8 @@ def main() -> None:
         "checks": found,
         "build": {**build_info, **session_info},
     }
-    print("wrote", write_results("per_row" + ("-quick" if args.quick else ""), data))
+    name = "per_row" + ("-quick" if args.quick else "") + ("" if args.threads == 2 else f"-{args.threads}thread")
+    print("wrote", write_results(name, data))
 
 
 if __name__ == "__main__":
