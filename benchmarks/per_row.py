@@ -18,8 +18,8 @@ ONNX Runtime and PyTorch compute on that thread, so this is all the work, and a 
 core does not count: the steadiest figure on a shared machine); the sum of node kernel times in ONNX
 Runtime's profiler (wall time inside kernels; PyTorch routes: none). On a shared machine whole-step wall
 time moves by several percent from rep to rep; CPU times move less. Each rep runs every route once, in an
-order rotated per rep; ratios are medians of per-rep ratios (with their quartiles). Results: a table, and JSON with machine details and load averages in
-benchmarks/results/per_row-<host>-<date>.json.
+order rotated per rep; ratios are medians of per-rep ratios (with their quartiles). Results: a table, and
+JSON with machine details and load averages in benchmarks/results/per_row[-<N>thread]-<host>-<date>.json.
 
 Run: .venv/bin/python benchmarks/per_row.py [--quick] [--workdir DIR] [--decode-reps N] [--prefill-reps N]
      [--peft-reps N]
