@@ -19,11 +19,11 @@ core does not count: the steadiest figure on a shared machine); the sum of node 
 Runtime's profiler (wall time inside kernels; PyTorch routes: none). On a shared machine whole-step wall
 time moves by several percent from rep to rep; CPU times move less. Each rep runs every route once, in an
 order rotated per rep; ratios are medians of per-rep ratios (with their quartiles). Results: a table, and
-JSON with machine details and load averages in benchmarks/results/per_row[-<N>thread]-<host>-<date>.json.
+JSON with machine details and load averages in benchmarks/results/per_row[-<N>thread]-<host>-<date>.json
+(``-<N>thread`` when ``--threads`` is not 1, the default).
 
 Run: .venv/bin/python benchmarks/per_row.py [--quick] [--workdir DIR] [--decode-reps N] [--prefill-reps N]
-     [--peft-reps N]
-     [--threads N] [--no-profile]
+     [--peft-reps N] [--threads N] [--no-profile]
 ``--workdir``: keep the exported and injected model and the adapters there and reuse them on the next run
 (the build is deterministic; the exactness checks confirm a reused one).
 """
@@ -330,7 +330,7 @@ def main() -> None:
     ap.add_argument("--decode-reps", type=int, default=None, help="default: 12 (--quick: 5)")
     ap.add_argument("--peft-reps", type=int, default=None, help="PyTorch reps (default: as ours; 0: none)")
     ap.add_argument(
-        "--threads", type=int, default=2, help="ORT intra-op and PyTorch threads (1: thread_cpu is all work)"
+        "--threads", type=int, default=1, help="ORT intra-op and PyTorch threads (1: thread_cpu is all the work)"
     )
     ap.add_argument("--no-profile", action="store_true", help="no ORT profiler (no kernel times)")
     args = ap.parse_args()
@@ -397,7 +397,7 @@ def main() -> None:
         "checks": found,
         "build": {**build_info, **session_info},
     }
-    name = "per_row" + ("-quick" if args.quick else "") + ("" if args.threads == 2 else f"-{args.threads}thread")
+    name = "per_row" + ("-quick" if args.quick else "") + ("" if args.threads == 1 else f"-{args.threads}thread")
     print("wrote", write_results(name, data))
 
 
