@@ -18,13 +18,14 @@ CPU ONNX Runtime prepacks constant MatMul weights per session and its Python API
 weights (no PrepackedWeightsContainer), so measured on the 220M model (RSS growth; weights 838 MiB):
 main session alone 1161 MiB; with the twin 2341 MiB (raw weights kept for sharing + two packed copies);
 twin without prepacking ~1650 MiB but 17% slower. The twin is no faster than the rank-0 branches
-(1.002 × base), so it is off by default: it buys nothing on CPU for one more copy of the weights. On CUDA
+(1.002 × base) there, so it is off by default; on a packed int4 decode step (genai builder) rank-0 branches
+cost +1.9 % by kernel time and the twin none (benchmarks/packed_branch.py): turn it on where that matters
+more than one more copy of the weights. On CUDA
 it is untested, and the shared arrays stay in host memory (each session copies them to the device).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -52,35 +53,7 @@ from ..graph.verbs.history_guard import (
 )
 from .feeds import ORT_TYPES, batch_size, checked_feeds, listed, requested_outputs, run_bound
 from .pool import AdapterPool, checked_rows, pool_value_factory
-
-
-@functools.cache
-def cuda_works() -> bool:
-    """True when a session actually runs on the CUDA EP (listed is not enough: its libraries may be missing)."""
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False
-    # A failed CUDA library load is logged by ORT's process-wide logger, whatever the session's level;
-    # silence it for the probe: falling back to the CPU is the expected outcome on machines without a GPU.
-    ort.set_default_logger_severity(4)
-    try:
-        return _probe_providers(["CUDAExecutionProvider", "CPUExecutionProvider"])[:1] == ["CUDAExecutionProvider"]
-    except Exception:  # noqa: BLE001 - any failure means CUDA is unusable here
-        return False
-    finally:
-        ort.set_default_logger_severity(2)  # ORT's default: warnings and above
-
-
-def _probe_providers(providers: list[str]) -> list[str]:
-    """The providers a one-node session actually gets."""
-    from onnx import TensorProto, helper
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-    so = ort.SessionOptions()
-    so.log_severity_level = 4
-    return ort.InferenceSession(model.SerializeToString(), so, providers=providers).get_providers()
+from .providers import cuda_works  # noqa: F401 - re-exported: where callers have always found it
 
 
 class LoraSession:
