@@ -6,13 +6,17 @@ The operations are merge's, in merge's order and operand layouts (see ``graph.me
   stored as W (out, in)   (Gemm transB=1, MatMul through a Transpose):  W₀ + (B·A)·s
   stored as Wᵀ (in, out)  (MatMul, Gemm transB=0):                        W₀ᵀ + (Aᵀ·Bᵀ)·s
 (``tests/test_merged_session.py`` compares every switched weight with merge's file bit for bit.) Everything
-else (DoRA, packed slices, fp16/bf16, quantized or plugin layouts) takes the general path.
+else (DoRA, packed slices, fp16/bf16, quantized or plugin layouts) takes the general path. Also here: the
+OrtValues over the session's buffers, and the copy into a buffer that holds the weight transposed.
 """
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
+import onnxruntime as ort
 
+from ..errors import DtypeError
 from ..graph.ops.layouts import GemmLayout, MatMulLayout
 from ..graph.targets.resolve import ResolvedTarget
 
@@ -50,3 +54,41 @@ def fold_into(r: ResolvedTarget, transposed: bool, w0: np.ndarray, out: np.ndarr
         np.matmul(b, a, out=scratch)
     np.multiply(scratch, s, out=scratch)
     np.add(w0, scratch, out=out)
+
+
+class Transposer:
+    """Writes a float32 matrix's transpose into an OrtValue's memory with ONNX Runtime's own Transpose
+    (single-threaded; ~0.15 ms for 768×768 where numpy's strided copy takes ~0.7 ms). A copy: bits unchanged."""
+
+    def __init__(self) -> None:
+        from onnx import helper
+
+        graph = helper.make_graph(
+            [helper.make_node("Transpose", ["x"], ["y"], perm=[1, 0])],
+            "transpose",
+            [helper.make_tensor_value_info("x", 1, ["r", "c"])],
+            [helper.make_tensor_value_info("y", 1, ["c", "r"])],
+        )
+        model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 13)])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.log_severity_level = 3
+        self._session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    def __call__(self, src: np.ndarray, dst) -> None:
+        """``dst`` (an OrtValue of shape ``src.shape[::-1]``) ← ``src``ᵀ."""
+        src = np.ascontiguousarray(src, dtype=np.float32)
+        binding = self._session.io_binding()
+        binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(src))
+        binding.bind_ortvalue_output("y", dst)
+        self._session.run_with_iobinding(binding)
+
+
+def ort_value(arr: np.ndarray, device: str) -> ort.OrtValue:
+    """An OrtValue over ``arr``'s memory (CPU), or a device copy of it."""
+    if arr.dtype == ml_dtypes.bfloat16:
+        # ortvalue_from_numpy refuses numpy's opaque bfloat16: hand ORT the bits with the ONNX type.
+        if device != "cpu":
+            raise DtypeError("bfloat16 weights on a device: not supported by MergedSession; use the CPU provider")
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr.view(np.uint16), 16)
+    return ort.OrtValue.ortvalue_from_numpy(arr, device, 0)
