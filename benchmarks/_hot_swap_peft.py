@@ -12,13 +12,17 @@ def _median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
 
-def peft_swap(work: Path, cycles: int) -> dict:
-    """PEFT's swap in PyTorch: unmerge the active adapter, merge the other (merge_adapter/unmerge_adapter)."""
+def peft_swap(work: Path, cycles: int, threads: int = 1) -> dict:
+    """PEFT's swap in PyTorch: unmerge the active adapter, merge the other (merge_adapter/unmerge_adapter).
+
+    ``threads``: torch threads (1, as numpy's BLAS for the switch: on a busy 2-core VM two OpenMP threads made
+    each of the swap's small products wait on a descheduled thread: 0.4–2.7 s per swap instead of ~40 ms
+    on the 162M model, 2026-12-07)."""
     import torch
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     base = LlamaForCausalLM.from_pretrained(work / "torch_base", torch_dtype=torch.float32).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,5 +1,5 @@
 """Benchmark ``MergedSession``'s in-place adapter switch on a LLaMA (fp32, external data, r=16 q/v adapters):
-162M (``--size 162m``, default) or ~1.1B (``--size 1b``: hidden 2048, 16 layers, 4.4 GB; fewer rounds).
+162M (``--size 162m``, default) or 954M (``--size 1b``: hidden 2048, 16 layers, 3.8 GB; fewer rounds).
 
 Measures, on one machine in one run:
   switch    MergedSession.switch(a1 | a2), alternating (24 q/v weights recomputed from pristine W₀ and written)
@@ -52,7 +52,7 @@ SIZES = {
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16),
 }
 # Run counts per size (switches, rounds, peft cycles, steady rounds, reloads): a 1B run costs ~10x more.
-COUNTS = {"162m": (10000, 20, 200, 20, 5), "1b": (30, 4, 6, 4, 3)}
+COUNTS = {"162m": (10000, 20, 30, 40, 5), "1b": (30, 4, 6, 6, 3)}
 CONFIG = dict(vocab_size=32000, max_position_embeddings=512, tie_word_embeddings=False, **SIZES["162m"])
 RANK = 16
 TARGETS = ["q_proj", "v_proj"]
@@ -274,20 +274,25 @@ def steady(work: Path, rounds: int, previous: bool) -> dict:
     for s in sessions.values():
         if isinstance(s, MergedSession):
             s.switch("a1")
-    runs = interleaved({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}, rounds)
+    fns = {k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}
+    # Kernel times from a few profiled rounds; then the profiler is off and the thread-CPU rounds run.
+    interleaved(fns, max(3, rounds // 3))
     nodes = reading_nodes(work / "merged_a1.onnx", set(ms.targeted_initializers))
     kernels = {}
     for k, s in sessions.items():
         kernels[k] = kernel_rounds((s._session if isinstance(s, MergedSession) else s).end_profiling(), nodes, 1)
-    base = kernels["plain_merged_file"]
+    runs = interleaved(fns, rounds)
+    base, cpu0 = kernels["plain_merged_file"], runs["plain_merged_file"]["cpu"]
     out = {"rounds": rounds, "targeted_nodes": len(nodes)}
     for k in sessions:
         out[k] = {
             "thread_cpu_ms": _median_ms(runs[k]["cpu"]),
+            "thread_cpu_min_ms": min(runs[k]["cpu"]) * 1000,
             "wall_ms": _median_ms(runs[k]["wall"]),
             "targeted_kernels_ms": _median_ms(kernels[k][0]),
             "all_kernels_ms": _median_ms(kernels[k][1]),
-            "thread_cpu_ratio": ratio(runs[k]["cpu"], runs["plain_merged_file"]["cpu"]),
+            "thread_cpu_ratio": ratio(runs[k]["cpu"], cpu0),
+            "thread_cpu_min_ratio": min(runs[k]["cpu"]) / min(cpu0),
             "targeted_kernels_ratio": ratio(kernels[k][0], base[0]),
             "all_kernels_ratio": ratio(kernels[k][1], base[1]),
         }
@@ -300,8 +305,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--switches", type=int, help="drift cycles (default 10000; 1b: 30)")
     ap.add_argument("--rounds", type=int, help="interleaved run rounds (default 20; 1b: 4)")
-    ap.add_argument("--peft-cycles", type=int, help="PEFT swaps (default 200; 1b: 6)")
-    ap.add_argument("--steady-rounds", type=int, help="single-threaded profiled rounds (default 20; 1b: 4)")
+    ap.add_argument("--peft-cycles", type=int, help="PEFT swaps (default 30; 1b: 6)")
+    ap.add_argument("--steady-rounds", type=int, help="single-threaded rounds (default 40; 1b: 6)")
     ap.add_argument("--setup-only", action="store_true", help="build the models in --workdir and stop")
     ap.add_argument("--blas-threads", default="1", help="OPENBLAS_NUM_THREADS for this run (set before numpy loads)")
     ap.add_argument("--child", choices=["plain", "merged"])
@@ -349,11 +354,11 @@ def main() -> None:
         ["reload (new session on merged file)", f"{m['reload_ms']:.0f} ms", "1x", ""],
         ["merge_file + new session", f"{m['merge_and_reload_ms']:.0f} ms", "", ""],
         ["lora-export merge (CLI wall)", f"{m['merge_cli_wall_ms']:.0f} ms", "", ""],
-        ["PEFT unmerge+merge swap (PyTorch)", f"{p['swap_ms']:.1f} ms", "", ""],
+        ["PEFT unmerge+merge swap (PyTorch, 1 thread)", f"{p['swap_ms']:.1f} ms", "", ""],
         ["run after switch (wall)", f"{runs['merged_session']:.1f} ms", f"{ratio_run:.3f}x plain", "<= 1.05x"],
         ["run, plain session on merged file", f"{runs['plain_merged_file']:.1f} ms", "1x", ""],
         ["run after switch, 1 thread (thread CPU)", f"{ms_steady['thread_cpu_ms']:.1f} ms",
-         f"{ms_steady['thread_cpu_ratio']:.3f}x plain", "<= 1.05x"],
+         f"{ms_steady['thread_cpu_ratio']:.3f}x plain (min {ms_steady['thread_cpu_min_ratio']:.3f}x)", "<= 1.05x"],
         ["  its q/v kernels (ORT profiler)", f"{ms_steady['targeted_kernels_ms']:.2f} ms",
          f"{ms_steady['targeted_kernels_ratio']:.3f}x prepacked", ""],
     ]  # fmt: skip
