@@ -58,30 +58,51 @@ def fold_into(r: ResolvedTarget, transposed: bool, w0: np.ndarray, out: np.ndarr
 
 class Transposer:
     """Writes a float32 matrix's transpose into an OrtValue's memory with ONNX Runtime's own Transpose
-    (single-threaded; ~0.15 ms for 768×768 where numpy's strided copy takes ~0.7 ms). A copy: bits unchanged."""
+    (single-threaded; a copy: bits unchanged). A matrix whose sides are multiples of 64 is moved in 64×64 tiles
+    (a 4-D transpose of the same memory): a plain transpose of a 2048×2048 matrix, rows 8 KiB apart, thrashes
+    the cache (10–15 ms; tiled 6 ms; numpy's strided copy 38 ms). 768×768: 0.15 ms."""
+
+    _TILE = 64
 
     def __init__(self) -> None:
         from onnx import helper
 
-        graph = helper.make_graph(
-            [helper.make_node("Transpose", ["x"], ["y"], perm=[1, 0])],
-            "transpose",
-            [helper.make_tensor_value_info("x", 1, ["r", "c"])],
-            [helper.make_tensor_value_info("y", 1, ["c", "r"])],
-        )
-        model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 13)])
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         so.log_severity_level = 3
-        self._session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self._sessions = {}
+        for rank, perm in ((2, [1, 0]), (4, [2, 3, 0, 1])):
+            dims = [f"d{i}" for i in range(rank)]
+            graph = helper.make_graph(
+                [helper.make_node("Transpose", ["x"], ["y"], perm=perm)],
+                "transpose",
+                [helper.make_tensor_value_info("x", 1, dims)],
+                [helper.make_tensor_value_info("y", 1, [dims[i] for i in perm])],
+            )
+            model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 13)])
+            self._sessions[rank] = ort.InferenceSession(
+                model.SerializeToString(), so, providers=["CPUExecutionProvider"]
+            )
 
-    def __call__(self, src: np.ndarray, dst) -> None:
+    def __call__(self, src: np.ndarray, dst: ort.OrtValue) -> None:
         """``dst`` (an OrtValue of shape ``src.shape[::-1]``) ← ``src``ᵀ."""
         src = np.ascontiguousarray(src, dtype=np.float32)
-        binding = self._session.io_binding()
-        binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(src))
-        binding.bind_ortvalue_output("y", dst)
-        self._session.run_with_iobinding(binding)
+        rows, cols = src.shape
+        t = self._TILE
+        if rows % t == 0 and cols % t == 0 and min(rows, cols) > t:
+            # src as (rows/t, t, cols/t, t) tiles; dst's memory as (cols/t, t, rows/t, t): dst tile (j, i) = src
+            # tile (i, j) transposed, i.e. perm (2, 3, 0, 1).
+            x = src.reshape(rows // t, t, cols // t, t)
+            session, shape = self._sessions[4], [cols // t, t, rows // t, t]
+        else:
+            x, session, shape = src, self._sessions[2], None
+        binding = session.io_binding()
+        binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(x))
+        if shape is None:
+            binding.bind_ortvalue_output("y", dst)
+        else:
+            binding.bind_output("y", "cpu", 0, np.float32, shape, dst.data_ptr())
+        session.run_with_iobinding(binding)
 
 
 def ort_value(arr: np.ndarray, device: str) -> ort.OrtValue:
