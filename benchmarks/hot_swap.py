@@ -12,7 +12,8 @@ Measures, on one machine in one run:
   peft      PEFT's unmerge → set_adapter → merge swap in PyTorch (time, and its drift after the same cycles)
   steady    the run ratio again with single-threaded sessions, timed by the calling thread's CPU time and by
             ORT's profiler (kernel times of the MatMuls that read switched weights vs their prepacked twins):
-            steadier than wall time on a shared machine (162m: also the previous, untransposed feed)
+            steadier than wall time on a shared machine; beside it MergedSession with the other transpose_feeds
+  switch2   switches of that other MergedSession (its weights fed (un)transposed), for the trade-off
 
 BLAS runs single-threaded here (``--blas-threads``, default 1, set before numpy loads): the rank-16 products are
 too small to split, and on a busy 2-core VM OpenBLAS's spinning threads made one 768×16·16×768 product take
@@ -245,12 +246,11 @@ def measure(work: Path, switches: int, rounds: int, reloads: int, noprepacking: 
     return out
 
 
-def steady(work: Path, rounds: int, previous: bool) -> dict:
+def steady(work: Path, rounds: int, other: bool) -> dict:
     """Run ratios from single-threaded sessions: thread CPU time and ORT's per-kernel times (see the docstring).
-    ``previous``: also a MergedSession feeding the weights untransposed to a plain MatMul (before 2026-12-07)."""
+    ``other``: also a MergedSession with the other choice of ``transpose_feeds`` than its default."""
     import onnxruntime as ort
 
-    import lora_export.runtime.merged_session as msm
     from lora_export import MergedSession
 
     prof = work / "profiles"
@@ -259,21 +259,19 @@ def steady(work: Path, rounds: int, previous: bool) -> dict:
     cpu = ["CPUExecutionProvider"]
     plain = ort.InferenceSession(str(work / "merged_a1.onnx"), session_options(prof / "plain"), providers=cpu)
     sessions = {"plain_merged_file": plain}
-    ms = MergedSession(work / "base.onnx", cpu, adapters={"a1": work / "a1"}, sess_options=session_options(prof / "ms"))
+    both = {"a1": work / "a1", "a2": work / "a2"}
+    ms = MergedSession(work / "base.onnx", cpu, adapters=both, sess_options=session_options(prof / "ms"))
     sessions["merged_session"] = ms
-    if previous:
-        real = msm.session_model
-        msm.session_model = lambda *a, **k: real(*a, **{**k, "transpose": False})
-        try:
-            old = MergedSession(
-                work / "base.onnx", cpu, adapters={"a1": work / "a1"}, sess_options=session_options(prof / "old")
-            )
-        finally:
-            msm.session_model = real
-        sessions["merged_session_untransposed_feed"] = old
-    for s in sessions.values():
-        if isinstance(s, MergedSession):
-            s.switch("a1")
+    if other:  # the other choice of transpose_feeds (default: weights of up to 4 MiB fed transposed)
+        flip = not ms._flipped
+        key = "merged_session_transposed_feed" if flip else "merged_session_untransposed_feed"
+        so = session_options(prof / "other")
+        sessions[key] = MergedSession(work / "base.onnx", cpu, adapters=both, sess_options=so, transpose_feeds=flip)
+    switched = {k: s for k, s in sessions.items() if isinstance(s, MergedSession)}
+    switch_s = {k: [] for k in switched}
+    for i in range(20):  # switches, interleaved: what each choice of transpose_feeds costs a switch
+        for k, s in switched.items():
+            switch_s[k].append(s.switch("a1" if i % 2 else "a2")["timings"]["total"])
     fns = {k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}
     # Kernel times from a few profiled rounds; then the profiler is off and the thread-CPU rounds run.
     interleaved(fns, max(3, rounds // 3))
@@ -296,6 +294,9 @@ def steady(work: Path, rounds: int, previous: bool) -> dict:
             "targeted_kernels_ratio": ratio(kernels[k][0], base[0]),
             "all_kernels_ratio": ratio(kernels[k][1], base[1]),
         }
+        if k in switch_s:
+            out[k]["switch_ms"] = _median_ms(switch_s[k])
+            out[k]["transposed_weights"] = len(sessions[k]._flipped)
     return out
 
 
@@ -337,7 +338,7 @@ def main() -> None:
     m = measure(work, switches, rounds, reloads, noprepacking=args.size == "162m")
     print(f"measured: {m}", flush=True)
     load.append(os.getloadavg())
-    st = steady(work, steady_rounds, previous=args.size == "162m")
+    st = steady(work, steady_rounds, other=True)
     print(f"steady: {st}", flush=True)
     load.append(os.getloadavg())
     p = peft_swap(work, cycles)
@@ -362,10 +363,12 @@ def main() -> None:
         ["  its q/v kernels (ORT profiler)", f"{ms_steady['targeted_kernels_ms']:.2f} ms",
          f"{ms_steady['targeted_kernels_ratio']:.3f}x prepacked", ""],
     ]  # fmt: skip
-    if "merged_session_untransposed_feed" in st:
-        old = st["merged_session_untransposed_feed"]
-        both = f"{old['thread_cpu_ratio']:.3f}x; q/v kernels {old['targeted_kernels_ratio']:.3f}x"
-        rows.append(["  untransposed feed (previous)", f"{old['thread_cpu_ms']:.1f} ms", both, ""])
+    for key in ("merged_session_untransposed_feed", "merged_session_transposed_feed"):
+        if key in st:
+            old = st[key]
+            both = f"{old['thread_cpu_ratio']:.3f}x; q/v kernels {old['targeted_kernels_ratio']:.3f}x; switch "
+            both += f"{old['switch_ms']:.0f} ms vs {ms_steady['switch_ms']:.0f} ms"
+            rows.append([f"  {key.split('_', 2)[2].replace('_', ' ')}", f"{old['thread_cpu_ms']:.1f} ms", both, ""])
     if "plain_no_prepacking" in runs:
         rows.append(["run, plain, prepacking off", f"{runs['plain_no_prepacking']:.1f} ms",
                      f"{m['run_ratio_median_of_rounds']['plain_no_prepacking']:.3f}x", ""])  # fmt: skip

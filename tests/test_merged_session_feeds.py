@@ -51,6 +51,9 @@ def test_b_weights_are_read_transposed_and_a_weights_are_not(tmp_path):
     # Gemm transB=1 reads W already; a weight read as A is left as it is.
     assert flipped == {"q.weight", "v.weight"}
     assert session_model(path, owned, ort.SessionOptions(), external=False)[1] == set()
+    # a size limit (bytes) leaves the larger weight (q: 16×12 fp32, 768 bytes) as it is
+    limited = session_model(path, owned, ort.SessionOptions(), external=False, transpose=True, max_transposed_bytes=500)
+    assert limited[1] == {"v.weight"}
     sess = ort.InferenceSession(proto, providers=["CPUExecutionProvider"])
     shapes = {i.name: i.shape for i in sess.get_inputs()}
     assert shapes["q.weight"] == [12, 16] and shapes["v.weight"] == [10, 12] and shapes["o.weight"] == [6, 10]
@@ -63,14 +66,21 @@ def test_b_weights_are_read_transposed_and_a_weights_are_not(tmp_path):
     assert np.abs(out - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("providers", [["CPUExecutionProvider"], [("CPUExecutionProvider", {})]])
-def test_transposed_feeds_hold_merges_weights(tmp_path, providers):
+@pytest.mark.parametrize(
+    ("providers", "transpose", "flipped"),
+    [
+        (["CPUExecutionProvider"], None, {"q.weight", "v.weight"}),
+        ([("CPUExecutionProvider", {})], True, {"q.weight", "v.weight"}),
+        (["CPUExecutionProvider"], False, set()),
+    ],
+)
+def test_transposed_feeds_hold_merges_weights(tmp_path, providers, transpose, flipped):
     rng = np.random.default_rng(5)
     model, adapter = _model(rng)
     path = tmp_path / "m.onnx"
     ir.save(model, path)
-    sess = MergedSession(path, providers=providers, adapters={"t": adapter})
-    assert sess._flipped == {"q.weight", "v.weight"}  # the mechanism under test is the one in use
+    sess = MergedSession(path, providers=providers, adapters={"t": adapter}, transpose_feeds=transpose)
+    assert sess._flipped == flipped  # the mechanism under test is the one in use
     base_w = {n: sess.weight(n) for n in sess.targeted_initializers}
     merge_adapter(model, adapter)
     ir.save(model, tmp_path / "merged.onnx")
