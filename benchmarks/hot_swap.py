@@ -266,7 +266,7 @@ def steady(work: Path, rounds: int, other: bool) -> dict:
     both = {"a1": work / "a1", "a2": work / "a2"}
     ms = MergedSession(work / "base.onnx", cpu, adapters=both, sess_options=session_options(prof / "ms"))
     sessions["merged_session"] = ms
-    if other:  # the other choice of transpose_feeds (default: weights of up to 4 MiB fed transposed)
+    if other:  # the other choice of transpose_feeds (default: True)
         flip = not ms._flipped
         key = "merged_session_transposed_feed" if flip else "merged_session_untransposed_feed"
         so = session_options(prof / "other")

@@ -45,9 +45,6 @@ from .rwlock import ReadWriteLock
 from .session_proto import session_model
 
 Source = str | os.PathLike | Adapter
-# Weights fed transposed by default: up to 4 MiB (768×768 fp32 is 2.3 MiB: its transpose takes 0.2 ms per switch;
-# 2048×2048, 16 MiB: 8–11 ms, which made a 954M model's switch 0.06× a reload instead of 0.025×).
-_TRANSPOSE_MAX_BYTES = 4 << 20
 
 
 class MergedSession:
@@ -58,8 +55,8 @@ class MergedSession:
     targets are requantized on every switch (lossy; ``switch`` reports the error per target) instead of
     refused. ``providers`` default to CUDA when it works, else CPU. Thread-safe. Given ``sess_options`` get
     the config entry that points ONNX Runtime at the base's external data folder added. ``transpose_feeds``
-    (CPU): feed MatMul weights transposed (runs ~2% faster, a switch pays a transpose per weight); None: only
-    weights of at most 4 MiB, whose transpose is cheap (benchmarks/hot_swap.py: 162M and 954M LLaMA).
+    (CPU): feed MatMul weights transposed: runs 2–3% faster, a switch pays a transpose per weight (cheap at
+    768×768, 8–11 ms at 2048×2048; benchmarks/hot_swap.py); False for switch-heavy use of a large model.
     """
 
     def __init__(
@@ -71,7 +68,7 @@ class MergedSession:
         sess_options: ort.SessionOptions | None = None,
         requantize: bool = False,
         compute_dtype: np.dtype | type = np.float32,
-        transpose_feeds: bool | None = None,
+        transpose_feeds: bool = True,
     ) -> None:
         from .session import cuda_works
 
@@ -88,7 +85,7 @@ class MergedSession:
         self._sess_options = sess_options
         self.requantize = bool(requantize)
         self.compute_dtype = np.dtype(compute_dtype)
-        self._transpose_feeds = transpose_feeds
+        self._transpose_feeds = bool(transpose_feeds)
         self._external = any(True for _ in external_tensors(self._model))
         self._graph = self._model.graph
         # The pristine tensors of every weight a loaded adapter writes (the base's own, memory-mapped).
@@ -291,15 +288,9 @@ class MergedSession:
         adapter's weights."""
         first = self._providers[0] if self._providers else "CPUExecutionProvider"
         on_cpu = (first[0] if isinstance(first, tuple) else first) == "CPUExecutionProvider"
-        limit = _TRANSPOSE_MAX_BYTES if self._transpose_feeds is None else None
-        transpose = on_cpu and self._transpose_feeds is not False
+        transpose = on_cpu and self._transpose_feeds
         model, flipped = session_model(
-            self.model_path,
-            owned,
-            self._sess_options,
-            external=self._external,
-            transpose=transpose,
-            max_transposed_bytes=limit,
+            self.model_path, owned, self._sess_options, external=self._external, transpose=transpose
         )
         try:
             session = ort.InferenceSession(model, self._sess_options, providers=self._providers)
