@@ -3,8 +3,8 @@ inputs (fed from memory the caller owns). Its other external data stays where th
 
 On the CPU, a float32 weight read as a MatMul's B (stored Wᵀ, in × out) is fed transposed instead (W, out × in)
 to a ``com.microsoft`` FusedMatMul with ``transB=1`` (a Gemm's ``transB`` is flipped): an unprepacked B is
-packed by MLAS at every call, and packing a transposed B costs about half as much (benchmarks/hot_swap.py's
-``--profile``: the 24 q/v MatMuls of a 162M LLaMA take 1.2× the prepacked kernels' time instead of 1.4–1.5×).
+packed by MLAS at every call, and packing a transposed B costs about half as much (benchmarks/hot_swap.py,
+ORT's profiler: the 24 q/v MatMuls of a 162M LLaMA take 1.2× the prepacked kernels' time instead of 1.4×).
 The weights are the same numbers; only the buffer's orientation differs, and each switch pays a transpose:
 cheap while the weight fits the cache (768×768: 0.2 ms), 8–30 ms beyond (2048×2048, 3072×3072): a 954M
 LLaMA's runs take 1.025× a plain session's instead of 1.058×, its switch 0.5 s instead of 0.27 s.
