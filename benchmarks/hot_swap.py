@@ -2,14 +2,15 @@
 162M (``--size 162m``, default) or 954M (``--size 1b``: hidden 2048, 16 layers, 3.8 GB; fewer rounds).
 
 Measures, on one machine in one run:
-  switch    MergedSession.switch(a1 | a2), alternating (24 q/v weights recomputed from pristine W₀ and written)
-  reload    a new InferenceSession over merge's file (what a switch replaces), and merge_file + that session
-  run       after switch(a1) vs a plain session over merge's file for a1 (interleaved rounds, seq 64); a plain
-            session with prepacking disabled too: what giving up ORT's weight prepacking would cost everywhere
+  switch    MergedSession.switch(a1 | a2), alternating (the q/v weights recomputed from pristine W₀ and written)
+  reload    a new InferenceSession over merge's file (what a switch replaces), in rounds with the switches (one
+            reload, then 12 switches: the ratio is the median of the rounds'); merge_file + that session
+  run       after switch(a1) vs a plain session over merge's file for a1 (interleaved rounds, seq 64); 162m: a
+            plain session with prepacking disabled too: what giving up ORT's weight prepacking would cost everywhere
   drift     N switches cycling a1 → a2 → None, then a1's weights and outputs bit-compared with the first ones
   memory    RSS (anonymous and file-backed) of a process holding a plain session vs one holding a MergedSession
             with both adapters, each after one run (separate subprocesses)
-  peft      PEFT's unmerge → set_adapter → merge swap in PyTorch (time, and its drift after the same cycles)
+  peft      PEFT's unmerge → set_adapter → merge swap in PyTorch, 1 thread (time, and its drift after the cycles)
   steady    the run ratio again with single-threaded sessions, timed by the calling thread's CPU time and by
             ORT's profiler (kernel times of the MatMuls that read switched weights vs their prepacked twins):
             steadier than wall time on a shared machine; beside it MergedSession with the other transpose_feeds
