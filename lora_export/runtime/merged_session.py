@@ -8,11 +8,12 @@ external data: no second resident copy of the base). Nothing is ever subtracted,
 Mechanism: the targeted initializers become graph inputs of the session's copy of the graph, fed at every run
 (IOBinding) from buffers this object owns; a switch rewrites those buffers in place (``np.copyto`` on CPU,
 ``OrtValue.update_inplace`` on a device). Every other weight stays a constant initializer, so ONNX Runtime
-still prepacks it; only the targeted MatMuls lose their prepacked weight. benchmarks/hot_swap.py (162M LLaMA,
-fp32, r=16 q/v, 2-core VM): a switch takes 41 ms, 0.018× a new session on merge's file; runs take 1.077× that
-session's (prepacking off for the whole model: 1.32×); outputs differ from it by 1.2e-6 relative, as much as
-ONNX Runtime's own prepacked and unprepacked GEMMs differ on the same weights. A reader-writer lock makes
-every run see one adapter's weights entirely: a switch waits for runs in flight and runs wait for a switch.
+still prepacks it; only the targeted MatMuls lose their prepacked weight, and on the CPU they read it
+transposed (``session_proto``: MLAS packs a transposed B at half the cost). benchmarks/hot_swap.py has the
+figures (switch vs a new session on merge's file, runs vs that session, per-kernel times). Outputs differ
+from merge's file's session by ~1e-6 relative, as ONNX Runtime's own prepacked and unprepacked GEMMs differ
+on the same weights. A reader-writer lock makes every run see one adapter's weights entirely: a switch waits
+for runs in flight and runs wait for a switch.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from ..core.adapter import Adapter
-from ..errors import AdapterError, DtypeError, LoraExportError, TargetError, one_line
+from ..errors import AdapterError, LoraExportError, TargetError, one_line
 from ..files.checks import require_regular_file
 from ..formats.adapter_files import ADAPTER_SUFFIXES, read_adapter_tensors
 from ..formats.peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
@@ -38,7 +39,7 @@ from ..graph.ops.consumers import other_readers
 from ..graph.targets.genai_names import read_genai_config
 from ..graph.targets.resolve import ResolvedTarget
 from ..graph.verbs.merge_plan import merged_value, plan_merge
-from .fast_fold import fold_into, stored_orientation
+from .fast_fold import Transposer, fold_into, ort_value, stored_orientation
 from .feeds import checked_feeds, listed, requested_outputs
 from .rwlock import ReadWriteLock
 from .session_proto import session_model
@@ -53,7 +54,9 @@ class MergedSession:
     loaded later that target other weights rebuild it (once per such load). ``requantize``: quantized
     targets are requantized on every switch (lossy; ``switch`` reports the error per target) instead of
     refused. ``providers`` default to CUDA when it works, else CPU. Thread-safe. Given ``sess_options`` get
-    the config entry that points ONNX Runtime at the base's external data folder added.
+    the config entry that points ONNX Runtime at the base's external data folder added. ``transpose_feeds``
+    (CPU): feed MatMul weights transposed: runs 2–3% faster, a switch pays a transpose per weight (cheap at
+    768×768, 8–11 ms at 2048×2048; benchmarks/hot_swap.py); False for switch-heavy use of a large model.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class MergedSession:
         sess_options: ort.SessionOptions | None = None,
         requantize: bool = False,
         compute_dtype: np.dtype | type = np.float32,
+        transpose_feeds: bool = True,
     ) -> None:
         from .session import cuda_works
 
@@ -81,6 +85,7 @@ class MergedSession:
         self._sess_options = sess_options
         self.requantize = bool(requantize)
         self.compute_dtype = np.dtype(compute_dtype)
+        self._transpose_feeds = bool(transpose_feeds)
         self._external = any(True for _ in external_tensors(self._model))
         self._graph = self._model.graph
         # The pristine tensors of every weight a loaded adapter writes (the base's own, memory-mapped).
@@ -89,6 +94,8 @@ class MergedSession:
         self._writes: dict[str, set[str]] = {}  # adapter → initializers its switch writes
         self._orientation: dict[str, dict[str, bool]] = {}  # adapter → fast-path weights: stored transposed?
         self._buffers: dict[str, np.ndarray] = {}
+        self._flipped: set[str] = set()  # buffers holding the stored weight's transpose (see session_proto)
+        self._transposer: Transposer | None = None
         self._values: dict[str, ort.OrtValue] = {}
         self._scratch: dict[tuple[int, ...], np.ndarray] = {}
         self._dirty: set[str] = set()  # initializers that hold something other than W₀ now
@@ -126,7 +133,8 @@ class MergedSession:
             if name not in self._values:
                 raise LoraExportError(f"{name!r} is not a targeted initializer ({listed(self.targeted_initializers)})")
             if name in self._buffers:
-                return self._buffers[name].copy()
+                buf = self._buffers[name]
+                return np.ascontiguousarray(buf.T) if name in self._flipped else buf.copy()
             arr = self._values[name].numpy()
             return arr.view(ml_dtypes.bfloat16) if self._pristine[name].dtype == ir.DataType.BFLOAT16 else arr
 
@@ -278,23 +286,37 @@ class MergedSession:
     def _build(self, owned: set[str]) -> None:
         """(Re)create the ONNX Runtime session with ``owned`` initializers fed from buffers; keep the active
         adapter's weights."""
-        model = session_model(self.model_path, owned, self._sess_options, external=self._external)
+        first = self._providers[0] if self._providers else "CPUExecutionProvider"
+        on_cpu = (first[0] if isinstance(first, tuple) else first) == "CPUExecutionProvider"
+        transpose = on_cpu and self._transpose_feeds
+        model, flipped = session_model(
+            self.model_path, owned, self._sess_options, external=self._external, transpose=transpose
+        )
         try:
             session = ort.InferenceSession(model, self._sess_options, providers=self._providers)
         except Exception as e:  # noqa: BLE001
             raise LoraExportError(f"{self.model_path}: cannot create a session ({one_line(e)})") from None
         on_cuda = session.get_providers()[0] == "CUDAExecutionProvider"
         buffers, values = dict(self._buffers), dict(self._values)
+        if flipped and self._transposer is None:
+            self._transposer = Transposer()
         for n in sorted(owned - set(values)):
+            if n in flipped:  # the same decision for a name at every rebuild: the graph is the same
+                w0 = self._pristine_array(n)
+                buffers[n] = np.empty(w0.shape[::-1], w0.dtype)
+                values[n] = ort_value(buffers[n], "cpu")
+                self._transposer(w0, values[n])
+                continue
             buf = np.array(self._pristine_array(n), order="C", copy=True)
             if on_cuda:
-                values[n] = _ort_value(buf, "cuda")
+                values[n] = ort_value(buf, "cuda")
             else:
-                buffers[n], values[n] = buf, _ort_value(buf, "cpu")
+                buffers[n], values[n] = buf, ort_value(buf, "cpu")
         owned_inputs = set(values)
         inputs = {i.name: i for i in session.get_inputs() if i.name not in owned_inputs}
         with self._rw.writing():
             self._session, self._buffers, self._values, self._inputs = session, buffers, values, inputs
+            self._flipped |= flipped
             self._outputs = [o.name for o in session.get_outputs()]
 
     def switch(self, name: str | None) -> dict:
@@ -324,11 +346,16 @@ class MergedSession:
                 for n, arr in new.items():
                     self._write(n, arr)
                 for r, transposed in fast:
-                    out = self._buffers[r.value.name]
-                    scratch = self._scratch.get(out.shape)
+                    n = r.value.name
+                    w0 = self._pristine_array(n)
+                    scratch = self._scratch.get(w0.shape)
                     if scratch is None:
-                        scratch = self._scratch[out.shape] = np.empty(out.shape, np.float32)
-                    fold_into(r, transposed, self._pristine_array(r.value.name), out, scratch)
+                        scratch = self._scratch[w0.shape] = np.empty(w0.shape, np.float32)
+                    if n in self._flipped:  # folded in the stored orientation, as merge folds, then transposed
+                        fold_into(r, transposed, w0, scratch, scratch)
+                        self._transposer(scratch, self._values[n])
+                    else:
+                        fold_into(r, transposed, w0, self._buffers[n], scratch)
                 self._active = name
             t3 = time.perf_counter()
             self._dirty = set(new) | fast_names
@@ -342,7 +369,9 @@ class MergedSession:
 
     def _write(self, name: str, arr: np.ndarray) -> None:
         buf = self._buffers.get(name)
-        if buf is not None:
+        if name in self._flipped:
+            self._transposer(arr, self._values[name])
+        elif buf is not None:
             np.copyto(buf, arr, casting="no")
         else:
             value = np.ascontiguousarray(arr)
@@ -378,13 +407,3 @@ class MergedSession:
             results = binding.copy_outputs_to_cpu()
         by_name = dict(zip(unique, results))
         return [by_name[n] if i == names.index(n) else by_name[n].copy() for i, n in enumerate(names)]
-
-
-def _ort_value(arr: np.ndarray, device: str) -> ort.OrtValue:
-    """An OrtValue over ``arr``'s memory (CPU), or a device copy of it."""
-    if arr.dtype == ml_dtypes.bfloat16:
-        # ortvalue_from_numpy refuses numpy's opaque bfloat16: hand ORT the bits with the ONNX type.
-        if device != "cpu":
-            raise DtypeError("bfloat16 weights on a device: not supported by MergedSession; use the CPU provider")
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr.view(np.uint16), 16)
-    return ort.OrtValue.ortvalue_from_numpy(arr, device, 0)
