@@ -12,6 +12,7 @@ replaced by ours (see ``_Checked``) and runs again right before each read.
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 import stat
 from collections.abc import Iterator
@@ -162,3 +163,20 @@ def external_data_files(model: ir.Model, path: str | os.PathLike) -> set[Path]:
     """The resolved external data files a loaded model reads."""
     base_dir = os.path.dirname(os.fspath(path))
     return {Path(base_dir, t.location).resolve() for _, t in all_external_tensors(model)}
+
+
+def drop_mapped_pages(value: ir.Value | None) -> None:
+    """Unmap from this process the pages of ``value``'s external data that a read mapped in. The bytes stay
+    in the page cache, and a later read faults them back in: reading many weights one after another (base
+    fingerprints) then holds one weight's pages at a time, not all of them (they count in the RSS)."""
+    tensor = value.const_value if value is not None else None
+    raw = tensor.raw if isinstance(tensor, ir.ExternalTensor) else None
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if raw is None or advice is None or tensor.nbytes == 0:
+        return
+    offset = tensor.offset or 0
+    start = offset - offset % mmap.PAGESIZE
+    try:
+        raw.madvise(advice, start, min(offset + tensor.nbytes, len(raw)) - start)
+    except (OSError, ValueError):  # a mapping that cannot take the advice keeps its pages: only memory is at stake
+        pass

@@ -147,10 +147,13 @@ def slot_file_entries(
     """The fingerprint a slot file for ``modules`` of this injected model carries: its weights as they are
     (those that can be read alone)."""
     out = {}
+    release = getattr(read_weight, "release", None)
     for m in sorted(modules):
         w = _slot_weight(manifest.slots[m], read_weight) if m in manifest.slots else None
         if w is not None:
             out[m] = weight_entry(w)
+            if release is not None:
+                release(manifest.slots[m])  # its memory-mapped pages: one weight's at a time
     return out
 
 

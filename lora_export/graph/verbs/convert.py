@@ -24,6 +24,7 @@ from lora_export.formats.adapter_files import ADAPTER_SUFFIXES, write_adapter_te
 from lora_export.formats.peft import adapter_files, load_adapter
 
 from ..match.value_match import quantized_holds
+from ..model.external_data import drop_mapped_pages
 from ..model.model_io import check_external_data, load_model, note_duplicates
 from ..model.slot_manifest import SLOTS_KEY, Slot, SlotManifest
 from ..ops.layouts import get_layout
@@ -93,8 +94,13 @@ def weight_reader(model_path: str | os.PathLike | ir.Model) -> Callable[[Slot], 
         node, layout = located(slot)
         return stored_info(layout.weight_value(node), layout)
 
+    def release(slot: Slot) -> None:
+        node, layout = located(slot)
+        drop_mapped_pages(layout.weight_value(node))
+
     read.holds = holds  # type: ignore[attr-defined]
     read.stored = stored  # type: ignore[attr-defined]
+    read.release = release  # type: ignore[attr-defined]
     return read
 
 
