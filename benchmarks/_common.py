@@ -130,6 +130,37 @@ def tree_path(tree: Path, first: list[str] | tuple[str, ...] = ()) -> str:
     return os.pathsep.join([*map(str, first), str(tree), str(tree / "plugins"), *extra])
 
 
+def export_logits(model, path: Path, *, dynamic: bool = False) -> None:
+    """TorchScript export of a transformers causal LM as ``(input_ids, attention_mask) -> logits`` (no cache),
+    batch and sequence dynamic when asked."""
+    import warnings
+
+    import torch
+
+    class Logits(torch.nn.Module):
+        # Explicit attention mask: without one, transformers' mask code uses ops TorchScript cannot export.
+        def __init__(self, inner):
+            super().__init__()
+            self.model = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    ids = torch.randint(0, model.config.vocab_size, (1, 16))
+    axes = {0: "batch", 1: "seq"}
+    extra = {"output_names": ["logits"], "dynamic_axes": {"input_ids": axes, "attention_mask": axes}} if dynamic else {}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Logits(model),
+            (ids, torch.ones_like(ids)),
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            dynamo=False,
+            **extra,
+        )
+
+
 def llama_with_external_data(work: Path, config: dict, export) -> tuple[object, int]:
     """A random-init LlamaForCausalLM (seed 0) built from ``config``: its weights saved as safetensors in
     ``work/torch_base``, and ``export(model, path)``'s ONNX re-saved with all weights in ``base.onnx.data``.

@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 if __name__ == "__main__":  # before numpy loads: OpenBLAS reads it once
@@ -45,7 +44,7 @@ if __name__ == "__main__":  # before numpy loads: OpenBLAS reads it once
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import llama_with_external_data, machine_details, print_table, run_child, write_results  # noqa: E402
+from _common import export_logits, llama_with_external_data, machine_details, print_table, run_child, write_results  # noqa: E402
 from _hot_swap_peft import peft_swap  # noqa: E402
 from _kernel_profile import interleaved, kernel_rounds, ratio, reading_nodes, session_options  # noqa: E402
 
@@ -61,32 +60,6 @@ TARGETS = ["q_proj", "v_proj"]
 SEQ = 64
 
 
-def _export(model, path: Path) -> None:
-    import torch
-
-    class Logits(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.model = inner
-
-        def forward(self, input_ids, attention_mask):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-    ids = torch.randint(0, CONFIG["vocab_size"], (1, 16))
-    dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            Logits(model),
-            (ids, torch.ones_like(ids)),
-            str(path),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
-            dynamic_axes=dyn,
-            dynamo=False,
-        )
-
-
 def setup(work: Path) -> dict:
     """The base (torch weights and ONNX with external data), two random r=16 q/v adapters, merge's file for a1."""
     import torch
@@ -94,7 +67,7 @@ def setup(work: Path) -> dict:
 
     from lora_export import merge_file
 
-    model, params = llama_with_external_data(work, CONFIG, _export)
+    model, params = llama_with_external_data(work, CONFIG, lambda m, p: export_logits(m, p, dynamic=True))
     for seed, name in ((1, "a1"), (2, "a2")):
         peft_model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=32, target_modules=TARGETS))
         g = torch.Generator().manual_seed(seed)

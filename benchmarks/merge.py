@@ -24,13 +24,13 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     CLI_PROBE,
     cli_command,
+    export_logits,
     llama_with_external_data,
     machine_details,
     print_table,
@@ -67,33 +67,12 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _export(model, path: Path) -> None:
-    import torch
-
-    class Logits(torch.nn.Module):
-        # Explicit attention mask: without one, transformers' mask code uses ops TorchScript cannot export.
-        def __init__(self, inner):
-            super().__init__()
-            self.model = inner
-
-        def forward(self, input_ids, attention_mask):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-    ids = torch.randint(0, CONFIG["vocab_size"], (1, 16))
-    mask = torch.ones_like(ids)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            Logits(model), (ids, mask), str(path), input_names=["input_ids", "attention_mask"], dynamo=False
-        )
-
-
 def setup(work: Path) -> dict:
     """Base weights (safetensors), random nonzero r=16 adapter, and the base ONNX with external data."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    model, params = llama_with_external_data(work, CONFIG, _export)
+    model, params = llama_with_external_data(work, CONFIG, export_logits)
     peft_model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=32, target_modules=TARGETS))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -123,7 +102,7 @@ def child(variant: str, work: Path, out: Path) -> dict:
     t = time.perf_counter()
     base = LlamaForCausalLM.from_pretrained(work / "torch_base", torch_dtype=torch.float32).eval()
     merged = PeftModel.from_pretrained(base, work / "adapter").merge_and_unload()
-    _export(merged, out / "merged.onnx")
+    export_logits(merged, out / "merged.onnx")
     return {"seconds": time.perf_counter() - t}
 
 
