@@ -44,7 +44,7 @@ os.environ.setdefault("GENAI_PY", sys.executable)
 import _genai_build as gb  # noqa: E402
 import _genai_refs as refs  # noqa: E402
 from _common import machine_details, print_table, write_results  # noqa: E402
-from branch_profile import profile  # noqa: E402
+from branch_profile import _options, profile  # noqa: E402
 
 VOCAB = gb.CONFIG["vocab_size"]
 KV = (gb.CONFIG["num_key_value_heads"], gb.CONFIG["hidden_size"] // gb.CONFIG["num_attention_heads"])
@@ -84,14 +84,6 @@ def build(work: Path, precision: str) -> dict[str, tuple[str, str | None]]:
     ir.save(model, twin / "model.onnx", external_data="model.onnx.data")
     out["twin"] = (str(twin / "model.onnx"), None)
     return out
-
-
-def _options(threads: int) -> ort.SessionOptions:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return so
 
 
 def wall(models: dict, phase: str, reps: int, threads: int) -> tuple[dict, dict]:
