@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -109,6 +110,15 @@ def cli_run(*args) -> tuple[int, str, str]:
 def rel(got: np.ndarray, ref: np.ndarray) -> float:
     """max |got - ref| / max |ref|."""
     return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def cpu_session(path, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+    """A plain ONNX Runtime CPU session (2 threads, quiet) over the model at ``path``."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 2
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def saved_peft_adapters(root: Path, base: nn.Module, adapters: dict, seed: int) -> dict:

@@ -12,13 +12,21 @@ import json
 import warnings
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from conftest import peft_reference
 from foreign_graphs import wrap_in_if
 from models import tiny_llama
-from per_row_fixtures import cli_run, export_with_past, feeds, rel, saved_peft_adapters, step_inputs, torch_step
+from per_row_fixtures import (
+    cli_run,
+    cpu_session,
+    export_with_past,
+    feeds,
+    rel,
+    saved_peft_adapters,
+    step_inputs,
+    torch_step,
+)
 from safetensors.numpy import load_file
 from torch import nn
 
@@ -31,13 +39,6 @@ ADAPTERS = {  # different ranks, target sets, rsLoRA and DoRA in one pool
     "dora": dict(r=2, lora_alpha=4, target_modules=["v_proj", "o_proj"], use_dora=True),
 }
 ROWS = ["qv", None, "vdown", "qo", "dora", "qv"]
-
-
-def _session(path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 2
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +86,10 @@ def test_every_row_runs_its_own_adapter_in_plain_onnxruntime(case, tmp_path, ste
     assert code == 0, err
     pool, ids_of = _pool_feeds(tmp_path / "out")
     inputs = step_inputs(len(ROWS), *step, seed=11)
-    sess = _session(tmp_path / "out" / "model.onnx")
+    sess = cpu_session(tmp_path / "out" / "model.onnx")
     ids = np.array([ids_of[r] if r else 0 for r in ROWS], dtype=np.int64)
     got = sess.run(None, {**feeds(inputs), **pool, IDS_INPUT: ids})
-    base_out = _session(case["root"] / "base.onnx").run(None, feeds(inputs))
+    base_out = cpu_session(case["root"] / "base.onnx").run(None, feeds(inputs))
     _check_rows(case, got, inputs, ROWS, base_out)
     # The defaults (no pool fed, ids [0]) are the base model; ids of shape (1,) apply one adapter to all rows.
     for g, b in zip(sess.run(None, feeds(inputs)), base_out):
@@ -105,12 +106,12 @@ def test_optimum_merged_decoder_with_past(case, tmp_path):
     pool, ids_of = _pool_feeds(tmp_path / "out")
     rows = ["dora", "qv", None, "vdown"]
     ids = np.array([ids_of[r] if r else 0 for r in rows], dtype=np.int64)
-    sess = _session(tmp_path / "out" / "model.onnx")
+    sess = cpu_session(tmp_path / "out" / "model.onnx")
     for step, flag in (((0, 4), False), ((3, 1), True)):
         inputs = step_inputs(len(rows), *step, seed=12)
         f = {**feeds(inputs), "use_cache_branch": np.array(flag)}
         got = sess.run(None, {**f, **pool, IDS_INPUT: ids})
-        base_out = _session(merged).run(None, f)
+        base_out = cpu_session(merged).run(None, f)
         _check_rows(case, got, inputs, rows, base_out)
 
 
@@ -154,8 +155,8 @@ def test_packed_and_int4_projections(case, packed, tmp_path, kind):
     rows = ["v", None, "qkv"]
     inputs = step_inputs(len(rows), 2, 3, seed=13)
     ids = np.array([ids_of[r] if r else 0 for r in rows], dtype=np.int64)
-    got = _session(tmp_path / "o" / "model.onnx").run(None, {**feeds(inputs), **pool, IDS_INPUT: ids})
-    base_out = _session(root / f"{kind}.onnx").run(None, feeds(inputs))
+    got = cpu_session(tmp_path / "o" / "model.onnx").run(None, {**feeds(inputs), **pool, IDS_INPUT: ids})
+    base_out = cpu_session(root / f"{kind}.onnx").run(None, feeds(inputs))
     _check_rows({"peft": refs[kind]}, got, inputs, rows, base_out)
 
 

@@ -16,11 +16,10 @@ import copy
 import warnings
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from conftest import peft_reference
-from per_row_fixtures import check_rows, cli_run, rel
+from per_row_fixtures import check_rows, cli_run, cpu_session, rel
 
 pytest.importorskip("onnxruntime_genai.models.builder")
 
@@ -36,13 +35,6 @@ ADAPTERS = {  # different ranks and targets; q/k/v land in the packed qkv_proj
 }
 ROWS = ["qkv", None, "vdown", "oup", "qkv"]
 OUTPUTS = ["logits", *(f"present.{i}.{kv}" for i in range(LAYERS) for kv in ("key", "value"))]  # as hf_step's
-
-
-def _session(path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 2
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def _dequantized(base: torch.nn.Module, path) -> torch.nn.Module:
@@ -157,8 +149,8 @@ def test_rows_equal_peft_alone_on_the_builders_model(built, kind, step):
     case = built[kind]
     pool, _ = _pool_feeds(case["rows"])
     feeds, past = _step(len(ROWS), *step, seed=31 + step[0])
-    got = _session(case["rows"] / "model.onnx").run(OUTPUTS, {**feeds, **pool, IDS_INPUT: _ids(case["rows"], ROWS)})
-    base_out = _session(case["folder"] / "model.onnx").run(OUTPUTS, feeds)
+    got = cpu_session(case["rows"] / "model.onnx").run(OUTPUTS, {**feeds, **pool, IDS_INPUT: _ids(case["rows"], ROWS)})
+    base_out = cpu_session(case["folder"] / "model.onnx").run(OUTPUTS, feeds)
 
     def one(i):
         return feeds["input_ids"][i : i + 1], feeds["attention_mask"][i : i + 1], [p[i : i + 1] for p in past]
@@ -174,10 +166,10 @@ def test_builders_default_int4_rows_equal_the_same_rows_alone(built):
     case = built["int4"]
     pool, _ = _pool_feeds(case["rows"])
     feeds, _ = _step(len(ROWS), 3, 1, seed=41)  # GQA: batch > 1 over a past takes one token
-    sess = _session(case["rows"] / "model.onnx")
+    sess = cpu_session(case["rows"] / "model.onnx")
     ids = _ids(case["rows"], ROWS)
     got = sess.run(OUTPUTS, {**feeds, **pool, IDS_INPUT: ids})
-    base_out = _session(case["folder"] / "model.onnx").run(OUTPUTS, feeds)
+    base_out = cpu_session(case["folder"] / "model.onnx").run(OUTPUTS, feeds)
     for i, row in enumerate(ROWS):
         if row is None:
             for g, b in zip(got, base_out, strict=True):
@@ -203,9 +195,11 @@ def test_lora_session_serves_the_builders_per_row_model(built):
     feeds, _ = _step(len(ROWS), 2, 1, seed=71)
     got = sess.run(OUTPUTS, feeds, adapters=ROWS)
     pool, _ = _pool_feeds(case["rows"])
-    plain = _session(case["rows"] / "model.onnx").run(OUTPUTS, {**feeds, **pool, IDS_INPUT: _ids(case["rows"], ROWS)})
+    plain = cpu_session(case["rows"] / "model.onnx").run(
+        OUTPUTS, {**feeds, **pool, IDS_INPUT: _ids(case["rows"], ROWS)}
+    )
     for g, p in zip(got, plain, strict=True):
         np.testing.assert_allclose(g, p, rtol=0, atol=1e-6)
-    base_out = _session(case["folder"] / "model.onnx").run(OUTPUTS, feeds)
+    base_out = cpu_session(case["folder"] / "model.onnx").run(OUTPUTS, feeds)
     assert ROWS[1] is None and np.array_equal(got[0][1], base_out[0][1])
     assert rel(got[0][0], base_out[0][0]) > 1e-3  # the adapter is applied

@@ -18,9 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
-from per_row_fixtures import check_rows, cli_run, rel, saved_peft_adapters
+from per_row_fixtures import check_rows, cli_run, cpu_session, rel, saved_peft_adapters
 from test_optimum_multi_file import _graphs
 
 from lora_export.graph.slots.per_row import IDS_INPUT
@@ -34,13 +33,6 @@ ADAPTERS = {
     "odora": dict(r=3, lora_alpha=5, target_modules=["o_proj", "gate_proj"], use_dora=True),
 }
 ROWS = ["kdown", None, "qv", "odora", "qv"]
-
-
-def _session(path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 2
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +78,8 @@ def test_rows_equal_peft_alone_on_optimums_decoder_with_past(case, step):
     pool, ids_of = _pool_feeds(case["rows"])
     ids = np.array([ids_of[r] if r else 0 for r in ROWS], dtype=np.int64)
     feeds, past = _step(len(ROWS), *step, seed=51 + step[0])
-    got = _session(case["rows"] / "model.onnx").run(OUTPUTS, {**feeds, **pool, IDS_INPUT: ids})
-    base_out = _session(ROOT / "onnx" / "model.onnx").run(OUTPUTS, feeds)
+    got = cpu_session(case["rows"] / "model.onnx").run(OUTPUTS, {**feeds, **pool, IDS_INPUT: ids})
+    base_out = cpu_session(ROOT / "onnx" / "model.onnx").run(OUTPUTS, feeds)
 
     def one(i):
         return feeds["input_ids"][i : i + 1], feeds["attention_mask"][i : i + 1], [p[i : i + 1] for p in past]
@@ -169,8 +161,8 @@ def test_rows_equal_peft_alone_in_both_branches_of_optimums_merged_decoder(bart)
         "no-cache": ({**common, **empty, "input_ids": dec, "use_cache_branch": np.array([False])}, slice(None)),
         "cache": ({**common, **past, "input_ids": dec[:, -1:], "use_cache_branch": np.array([True])}, slice(-1, None)),
     }
-    rows_sess = _session(bart["root"] / "rows" / "model.onnx")
-    base_sess = _session(bart["merged"])
+    rows_sess = cpu_session(bart["root"] / "rows" / "model.onnx")
+    base_sess = cpu_session(bart["merged"])
     for branch, (feeds, last) in steps.items():
         got = rows_sess.run(["logits"], {**feeds, **pool, IDS_INPUT: ids})[0]
         base_out = base_sess.run(["logits"], feeds)[0]

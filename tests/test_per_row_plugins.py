@@ -15,26 +15,16 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import output_of, peft_reference
+from conftest import output_of
 from inject_fixtures import export_base, feeds_of
-from per_row_fixtures import cli_run, rel
+from per_row_fixtures import cli_run, cpu_session, rel, saved_peft_adapters
 from safetensors.numpy import save_file
 
 from lora_export.graph.slots.per_row import IDS_INPUT
-
-
-def _session(path, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = level
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 2
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def _pool(folder, rows) -> dict[str, np.ndarray]:
@@ -64,16 +54,6 @@ def _check_rows_vs_peft(got, base_out, inputs, rows, peft) -> float:
         assert rel(got[i], base_out[i]) > 1e-3, (i, row)  # the adapter matters: not vacuous
         worst = max(worst, err)
     return worst
-
-
-def _saved(root, base, adapters: dict, seed: int) -> dict:
-    peft = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for i, (name, config) in enumerate(adapters.items()):
-            peft[name] = peft_reference(base, seed=seed + i, **config)
-            peft[name].save_pretrained(str(root / name))
-    return peft
 
 
 # -- FusedMatMul ------------------------------------------------------------------------------------
@@ -107,14 +87,16 @@ def test_fused_matmul_rows_equal_peft_alone(tmp_path):
         "down": dict(r=2, lora_alpha=4, target_modules=["v_proj", "down_proj"], use_rslora=True),
         "dora": dict(r=3, lora_alpha=6, target_modules=["o_proj", "up_proj"], use_dora=True),
     }
-    peft = _saved(tmp_path, base, adapters, seed=100)
+    peft = saved_peft_adapters(tmp_path, base, adapters, seed=100)
     names = [f"{n}={tmp_path / n}" for n in adapters]
     code, _, err = cli_run("inject", tmp_path / "fused.onnx", *names, "-o", tmp_path / "rows", "--per-row")
     assert code == 0, err
     rows = ["down", None, "qv", "dora", None, "qv"]
     inputs = _batch(make_inputs, [7, 8, 9])
-    got = _session(tmp_path / "rows" / "model.onnx").run(None, {**feeds_of(inputs), **_pool(tmp_path / "rows", rows)})
-    base_out = _session(tmp_path / "fused.onnx").run(None, feeds_of(inputs))
+    got = cpu_session(tmp_path / "rows" / "model.onnx").run(
+        None, {**feeds_of(inputs), **_pool(tmp_path / "rows", rows)}
+    )
+    base_out = cpu_session(tmp_path / "fused.onnx").run(None, feeds_of(inputs))
     _check_rows_vs_peft(got[0], base_out[0], inputs, rows, peft)
 
 
@@ -155,7 +137,7 @@ def test_dynamic_int8_rows_add_their_own_adapter(tmp_path, fused):
         "r2": dict(r=2, lora_alpha=4, target_modules=["out"]),
         "r3": dict(r=3, lora_alpha=3, target_modules=["out"], use_rslora=True),
     }
-    peft = _saved(tmp_path, net, adapters, seed=110)
+    peft = saved_peft_adapters(tmp_path, net, adapters, seed=110)
     names = [f"{n}={tmp_path / n}" for n in adapters]
     code, _, err = cli_run("inject", qpath, *names, "-o", tmp_path / "rows", "--per-row")
     assert code == 0, err
@@ -166,9 +148,9 @@ def test_dynamic_int8_rows_add_their_own_adapter(tmp_path, fused):
     onnx.save(model, str(tmp_path / "rows" / "probe.onnx"))
     rows = ["r3", None, "r2", "r3", None]
     basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # the graph as written (no int8 refusion)
-    sess = _session(tmp_path / "rows" / "probe.onnx", basic)
+    sess = cpu_session(tmp_path / "rows" / "probe.onnx", basic)
     got, h = sess.run(None, {"x": x.numpy(), **_pool(tmp_path / "rows", rows)})
-    base_out = _session(qpath, basic).run(None, {"x": x.numpy()})[0]
+    base_out = cpu_session(qpath, basic).run(None, {"x": x.numpy()})[0]
     for i, row in enumerate(rows):
         if row is None:
             np.testing.assert_array_equal(got[i], base_out[i])
@@ -204,7 +186,7 @@ def qdq(tmp_path_factory):
         "qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
         "down": dict(r=2, lora_alpha=4, target_modules=["v_proj", "down_proj"], use_rslora=True),
     }
-    return root, make_inputs, _saved(root, deq, adapters, seed=130)
+    return root, make_inputs, saved_peft_adapters(root, deq, adapters, seed=130)
 
 
 @pytest.mark.parametrize("graph", ["weight_only", "full"])
@@ -222,10 +204,10 @@ def test_qdq_int8_rows(qdq, tmp_path, graph):
     rows = ["down", None, "qv", "down"]
     inputs = _batch(make_inputs, [11, 12])
     basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # extended would fuse DQ → MatMul into MatMulNBits
-    sess = _session(tmp_path / "rows" / "model.onnx", basic)
+    sess = cpu_session(tmp_path / "rows" / "model.onnx", basic)
     pool = _pool(tmp_path / "rows", rows)
     got = sess.run(None, {**feeds_of(inputs), **pool})[0]
-    base_out = _session(root / f"{graph}.onnx", basic).run(None, feeds_of(inputs))[0]
+    base_out = cpu_session(root / f"{graph}.onnx", basic).run(None, feeds_of(inputs))[0]
     if graph == "weight_only":
         _check_rows_vs_peft(got, base_out, inputs, rows, peft)
         return
@@ -259,7 +241,7 @@ def bert(tmp_path_factory):
         "v3": dict(r=3, lora_alpha=3, target_modules=["value"]),
         "kd": dict(r=2, lora_alpha=4, target_modules=["key", "intermediate.dense"], use_rslora=True),
     }
-    return root, make_inputs, _saved(root, base, adapters, seed=120)
+    return root, make_inputs, saved_peft_adapters(root, base, adapters, seed=120)
 
 
 def test_fused_attention_is_refused_naming_the_op(bert, tmp_path):
@@ -281,6 +263,6 @@ def test_multi_head_attention_rows_equal_peft_alone(bert, tmp_path):
     assert code == 0, err
     rows = ["qvd", "kd", None, "v3", "qvd", None]  # seeds' row 1 is padded: padding is covered per adapter
     inputs = _batch(make_inputs, [5, 6, 7])
-    got = _session(out / "model.onnx").run(None, {**feeds_of(inputs), **_pool(out, rows)})[0]
-    base_out = _session(root / "mha.onnx").run(None, feeds_of(inputs))[0]
+    got = cpu_session(out / "model.onnx").run(None, {**feeds_of(inputs), **_pool(out, rows)})[0]
+    base_out = cpu_session(root / "mha.onnx").run(None, feeds_of(inputs))[0]
     _check_rows_vs_peft(got, base_out, inputs, rows, peft)
